@@ -1,0 +1,7 @@
+"""edgekit: a trained model to a microcontroller or a Raspberry Pi, measured on the target."""
+from .api import build, generate, load, quantize, reference_run, run
+from .errors import EdgekitError
+from .ir import Graph
+
+__version__ = "0.1.0"
+__all__ = ["build", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph"]

@@ -1,0 +1,166 @@
+"""The Python API: each step a plain function.
+
+    graph = edgekit.quantize(model, calibration)          # nn.Module / .pt2 -> int8 graph
+    edgekit.generate(graph, "out/", board="host")         # C project
+    edgekit.build("out/")                                 # compile it
+    y = edgekit.run("out/", x)                            # run it on float inputs (NCHW)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import layout, reference
+from . import quant_math as qm
+from .codegen.project import generate_project, load_project
+from .errors import EdgekitError
+from .ir import Graph
+from .passes.fuse import prepare_float
+from .passes.quantize import calibrate, quantize as quantize_graph, quantize_weights_only
+
+
+def load(model, example_input=None, *, input_shape=None) -> Graph:
+    """A float IR graph from an ``nn.Module``, an ``ExportedProgram`` or a file
+    (``.pt2`` from ``torch.export.save``; ``.tflite``)."""
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix == ".tflite":
+            from .frontends.tflite import load_tflite
+            return load_tflite(path)
+        from .frontends.pytorch import from_torch, load_exported
+        return from_torch(load_exported(path))
+    from .frontends.pytorch import from_torch
+    if example_input is not None:
+        example_input = np.asarray(example_input, dtype=np.float32)[:1]
+    return from_torch(model, example_input, input_shape=input_shape)
+
+
+def _check_samples(name: str, x) -> np.ndarray:
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise EdgekitError(f"{name} must be a numeric array") from None
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise EdgekitError(f"{name} is empty: give at least one sample (batched on axis 0)")
+    if not np.all(np.isfinite(x)):
+        raise EdgekitError(f"{name} contains NaN or inf values")
+    return x
+
+
+def to_ir_inputs(graph: Graph, x: np.ndarray) -> np.ndarray:
+    name = graph.inputs[0]
+    return layout.to_ir(x, graph.source_layouts.get(name, "NHWC"), graph.tensors[name].shape[1:])
+
+
+def quantize(model, calibration, *, observer: str = "minmax", percentile: float = 99.99,
+             weight_only: bool = False, show_progress: bool = False) -> Graph:
+    """Post-training quantization. ``calibration``: float samples in the model's
+    own layout (NCHW for PyTorch), batched on axis 0. Returns an int8 graph, or
+    with ``weight_only=True`` a graph with int8 weights and float activations."""
+    calibration = _check_samples("the calibration set", calibration)
+    graph = model if isinstance(model, Graph) else load(model, example_input=calibration[:1])
+    if graph.is_quantized() or graph.meta.get("weight_only"):
+        return graph  # already quantized (an int8 .tflite): nothing to calibrate
+    float_graph = prepare_float(graph)
+    if weight_only:
+        return quantize_weights_only(float_graph)
+    ranges = calibrate(float_graph, to_ir_inputs(float_graph, calibration), observer=observer,
+                       percentile=percentile, show_progress=show_progress)
+    return quantize_graph(float_graph, ranges)
+
+
+def generate(graph: Graph, out_dir, board: str = "host") -> dict:
+    """Write the C project. Returns its record (arena bytes, weight bytes, layers...)."""
+    return generate_project(graph, out_dir, board)
+
+
+def build(out_dir, *, sanitize: bool = False) -> dict:
+    """Compile a generated project for its board. Returns the project record with sizes."""
+    out = Path(out_dir)
+    project = load_project(out)
+    from .boards import load_board
+    board = load_board(project["board"])
+    if board.kind == "host":
+        from .targets import host
+        binary = host.build(out, sanitize=sanitize)
+        from .targets.elf import section_sizes
+        project["binary"] = str(binary)
+        project["sizes"] = section_sizes(binary)
+        return project
+    from .targets import build_for_board
+    return build_for_board(board, out, project)
+
+
+def _quantize_io(x: np.ndarray, rec: dict) -> np.ndarray:
+    return qm.quantize(x, rec["scale"], rec["zero_point"])
+
+
+def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
+    """Run the built host program on ``inputs``.
+
+    Float inputs in the source layout (NCHW), quantized with the model's input
+    parameters; outputs dequantized back to float in the source layout. With
+    ``int8=True``, inputs and outputs are the raw int8 NHWC tensors the C sees.
+    """
+    out = Path(out_dir)
+    project = load_project(out)
+    if project["board"] != "host":
+        raise EdgekitError(f"{out} was generated for board {project['board']!r}; `run` executes host builds. "
+                           "Use `edgekit profile` for a device.")
+    if len(project["inputs"]) != 1:
+        raise EdgekitError("run takes models with one input")
+    inp, outp = project["inputs"][0], project["outputs"]
+    sample_shape = inp["shape"][1:]
+    from .targets import host
+    if int8:
+        x = np.asarray(inputs)
+        if x.dtype != np.int8:
+            raise EdgekitError(f"--int8 inputs must be int8 arrays, got {x.dtype}")
+        if list(x.shape[1:]) != list(sample_shape):
+            raise EdgekitError(f"int8 inputs have samples of shape {list(x.shape[1:])}, "
+                               f"the model expects {sample_shape} (NHWC)")
+        data = x
+    else:
+        x = _check_samples("the inputs", inputs)
+        x = layout.to_ir(x, inp["layout"], sample_shape)
+        data = x if project["mode"] == "weight_only" else _quantize_io(x, inp)
+    dtype = np.float32 if project["mode"] == "weight_only" else np.int8
+    total = sum(int(np.prod(o["shape"])) for o in outp)
+    raw = host.run_raw(out, data, total, dtype, sanitize=sanitize)
+    results, start = [], 0
+    for o in outp:
+        n = int(np.prod(o["shape"]))
+        y = raw[:, start:start + n].reshape([raw.shape[0]] + o["shape"][1:])
+        start += n
+        if not int8 and project["mode"] == "int8":
+            y = qm.dequantize(y, o["scale"], o["zero_point"])
+        if not int8:
+            y = layout.from_ir(y, o["layout"])
+        results.append(y)
+    return results[0] if len(results) == 1 else results
+
+
+def reference_run(graph: Graph, inputs, *, int8: bool = False):
+    """The numpy reference on the same terms as ``run``: what the C must produce."""
+    if int8:
+        outs = reference.run(graph, np.asarray(inputs))
+        return outs[0] if len(outs) == 1 else outs
+    if graph.meta.get("weight_only"):
+        from .passes.quantize import dequantized_weights_graph
+        graph = dequantized_weights_graph(graph)
+    x = to_ir_inputs(graph, _check_samples("the inputs", inputs))
+    quantized = graph.is_quantized()
+    if quantized:
+        q = graph.tensors[graph.inputs[0]].quant
+        x = qm.quantize(x, q.scale[0], q.zero_point[0])
+    outs = reference.run(graph, x)
+    results = []
+    for name, y in zip(graph.outputs, outs):
+        if quantized:
+            q = graph.tensors[name].quant
+            y = qm.dequantize(y, q.scale[0], q.zero_point[0])
+        results.append(layout.from_ir(y, graph.source_layouts.get(name, "NHWC")))
+    return results[0] if len(results) == 1 else results

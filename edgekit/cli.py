@@ -1,0 +1,172 @@
+"""The `edgekit` command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgekitError
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.exists():
+        raise EdgekitError(f"{what} file not found: {p}")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise EdgekitError(f"{what} file {p} is not a readable .npy array: {exc}") from None
+
+
+def cmd_generate(args) -> int:
+    from . import api
+    from .boards import load_board
+
+    load_board(args.board)  # fail early on a typo
+    model = Path(args.model)
+    if not model.exists():
+        raise EdgekitError(f"model file not found: {model}")
+    graph = api.load(model)
+    if not (graph.is_quantized() or graph.meta.get("weight_only")):
+        if args.calib is None and not args.weight_only:
+            raise EdgekitError("a float model needs calibration data: --calib samples.npy "
+                               "(float32, the model's own layout, batched on axis 0)")
+        calib = _load_npy(args.calib, "calibration") if args.calib else None
+        if args.weight_only and calib is None:
+            from .passes.fuse import prepare_float
+            from .passes.quantize import quantize_weights_only
+            graph = quantize_weights_only(prepare_float(graph))
+        else:
+            graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
+                                 weight_only=args.weight_only, show_progress=True)
+    record = api.generate(graph, args.output, board=args.board)
+    print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
+          f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from . import api
+
+    built = api.build(args.project, sanitize=args.sanitize)
+    sizes = built.get("sizes", {})
+    print(f"built {built.get('binary')}: text {sizes.get('text', 0):,} B, data {sizes.get('data', 0):,} B, "
+          f"bss {sizes.get('bss', 0):,} B")
+    for line in built.get("budget_lines", []):
+        print(line)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import api
+
+    x = _load_npy(args.inputs, "inputs")
+    y = api.run(args.project, x, int8=args.int8, sanitize=args.sanitize)
+    outs = y if isinstance(y, list) else [y]
+    if args.output:
+        if len(outs) == 1:
+            np.save(args.output, outs[0])
+        else:
+            np.savez(args.output, *outs)
+        print(f"wrote {len(outs[0])} outputs to {args.output}")
+    else:
+        for o in outs:
+            print(o)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    out = args.output or f"runs/demo-{args.board}"
+    if args.board == "host":
+        result = demo.run_host_demo(out, epochs=args.epochs)
+    else:
+        result = demo.run_device_demo(args.board, out, epochs=args.epochs)
+    return 0 if result.get("bit_exact", False) else 1
+
+
+def cmd_boards(args) -> int:
+    from .boards import list_boards, load_board
+
+    for name in list_boards():
+        b = load_board(name)
+        print(f"{name:16s} {b.kind:14s} {b.description}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import api
+
+    graph = api.load(args.model)
+    print(graph.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekit", description="Take a trained model to a microcontroller or a "
+                                "Raspberry Pi, and measure it there.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="quantize a model and generate its C project")
+    g.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    g.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
+    g.add_argument("--board", default="host", help="target board (see `edgekit boards`)")
+    g.add_argument("-o", "--output", required=True, help="project directory to write")
+    g.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
+    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--weight-only", action="store_true", help="int8 weights, float activations (FPU targets)")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("build", help="compile a generated project")
+    b.add_argument("project")
+    b.add_argument("--sanitize", action="store_true", help="host: build with ASan + UBSan")
+    b.set_defaults(fn=cmd_build)
+
+    r = sub.add_parser("run", help="run a host build on inputs")
+    r.add_argument("project")
+    r.add_argument("--inputs", required=True, help=".npy: float32 in the model's layout, or int8 NHWC with --int8")
+    r.add_argument("--output", help=".npy to write the outputs to")
+    r.add_argument("--int8", action="store_true", help="raw int8 tensors in and out, exactly as the C sees them")
+    r.add_argument("--sanitize", action="store_true", help="run the sanitizer build")
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="train, quantize, generate, build and run a digits CNN end to end")
+    d.add_argument("--board", default="host")
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("-o", "--output")
+    d.set_defaults(fn=cmd_demo)
+
+    bo = sub.add_parser("boards", help="list the boards")
+    bo.set_defaults(fn=cmd_boards)
+
+    i = sub.add_parser("inspect", help="print a model's graph as edgekit sees it")
+    i.add_argument("model")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except EdgekitError as exc:
+        print(f"edgekit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgekit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in edgekit, not in the user's input
+        if os.environ.get("EDGEKIT_DEBUG"):
+            raise
+        print(f"edgekit: internal error: {type(exc).__name__}: {exc}\n"
+              "(this is a bug in edgekit; set EDGEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Quantized graph -> a C project: weights, a straight-line model, kernels, board files.
+
+Python decides everything here (kernel per layer, parameters, arena offsets,
+which files a board needs); the templates only lay the decisions out as C.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..boards import Board, load_board
+from ..errors import EdgekitError
+from ..ir import Graph, Op
+from ..passes.verify import check_int8_arithmetic
+from .memory_plan import MemoryPlan, plan_memory
+from .render import TEMPLATES, render_to
+from .weights import CArray, encode
+
+PROJECT_FILE = "edgekit_project.json"
+FLT_MAX = 3.402823466e38
+
+
+@dataclass
+class Buffer:
+    """A tensor in the arena, as the template addresses it."""
+
+    tensor: str
+    offset: int  # in elements of the arena's element type
+    size: int  # elements
+
+
+@dataclass
+class Layer:
+    index: int
+    id: str  # C identifier prefix
+    name: str  # source layer name
+    kind: str
+    kernel: str | None  # e.g. "ek_conv2d_s8"; None when the op needs no code (reshape)
+    inputs: list[Buffer]
+    outputs: list[Buffer]
+    dims: dict = field(default_factory=dict)  # name -> (n, h, w, c)
+    params: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)  # role -> C array name
+    macs: int = 0
+
+
+def c_identifier(text: str) -> str:
+    ident = re.sub(r"[^0-9A-Za-z_]", "_", text).strip("_") or "layer"
+    return ident[:40]
+
+
+def _dims(shape) -> tuple[int, int, int, int]:
+    shape = tuple(shape)
+    if len(shape) == 4:
+        return shape
+    if len(shape) == 2:
+        return (shape[0], 1, 1, shape[1])
+    raise EdgekitError(f"internal: no NHWC view of shape {shape}")
+
+
+def layer_macs(graph: Graph, op: Op) -> int:
+    out = graph.tensors[op.outputs[0]].shape
+    if op.kind == "conv2d":
+        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
+        return out[1] * out[2] * O * KH * KW * I
+    if op.kind == "depthwise_conv2d":
+        _, KH, KW, O = graph.tensors[op.inputs[1]].shape
+        return out[1] * out[2] * O * KH * KW
+    if op.kind == "fully_connected":
+        O, I = graph.tensors[op.inputs[1]].shape
+        return O * I
+    return 0
+
+
+class _Builder:
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool):
+        self.graph = graph
+        self.plan = plan
+        self.weight_only = weight_only
+        self.elem = 4 if weight_only else 1
+        self.arrays: list[CArray] = []
+
+    def buffer(self, name: str) -> Buffer:
+        return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
+
+    def array(self, name: str, data: np.ndarray, comment: str = "") -> str:
+        for arr in encode(name, data, "dense", comment):
+            self.arrays.append(arr)
+        return name
+
+    def layer(self, index: int, op: Op) -> Layer:
+        g = self.graph
+        ident = f"l{index}_{c_identifier(op.name)}"
+        act_inputs = [n for n in op.inputs if not g.tensors[n].is_constant]
+        layer = Layer(index, ident, op.name, op.kind, None, [self.buffer(n) for n in act_inputs],
+                      [self.buffer(n) for n in op.outputs], macs=layer_macs(g, op))
+        layer.dims["input"] = _dims(g.tensors[op.inputs[0]].shape)
+        layer.dims["output"] = _dims(g.tensors[op.outputs[0]].shape)
+        getattr(self, f"_{op.kind}")(layer, op)
+        return layer
+
+    # weighted layers ------------------------------------------------------
+    def _weighted(self, layer: Layer, op: Op, conv: bool):
+        g, a = self.graph, op.attrs
+        w = g.tensors[op.inputs[1]]
+        b = g.tensors[op.inputs[2]] if len(op.inputs) > 2 else None
+        if op.kind == "fully_connected":
+            layer.dims["filter"] = (w.shape[0], 1, 1, w.shape[1])
+        else:
+            layer.dims["filter"] = tuple(w.shape)
+        layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+        if self.weight_only:
+            layer.kernel = f"ek_{op.kind}_f32"
+            layer.arrays["scale"] = self.array(f"{layer.id}_scale", w.quant.scale.astype(np.float32))
+            if b is not None:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", b.data.astype(np.float32))
+            lo, hi = {"relu": (0.0, FLT_MAX), "relu6": (0.0, 6.0)}.get(a.get("activation", "none"),
+                                                                      (-FLT_MAX, FLT_MAX))
+            layer.params.update(act_min=lo, act_max=hi)
+        else:
+            layer.kernel = f"ek_{op.kind}_s8"
+            layer.arrays["bias"] = self.array(f"{layer.id}_bias", b.data.astype(np.int32))
+            layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+            layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+            layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
+                                act_min=a["act_min"], act_max=a["act_max"])
+        if conv:
+            layer.params.update(stride_h=a["stride"][0], stride_w=a["stride"][1],
+                                dilation_h=a["dilation"][0], dilation_w=a["dilation"][1],
+                                pad_top=a["padding"][0], pad_left=a["padding"][2],
+                                depth_multiplier=a.get("depth_multiplier", 1))
+
+    def _conv2d(self, layer, op):
+        self._weighted(layer, op, conv=True)
+
+    def _depthwise_conv2d(self, layer, op):
+        self._weighted(layer, op, conv=True)
+
+    def _fully_connected(self, layer, op):
+        self._weighted(layer, op, conv=False)
+
+    # data movement and the rest ------------------------------------------
+    def _activation_params(self, layer, op, kind=None):
+        a = op.attrs
+        if self.weight_only:
+            kind = kind or a.get("activation", "none")
+            lo, hi = {"relu": (0.0, FLT_MAX), "relu6": (0.0, 6.0)}.get(kind, (-FLT_MAX, FLT_MAX))
+            layer.params.update(act_min=lo, act_max=hi)
+        else:
+            layer.params.update(act_min=a["act_min"], act_max=a["act_max"])
+
+    def _pool(self, layer, op):
+        a = op.attrs
+        layer.kernel = f"ek_{op.kind}_{'f32' if self.weight_only else 's8'}"
+        layer.params.update(kernel_h=a["kernel"][0], kernel_w=a["kernel"][1], stride_h=a["stride"][0],
+                            stride_w=a["stride"][1], pad_top=a["padding"][0], pad_bottom=a["padding"][1],
+                            pad_left=a["padding"][2], pad_right=a["padding"][3],
+                            count_include_pad=int(bool(a.get("count_include_pad", False))),
+                            zero_point=a.get("zero_point", 0))
+        self._activation_params(layer, op)
+
+    _max_pool2d = _pool
+    _avg_pool2d = _pool
+
+    def _mean(self, layer, op):
+        layer.kernel = "ek_mean_f32" if self.weight_only else "ek_mean_s8"
+        if not self.weight_only:
+            a = op.attrs
+            layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
+                                multiplier=a["multiplier"], shift=a["shift"], act_min=a["act_min"],
+                                act_max=a["act_max"])
+
+    def _add(self, layer, op):
+        layer.kernel = "ek_add_f32" if self.weight_only else "ek_add_s8"
+        layer.params["size"] = self.graph.tensors[op.outputs[0]].size
+        if self.weight_only:
+            self._activation_params(layer, op)
+        else:
+            keys = ("input1_offset", "input2_offset", "output_offset", "left_shift", "input1_multiplier",
+                    "input1_shift", "input2_multiplier", "input2_shift", "output_multiplier", "output_shift",
+                    "act_min", "act_max")
+            layer.params.update({k: op.attrs[k] for k in keys})
+
+    def _concat(self, layer, op):
+        layer.kernel = "ek_concat_f32" if self.weight_only else "ek_concat_s8"
+        axis = op.attrs["axis"]
+        out_shape = self.graph.tensors[op.outputs[0]].shape
+        layer.params["outer"] = int(np.prod(out_shape[:axis]))
+        layer.params["chunks"] = [int(np.prod(self.graph.tensors[n].shape[axis:])) for n in op.inputs]
+
+    def _clamp(self, layer, op):
+        layer.kernel = "ek_clamp_f32" if self.weight_only else "ek_clamp_s8"
+        layer.params["size"] = self.graph.tensors[op.outputs[0]].size
+        self._activation_params(layer, op, kind=op.kind)
+
+    _relu = _clamp
+    _relu6 = _clamp
+
+    def _softmax(self, layer, op):
+        layer.kernel = "ek_softmax_f32" if self.weight_only else "ek_softmax_s8"
+        shape = self.graph.tensors[op.inputs[0]].shape
+        layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])), beta=float(op.attrs.get("beta", 1.0)))
+        if not self.weight_only:
+            layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "diff_min")})
+
+    def _pad(self, layer, op):
+        layer.kernel = "ek_pad_f32" if self.weight_only else "ek_pad_s8"
+        t, _, l, _ = op.attrs["padding"]
+        value = float(op.attrs.get("value", 0.0)) if self.weight_only else op.attrs["pad_value"]
+        layer.params.update(pad_top=t, pad_left=l, value=value)
+
+    def _reshape(self, layer, op):
+        layer.kernel = None  # the planner aliases it: no code, no copy
+
+
+def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
+    t = graph.tensors[name]
+    rec = {"name": name, "shape": list(t.shape), "dtype": "float32" if weight_only else t.dtype,
+           "layout": graph.source_layouts.get(name, "NHWC")}
+    if t.quant is not None and not weight_only:
+        rec.update(scale=float(t.quant.scale[0]), zero_point=int(t.quant.zero_point[0]))
+    return rec
+
+
+def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host") -> dict:
+    """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
+
+    Returns the project record also saved as ``edgekit_project.json``.
+    """
+    board = load_board(board) if isinstance(board, str) else board
+    weight_only = bool(graph.meta.get("weight_only"))
+    if not weight_only:
+        if not graph.is_quantized():
+            raise EdgekitError("generate needs a quantized graph (int8, or weight-only); quantize the model first")
+        check_int8_arithmetic(graph)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
+    builder = _Builder(graph, plan, weight_only)
+    layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
+    kernels = sorted({l.kernel for l in layers if l.kernel})
+    elem_type = "float" if weight_only else "int8_t"
+    inputs = [builder.buffer(n) for n in graph.inputs]
+    outputs = [builder.buffer(n) for n in graph.outputs]
+    fingerprint = graph.fingerprint()
+    context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
+                   elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
+                   fingerprint=fingerprint, board=board, num_layers=len(layers))
+
+    # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
+    if (out / "kernels").exists():
+        for stale in (out / "kernels").glob("*.c"):
+            if stale.stem not in kernels:
+                stale.unlink()
+    render_to(out / "include" / "ek_nn.h", "include/ek_nn.h.j2", **context)
+    render_to(out / "include" / "ek_quant.h", "include/ek_quant.h.j2", **context)
+    for k in kernels:
+        render_to(out / "kernels" / f"{k}.c", f"kernels/{k}.c.j2", **context)
+    for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
+        render_to(out / name, f"model/{name}.j2", **context)
+    board_dir = TEMPLATES / board.templates
+    for tmpl in sorted(board_dir.rglob("*.j2")):
+        rel = tmpl.relative_to(board_dir).with_suffix("")
+        render_to(out / rel, f"{board.templates}/{tmpl.relative_to(board_dir).as_posix()}", **context)
+
+    weight_bytes = sum(a.nbytes for a in builder.arrays)
+    record = {
+        "edgekit_project": 1,
+        "board": board.name,
+        "mode": "weight_only" if weight_only else "int8",
+        "fingerprint": fingerprint,
+        "arena_bytes": plan.arena_bytes,
+        "arena_lower_bound": plan.lower_bound(),
+        "weight_bytes": weight_bytes,
+        "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),
+        "inputs": [_io_record(graph, n, weight_only) for n in graph.inputs],
+        "outputs": [_io_record(graph, n, weight_only) for n in graph.outputs],
+        "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "kernel": l.kernel, "macs": l.macs}
+                   for l in layers],
+        "kernels": kernels,
+    }
+    (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def load_project(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / PROJECT_FILE
+    if not path.exists():
+        raise EdgekitError(f"{out_dir} is not an edgekit project (no {PROJECT_FILE}); run `edgekit generate` first")
+    return json.loads(path.read_text())
+
+
+def clean_project(out_dir: str | Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)

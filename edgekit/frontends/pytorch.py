@@ -1,0 +1,613 @@
+"""PyTorch -> float IR, through ``torch.export``.
+
+The exported ATen graph is walked node by node. Tensors change layout on the
+way in: NCHW activations become NHWC, conv weights become OHWI (depthwise:
+1HWO), as TFLite and CMSIS-NN lay them out. A Flatten of a spatial tensor
+keeps NHWC order in memory; the Linear layer that reads it gets its weight
+columns permuted instead, so no transpose runs on the device.
+"""
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgekitError
+from ..ir import Graph, Op, Tensor, conv_output_size
+
+SUPPORTED_LAYERS = (
+    "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
+    "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
+    "torch.cat, Dropout, Identity, and a final Softmax"
+)
+
+
+def load_exported(path: str | Path):
+    """Load a ``torch.export.save`` file, with clear errors."""
+    import torch
+
+    import logging
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgekitError(f"model file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise EdgekitError(f"{path} is not a torch.export file (torch.export.save writes a zip archive)")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # torch logs its own traceback before raising
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:  # torch raises many kinds here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgekitError(f"{path} is not a loadable torch.export file: {first}") from None
+    finally:
+        export_log.setLevel(level)
+
+
+def export_module(module, example_input):
+    """torch.export a module in eval mode, turning export failures into one clear message."""
+    import torch
+
+    module = module.eval()
+    if not isinstance(example_input, tuple):
+        example_input = (example_input,)
+    try:
+        return torch.export.export(module, example_input)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgekitError(f"torch.export could not trace {type(module).__name__}: {first}") from None
+
+
+def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
+    """Convert an ``nn.Module`` (with an example input or an input shape) or an
+    ``ExportedProgram`` to a float IR graph."""
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        if example_input is None:
+            if input_shape is None:
+                raise EdgekitError("from_torch needs example_input or input_shape for an nn.Module")
+            example_input = torch.zeros(tuple(input_shape))
+        example_input = torch.as_tensor(example_input, dtype=torch.float32)
+        if example_input.shape[0] != 1:
+            example_input = example_input[:1]
+        program = export_module(model, example_input)
+    return _Converter(program).run()
+
+
+def _layer_of(node) -> tuple[str, str]:
+    """(module path, module type) of the layer a node came from."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, type_ = list(stack.values())[-1]
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__qualname__", str(type_))
+    return path, type_name
+
+
+def _pair(v, n=2) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        v = list(v)
+        if len(v) == 1:
+            v = v * n
+        return tuple(int(x) for x in v)
+    return (int(v),) * n
+
+
+class _Value:
+    """What the converter knows about one torch value."""
+
+    def __init__(self, name: str, torch_rank: int, perm: np.ndarray | None = None):
+        self.name = name  # IR tensor name
+        self.torch_rank = torch_rank  # rank of the torch tensor (4: NCHW, 3: NCL, 2: NC)
+        self.perm = perm  # set on a flattened spatial tensor: IR position -> torch position
+
+
+class _Converter:
+    def __init__(self, program):
+        self.program = program
+        self.graph = Graph()
+        self.values: dict[str, object] = {}
+        self.consts: dict[str, np.ndarray] = {}
+        self.node_name: dict[str, str] = {}
+        self._load_constants()
+
+    # -- constants ---------------------------------------------------------
+    def _load_constants(self):
+        sig = self.program.graph_signature
+        state = self.program.state_dict
+        constants = getattr(self.program, "constants", {}) or {}
+        for ph, target in sig.inputs_to_parameters.items():
+            self.consts[ph] = state[target].detach().float().cpu().numpy()
+        for ph, target in sig.inputs_to_buffers.items():
+            buf = state[target] if target in state else constants[target]
+            self.consts[ph] = buf.detach().cpu().numpy()
+        for ph, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+            self.consts[ph] = constants[target].detach().cpu().numpy()
+
+    def const(self, arg, what: str, node) -> np.ndarray | None:
+        if arg is None:
+            return None
+        if not hasattr(arg, "name") or arg.name not in self.consts:
+            raise self.unsupported(node, f"its {what} is computed at run time, not a parameter")
+        data = self.consts[arg.name].astype(np.float32)
+        if not np.all(np.isfinite(data)):
+            path, _ = _layer_of(node)
+            bad = int(np.sum(~np.isfinite(data)))
+            raise EdgekitError(f"layer '{path or node.name}' has {bad} NaN or inf values in its {what}; "
+                               "retrain or fix the checkpoint before deploying")
+        return data
+
+    # -- errors ------------------------------------------------------------
+    def unsupported(self, node, why: str) -> EdgekitError:
+        path, type_ = _layer_of(node)
+        target = getattr(node.target, "__name__", str(node.target))
+        where = f"layer '{path}' ({type_})" if path else f"operation '{node.name}'"
+        return EdgekitError(f"{where} uses {target}: {why}.\nedgekit supports: {SUPPORTED_LAYERS}.")
+
+    # -- IR helpers --------------------------------------------------------
+    def value(self, arg) -> _Value:
+        v = self.values.get(arg.name) if hasattr(arg, "name") else None
+        if not isinstance(v, _Value):
+            raise EdgekitError(f"internal: value {arg} is not a tensor the converter knows")
+        return v
+
+    def shape(self, v: _Value) -> tuple[int, ...]:
+        return self.graph.tensors[v.name].shape
+
+    def new_tensor(self, base: str, shape, data=None) -> str:
+        name = self.graph.unique_name(base)
+        self.graph.add_tensor(Tensor(name, tuple(int(s) for s in shape), "float32", data))
+        return name
+
+    def add_op(self, kind, node, inputs, out_shape, torch_rank, attrs=None, perm=None) -> _Value:
+        out = self.new_tensor(node.name, out_shape)
+        path, _ = _layer_of(node)
+        self.graph.ops.append(Op(kind, path or node.name, list(inputs), [out], dict(attrs or {})))
+        v = _Value(out, torch_rank, perm)
+        self.values[node.name] = v
+        return v
+
+    def require_plain(self, v: _Value, node):
+        if v.perm is not None:
+            raise self.unsupported(node, "it reads the flattened output of a spatial tensor; "
+                                         "edgekit keeps NHWC order and can remap it only into a Linear layer")
+
+    def torch_axis_to_ir(self, v: _Value, dim: int, node) -> int:
+        rank = v.torch_rank
+        dim = dim % rank
+        if rank == 4:
+            return {0: 0, 1: 3, 2: 1, 3: 2}[dim]
+        if rank == 3:
+            return {0: 0, 1: 3, 2: 2}[dim]
+        if rank == 2:
+            return dim
+        raise self.unsupported(node, f"tensors of rank {rank} are not supported")
+
+    # -- the walk ----------------------------------------------------------
+    def run(self) -> Graph:
+        sig = self.program.graph_signature
+        user_inputs = list(sig.user_inputs)
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in self.consts:
+                    continue
+                if node.name not in user_inputs:
+                    raise EdgekitError(f"model input {node.name!r} is neither a parameter nor a user input")
+                self._input(node)
+            elif node.op == "call_function":
+                self._call(node)
+            elif node.op == "output":
+                self._output(node)
+        return self.graph
+
+    def _input(self, node):
+        val = node.meta.get("val")
+        if val is None:
+            raise EdgekitError(f"model input {node.name!r} has no recorded shape")
+        shape = tuple(int(s) for s in val.shape)
+        if len(shape) == 4:
+            ir_shape, layout = (1, shape[2], shape[3], shape[1]), "NCHW"
+        elif len(shape) == 3:
+            ir_shape, layout = (1, 1, shape[2], shape[1]), "NCL"
+        elif len(shape) == 2:
+            ir_shape, layout = (1, shape[1]), "NC"
+        else:
+            raise EdgekitError(f"model input {node.name!r} has shape {list(shape)}; "
+                               "edgekit takes (N, C, H, W), (N, C, L) or (N, features)")
+        name = self.new_tensor(node.name, ir_shape)
+        self.graph.inputs.append(name)
+        self.graph.source_layouts[name] = layout
+        self.values[node.name] = _Value(name, len(shape))
+
+    def _output(self, node):
+        outs = node.args[0]
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for arg in outs:
+            v = self.value(arg)
+            if v.perm is not None:
+                raise self.unsupported(node, "the model returns a flattened spatial tensor")
+            self.graph.outputs.append(v.name)
+            self.graph.source_layouts[v.name] = {4: "NCHW", 3: "NCL", 2: "NC"}[v.torch_rank]
+
+    def _call(self, node):
+        target = node.target
+        if target is operator.getitem:
+            src = self.values.get(node.args[0].name)
+            if isinstance(src, tuple):
+                self.values[node.name] = src[node.args[1]]
+                return
+            raise self.unsupported(node, "indexing into a tensor is not supported")
+        name = getattr(target, "__name__", str(target))  # e.g. "conv2d.default"
+        op_name = name.split(".")[0]
+        handler = getattr(self, f"_op_{op_name}", None)
+        if handler is None:
+            raise self.unsupported(node, "this operation is not supported")
+        handler(node)
+
+    # identity-like ops
+    def _identity(self, node):
+        self.values[node.name] = self.value(node.args[0])
+
+    _op_dropout = _op_dropout_ = _op_alpha_dropout = _op_feature_dropout = _identity
+    _op_clone = _op_contiguous = _op_detach = _op_identity = _identity
+
+    def _op_native_dropout(self, node):
+        v = self.value(node.args[0])
+        self.values[node.name] = (v, None)
+
+    # convolution
+    def _op_conv2d(self, node):
+        a = list(node.args) + [None] * 7
+        x, w, b = a[0], a[1], a[2]
+        stride = a[3] if a[3] is not None else node.kwargs.get("stride", 1)
+        padding = a[4] if a[4] is not None else node.kwargs.get("padding", 0)
+        dilation = a[5] if a[5] is not None else node.kwargs.get("dilation", 1)
+        groups = a[6] if a[6] is not None else node.kwargs.get("groups", 1)
+        self._conv(node, x, w, b, _pair(stride), padding, _pair(dilation), int(groups))
+
+    def _op_conv1d(self, node):
+        a = list(node.args) + [None] * 7
+        x, w, b = a[0], a[1], a[2]
+        stride = a[3] if a[3] is not None else node.kwargs.get("stride", 1)
+        padding = a[4] if a[4] is not None else node.kwargs.get("padding", 0)
+        dilation = a[5] if a[5] is not None else node.kwargs.get("dilation", 1)
+        groups = a[6] if a[6] is not None else node.kwargs.get("groups", 1)
+        v = self.value(x)
+        if v.torch_rank != 3:
+            raise self.unsupported(node, "Conv1d expects an (N, C, L) input")
+        weight = self.const(w, "weight", node)[:, :, None, :]  # (O, I, 1, K)
+        if not isinstance(padding, str):
+            padding = (0, _pair(padding, 1)[0])
+        self._conv(node, x, weight, b, (1, _pair(stride, 1)[0]), padding, (1, _pair(dilation, 1)[0]),
+                   int(groups), torch_rank=3)
+
+    def _op_convolution(self, node):
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+        if transposed:
+            raise self.unsupported(node, "transposed convolution is not supported")
+        weight = self.const(w, "weight", node)
+        if weight.ndim == 3:
+            self._conv(node, x, weight[:, :, None, :], b, (1, _pair(stride, 1)[0]), (0, _pair(padding, 1)[0]),
+                       (1, _pair(dilation, 1)[0]), int(groups), torch_rank=3)
+        else:
+            self._conv(node, x, w, b, _pair(stride), padding, _pair(dilation), int(groups))
+
+    def _conv(self, node, x, w, b, stride, padding, dilation, groups, torch_rank=4):
+        v = self.value(x)
+        self.require_plain(v, node)
+        if v.torch_rank != torch_rank:
+            raise self.unsupported(node, f"expected a rank-{torch_rank} input, got rank {v.torch_rank}")
+        weight = w if isinstance(w, np.ndarray) else self.const(w, "weight", node)
+        bias = self.const(b, "bias", node)
+        _, H, W, C = self.shape(v)
+        O, I, KH, KW = weight.shape
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                th = dilation[0] * (KH - 1)
+                tw = dilation[1] * (KW - 1)
+                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                raise self.unsupported(node, f"padding mode {padding!r} is not supported")
+        else:
+            ph, pw = _pair(padding)
+            pads = (ph, ph, pw, pw)
+        OH = conv_output_size(H, KH, stride[0], dilation[0], pads[0], pads[1])
+        OW = conv_output_size(W, KW, stride[1], dilation[1], pads[2], pads[3])
+        if OH < 1 or OW < 1:
+            raise self.unsupported(node, f"the kernel {KH}x{KW} does not fit the {H}x{W} input")
+        attrs = dict(stride=stride, dilation=dilation, padding=pads, activation="none")
+        if groups == 1:
+            kind = "conv2d"
+            ir_weight = np.ascontiguousarray(weight.transpose(0, 2, 3, 1))  # OHWI
+        elif groups == C and I == 1 and O % C == 0:
+            kind = "depthwise_conv2d"
+            ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # 1HWO
+            attrs["depth_multiplier"] = O // C
+        else:
+            raise self.unsupported(node, f"grouped convolution with groups={groups} "
+                                         f"(only 1 or depthwise groups={C}) is not supported")
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
+        if bias is not None:
+            inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
+        self.add_op(kind, node, inputs, (1, OH, OW, O), torch_rank, attrs)
+
+    def _op_linear(self, node):
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        v = self.value(x)
+        if v.torch_rank != 2:
+            raise self.unsupported(node, "Linear on a tensor of rank other than 2 is not supported; flatten first")
+        weight = self.const(w, "weight", node)
+        bias = self.const(b, "bias", node)
+        if v.perm is not None:
+            weight = weight[:, v.perm]
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.weight", weight.shape, np.ascontiguousarray(weight))]
+        if bias is not None:
+            inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
+        self.add_op("fully_connected", node, inputs, (1, weight.shape[0]), 2, dict(activation="none"))
+
+    # normalisation
+    def _batch_norm(self, node, x, gamma, beta, mean, var, eps):
+        v = self.value(x)
+        self.require_plain(v, node)
+        mean = self.const(mean, "running mean", node)
+        var = self.const(var, "running variance", node)
+        C = mean.shape[0]
+        gamma = self.const(gamma, "weight", node) if gamma is not None else np.ones(C, np.float32)
+        beta = self.const(beta, "bias", node) if beta is not None else np.zeros(C, np.float32)
+        scale = (gamma / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
+        offset = (beta - mean * scale).astype(np.float32)
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.scale", scale.shape, scale),
+                  self.new_tensor(f"{base}.offset", offset.shape, offset)]
+        return self.add_op("batch_norm", node, inputs, self.shape(v), v.torch_rank)
+
+    def _op_batch_norm(self, node):
+        x, gamma, beta, mean, var, training, _, eps = node.args[:8]
+        if training:
+            raise self.unsupported(node, "the model was exported in training mode; call model.eval() first")
+        self._batch_norm(node, x, gamma, beta, mean, var, float(eps))
+
+    def _op__native_batch_norm_legit_no_training(self, node):
+        x, gamma, beta, mean, var, _, eps = node.args[:7]
+        v = self._batch_norm(node, x, gamma, beta, mean, var, float(eps))
+        self.values[node.name] = (v, None, None)
+
+    # activations
+    def _activation(self, node, kind):
+        v = self.value(node.args[0])
+        self.add_op(kind, node, [v.name], self.shape(v), v.torch_rank, perm=v.perm)
+
+    def _op_relu(self, node):
+        self._activation(node, "relu")
+
+    _op_relu_ = _op_relu
+
+    def _op_relu6(self, node):
+        self._activation(node, "relu6")
+
+    def _op_hardtanh(self, node):
+        lo = float(node.args[1]) if len(node.args) > 1 else -1.0
+        hi = float(node.args[2]) if len(node.args) > 2 else 1.0
+        if (lo, hi) != (0.0, 6.0):
+            raise self.unsupported(node, f"Hardtanh({lo}, {hi}) is not supported (only ReLU6 = Hardtanh(0, 6))")
+        self._activation(node, "relu6")
+
+    _op_hardtanh_ = _op_hardtanh
+
+    def _op_softmax(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        axis = self.torch_axis_to_ir(v, int(node.args[1]), node)
+        if axis != len(self.shape(v)) - 1:
+            raise self.unsupported(node, "Softmax is supported over the channel / feature dimension only")
+        self.add_op("softmax", node, [v.name], self.shape(v), v.torch_rank, dict(beta=1.0))
+
+    _op__softmax = _op_softmax
+
+    # pooling
+    def _pool_common(self, node, v, kernel, stride, padding, ceil_mode, dilation=(1, 1)):
+        if dilation != (1, 1):
+            raise self.unsupported(node, "dilated pooling is not supported")
+        _, H, W, C = self.shape(v)
+        kh, kw = kernel
+        sh, sw = stride
+        ph, pw = padding
+
+        def out_size(size, k, s, p):
+            n = size + 2 * p - k
+            o = (-(-n // s) if ceil_mode else n // s) + 1
+            if ceil_mode and (o - 1) * s >= size + p:  # torch drops a window that starts in the padding
+                o -= 1
+            return o
+
+        OH, OW = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+        if OH < 1 or OW < 1:
+            raise self.unsupported(node, f"the {kh}x{kw} window does not fit the {H}x{W} input")
+        return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, ph, pw, pw), activation="none")
+
+    def _op_max_pool2d(self, node):
+        a = list(node.args) + [None] * 6
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        kernel = _pair(a[1])
+        stride = _pair(a[2]) if a[2] else kernel
+        padding = _pair(a[3] if a[3] is not None else 0)
+        dilation = _pair(a[4] if a[4] is not None else 1)
+        ceil_mode = bool(a[5]) if a[5] is not None else False
+        shape, attrs = self._pool_common(node, v, kernel, stride, padding, ceil_mode, dilation)
+        return self.add_op("max_pool2d", node, [v.name], shape, 4, attrs)
+
+    def _op_max_pool2d_with_indices(self, node):
+        v = self._op_max_pool2d(node)
+        self.values[node.name] = (v, None)
+
+    def _op_avg_pool2d(self, node):
+        a = list(node.args) + [None] * 7
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        kernel = _pair(a[1])
+        stride = _pair(a[2]) if a[2] else kernel
+        padding = _pair(a[3] if a[3] is not None else 0)
+        ceil_mode = bool(a[4]) if a[4] is not None else False
+        count_include_pad = bool(a[5]) if a[5] is not None else True
+        if a[6] is not None:
+            raise self.unsupported(node, "AvgPool2d with divisor_override is not supported")
+        shape, attrs = self._pool_common(node, v, kernel, stride, padding, ceil_mode)
+        attrs["count_include_pad"] = count_include_pad
+        self.add_op("avg_pool2d", node, [v.name], shape, 4, attrs)
+
+    def _op_adaptive_avg_pool2d(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        _, H, W, C = self.shape(v)
+        oh, ow = _pair(node.args[1])
+        if (oh, ow) == (1, 1):
+            self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
+        elif H % oh == 0 and W % ow == 0:
+            k = (H // oh, W // ow)
+            attrs = dict(kernel=k, stride=k, padding=(0, 0, 0, 0), activation="none", count_include_pad=True)
+            self.add_op("avg_pool2d", node, [v.name], (1, oh, ow, C), 4, attrs)
+        else:
+            raise self.unsupported(node, f"AdaptiveAvgPool2d to {oh}x{ow} from {H}x{W} (not a whole-window "
+                                         "division) is not supported")
+
+    def _op_mean(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        if v.torch_rank != 4 or dims is None or sorted(d % 4 for d in dims) != [2, 3]:
+            raise self.unsupported(node, "mean is supported over the spatial dimensions (2, 3) of an NCHW tensor")
+        C = self.shape(v)[3]
+        out = self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
+        if not keepdim:
+            out.torch_rank = 2
+            self._reshape_to(node, out, (1, C), 2)
+
+    # shape ops
+    def _reshape_to(self, node, v: _Value, ir_shape, torch_rank, perm=None):
+        out = self.new_tensor(f"{node.name}_reshaped" if node.name in self.values else node.name, ir_shape)
+        path, _ = _layer_of(node)
+        self.graph.ops.append(Op("reshape", path or node.name, [v.name], [out], {}))
+        nv = _Value(out, torch_rank, perm)
+        self.values[node.name] = nv
+        return nv
+
+    def _flatten_spatial(self, node, v: _Value):
+        shape = self.shape(v)
+        if v.torch_rank == 2:
+            self.values[node.name] = v
+            return
+        if v.torch_rank == 4:
+            _, H, W, C = shape
+        else:  # NCL held as (1, 1, L, C)
+            _, H, W, C = shape
+        n = H * W * C
+        perm = None
+        if H * W > 1 and C > 1:
+            h, w, c = np.meshgrid(np.arange(H), np.arange(W), np.arange(C), indexing="ij")
+            perm = (c * H * W + h * W + w).reshape(-1)
+        self._reshape_to(node, v, (1, n), 2, perm)
+
+    def _op_flatten(self, node):
+        v = self.value(node.args[0])
+        start = int(node.args[1]) if len(node.args) > 1 else 0
+        end = int(node.args[2]) if len(node.args) > 2 else -1
+        if start % v.torch_rank not in (0, 1) or end % v.torch_rank != v.torch_rank - 1:
+            raise self.unsupported(node, f"flatten({start}, {end}) is supported only as flatten(1) / flatten(0)")
+        self._flatten_spatial(node, v)
+
+    def _op_view(self, node):
+        v = self.value(node.args[0])
+        target = [int(s) for s in node.args[1]]
+        val = node.meta.get("val")
+        out_shape = tuple(int(s) for s in val.shape) if val is not None else tuple(target)
+        if len(out_shape) == 2:
+            self._flatten_spatial(node, v)
+        elif len(out_shape) == v.torch_rank and list(out_shape[1:]) == self._torch_shape(v)[1:]:
+            self.values[node.name] = v
+        else:
+            raise self.unsupported(node, f"reshape to {list(out_shape)} is not supported (only flattening to "
+                                         "(N, features))")
+
+    _op_reshape = _op_view
+    _op__unsafe_view = _op_view
+
+    def _torch_shape(self, v: _Value) -> list[int]:
+        s = self.shape(v)
+        if v.torch_rank == 4:
+            return [1, s[3], s[1], s[2]]
+        if v.torch_rank == 3:
+            return [1, s[3], s[2]]
+        return list(s)
+
+    # elementwise
+    def _op_add(self, node):
+        a, b = node.args[0], node.args[1]
+        alpha = node.kwargs.get("alpha", 1)
+        if not (hasattr(a, "name") and hasattr(b, "name")) or alpha != 1:
+            raise self.unsupported(node, "only the sum of two tensors (x + y) is supported")
+        va, vb = self.value(a), self.value(b)
+        self.require_plain(va, node)
+        self.require_plain(vb, node)
+        if self.shape(va) != self.shape(vb):
+            raise self.unsupported(node, f"adding shapes {self._torch_shape(va)} and {self._torch_shape(vb)} "
+                                         "(broadcasting) is not supported")
+        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.torch_rank, dict(activation="none"))
+
+    _op_add_ = _op_add
+
+    def _op_cat(self, node):
+        parts = [self.value(t) for t in node.args[0]]
+        dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
+        for p in parts:
+            self.require_plain(p, node)
+        axis = self.torch_axis_to_ir(parts[0], dim, node)
+        if axis == 0:
+            raise self.unsupported(node, "concatenation along the batch dimension is not supported")
+        shape = list(self.shape(parts[0]))
+        for p in parts[1:]:
+            s = self.shape(p)
+            if len(s) != len(shape) or any(s[i] != shape[i] for i in range(len(s)) if i != axis):
+                raise self.unsupported(node, "concatenated tensors differ in a dimension other than the joined one")
+        shape[axis] = sum(self.shape(p)[axis] for p in parts)
+        self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].torch_rank, dict(axis=axis))
+
+    _op_concat = _op_cat
+
+    def _op_constant_pad_nd(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        pads = [int(p) for p in node.args[1]]
+        if str(node.target).startswith("aten.pad"):  # pad(input, pad, mode, value)
+            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            if mode != "constant":
+                raise self.unsupported(node, f"padding mode {mode!r} is not supported (only constant)")
+            value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        else:
+            value = node.args[2] if len(node.args) > 2 else 0.0
+        value = 0.0 if value is None else float(value)
+        if v.torch_rank != 4 or len(pads) not in (2, 4) or any(p < 0 for p in pads):
+            raise self.unsupported(node, "only non-negative padding of the height and width of an NCHW tensor "
+                                         "is supported")
+        left, right = pads[0], pads[1]
+        top, bottom = (pads[2], pads[3]) if len(pads) == 4 else (0, 0)
+        _, H, W, C = self.shape(v)
+        self.add_op("pad", node, [v.name], (1, H + top + bottom, W + left + right, C), 4,
+                    dict(padding=(top, bottom, left, right), value=value))
+
+    _op_pad = _op_constant_pad_nd

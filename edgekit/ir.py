@@ -1,0 +1,166 @@
+"""The graph every frontend produces and every backend consumes.
+
+One flat structure: named tensors (NHWC for images, (N, features) for vectors,
+batch 1) and a topologically ordered list of ops. Constant tensors carry their
+data. Quantized tensors carry their quantization parameters; an op's
+precomputed integer parameters (multipliers, shifts, clamps) live in its
+``attrs`` so the numpy reference and the generated C read the same numbers.
+
+Op kinds and their inputs:
+
+=====================  ===================================  =========================================
+kind                   inputs                               attrs
+=====================  ===================================  =========================================
+conv2d                 x, weight (O,KH,KW,I), bias?         stride, dilation, padding(t,b,l,r), activation
+depthwise_conv2d       x, weight (1,KH,KW,O), bias?         + depth_multiplier
+fully_connected        x, weight (O,I), bias?               activation
+max_pool2d             x                                    kernel, stride, padding, activation
+avg_pool2d             x                                    kernel, stride, padding, count_include_pad, activation
+mean                   x                                    (global mean over H, W; keeps dims)
+add                    a, b                                 activation
+concat                 x0, x1, ...                          axis
+reshape                x                                    (shape from the output tensor)
+pad                    x                                    padding(t,b,l,r), value (real number)
+relu / relu6           x
+batch_norm             x, scale, offset                     (float graphs only; folded away)
+softmax                x                                    beta
+=====================  ===================================  =========================================
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+@dataclass
+class QuantParams:
+    """Affine quantization: real = scale * (q - zero_point). Per-tensor when
+    ``scale`` has one element, per-channel along ``axis`` otherwise."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int = 0
+
+    @classmethod
+    def per_tensor(cls, scale: float, zero_point: int) -> "QuantParams":
+        return cls(np.array([scale], dtype=np.float64), np.array([zero_point], dtype=np.int64))
+
+    @property
+    def is_per_tensor(self) -> bool:
+        return self.scale.size == 1
+
+    def __repr__(self) -> str:
+        if self.is_per_tensor:
+            return f"QuantParams(scale={float(self.scale[0]):.6g}, zp={int(self.zero_point[0])})"
+        return f"QuantParams(per-channel x{self.scale.size}, axis={self.axis})"
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"  # float32 | int8 | int32
+    data: np.ndarray | None = None  # set for constants
+    quant: QuantParams | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_constant(self) -> bool:
+        return self.data is not None
+
+
+@dataclass
+class Op:
+    kind: str
+    name: str  # the source layer's name: for messages and per-layer profiles
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    ops: list[Op] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    # How the source framework lays out each graph input / output ("NCHW",
+    # "NCL", "NC" or "NHWC"), so callers can feed and read data their own way.
+    source_layouts: dict[str, str] = field(default_factory=dict)
+    # The float model's weight bytes, kept through quantization for reports.
+    meta: dict = field(default_factory=dict)
+
+    def add_tensor(self, tensor: Tensor) -> Tensor:
+        if tensor.name in self.tensors:
+            raise ValueError(f"duplicate tensor name {tensor.name!r}")
+        self.tensors[tensor.name] = tensor
+        return tensor
+
+    def unique_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.tensors:
+            name = f"{base}_{i}"
+            i += 1
+        return name
+
+    def producers(self) -> dict[str, Op]:
+        return {out: op for op in self.ops for out in op.outputs}
+
+    def consumers(self) -> dict[str, list[Op]]:
+        users: dict[str, list[Op]] = {name: [] for name in self.tensors}
+        for op in self.ops:
+            for name in op.inputs:
+                users[name].append(op)
+        return users
+
+    def activation_tensors(self) -> list[str]:
+        """Non-constant tensors in first-use order: what lives in the arena."""
+        seen: list[str] = []
+        for name in self.inputs:
+            seen.append(name)
+        for op in self.ops:
+            for name in op.inputs + op.outputs:
+                if name not in seen and not self.tensors[name].is_constant:
+                    seen.append(name)
+        return seen
+
+    def is_quantized(self) -> bool:
+        return all(self.tensors[n].dtype == "int8" for n in self.inputs)
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values() if t.is_constant)
+
+    def fingerprint(self) -> str:
+        """A stable hash of structure and constants: identifies a model on a device."""
+        h = hashlib.sha256()
+        for op in self.ops:
+            h.update(repr((op.kind, op.inputs, op.outputs, sorted(op.attrs.items(), key=lambda kv: kv[0]))).encode())
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            h.update(repr((name, t.shape, t.dtype)).encode())
+            if t.data is not None:
+                h.update(np.ascontiguousarray(t.data).tobytes())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        lines = []
+        for op in self.ops:
+            outs = ", ".join(f"{o}{list(self.tensors[o].shape)}" for o in op.outputs)
+            lines.append(f"{op.kind:18s} {op.name:24s} -> {outs}")
+        return "\n".join(lines)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
+    effective = dilation * (kernel - 1) + 1
+    return (size + pad_before + pad_after - effective) // stride + 1

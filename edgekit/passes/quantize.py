@@ -1,0 +1,269 @@
+"""Post-training int8 quantization (the TFLite scheme) and the weight-only mode.
+
+    ranges = calibrate(float_graph, samples, observer="minmax")
+    q = quantize(float_graph, ranges)          # int8 graph, kernel params in op.attrs
+    w = quantize_weights_only(float_graph)     # int8 weights, float activations
+
+Activations are asymmetric per-tensor int8; conv / depthwise / fully connected
+weights are symmetric per-channel int8 in [-127, 127]; biases int32 with scale
+input_scale * weight_scale[c]. Ops that move data without arithmetic
+(pooling, reshape, concat, a lone ReLU) share one set of parameters between
+their inputs and output, as TFLite requires.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .. import quant_math as qm
+from .. import reference
+from ..errors import EdgekitError
+from ..ir import Graph, Op, QuantParams, Tensor
+from ..progress import progress
+
+WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
+SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad")
+_MAX_SAMPLES_PER_TENSOR = 1 << 21
+
+
+# ---------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------
+
+def calibrate(graph: Graph, samples: np.ndarray, observer: str = "minmax", percentile: float = 99.99,
+              batch_size: int = 64, show_progress: bool = False) -> dict[str, tuple[float, float]]:
+    """Observe the real range of every activation tensor over ``samples``
+    (NHWC, batched on axis 0). ``observer``: "minmax" or "percentile"."""
+    if observer not in ("minmax", "percentile"):
+        raise EdgekitError(f"unknown observer {observer!r}: use 'minmax' or 'percentile'")
+    samples = np.asarray(samples)
+    if samples.ndim == 0 or samples.shape[0] == 0:
+        raise EdgekitError("the calibration set is empty: give at least one sample")
+    expected = graph.tensors[graph.inputs[0]].shape[1:]
+    if tuple(samples.shape[1:]) != tuple(expected):
+        raise EdgekitError(f"calibration samples have shape {list(samples.shape[1:])}, "
+                           f"the model expects {list(expected)} (NHWC)")
+    if not np.all(np.isfinite(samples)):
+        raise EdgekitError("the calibration set contains NaN or inf values")
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    kept: dict[str, list[np.ndarray]] = {}
+    rng = np.random.default_rng(0)
+    batches = range(0, samples.shape[0], batch_size)
+    for start in progress(batches, "calibrating", enabled=show_progress):
+        values = reference.run(graph, samples[start:start + batch_size], keep=True)
+        for name, v in values.items():
+            lo[name] = min(lo.get(name, np.inf), float(v.min()))
+            hi[name] = max(hi.get(name, -np.inf), float(v.max()))
+            if observer == "percentile":
+                flat = v.reshape(-1)
+                per_batch = _MAX_SAMPLES_PER_TENSOR // max(1, len(batches))
+                if flat.size > per_batch:
+                    flat = rng.choice(flat, per_batch, replace=False)
+                kept.setdefault(name, []).append(flat)
+    if observer == "percentile":
+        for name, parts in kept.items():
+            allv = np.concatenate(parts)
+            lo[name] = float(np.percentile(allv, 100.0 - percentile))
+            hi[name] = float(np.percentile(allv, percentile))
+    return {name: (lo[name], hi[name]) for name in lo}
+
+
+# ---------------------------------------------------------------------------
+# Weight quantization
+# ---------------------------------------------------------------------------
+
+def _channel_axis(kind: str) -> int:
+    return 3 if kind == "depthwise_conv2d" else 0
+
+
+def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 in [-127, 127]; returns (int8 data, float32 scales)."""
+    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+    max_abs = np.abs(moved).max(axis=1)
+    scale = np.where(max_abs > 0, max_abs / 127.0, 1.0).astype(np.float32).astype(np.float64)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class _Groups:
+    """Union-find over tensor names that must share quantization parameters."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> dict[str, QuantParams]:
+    groups = _Groups()
+    for op in graph.ops:
+        if op.kind in SAME_PARAMS:
+            for name in op.inputs:
+                groups.union(name, op.outputs[0])
+    fixed: dict[str, QuantParams] = {}
+    for op in graph.ops:
+        if op.kind == "softmax":
+            fixed[op.outputs[0]] = QuantParams.per_tensor(1.0 / 256.0, -128)
+    merged: dict[str, tuple[float, float]] = {}
+    names = [n for n in graph.tensors if not graph.tensors[n].is_constant]
+    for name in names:
+        if name not in ranges:
+            raise EdgekitError(f"internal: tensor {name!r} was not calibrated")
+        root = groups.find(name)
+        lo, hi = ranges[name]
+        old = merged.get(root, (np.inf, -np.inf))
+        merged[root] = (min(old[0], lo), max(old[1], hi))
+    params: dict[str, QuantParams] = {}
+    for name in names:
+        if name in fixed:
+            params[name] = fixed[name]
+            continue
+        scale, zp = qm.choose_activation_params(*merged[groups.find(name)])
+        params[name] = QuantParams.per_tensor(scale, zp)
+    for name, p in fixed.items():
+        for other in names:
+            if other != name and groups.find(other) == groups.find(name):
+                raise EdgekitError(f"tensor {other!r} must share the fixed softmax output parameters; "
+                                   "edgekit supports Softmax only as the model's last layer")
+    return params
+
+
+# ---------------------------------------------------------------------------
+# Kernel parameters (TFLite's Prepare step)
+# ---------------------------------------------------------------------------
+
+def _scalar(p: QuantParams) -> tuple[float, int]:
+    return float(p.scale[0]), int(p.zero_point[0])
+
+
+def activation_range(activation: str, scale: float, zero_point: int) -> tuple[int, int]:
+    lo, hi = -128, 127
+    if activation in ("relu", "relu6"):
+        lo = max(lo, zero_point)
+    if activation == "relu6":
+        hi = min(hi, zero_point + int(qm.round_half_away(np.float64(np.float32(6.0 / scale)))))
+    return lo, hi
+
+
+def derive_kernel_params(graph: Graph) -> None:
+    """Fill each op's attrs with the integer parameters its int8 kernel uses."""
+    for op in graph.ops:
+        t = graph.tensors
+        out_s, out_zp = _scalar(t[op.outputs[0]].quant)
+        act = op.attrs.get("activation", "none")
+        if op.kind in ("relu", "relu6"):
+            act = op.kind
+        op.attrs["act_min"], op.attrs["act_max"] = activation_range(act, out_s, out_zp)
+        if op.kind in WEIGHTED:
+            in_s, in_zp = _scalar(t[op.inputs[0]].quant)
+            w_scales = t[op.inputs[1]].quant.scale
+            mults, shifts = zip(*(qm.quantize_multiplier(float(np.float32(in_s)) * float(np.float32(ws))
+                                                         / float(np.float32(out_s))) for ws in w_scales))
+            op.attrs.update(input_offset=-in_zp, output_offset=out_zp,
+                            multiplier=np.array(mults, np.int32), shift=np.array(shifts, np.int32))
+        elif op.kind in ("max_pool2d", "avg_pool2d"):
+            op.attrs["zero_point"] = out_zp
+        elif op.kind == "pad":
+            op.attrs["pad_value"] = int(qm.quantize(np.array([op.attrs.get("value", 0.0)]), out_s, out_zp)[0])
+        elif op.kind == "mean":
+            in_s, in_zp = _scalar(t[op.inputs[0]].quant)
+            m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
+            op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
+        elif op.kind == "add":
+            s1, zp1 = _scalar(t[op.inputs[0]].quant)
+            s2, zp2 = _scalar(t[op.inputs[1]].quant)
+            left_shift = 20
+            twice_max = 2.0 * max(float(np.float32(s1)), float(np.float32(s2)))
+            m1, sh1 = qm.quantize_multiplier_smaller_than_one(float(np.float32(s1)) / twice_max)
+            m2, sh2 = qm.quantize_multiplier_smaller_than_one(float(np.float32(s2)) / twice_max)
+            real_out = twice_max / ((1 << left_shift) * float(np.float32(out_s)))
+            mo, sho = qm.quantize_multiplier_smaller_than_one(real_out)
+            op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp, left_shift=left_shift,
+                            input1_multiplier=m1, input1_shift=sh1, input2_multiplier=m2, input2_shift=sh2,
+                            output_multiplier=mo, output_shift=sho)
+        elif op.kind == "softmax":
+            in_s, _ = _scalar(t[op.inputs[0]].quant)
+            beta = float(op.attrs.get("beta", 1.0))
+            integer_bits = 5
+            real = min(beta * float(np.float32(in_s)) * (1 << (31 - integer_bits)), float((1 << 31) - 1))
+            m, left_shift = qm.quantize_multiplier_greater_than_one(real)
+            max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
+            op.attrs.update(input_multiplier=m, input_left_shift=left_shift, diff_min=-int(np.floor(max_rescaled)))
+
+
+# ---------------------------------------------------------------------------
+# The quantizer
+# ---------------------------------------------------------------------------
+
+def quantize(graph: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
+    """Float graph (BN folded, activations fused) + calibrated ranges -> int8 graph."""
+    for op in graph.ops:
+        if op.kind == "batch_norm":
+            raise EdgekitError("fold BatchNorm before quantizing (passes.fuse.prepare_float)")
+    g = copy.deepcopy(graph)
+    g.meta.setdefault("float_weight_bytes", graph.weight_bytes())
+    params = _activation_params(g, ranges)
+    for name, p in params.items():
+        t = g.tensors[name]
+        t.dtype, t.quant = "int8", p
+    for op in g.ops:
+        if op.kind not in WEIGHTED:
+            continue
+        w = g.tensors[op.inputs[1]]
+        axis = _channel_axis(op.kind)
+        data, w_scales = quantize_weight(w.data, axis)
+        w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
+        in_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
+        bias_scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scales])
+        if len(op.inputs) > 2:
+            b = g.tensors[op.inputs[2]]
+            b.data = np.clip(np.round(b.data.astype(np.float64) / bias_scales), qm.INT32_MIN, qm.INT32_MAX
+                             ).astype(np.int32)
+        else:  # give every weighted op a bias: one kernel signature, and TFLite expects one anyway
+            name = g.unique_name(f"{op.name}.bias")
+            b = g.add_tensor(Tensor(name, (len(w_scales),), "int32", np.zeros(len(w_scales), np.int32)))
+            op.inputs.append(name)
+        b.dtype, b.quant = "int32", QuantParams(bias_scales, np.zeros(len(w_scales), np.int64), 0)
+    derive_kernel_params(g)
+    return g
+
+
+def quantize_weights_only(graph: Graph) -> Graph:
+    """Weight-only ("fake") quantization: int8 weights with per-channel scales,
+    float activations and biases. For targets with an FPU."""
+    g = copy.deepcopy(graph)
+    g.meta.setdefault("float_weight_bytes", graph.weight_bytes())
+    g.meta["weight_only"] = True
+    for op in g.ops:
+        if op.kind in WEIGHTED:
+            w = g.tensors[op.inputs[1]]
+            data, scales = quantize_weight(w.data, _channel_axis(op.kind))
+            w.data, w.dtype = data, "int8"
+            w.quant = QuantParams(scales, np.zeros_like(scales, np.int64), _channel_axis(op.kind))
+    return g
+
+
+def dequantized_weights_graph(graph: Graph) -> Graph:
+    """A float graph with the weight-only graph's int8 weights expanded back:
+    the reference the weight-only C code is checked against."""
+    g = copy.deepcopy(graph)
+    for t in g.tensors.values():
+        if t.is_constant and t.dtype == "int8":
+            shape = [1] * t.data.ndim
+            shape[t.quant.axis] = -1
+            t.data = (t.data.astype(np.float32) * t.quant.scale.astype(np.float32).reshape(shape)).astype(np.float32)
+            t.dtype, t.quant = "float32", None
+    g.meta.pop("weight_only", None)
+    return g

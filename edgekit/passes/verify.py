@@ -1,0 +1,61 @@
+"""Proofs run at generate time, before any C is written.
+
+``check_int8_arithmetic`` bounds every int32 intermediate of every int8
+kernel from the actual weights, biases and parameters, and refuses the model
+(naming the layer) when one could overflow: generated code never relies on
+wrapping arithmetic, which C leaves undefined.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgekitError
+from ..ir import Graph
+
+LIMIT = (1 << 31) - 1
+
+
+def _max_abs_input(offset: int) -> int:
+    """Largest |q + offset| over int8 q."""
+    return max(abs(-128 + offset), abs(127 + offset))
+
+
+def accumulator_bounds(graph: Graph, op) -> np.ndarray:
+    """Per output channel, the largest |accumulator| a weighted layer can reach."""
+    w = graph.tensors[op.inputs[1]].data.astype(np.int64)
+    bias = graph.tensors[op.inputs[2]].data.astype(np.int64) if len(op.inputs) > 2 else 0
+    x = _max_abs_input(op.attrs["input_offset"])
+    if op.kind == "depthwise_conv2d":
+        per_channel = np.abs(w).reshape(-1, w.shape[3]).sum(axis=0)
+    else:
+        per_channel = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+    return per_channel * x + np.abs(bias)
+
+
+def check_int8_arithmetic(graph: Graph) -> None:
+    for op in graph.ops:
+        where = f"layer '{op.name}' ({op.kind})"
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            bound = accumulator_bounds(graph, op)
+            left = np.maximum(op.attrs["shift"].astype(np.int64), 0)
+            worst = bound << left
+            if np.any(worst > LIMIT):
+                c = int(np.argmax(worst))
+                raise EdgekitError(
+                    f"{where}: output channel {c} can reach an int32 accumulator of {int(worst[c]):,} "
+                    f"(limit {LIMIT:,}); its reduction is too long or its weights/bias too large for int8 "
+                    "inference. Split the layer, or retrain with weight decay.")
+        elif op.kind == "mean":
+            shape = graph.tensors[op.inputs[0]].shape
+            bound = shape[1] * shape[2] * _max_abs_input(op.attrs["input_offset"])
+            if bound << max(op.attrs["shift"], 0) > LIMIT:
+                raise EdgekitError(f"{where}: the sum over {shape[1]}x{shape[2]} positions can overflow int32")
+        elif op.kind == "avg_pool2d":
+            kh, kw = op.attrs["kernel"]
+            if kh * kw * 256 > LIMIT:
+                raise EdgekitError(f"{where}: the {kh}x{kw} window is too large for an int32 sum")
+        elif op.kind == "softmax":
+            depth = graph.tensors[op.inputs[0]].shape[-1]
+            if depth > 256:
+                raise EdgekitError(f"{where}: int8 softmax over {depth} classes is not supported (at most 256: "
+                                   "the fixed-point sum of exponentials needs the headroom)")

@@ -1,0 +1,1 @@
+"""Build and run generated projects on each kind of target."""

@@ -23,6 +23,12 @@ class Board:
     templates: list[str]  # folders of firmware_templates/ rendered into the project
     data: dict = field(default_factory=dict)
 
+    def __getattr__(self, key):  # board.cpu, board.clock_hz, ...: the data file's keys
+        try:
+            return self.__dict__["data"][key]
+        except KeyError:
+            raise AttributeError(f"board has no {key!r}") from None
+
     def get(self, key, default=None):
         return self.data.get(key, default)
 

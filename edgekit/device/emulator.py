@@ -32,10 +32,10 @@ def qemu_command(board: Board, kernel: Path, port: int) -> list[str]:
     if not qemu:
         raise EdgekitError(f"board {board.name} has no emulator; emulated boards: mps2-an386, mps2-an500, mps2-an385")
     cmd = ["qemu-system-arm", "-M", qemu["machine"], "-display", "none", "-monitor", "none",
-           "-serial", f"tcp:127.0.0.1:{port},server=on,wait=off",
+           "-serial", f"tcp:127.0.0.1:{port},server=on,wait=off,nodelay=on",
            "-semihosting-config", "enable=on,target=native", "-kernel", str(kernel)]
     if board.get("counter") == "icount":
-        cmd[1:1] = ["-icount", f"shift={int(board.get('icount_shift', 6))}"]
+        cmd[1:1] = ["-icount", f"shift={int(board.get('icount_shift', 6))},sleep=off"]
     return cmd
 
 

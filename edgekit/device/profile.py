@@ -29,6 +29,8 @@ def count_unit(board, info) -> tuple[str, float]:
     if info.counter_kind == 2:  # QEMU icount: SysTick ticks -> instructions
         shift = int(board.get("icount_shift", 6)) if board else 6
         return "emulated instructions", (2 ** shift) * info.clock_hz / 1e9
+    if info.counter_kind == 3:
+        return "nanoseconds", 1.0
     return "cycles", 1.0
 
 
@@ -110,7 +112,8 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
             bar.update(postfix=f"{totals[-1]:,.0f} {unit}")
         bar.close()
         stats = link.stats_()
-        sizes = section_sizes(project_dir / "firmware.elf") if (project_dir / "firmware.elf").exists() else {}
+        binary = next((p for p in (project_dir / "firmware.elf", project_dir / "model_runner") if p.exists()), None)
+        sizes = section_sizes(binary) if binary else {}
         layer_table = np.asarray(per_layer)
         report = {
             "board": info.board,

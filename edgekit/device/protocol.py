@@ -9,6 +9,7 @@ the host resends it: a corrupted byte costs a retry, never a wrong number.
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
 import zlib
@@ -23,7 +24,7 @@ IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM =
 ERROR = 0x7F
 RESPONSE = 0x80
 ERROR_NAMES = {1: "bad CRC", 2: "unknown message type", 3: "index or range out of bounds", 4: "bad length",
-               5: "malformed frame"}
+               5: "malformed frame", 6: "no new input since the last inference (send the input again)"}
 COUNTER_KINDS = {0: "cycles (DWT)", 1: "cycles (SysTick)", 2: "emulated instructions", 3: "nanoseconds"}
 
 
@@ -123,7 +124,8 @@ class DeviceLink:
     def __init__(self, port, timeout: float = 2.0, retries: int = 8, baudrate: int = 115200):
         self.timeout = timeout
         self.retries = retries
-        self.sequence = 0
+        # A random start: a new session's first numbers do not repeat the last session's.
+        self.sequence = int.from_bytes(os.urandom(1), "little")
         self.stats = LinkStats()
         self._buffer = bytearray()
         if isinstance(port, str):
@@ -278,4 +280,11 @@ class DeviceLink:
         self.request(SET_PARAM, struct.pack("<Bi", param, value))
 
     def reset(self) -> None:
-        self.request(RESET)
+        """Send the device back to its bootloader. Its answer may be lost as it resets: not an error."""
+        retries, self.retries = self.retries, 0
+        try:
+            self.request(RESET, timeout=min(self.timeout, 1.0))
+        except DeviceError:
+            pass
+        finally:
+            self.retries = retries

@@ -214,7 +214,7 @@ def canonical_code(lengths: dict[int, int]) -> tuple[list[int], list[int], dict[
 def _huffman_stream(symbols: list[int], codes: dict[int, tuple[int, int]]) -> np.ndarray:
     """The codes back to back, MSB first."""
     if not symbols:
-        return np.zeros(1, np.uint8)
+        return np.zeros(0, np.uint8)
     table = {s: i for i, s in enumerate(codes)}
     code = np.array([codes[s][0] for s in codes], np.int64)
     length = np.array([codes[s][1] for s in codes], np.int64)
@@ -225,6 +225,11 @@ def _huffman_stream(symbols: list[int], codes: dict[int, tuple[int, int]]) -> np
     bits = (c[:, None] >> np.maximum(n[:, None] - 1 - k, 0)) & 1
     keep = k < n[:, None]
     return np.packbits(bits[keep].astype(np.uint8), bitorder="big")
+
+
+def _huffman_stream_padded(symbols, codes) -> np.ndarray:
+    """The stream + two pad bytes: the C decoder peeks three bytes at a time."""
+    return np.append(_huffman_stream(symbols, codes), np.zeros(2, np.uint8))
 
 
 def encode_huffman(name: str, rows: np.ndarray, comment: str = "") -> EncodedFilter:
@@ -242,7 +247,7 @@ def encode_huffman(name: str, rows: np.ndarray, comment: str = "") -> EncodedFil
         counts, order, codes = canonical_code(huffman_lengths(freqs))
         arrays = {"counts": dense(f"{name}_counts", np.array(counts, np.int16)),
                   "symbols": dense(f"{name}_symbols", np.array(order, np.int16), comment),
-                  "stream": _bytes_array(f"{name}_stream", _huffman_stream(symbols, codes))}
+                  "stream": _bytes_array(f"{name}_stream", _huffman_stream_padded(symbols, codes))}
         candidate = EncodedFilter("huffman", arrays, {"max_len": len(counts) - 1}, rows.shape)
         if best is None or candidate.nbytes < best.nbytes:
             best = candidate

@@ -4,4 +4,12 @@ from .errors import EdgekitError
 from .ir import Graph
 
 __version__ = "0.1.0"
-__all__ = ["build", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph"]
+__all__ = ["build", "cluster", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph"]
+
+
+def __getattr__(name):
+    # edgekit.cluster needs torch: imported on first use, so `import edgekit` stays light.
+    if name == "cluster":
+        from .compress.cluster import cluster
+        return cluster
+    raise AttributeError(f"module 'edgekit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Compression passes on the PyTorch model, before quantization."""

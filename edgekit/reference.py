@@ -285,10 +285,9 @@ def _q_avg_pool2d(op, graph, x):
 
 
 def _q_mean(op, graph, x):
-    n = x.shape[1] * x.shape[2]
+    """TFLite's integer mean: 1/count is folded into the multiplier at prepare time."""
     acc = np.sum(x.astype(np.int64) + op.attrs["input_offset"], axis=(1, 2), keepdims=True)
     acc = qm.multiply_by_quantized_multiplier(acc, op.attrs["multiplier"], op.attrs["shift"])
-    acc = _rounded_div(acc, np.int64(n))
     return _clamp_s8(acc + op.attrs["output_offset"], op)
 
 

@@ -180,6 +180,8 @@ def derive_kernel_params(graph: Graph) -> None:
         elif op.kind == "mean":
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
+            _, h, w, _ = t[op.inputs[0]].shape
+            m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
         elif op.kind == "add":
             s1, zp1 = _scalar(t[op.inputs[0]].quant)

@@ -72,6 +72,13 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     return quantize_graph(float_graph, ranges)
 
 
+def export_tflite(graph: Graph, path, *, io: str = "float"):
+    """Write an int8 graph as a ``.tflite`` file that tflite-runtime runs (no TensorFlow needed).
+    ``io="float"`` puts QUANTIZE / DEQUANTIZE at the edges; ``io="int8"`` keeps raw int8 I/O."""
+    from .export.tflite import export_tflite as _export
+    return _export(graph, path, io=io)
+
+
 def generate(graph: Graph, out_dir, board: str = "host") -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...)."""
     return generate_project(graph, out_dir, board)

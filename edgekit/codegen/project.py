@@ -186,6 +186,19 @@ class _Builder:
                     "act_min", "act_max")
             layer.params.update({k: op.attrs[k] for k in keys})
 
+    def _mul(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': mul has no weight-only kernel")
+        layer.kernel = "ek_mul_s8"
+        g = self.graph
+        for role, name in (("input1", op.inputs[0]), ("input2", op.inputs[1])):
+            layer.dims[role] = _dims(g.tensors[name].shape)
+            if g.tensors[name].is_constant:
+                layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
+        keys = ("input1_offset", "input2_offset", "output_offset", "output_multiplier", "output_shift",
+                "act_min", "act_max")
+        layer.params.update({k: op.attrs[k] for k in keys})
+
     def _concat(self, layer, op):
         layer.kernel = "ek_concat_f32" if self.weight_only else "ek_concat_s8"
         axis = op.attrs["axis"]

@@ -20,7 +20,7 @@ class Board:
     name: str
     description: str
     kind: str  # host | cortex-m | linux-aarch64
-    templates: str
+    templates: list[str]  # folders of firmware_templates/ rendered into the project
     data: dict = field(default_factory=dict)
 
     def get(self, key, default=None):
@@ -40,4 +40,6 @@ def load_board(name: str) -> Board:
         raise EdgekitError(f"unknown board {name!r}; known boards: {', '.join(list_boards())}")
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    return Board(data["name"], data.get("description", ""), data["kind"], data["templates"], data)
+    templates = data["templates"]
+    return Board(data["name"], data.get("description", ""), data["kind"],
+                 [templates] if isinstance(templates, str) else list(templates), data)

@@ -281,8 +281,14 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                 stale.unlink()
     render_to(out / "include" / "ek_nn.h", "include/ek_nn.h.j2", **context)
     render_to(out / "include" / "ek_quant.h", "include/ek_quant.h.j2", **context)
+    # A board may name a kernel variant (e.g. "neon"): its folder replaces the portable kernels it has.
+    variant = board.get("kernel_variant")
+    if variant:
+        render_to(out / "include" / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
-        render_to(out / "kernels" / f"{k}.c", f"kernels/{k}.c.j2", **context)
+        source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
+            else f"kernels/{k}.c.j2"
+        render_to(out / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
         render_to(out / name, f"model/{name}.j2", **context)
     for folder in board.templates:

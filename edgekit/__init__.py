@@ -1,10 +1,11 @@
 """edgekit: a trained model to a microcontroller or a Raspberry Pi, measured on the target."""
-from .api import build, generate, load, quantize, reference_run, run
+from .api import build, export_tflite, generate, load, quantize, reference_run, run
 from .errors import EdgekitError
 from .ir import Graph
 
 __version__ = "0.1.0"
-__all__ = ["build", "cluster", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph"]
+__all__ = ["build", "cluster", "export_tflite", "generate", "load", "quantize", "reference_run", "run",
+           "EdgekitError", "Graph"]
 
 
 def __getattr__(name):

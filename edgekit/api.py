@@ -72,6 +72,13 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     return quantize_graph(float_graph, ranges)
 
 
+def export_tflite(graph: Graph, path, *, io: str = "float"):
+    """Write an int8 graph as a ``.tflite`` file that tflite-runtime runs (no TensorFlow needed).
+    ``io="float"`` puts QUANTIZE / DEQUANTIZE at the edges; ``io="int8"`` keeps raw int8 I/O."""
+    from .export.tflite import export_tflite as _export
+    return _export(graph, path, io=io)
+
+
 def generate(graph: Graph, out_dir, board: str = "host", weights="dense") -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
@@ -113,9 +120,11 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
     """
     out = Path(out_dir)
     project = load_project(out)
-    if project["board"] != "host":
-        raise EdgekitError(f"{out} was generated for board {project['board']!r}; `run` executes host builds. "
-                           "Use `edgekit profile` for a device.")
+    from .boards import load_board
+    board = load_board(project["board"])
+    if board.kind not in ("host", "linux-aarch64"):
+        raise EdgekitError(f"{out} was generated for board {project['board']!r}; `run` executes host and "
+                           "Raspberry Pi builds (the latter under qemu-aarch64). Use `edgekit profile` for a device.")
     if len(project["inputs"]) != 1:
         raise EdgekitError("run takes models with one input")
     inp, outp = project["inputs"][0], project["outputs"]
@@ -135,7 +144,11 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
         data = x if project["mode"] == "weight_only" else _quantize_io(x, inp)
     dtype = np.float32 if project["mode"] == "weight_only" else np.int8
     total = sum(int(np.prod(o["shape"])) for o in outp)
-    raw = host.run_raw(out, data, total, dtype, sanitize=sanitize)
+    if board.kind == "linux-aarch64":
+        from .targets import linux_aarch64
+        raw = linux_aarch64.run_raw(board, out, data, total, dtype)
+    else:
+        raw = host.run_raw(out, data, total, dtype, sanitize=sanitize)
     results, start = [], 0
     for o in outp:
         n = int(np.prod(o["shape"]))

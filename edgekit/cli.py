@@ -48,6 +48,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import api
+
+    model = Path(args.model)
+    if not model.exists():
+        raise EdgekitError(f"model file not found: {model}")
+    if Path(args.output).suffix != ".tflite":
+        raise EdgekitError(f"the output must be a .tflite file, not {args.output}")
+    graph = api.load(model)
+    if not graph.is_quantized():
+        if args.calib is None:
+            raise EdgekitError("a float model needs calibration data: --calib samples.npy "
+                               "(float32, the model's own layout, batched on axis 0)")
+        graph = api.quantize(graph, _load_npy(args.calib, "calibration"), observer=args.observer,
+                             percentile=args.percentile, show_progress=True)
+    path = api.export_tflite(graph, args.output, io="int8" if args.int8_io else "float")
+    print(f"wrote {path}: {len(graph.ops)} int8 ops, {path.stat().st_size:,} B, "
+          f"{'int8' if args.int8_io else 'float'} inputs and outputs (NHWC)")
+    return 0
+
+
 def cmd_build(args) -> int:
     from . import api
 
@@ -186,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how int8 weights are stored in flash (decoded on the fly by the kernels; "
                    "auto: per layer the smallest)")
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("export", help="quantize a model and write it as an int8 .tflite (no TensorFlow needed)")
+    e.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    e.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
+    e.add_argument("-o", "--output", required=True, help=".tflite file to write")
+    e.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (default: float, quantized "
+                   "inside the model)")
+    e.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
+    e.add_argument("--percentile", type=float, default=99.99)
+    e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build", help="compile a generated project")
     b.add_argument("project")

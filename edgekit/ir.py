@@ -18,6 +18,7 @@ max_pool2d             x                                    kernel, stride, padd
 avg_pool2d             x                                    kernel, stride, padding, count_include_pad, activation
 mean                   x                                    (global mean over H, W; keeps dims)
 add                    a, b                                 activation
+mul                    a, b (b may broadcast or be const)   activation
 concat                 x0, x1, ...                          axis
 reshape                x                                    (shape from the output tensor)
 pad                    x                                    padding(t,b,l,r), value (real number)

@@ -46,6 +46,14 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return int(q_fixed), int(shift)
 
 
+def fold_divisor(multiplier: int, shift: int, count: int) -> tuple[int, int]:
+    """Fold a division by ``count`` into (multiplier, shift), as TFLite's integer
+    MEAN does at prepare time: multiply by 2**k / count with k = floor(log2 count),
+    clamped so the shift stays >= -31."""
+    k = min(count.bit_length() - 1, 32, 31 + shift)
+    return int((multiplier << k) // count), shift - k
+
+
 def quantize_multiplier_smaller_than_one(real: float) -> tuple[int, int]:
     if not 0.0 < real < 1.0:
         raise ValueError(f"multiplier {real} must be in (0, 1)")

@@ -168,6 +168,10 @@ def _f_add(op, graph, a, b):
     return _apply_activation((a + b).astype(np.float32), op.attrs.get("activation", "none"))
 
 
+def _f_mul(op, graph, a, b):
+    return _apply_activation((a * b).astype(np.float32), op.attrs.get("activation", "none"))
+
+
 def _f_concat(op, graph, *xs):
     return np.concatenate(xs, axis=op.attrs["axis"])
 
@@ -201,7 +205,7 @@ def _f_softmax(op, graph, x):
 
 FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
-    "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add,
+    "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
     "batch_norm": _f_batch_norm, "softmax": _f_softmax,
 }
@@ -285,10 +289,9 @@ def _q_avg_pool2d(op, graph, x):
 
 
 def _q_mean(op, graph, x):
-    n = x.shape[1] * x.shape[2]
+    """TFLite's integer mean: 1/count is folded into the multiplier at prepare time."""
     acc = np.sum(x.astype(np.int64) + op.attrs["input_offset"], axis=(1, 2), keepdims=True)
     acc = qm.multiply_by_quantized_multiplier(acc, op.attrs["multiplier"], op.attrs["shift"])
-    acc = _rounded_div(acc, np.int64(n))
     return _clamp_s8(acc + op.attrs["output_offset"], op)
 
 
@@ -298,6 +301,13 @@ def _q_add(op, graph, a, b):
     a_ = qm.multiply_by_quantized_multiplier(a_, op.attrs["input1_multiplier"], op.attrs["input1_shift"])
     b_ = qm.multiply_by_quantized_multiplier(b_, op.attrs["input2_multiplier"], op.attrs["input2_shift"])
     out = qm.multiply_by_quantized_multiplier(a_ + b_, op.attrs["output_multiplier"], op.attrs["output_shift"])
+    return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
+def _q_mul(op, graph, a, b):
+    """TFLite's int8 MUL; either input may broadcast (size-1 dimensions)."""
+    prod = (a.astype(np.int64) + op.attrs["input1_offset"]) * (b.astype(np.int64) + op.attrs["input2_offset"])
+    out = qm.multiply_by_quantized_multiplier(prod, op.attrs["output_multiplier"], op.attrs["output_shift"])
     return _clamp_s8(out + op.attrs["output_offset"], op)
 
 
@@ -341,7 +351,7 @@ def _q_softmax(op, graph, x):
 
 INT8_KERNELS = {
     "conv2d": _q_conv2d, "depthwise_conv2d": _q_depthwise_conv2d, "fully_connected": _q_fully_connected,
-    "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add,
+    "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
     "softmax": _q_softmax,
 }

@@ -254,6 +254,19 @@ class _Builder:
                     "act_min", "act_max")
             layer.params.update({k: op.attrs[k] for k in keys})
 
+    def _mul(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': mul has no weight-only kernel")
+        layer.kernel = "ek_mul_s8"
+        g = self.graph
+        for role, name in (("input1", op.inputs[0]), ("input2", op.inputs[1])):
+            layer.dims[role] = _dims(g.tensors[name].shape)
+            if g.tensors[name].is_constant:
+                layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
+        keys = ("input1_offset", "input2_offset", "output_offset", "output_multiplier", "output_shift",
+                "act_min", "act_max")
+        layer.params.update({k: op.attrs[k] for k in keys})
+
     def _concat(self, layer, op):
         layer.kernel = "ek_concat_f32" if self.weight_only else "ek_concat_s8"
         axis = op.attrs["axis"]
@@ -343,8 +356,14 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         render_to(out / "include" / "ek_decode.h", "include/ek_decode.h.j2", **context)
     elif (out / "include" / "ek_decode.h").exists():
         (out / "include" / "ek_decode.h").unlink()
+    # A board may name a kernel variant (e.g. "neon"): its folder replaces the portable kernels it has.
+    variant = board.get("kernel_variant")
+    if variant:
+        render_to(out / "include" / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
-        render_to(out / "kernels" / f"{k}.c", f"kernels/{k}.c.j2", **context)
+        source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
+            else f"kernels/{k}.c.j2"
+        render_to(out / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
         render_to(out / name, f"model/{name}.j2", **context)
     for folder in board.templates:

@@ -29,7 +29,7 @@ def count_unit(board, info) -> tuple[str, float]:
     if info.counter_kind == 2:  # QEMU icount: SysTick ticks -> instructions
         shift = int(board.get("icount_shift", 6)) if board else 6
         return "emulated instructions", (2 ** shift) * info.clock_hz / 1e9
-    if info.counter_kind == 3:
+    if info.counter_kind == 3:  # CLOCK_MONOTONIC of a Linux board (host, Raspberry Pi runner)
         return "nanoseconds", 1.0
     return "cycles", 1.0
 
@@ -142,6 +142,8 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         }
         if unit == "cycles" and info.clock_hz:
             report["latency_ms"] = {k: v / info.clock_hz * 1e3 for k, v in report["total"].items()}
+        elif unit == "ns":
+            report["latency_ms"] = {k: v / 1e6 for k, v in report["total"].items()}
         if labels is not None and runs >= n:
             report["accuracy"] = float((outputs.reshape(n, -1).argmax(axis=1) == labels).mean())
         return report

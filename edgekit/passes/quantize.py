@@ -194,6 +194,8 @@ def derive_kernel_params(graph: Graph) -> None:
         elif op.kind == "mean":
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
+            _, h, w, _ = t[op.inputs[0]].shape
+            m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
         elif op.kind == "add":
             s1, zp1 = _scalar(t[op.inputs[0]].quant)
@@ -206,6 +208,14 @@ def derive_kernel_params(graph: Graph) -> None:
             mo, sho = qm.quantize_multiplier_smaller_than_one(real_out)
             op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp, left_shift=left_shift,
                             input1_multiplier=m1, input1_shift=sh1, input2_multiplier=m2, input2_shift=sh2,
+                            output_multiplier=mo, output_shift=sho)
+        elif op.kind == "mul":
+            s1, zp1 = _scalar(t[op.inputs[0]].quant)
+            s2, zp2 = _scalar(t[op.inputs[1]].quant)
+            # TFLite's Prepare multiplies the float scales in float, then widens to double.
+            real = float(np.float32(np.float32(np.float32(s1) * np.float32(s2)) / np.float32(out_s)))
+            mo, sho = qm.quantize_multiplier(real)
+            op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp,
                             output_multiplier=mo, output_shift=sho)
         elif op.kind == "softmax":
             in_s, _ = _scalar(t[op.inputs[0]].quant)
@@ -237,6 +247,12 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
         t = g.tensors[name]
         t.dtype, t.quant = "int8", p
     for op in g.ops:
+        for name in op.inputs if op.kind == "mul" else ():
+            c = g.tensors[name]
+            if c.is_constant and c.dtype == "float32":  # a constant factor: per-tensor asymmetric int8
+                scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))
+                c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
+                c.quant = QuantParams.per_tensor(scale, zp)
         if op.kind not in WEIGHTED:
             continue
         w = g.tensors[op.inputs[1]]

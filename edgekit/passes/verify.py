@@ -54,6 +54,11 @@ def check_int8_arithmetic(graph: Graph) -> None:
             kh, kw = op.attrs["kernel"]
             if kh * kw * 256 > LIMIT:
                 raise EdgekitError(f"{where}: the {kh}x{kw} window is too large for an int32 sum")
+        elif op.kind == "mul":
+            worst = 255 * 255 << max(op.attrs["output_shift"], 0)
+            if worst > LIMIT:
+                raise EdgekitError(f"{where}: the product can overflow int32 after the requantization shift "
+                                   f"({op.attrs['output_shift']}); the output scale is too small for its inputs")
         elif op.kind == "softmax":
             depth = graph.tensors[op.inputs[0]].shape[-1]
             if depth > 256:

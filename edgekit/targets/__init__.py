@@ -11,4 +11,7 @@ def build_for_board(board: Board, out: Path, project: dict) -> dict:
     if board.kind == "cortex-m":
         from . import cortex_m
         return cortex_m.build(board, out, project)
+    if board.kind == "linux-aarch64":
+        from . import linux_aarch64
+        return linux_aarch64.build(board, out, project)
     raise EdgekitError(f"board {board.name!r} of kind {board.kind!r} has no build support yet")

@@ -1,0 +1,1 @@
+"""Writing edgekit graphs in other frameworks' formats."""

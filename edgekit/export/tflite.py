@@ -1,0 +1,334 @@
+"""Quantized IR -> an int8 ``.tflite`` file, without TensorFlow.
+
+    export_tflite(graph, "model.tflite")               # float I/O (QUANTIZE / DEQUANTIZE at the edges)
+    export_tflite(graph, "model.tflite", io="int8")    # raw int8 I/O, exactly the tensors the C sees
+
+Every op maps to the TFLite builtin with the same int8 semantics, so
+tflite-runtime's reference kernels produce our numpy reference's outputs bit
+for bit. TFLite knows only SAME and VALID padding; any other padding becomes
+an explicit PAD (PADV2 with -128 in front of a max pool) and a VALID op.
+What TFLite cannot express exactly is refused with the layer named.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgekitError
+from ..frontends import tflite_schema as S
+from ..frontends.tflite_schema import Scalar, String, Vector, WTable
+from ..ir import Graph, Op, QuantParams
+
+_ACTIVATION = {"none": S.ACT_NONE, "relu": S.ACT_RELU, "relu6": S.ACT_RELU6}
+_TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
+# Operator versions as TensorFlow's converter writes them for int8 models.
+_VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
+             S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
+             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
+
+
+def _quant_table(q: QuantParams | None):
+    if q is None:
+        return None
+    return WTable({2: Vector("f", np.asarray(q.scale, np.float32)),
+                   3: Vector("q", np.asarray(q.zero_point, np.int64)),
+                   6: Scalar("i", int(q.axis) if not q.is_per_tensor else 0)})
+
+
+class _Model:
+    """Accumulates tensors, buffers, operator codes and operators of one subgraph."""
+
+    def __init__(self):
+        self.tensors: list[WTable] = []
+        self.index: dict[str, int] = {}
+        self.buffers: list[WTable] = [WTable()]  # buffer 0: the empty sentinel every model has
+        self.codes: dict[int, int] = {}
+        self.operators: list[WTable] = []
+
+    def tensor(self, name: str, shape, dtype: str, quant: QuantParams | None = None, data=None) -> int:
+        if name in self.index:
+            return self.index[name]
+        buffer = 0
+        if data is not None:
+            buffer = len(self.buffers)
+            raw = np.ascontiguousarray(data, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+            self.buffers.append(WTable({0: Vector("B", raw, align=16)}))
+        fields = {0: Vector("i", np.asarray(shape, np.int32)), 1: Scalar("b", _TYPES[dtype]),
+                  2: Scalar("I", buffer), 3: String(name)}
+        qt = _quant_table(quant)
+        if qt is not None:
+            fields[4] = qt
+        self.index[name] = len(self.tensors)
+        self.tensors.append(WTable(fields))
+        return self.index[name]
+
+    def constant(self, name: str, data: np.ndarray, dtype: str, quant=None) -> int:
+        return self.tensor(name, data.shape, dtype, quant, data)
+
+    def op(self, code: int, inputs: list[int], outputs: list[int], options: str | None = None,
+           fields: dict | None = None) -> None:
+        if code not in self.codes:
+            self.codes[code] = len(self.codes)
+        f = {0: Scalar("I", self.codes[code]), 1: Vector("i", np.asarray(inputs, np.int32)),
+             2: Vector("i", np.asarray(outputs, np.int32))}
+        if options is not None:
+            f[3] = Scalar("B", S.OPTIONS_TYPE[options])
+            f[4] = WTable(fields or {})
+        self.operators.append(WTable(f))
+
+    def serialize(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
+        opcodes = [WTable({0: Scalar("b", min(code, 127)), 2: Scalar("i", _VERSIONS.get(code, 1)),
+                           3: Scalar("i", code)}) for code in self.codes]
+        subgraph = WTable({0: Vector("table", self.tensors), 1: Vector("i", np.asarray(inputs, np.int32)),
+                           2: Vector("i", np.asarray(outputs, np.int32)), 3: Vector("table", self.operators),
+                           4: String("main")})
+        model = WTable({0: Scalar("I", 3), 1: Vector("table", opcodes), 2: Vector("table", [subgraph]),
+                        3: String(description), 4: Vector("table", self.buffers)})
+        return S.write(model)
+
+
+# ---------------------------------------------------------------------------
+# Padding: SAME, VALID, or an explicit pad in front
+# ---------------------------------------------------------------------------
+
+def _same_pad(size: int, out: int, k: int, s: int, d: int) -> int | None:
+    """TFLite's SAME padding before the data, or None when SAME gives another output size."""
+    if out != (size + s - 1) // s:
+        return None
+    eff = (k - 1) * d + 1
+    return max((out - 1) * s + eff - size, 0) // 2
+
+
+def _valid_ok(size: int, out: int, k: int, s: int, d: int) -> bool:
+    eff = (k - 1) * d + 1
+    return size >= eff and out == (size - eff) // s + 1
+
+
+def _padding_mode(graph: Graph, op: Op, kh: int, kw: int, dh: int = 1, dw: int = 1):
+    """"SAME", "VALID", or (top, bottom, left, right) to pad explicitly before a VALID op."""
+    _, H, W, _ = graph.tensors[op.inputs[0]].shape
+    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    sh, sw = op.attrs.get("stride", (1, 1))
+    top, _, left, _ = op.attrs.get("padding", (0, 0, 0, 0))
+    if top == 0 and left == 0 and _valid_ok(H, OH, kh, sh, dh) and _valid_ok(W, OW, kw, sw, dw):
+        return "VALID"
+    if _same_pad(H, OH, kh, sh, dh) == top and _same_pad(W, OW, kw, sw, dw) == left:
+        return "SAME"
+    bottom = (OH - 1) * sh + (kh - 1) * dh + 1 - H - top
+    right = (OW - 1) * sw + (kw - 1) * dw + 1 - W - left
+    bottom, right = max(bottom, 0), max(right, 0)
+    if not (_valid_ok(H + top + bottom, OH, kh, sh, dh) and _valid_ok(W + left + right, OW, kw, sw, dw)):
+        raise EdgekitError(f"layer '{op.name}' ({op.kind}): its padding has no TFLite equivalent")
+    return (top, bottom, left, right)
+
+
+class _Exporter:
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.m = _Model()
+
+    def t(self, name: str) -> int:
+        t = self.g.tensors[name]
+        if t.is_constant:
+            return self.m.constant(name, t.data, t.dtype, t.quant)
+        return self.m.tensor(name, t.shape, t.dtype, t.quant)
+
+    def fresh(self, base: str, shape, like: str) -> int:
+        name = base
+        i = 1
+        while name in self.g.tensors or name in self.m.index:
+            name = f"{base}_{i}"
+            i += 1
+        return self.m.tensor(name, shape, "int8", self.g.tensors[like].quant)
+
+    def explicit_pad(self, op: Op, pads, value: int | None) -> int:
+        """PAD (zero point) or PADV2 (``value``) of the op's input; returns the padded tensor."""
+        x = op.inputs[0]
+        n, h, w, c = self.g.tensors[x].shape
+        t, b, l, r = pads
+        out = self.fresh(f"{op.name}.pad", (n, h + t + b, w + l + r, c), x)
+        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+                                   "int32")
+        if value is None:
+            self.m.op(S.PAD, [self.t(x), paddings], [out], "PadOptions")
+        else:
+            cv = self.m.constant(f"{op.name}.pad_value", np.array([value], np.int8), "int8",
+                                 self.g.tensors[x].quant)
+            self.m.op(S.PADV2, [self.t(x), paddings, cv], [out], "PadV2Options")
+        return out
+
+    def export(self, io: str) -> tuple[list[int], list[int]]:
+        for op in self.g.ops:
+            handler = getattr(self, f"_{op.kind}", None)
+            if handler is None:
+                raise EdgekitError(f"layer '{op.name}': {op.kind} has no TFLite export")
+            handler(op)
+        ins = [self.t(n) for n in self.g.inputs]
+        outs = [self.t(n) for n in self.g.outputs]
+        if io == "float":
+            body, self.m.operators = self.m.operators, []
+            f_ins, f_outs = [], []
+            for name, idx in zip(self.g.inputs, ins):
+                f_ins.append(self.m.tensor(f"{name}_float", self.g.tensors[name].shape, "float32"))
+                self.m.op(S.QUANTIZE, [f_ins[-1]], [idx])
+            self.m.operators += body
+            for name, idx in zip(self.g.outputs, outs):
+                f_outs.append(self.m.tensor(f"{name}_float", self.g.tensors[name].shape, "float32"))
+                self.m.op(S.DEQUANTIZE, [idx], [f_outs[-1]])
+            return f_ins, f_outs
+        return ins, outs
+
+    # weighted ops ---------------------------------------------------------
+    def _conv(self, op: Op, depthwise: bool):
+        a = op.attrs
+        w = self.g.tensors[op.inputs[1]]
+        kh, kw = (w.shape[1], w.shape[2])
+        dh, dw = a.get("dilation", (1, 1))
+        mode = _padding_mode(self.g, op, kh, kw, dh, dw)
+        x = self.t(op.inputs[0])
+        if isinstance(mode, tuple):
+            x, mode = self.explicit_pad(op, mode, None), "VALID"
+        pad = S.SAME if mode == "SAME" else S.VALID
+        sh, sw = a.get("stride", (1, 1))
+        act = _ACTIVATION[a.get("activation", "none")]
+        ins = [x, self.t(op.inputs[1]), self.t(op.inputs[2])]
+        out = [self.t(op.outputs[0])]
+        if depthwise:
+            self.m.op(S.DEPTHWISE_CONV_2D, ins, out, "DepthwiseConv2DOptions",
+                      {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh),
+                       3: Scalar("i", a.get("depth_multiplier", 1)), 4: Scalar("b", act),
+                       5: Scalar("i", dw), 6: Scalar("i", dh)})
+        else:
+            self.m.op(S.CONV_2D, ins, out, "Conv2DOptions",
+                      {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh), 3: Scalar("b", act),
+                       4: Scalar("i", dw), 5: Scalar("i", dh)})
+
+    def _conv2d(self, op):
+        self._conv(op, depthwise=False)
+
+    def _depthwise_conv2d(self, op):
+        self._conv(op, depthwise=True)
+
+    def _fully_connected(self, op):
+        act = _ACTIVATION[op.attrs.get("activation", "none")]
+        self.m.op(S.FULLY_CONNECTED, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])],
+                  "FullyConnectedOptions", {0: Scalar("b", act)})
+
+    # pooling ---------------------------------------------------------------
+    def _pool(self, op: Op, code: int, pad_value):
+        a = op.attrs
+        kh, kw = a["kernel"]
+        mode = _padding_mode(self.g, op, kh, kw)
+        x = self.t(op.inputs[0])
+        if op.kind == "avg_pool2d" and a.get("count_include_pad", False) and mode == "SAME" \
+                and _needs_padding(self.g, op, kh, kw):
+            mode = _explicit(self.g, op, kh, kw)  # SAME averages only real values; this op counts the padding
+        if isinstance(mode, tuple):
+            if op.kind == "avg_pool2d":
+                _check_avg_explicit(op, mode)
+            x, mode = self.explicit_pad(op, mode, pad_value), "VALID"
+        act = _ACTIVATION[a.get("activation", "none")]
+        self.m.op(code, [x], [self.t(op.outputs[0])], "Pool2DOptions",
+                  {0: Scalar("b", S.SAME if mode == "SAME" else S.VALID), 1: Scalar("i", a["stride"][1]),
+                   2: Scalar("i", a["stride"][0]), 3: Scalar("i", kw), 4: Scalar("i", kh), 5: Scalar("b", act)})
+
+    def _max_pool2d(self, op):
+        self._pool(op, S.MAX_POOL_2D, -128)  # -128 never wins a max: every window holds a real value
+
+    def _avg_pool2d(self, op):
+        self._pool(op, S.AVERAGE_POOL_2D, None)
+
+    # the rest --------------------------------------------------------------
+    def _mean(self, op):
+        axes = self.m.constant(f"{op.name}.axes", np.array([1, 2], np.int32), "int32")
+        keep = len(self.g.tensors[op.outputs[0]].shape) == 4
+        self.m.op(S.MEAN, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", keep)})
+
+    def _add(self, op):
+        self.m.op(S.ADD, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "AddOptions",
+                  {0: Scalar("b", _ACTIVATION[op.attrs.get("activation", "none")])})
+
+    def _mul(self, op):
+        self.m.op(S.MUL, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "MulOptions",
+                  {0: Scalar("b", _ACTIVATION[op.attrs.get("activation", "none")])})
+
+    def _concat(self, op):
+        self.m.op(S.CONCATENATION, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "ConcatenationOptions",
+                  {0: Scalar("i", op.attrs["axis"]), 1: Scalar("b", S.ACT_NONE)})
+
+    def _reshape(self, op):
+        shape = np.array(self.g.tensors[op.outputs[0]].shape, np.int32)
+        st = self.m.constant(f"{op.name}.shape", shape, "int32")
+        self.m.op(S.RESHAPE, [self.t(op.inputs[0]), st], [self.t(op.outputs[0])], "ReshapeOptions",
+                  {0: Vector("i", shape)})
+
+    def _pad(self, op):
+        x = self.t(op.inputs[0])
+        zp = int(self.g.tensors[op.inputs[0]].quant.zero_point[0])
+        t, b, l, r = op.attrs["padding"]
+        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+                                   "int32")
+        out = self.t(op.outputs[0])
+        if op.attrs["pad_value"] == zp:
+            self.m.op(S.PAD, [x, paddings], [out], "PadOptions")
+        else:
+            cv = self.m.constant(f"{op.name}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
+                                 self.g.tensors[op.inputs[0]].quant)
+            self.m.op(S.PADV2, [x, paddings, cv], [out], "PadV2Options")
+
+    def _relu(self, op):
+        self.m.op(S.RELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
+
+    def _relu6(self, op):
+        self.m.op(S.RELU6, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
+
+    def _softmax(self, op):
+        self.m.op(S.SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "SoftmaxOptions",
+                  {0: Scalar("f", float(op.attrs.get("beta", 1.0)))})
+
+
+def _needs_padding(graph: Graph, op: Op, kh: int, kw: int) -> bool:
+    """Whether SAME padding pads anything for this op (then count_include_pad matters)."""
+    _, H, W, _ = graph.tensors[op.inputs[0]].shape
+    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    sh, sw = op.attrs["stride"]
+    return max((OH - 1) * sh + kh - H, 0) > 0 or max((OW - 1) * sw + kw - W, 0) > 0
+
+
+def _explicit(graph: Graph, op: Op, kh: int, kw: int):
+    _, H, W, _ = graph.tensors[op.inputs[0]].shape
+    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    sh, sw = op.attrs["stride"]
+    top, _, left, _ = op.attrs["padding"]
+    return (top, max((OH - 1) * sh + kh - H - top, 0), left, max((OW - 1) * sw + kw - W - left, 0))
+
+
+def _check_avg_explicit(op: Op, pads) -> None:
+    """PAD + VALID average counts every padded position: right only when the op counts its padding
+    and no window reaches past the padding it declares (ceil_mode overhang)."""
+    t, b, l, r = op.attrs["padding"]
+    if not op.attrs.get("count_include_pad", False) or pads[1] > b or pads[3] > r:
+        raise EdgekitError(f"layer '{op.name}' (avg_pool2d): this padding (count_include_pad="
+                           f"{op.attrs.get('count_include_pad', False)}, windows past the padding) has no exact "
+                           "TFLite equivalent; use padding=0 or a SAME-style padding")
+
+
+def export_tflite(graph: Graph, path, io: str = "float") -> Path:
+    """Write an int8 graph as a ``.tflite`` file. ``io``: "float" (QUANTIZE / DEQUANTIZE
+    at the edges, what TensorFlow's converter writes by default) or "int8"."""
+    if io not in ("float", "int8"):
+        raise EdgekitError(f"io must be 'float' or 'int8', not {io!r}")
+    if graph.meta.get("weight_only") or not graph.is_quantized():
+        raise EdgekitError("export to .tflite needs an int8 graph: quantize the model first (not weight-only)")
+    ex = _Exporter(graph)
+    ins, outs = ex.export(io)
+    data = ex.m.serialize(ins, outs, f"edgekit int8 model {graph.fingerprint()}")
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,530 @@
+"""An int8 ``.tflite`` file -> edgekit's quantized IR, without TensorFlow.
+
+    graph = load_tflite("model.tflite")    # int8 graph, kernel parameters derived as TFLite's Prepare does
+
+QUANTIZE at the inputs and DEQUANTIZE at the outputs mean float I/O: the graph
+keeps the int8 tensors and their parameters, and ``edgekit run`` quantizes and
+dequantizes with them exactly as those ops do. Every operator edgekit cannot
+run is listed in one error, with its index and output tensor; a truncated or
+corrupted file is a clear error, never a crash.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgekitError
+from ..ir import Graph, Op, QuantParams, Tensor
+from ..passes.quantize import derive_kernel_params
+from . import tflite_schema as S
+
+SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
+             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+_ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
+
+
+@dataclass
+class _Tensor:
+    index: int
+    name: str
+    shape: tuple
+    type: int
+    data: np.ndarray | None
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    axis: int
+
+
+@dataclass
+class _Operator:
+    index: int
+    code: int
+    inputs: list[int]
+    outputs: list[int]
+    options: S.Table | None
+    options_type: int
+
+
+class _Unsupported(Exception):
+    """One operator edgekit cannot run; collected so all are reported together."""
+
+
+# ---------------------------------------------------------------------------
+# Parsing the flatbuffer into plain records
+# ---------------------------------------------------------------------------
+
+def _parse(buf: bytes):
+    model = S.root_table(buf)
+    version = model.scalar(0, "I")
+    if version != 3:
+        raise S.FlatBufferError(f"schema version {version}; edgekit reads version 3")
+    codes = []
+    for oc in model.tables(1, "operator_codes"):
+        deprecated = oc.scalar(0, "b", 0)
+        code = max(int(deprecated), int(oc.scalar(3, "i", 0)))  # as TFLite's GetBuiltinCode
+        if code == 32:  # CUSTOM
+            code = ("CUSTOM", oc.string(1, "?"))
+        codes.append(code)
+    buffers = model.tables(4, "buffers")
+    subgraphs = model.tables(2, "subgraphs")
+    if not subgraphs:
+        raise S.FlatBufferError("the model has no subgraph")
+    sg = subgraphs[0]
+    tensors = []
+    for i, t in enumerate(sg.tables(0, "tensors")):
+        shape = t.vector(0, "i", f"tensor {i} shape")
+        ttype = t.scalar(1, "b", 0)
+        bidx = t.scalar(2, "I", 0)
+        name = t.string(3, f"tensor_{i}")
+        data = None
+        if bidx:
+            if bidx >= len(buffers):
+                raise S.FlatBufferError(f"tensor {i} ('{name}') refers to buffer {bidx} of {len(buffers)}")
+            raw = buffers[bidx].vector(0, "B", f"buffer {bidx}")
+            if raw is None and buffers[bidx].scalar(1, "Q", 0):
+                raise S.FlatBufferError(f"tensor '{name}' keeps its data outside the flatbuffer (a >2 GB model)")
+            if raw is not None and raw.size:
+                data = raw
+        scale = zp = None
+        axis = 0
+        q = t.table(4, f"tensor {i} quantization")
+        if q is not None:
+            scale = q.vector(2, "f", f"tensor {i} scales")
+            zp = q.vector(3, "q", f"tensor {i} zero points")
+            axis = q.scalar(6, "i", 0)
+        tensors.append(_Tensor(i, name, tuple(int(d) for d in (shape if shape is not None else [])), int(ttype),
+                               data, scale, zp, int(axis)))
+    ops = []
+    for i, o in enumerate(sg.tables(3, "operators")):
+        ci = o.scalar(0, "I", 0)
+        if ci >= len(codes):
+            raise S.FlatBufferError(f"operator {i} uses operator code {ci} of {len(codes)}")
+        ins = o.vector(1, "i", f"operator {i} inputs")
+        outs = o.vector(2, "i", f"operator {i} outputs")
+        ins = [int(v) for v in (ins if ins is not None else [])]
+        outs = [int(v) for v in (outs if outs is not None else [])]
+        for v in ins + outs:
+            if v >= len(tensors) or v < -1:
+                raise S.FlatBufferError(f"operator {i} refers to tensor {v} of {len(tensors)}")
+        ops.append(_Operator(i, codes[ci], ins, outs, o.table(4, f"operator {i} options"), o.scalar(3, "B", 0)))
+    inputs = [int(v) for v in (sg.vector(1, "i", "subgraph inputs") if sg.has(1) else [])]
+    outputs = [int(v) for v in (sg.vector(2, "i", "subgraph outputs") if sg.has(2) else [])]
+    for v in inputs + outputs:
+        if not 0 <= v < len(tensors):
+            raise S.FlatBufferError(f"the subgraph's inputs/outputs refer to tensor {v} of {len(tensors)}")
+    return tensors, ops, inputs, outputs, len(subgraphs)
+
+
+# ---------------------------------------------------------------------------
+# Records -> IR
+# ---------------------------------------------------------------------------
+
+def _code_name(code) -> str:
+    return f"CUSTOM ({code[1]})" if isinstance(code, tuple) else S.operator_name(code)
+
+
+class _Importer:
+    def __init__(self, tensors: list[_Tensor], ops: list[_Operator]):
+        self.t = tensors
+        self.ops = ops
+        self.g = Graph()
+        self.names: dict[int, str] = {}  # tflite tensor index -> IR name
+        self.alias: dict[int, int] = {}  # QUANTIZE output -> float input, DEQUANTIZE input -> float output
+        self.pad_values: dict[str, int] = {}
+
+    # tensors ---------------------------------------------------------------
+    def _name(self, idx: int) -> str:
+        if idx not in self.names:
+            base = self.t[idx].name or f"tensor_{idx}"
+            taken = set(self.names.values())
+            name, i = base, 1
+            while name in taken or name in self.g.tensors:
+                name, i = f"{base}_{i}", i + 1
+            self.names[idx] = name
+        return self.names[idx]
+
+    def _per_tensor(self, tt: _Tensor, what: str) -> QuantParams:
+        if tt.scale is None or tt.scale.size == 0 or tt.zero_point is None or tt.zero_point.size == 0:
+            raise _Unsupported(f"{what} '{tt.name}' has no quantization parameters")
+        if tt.scale.size != 1:
+            raise _Unsupported(f"{what} '{tt.name}' is quantized per channel")
+        if not (np.isfinite(tt.scale[0]) and tt.scale[0] > 0) or not -128 <= tt.zero_point[0] <= 127:
+            raise _Unsupported(f"{what} '{tt.name}' has scale {tt.scale[0]} and zero point {tt.zero_point[0]}")
+        return QuantParams.per_tensor(float(tt.scale[0]), int(tt.zero_point[0]))
+
+    def activation(self, idx: int) -> str:
+        """The IR name of an int8 activation tensor, added on first use."""
+        if idx < 0:
+            raise _Unsupported("a required input is missing")
+        tt = self.t[idx]
+        name = self._name(idx)
+        if name in self.g.tensors:
+            return name
+        if tt.type != S.INT8:
+            raise _Unsupported(f"tensor '{tt.name}' is {S.TENSOR_TYPE_NAMES.get(tt.type, tt.type)}; edgekit runs "
+                               "int8 models (convert with full-integer quantization)")
+        if tt.data is not None:
+            raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
+        if len(tt.shape) not in (2, 4) or tt.shape[0] != 1:
+            raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
+                               "rank 2 (N, C) or 4 (N, H, W, C)")
+        self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
+        return name
+
+    def constant(self, idx: int, dtype, what: str) -> np.ndarray:
+        if idx < 0:
+            raise _Unsupported(f"the {what} is missing")
+        tt = self.t[idx]
+        want = {np.int8: S.INT8, np.int32: S.INT32}[dtype]
+        if tt.type != want:
+            raise _Unsupported(f"the {what} '{tt.name}' is {S.TENSOR_TYPE_NAMES.get(tt.type, tt.type)}, "
+                               f"not {np.dtype(dtype).name}")
+        if tt.data is None:
+            raise _Unsupported(f"the {what} '{tt.name}' is not a constant")
+        count = int(np.prod(tt.shape)) if tt.shape else 1
+        itemsize = np.dtype(dtype).itemsize
+        if tt.data.size != count * itemsize:
+            raise _Unsupported(f"the {what} '{tt.name}' holds {tt.data.size} bytes; its shape "
+                               f"{list(tt.shape)} needs {count * itemsize}")
+        return np.frombuffer(tt.data.tobytes(), dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(tt.shape)
+
+    def weight(self, idx: int, channel_axis: int, channels: int) -> str:
+        tt = self.t[idx] if idx >= 0 else None
+        data = self.constant(idx, np.int8, "weights")
+        if tt.scale is None or tt.scale.size == 0:
+            raise _Unsupported(f"the weights '{tt.name}' have no quantization parameters")
+        if tt.zero_point is not None and np.any(tt.zero_point != 0):
+            raise _Unsupported(f"the weights '{tt.name}' are asymmetric (non-zero zero point)")
+        scale = tt.scale.astype(np.float64)
+        if not np.all(np.isfinite(scale) & (scale >= 0)):
+            raise _Unsupported(f"the weights '{tt.name}' have invalid scales")
+        if scale.size == 1:
+            scale = np.repeat(scale, channels)
+        elif scale.size != channels or tt.axis != channel_axis:
+            raise _Unsupported(f"the weights '{tt.name}' have {scale.size} scales along axis {tt.axis}; "
+                               f"expected {channels} along axis {channel_axis}")
+        name = self._name(idx)
+        if name not in self.g.tensors:
+            self.g.add_tensor(Tensor(name, tuple(data.shape), "int8", data,
+                                     QuantParams(scale, np.zeros(channels, np.int64), channel_axis)))
+        return name
+
+    def bias(self, idx: int, channels: int, op_name: str, in_scale: float, w_scale: np.ndarray) -> str:
+        scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scale])
+        if idx < 0:
+            name = self.g.unique_name(f"{op_name}.bias")
+            data = np.zeros(channels, np.int32)
+        else:
+            name = self._name(idx)
+            data = self.constant(idx, np.int32, "bias").reshape(-1)
+            if data.size != channels:
+                raise _Unsupported(f"the bias '{self.t[idx].name}' has {data.size} values for {channels} channels")
+        if name not in self.g.tensors:
+            self.g.add_tensor(Tensor(name, (channels,), "int32", data,
+                                     QuantParams(scales, np.zeros(channels, np.int64), 0)))
+        return name
+
+    # ops ---------------------------------------------------------------------
+    def add_op(self, kind: str, op: _Operator, inputs: list[str], attrs: dict) -> None:
+        out = self.activation(op.outputs[0])
+        self.g.ops.append(Op(kind, self.t[op.outputs[0]].name or f"op{op.index}", inputs, [out], attrs))
+
+    def options(self, op: _Operator, expected: str) -> S.Table:
+        if op.options is None:
+            raise _Unsupported("its options are missing")
+        if op.options_type not in (0, S.OPTIONS_TYPE[expected]):
+            raise _Unsupported(f"its options are of union type {op.options_type}, not {expected}")
+        return op.options
+
+    @staticmethod
+    def activation_of(code: int) -> str:
+        if code not in _ACTIVATIONS:
+            raise _Unsupported(f"fused activation {code} (edgekit fuses NONE, RELU, RELU6)")
+        return _ACTIVATIONS[code]
+
+    def padding(self, mode: int, op: _Operator, kh: int, kw: int, sh: int, sw: int, dh=1, dw=1):
+        _, H, W, _ = self.t[op.inputs[0]].shape
+        _, OH, OW, _ = self.t[op.outputs[0]].shape
+        if mode == S.SAME:
+            want = ((H + sh - 1) // sh, (W + sw - 1) // sw)
+            ph = max((OH - 1) * sh + (kh - 1) * dh + 1 - H, 0)
+            pw = max((OW - 1) * sw + (kw - 1) * dw + 1 - W, 0)
+            pads = (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+        elif mode == S.VALID:
+            want = ((H - (kh - 1) * dh - 1) // sh + 1, (W - (kw - 1) * dw - 1) // sw + 1)
+            pads = (0, 0, 0, 0)
+        else:
+            raise _Unsupported(f"padding mode {mode}")
+        if (OH, OW) != want:
+            raise _Unsupported(f"its output is {OH}x{OW}, but {'SAME' if mode == S.SAME else 'VALID'} "
+                               f"padding gives {want[0]}x{want[1]}")
+        return pads
+
+    def conv(self, op: _Operator, depthwise: bool):
+        o = self.options(op, "DepthwiseConv2DOptions" if depthwise else "Conv2DOptions")
+        x = self.activation(op.inputs[0])
+        wt = self.t[op.inputs[1]]
+        if len(wt.shape) != 4:
+            raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
+        in_c = self.t[op.inputs[0]].shape[3]
+        if depthwise:
+            channels = wt.shape[3]
+            if channels % in_c:
+                raise _Unsupported(f"{channels} output channels are not a multiple of {in_c} input channels")
+            w = self.weight(op.inputs[1], 3, channels)
+            sw, sh, act = o.scalar(1, "i", 1), o.scalar(2, "i", 1), o.scalar(4, "b", 0)
+            dw, dh = o.scalar(5, "i", 1), o.scalar(6, "i", 1)
+        else:
+            channels = wt.shape[0]
+            if wt.shape[3] != in_c:
+                raise _Unsupported(f"the weights take {wt.shape[3]} input channels, the input has {in_c} "
+                                   "(grouped convolution)")
+            w = self.weight(op.inputs[1], 0, channels)
+            sw, sh, act = o.scalar(1, "i", 1), o.scalar(2, "i", 1), o.scalar(3, "b", 0)
+            dw, dh = o.scalar(4, "i", 1), o.scalar(5, "i", 1)
+        if min(sh, sw, dh, dw) < 1:
+            raise _Unsupported(f"stride {sh}x{sw} / dilation {dh}x{dw}")
+        kh, kw = wt.shape[1], wt.shape[2]
+        pads = self.padding(o.scalar(0, "b", 0), op, kh, kw, sh, sw, dh, dw)
+        in_scale = float(self.g.tensors[x].quant.scale[0])
+        b = self.bias(op.inputs[2] if len(op.inputs) > 2 else -1, channels, f"op{op.index}", in_scale,
+                      self.g.tensors[w].quant.scale)
+        if self.t[op.outputs[0]].shape[3] != channels:
+            raise _Unsupported(f"the output has {self.t[op.outputs[0]].shape[3]} channels, the weights {channels}")
+        attrs = dict(stride=(sh, sw), dilation=(dh, dw), padding=pads, activation=self.activation_of(act))
+        if depthwise:
+            attrs["depth_multiplier"] = channels // in_c
+        self.add_op("depthwise_conv2d" if depthwise else "conv2d", op, [x, w, b], attrs)
+
+    def fully_connected(self, op: _Operator):
+        o = self.options(op, "FullyConnectedOptions")
+        if o.scalar(1, "b", 0) != 0:
+            raise _Unsupported("shuffled weights format")
+        x = self.activation(op.inputs[0])
+        wt = self.t[op.inputs[1]]
+        if len(wt.shape) != 2:
+            raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
+        channels, depth = wt.shape
+        if int(np.prod(self.t[op.inputs[0]].shape)) != depth:
+            raise _Unsupported(f"the input has {int(np.prod(self.t[op.inputs[0]].shape))} values per sample, "
+                               f"the weights take {depth} (batched fully connected)")
+        if int(np.prod(self.t[op.outputs[0]].shape)) != channels:
+            raise _Unsupported(f"the output shape {list(self.t[op.outputs[0]].shape)} does not hold {channels} values")
+        w = self.weight(op.inputs[1], 0, channels)
+        b = self.bias(op.inputs[2] if len(op.inputs) > 2 else -1, channels, f"op{op.index}",
+                      float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
+        self.add_op("fully_connected", op, [x, w, b], dict(activation=self.activation_of(o.scalar(0, "b", 0))))
+
+    def pool(self, op: _Operator, kind: str):
+        o = self.options(op, "Pool2DOptions")
+        x = self.activation(op.inputs[0])
+        sw, sh, fw, fh = (o.scalar(i, "i", 1) for i in (1, 2, 3, 4))
+        if min(sw, sh, fw, fh) < 1:
+            raise _Unsupported(f"filter {fh}x{fw}, stride {sh}x{sw}")
+        pads = self.padding(o.scalar(0, "b", 0), op, fh, fw, sh, sw)
+        self.same_params(op, [op.inputs[0]])
+        self.add_op(kind, op, [x], dict(kernel=(fh, fw), stride=(sh, sw), padding=pads, count_include_pad=False,
+                                        activation=self.activation_of(o.scalar(5, "b", 0))))
+
+    def same_params(self, op: _Operator, inputs: list[int]):
+        """Data-movement ops: TFLite copies int8 values, so inputs and output must share parameters."""
+        out = self._per_tensor(self.t[op.outputs[0]], "output")
+        for i in inputs:
+            p = self._per_tensor(self.t[i], "input")
+            if np.float32(p.scale[0]) != np.float32(out.scale[0]) or p.zero_point[0] != out.zero_point[0]:
+                raise _Unsupported(f"input '{self.t[i].name}' and the output have different quantization "
+                                   "(a requantizing op)")
+
+    def mean(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        axes = self.constant(op.inputs[1], np.int32, "axes").reshape(-1)
+        in_shape = self.t[op.inputs[0]].shape
+        if len(in_shape) != 4 or sorted(int(a) % 4 for a in axes) != [1, 2]:
+            raise _Unsupported(f"mean over axes {axes.tolist()} of a rank-{len(in_shape)} tensor "
+                               "(edgekit averages height and width of NHWC)")
+        keep = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
+        out_p = self._per_tensor(self.t[op.outputs[0]], "output")
+        in_p = self.g.tensors[x].quant
+        if not keep and np.float32(in_p.scale[0]) == np.float32(out_p.scale[0]) \
+                and in_p.zero_point[0] == out_p.zero_point[0]:
+            raise _Unsupported("keep_dims=false with identical input and output quantization takes TFLite's "
+                               "truncating integer mean, which edgekit does not implement")
+        self.add_op("mean", op, [x], {})
+
+    def binary(self, op: _Operator, kind: str):
+        o = self.options(op, "AddOptions" if kind == "add" else "MulOptions")
+        names, shapes = [], []
+        for i in op.inputs[:2]:
+            tt = self.t[i]
+            if tt.data is not None:
+                if kind != "mul":
+                    raise _Unsupported(f"constant operand '{tt.name}'")
+                data = self.constant(i, np.int8, "constant operand")
+                rank = len(self.t[op.outputs[0]].shape)
+                if data.ndim > rank:
+                    raise _Unsupported(f"constant operand of shape {list(data.shape)}")
+                data = data.reshape((1,) * (rank - data.ndim) + data.shape)  # numpy-style broadcast from the right
+                name = self._name(i)
+                if name not in self.g.tensors:
+                    self.g.add_tensor(Tensor(name, data.shape, "int8", data, self._per_tensor(tt, "operand")))
+                names.append(name)
+                shapes.append(data.shape)
+                continue
+            names.append(self.activation(i))
+            shapes.append(self.t[i].shape)
+        out_shape = self.t[op.outputs[0]].shape
+        if all(self.t[i].data is not None for i in op.inputs[:2]):
+            raise _Unsupported("both operands are constants")
+        for s in shapes:
+            if kind == "add" and tuple(s) != tuple(out_shape):
+                raise _Unsupported(f"broadcasting {list(shapes[0])} + {list(shapes[1])} (edgekit adds equal shapes)")
+            ext = (1,) * (len(out_shape) - len(s)) + tuple(s)
+            if len(s) > len(out_shape) or any(a not in (1, b) for a, b in zip(ext, out_shape)):
+                raise _Unsupported(f"operand shape {list(s)} does not broadcast to {list(out_shape)}")
+            if len(s) not in (len(out_shape),):
+                raise _Unsupported(f"operand of rank {len(s)} with an output of rank {len(out_shape)}")
+        self.add_op(kind, op, names, dict(activation=self.activation_of(o.scalar(0, "b", 0))))
+
+    def pad(self, op: _Operator, v2: bool):
+        x = self.activation(op.inputs[0])
+        paddings = self.constant(op.inputs[1], np.int32, "paddings")
+        if paddings.shape != (4, 2) or paddings[0].any() or paddings[3].any() or (paddings < 0).any():
+            raise _Unsupported(f"paddings {paddings.tolist()} (edgekit pads height and width of NHWC)")
+        self.same_params(op, [op.inputs[0]])
+        value, q = 0.0, None
+        if v2 and len(op.inputs) > 2 and op.inputs[2] >= 0:
+            q = int(self.constant(op.inputs[2], np.int8, "pad value").reshape(-1)[0])
+            p = self.g.tensors[x].quant
+            value = float(p.scale[0]) * (q - int(p.zero_point[0]))
+        (t, b), (l, r) = paddings[1].tolist(), paddings[2].tolist()
+        self.add_op("pad", op, [x], dict(padding=(t, b, l, r), value=value))
+        if q is not None:
+            self.pad_values[self.g.ops[-1].outputs[0]] = q
+
+    def reshape(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        self.same_params(op, [op.inputs[0]])
+        if int(np.prod(self.t[op.inputs[0]].shape)) != int(np.prod(self.t[op.outputs[0]].shape)):
+            raise _Unsupported("input and output sizes differ")
+        self.add_op("reshape", op, [x], {})
+
+    def concat(self, op: _Operator):
+        o = self.options(op, "ConcatenationOptions")
+        if o.scalar(1, "b", 0) != S.ACT_NONE:
+            raise _Unsupported("a fused activation on concatenation")
+        xs = [self.activation(i) for i in op.inputs]
+        self.same_params(op, op.inputs)
+        rank = len(self.t[op.outputs[0]].shape)
+        axis = o.scalar(0, "i", 0)
+        axis = axis + rank if axis < 0 else axis
+        if not 0 < axis < rank:
+            raise _Unsupported(f"concatenation along axis {axis}")
+        self.add_op("concat", op, xs, dict(axis=axis))
+
+    def softmax(self, op: _Operator):
+        o = self.options(op, "SoftmaxOptions")
+        x = self.activation(op.inputs[0])
+        out = self._per_tensor(self.t[op.outputs[0]], "output")
+        if abs(float(out.scale[0]) - 1.0 / 256) > 1e-8 or int(out.zero_point[0]) != -128:
+            raise _Unsupported("int8 softmax needs output scale 1/256 and zero point -128")
+        self.add_op("softmax", op, [x], dict(beta=float(o.scalar(0, "f", 1.0))))
+
+    def relu(self, op: _Operator, kind: str):
+        x = self.activation(op.inputs[0])
+        self.same_params(op, [op.inputs[0]])
+        self.add_op(kind, op, [x], {})
+
+    def run(self, op: _Operator):
+        c = op.code
+        if not op.outputs or not op.inputs:
+            raise _Unsupported("it has no inputs or outputs")
+        handlers = {S.CONV_2D: lambda: self.conv(op, False), S.DEPTHWISE_CONV_2D: lambda: self.conv(op, True),
+                    S.FULLY_CONNECTED: lambda: self.fully_connected(op),
+                    S.AVERAGE_POOL_2D: lambda: self.pool(op, "avg_pool2d"),
+                    S.MAX_POOL_2D: lambda: self.pool(op, "max_pool2d"), S.MEAN: lambda: self.mean(op),
+                    S.ADD: lambda: self.binary(op, "add"), S.MUL: lambda: self.binary(op, "mul"),
+                    S.PAD: lambda: self.pad(op, False), S.PADV2: lambda: self.pad(op, True),
+                    S.RESHAPE: lambda: self.reshape(op), S.CONCATENATION: lambda: self.concat(op),
+                    S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
+                    S.RELU6: lambda: self.relu(op, "relu6")}
+        if c not in handlers:
+            raise _Unsupported("edgekit has no kernel for it")
+        handlers[c]()
+
+
+def _describe(op: _Operator, tensors: list[_Tensor]) -> str:
+    out = tensors[op.outputs[0]].name if op.outputs else "?"
+    return f"operator {op.index} {_code_name(op.code)} (output '{out}')"
+
+
+def load_tflite(path) -> Graph:
+    """Read an int8 ``.tflite`` file into a quantized IR graph."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgekitError(f"model file not found: {path}")
+    buf = path.read_bytes()
+    try:
+        tensors, ops, inputs, outputs, num_subgraphs = _parse(buf)
+    except (S.FlatBufferError, struct.error, ValueError, OverflowError, MemoryError) as exc:
+        raise EdgekitError(f"{path} is not a valid .tflite file (truncated or corrupted?): {exc}") from None
+    if num_subgraphs > 1:
+        raise EdgekitError(f"{path}: the model has {num_subgraphs} subgraphs (control flow); edgekit runs one")
+
+    imp = _Importer(tensors, ops)
+    # QUANTIZE of a float graph input / DEQUANTIZE to a graph output are the float edges.
+    graph_in, graph_out = list(inputs), list(outputs)
+    body = []
+    problems = []
+    for op in ops:
+        if op.code == S.QUANTIZE and len(op.inputs) == 1 and op.inputs[0] in inputs \
+                and tensors[op.inputs[0]].type == S.FLOAT32:
+            graph_in[graph_in.index(op.inputs[0])] = op.outputs[0]
+        elif op.code == S.DEQUANTIZE and len(op.outputs) == 1 and op.outputs[0] in outputs \
+                and tensors[op.outputs[0]].type == S.FLOAT32:
+            graph_out[graph_out.index(op.outputs[0])] = op.inputs[0]
+        elif op.code in (S.QUANTIZE, S.DEQUANTIZE):
+            problems.append(f"{_describe(op, tensors)}: {_code_name(op.code)} inside the graph "
+                            "(edgekit takes QUANTIZE only at inputs and DEQUANTIZE only at outputs)")
+        else:
+            body.append(op)
+    try:
+        for idx in graph_in:
+            imp.g.inputs.append(imp.activation(idx))
+    except _Unsupported as exc:
+        problems.append(f"graph input: {exc}")
+    for op in body:
+        try:
+            imp.run(op)
+        except _Unsupported as exc:
+            problems.append(f"{_describe(op, tensors)}: {exc}")
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, S.FlatBufferError) as exc:
+            problems.append(f"{_describe(op, tensors)}: malformed ({type(exc).__name__}: {exc})")
+    if problems:
+        raise EdgekitError(f"{path}: {len(problems)} operator(s) edgekit cannot run:\n  " + "\n  ".join(problems) +
+                           f"\nSupported: {SUPPORTED}.")
+    g = imp.g
+    produced = {o for op in g.ops for o in op.outputs} | set(g.inputs)
+    for op in g.ops:
+        for n in op.inputs:
+            if n not in produced and not g.tensors[n].is_constant:
+                raise EdgekitError(f"{path}: layer '{op.name}' reads '{n}' before any operator writes it "
+                                   "(operators out of order)")
+    for idx in graph_out:
+        name = imp.names.get(idx)
+        if name is None or name not in produced:
+            raise EdgekitError(f"{path}: graph output '{tensors[idx].name}' is not produced by any operator")
+        g.outputs.append(name)
+    for name in g.inputs + g.outputs:
+        g.source_layouts[name] = "NHWC" if len(g.tensors[name].shape) == 4 else "NC"
+    g.meta["source"] = "tflite"
+    try:
+        derive_kernel_params(g)
+    except (ValueError, OverflowError, ZeroDivisionError) as exc:
+        raise EdgekitError(f"{path}: quantization parameters out of range: {exc}") from None
+    for op in g.ops:
+        if op.kind == "pad" and op.outputs[0] in imp.pad_values:
+            op.attrs["pad_value"] = imp.pad_values[op.outputs[0]]
+    return g

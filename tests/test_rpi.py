@@ -1,0 +1,220 @@
+"""Raspberry Pi 64-bit boards: the NEON kernels (SDOT on rpi5) cross-built with
+aarch64-linux-gnu-gcc -Werror and UBSan, run under qemu-aarch64 with the Pi's
+core (-cpu cortex-a72 / cortex-a76), bit-exact with the numpy reference over
+random shapes and parameters; whole models; and the protocol runner over TCP
+and stdin/stdout, driven by edgekit's host side (`profile`)."""
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import edgekit
+from edgekit.boards import load_board
+from edgekit.codegen.project import generate_project, load_project
+from helpers import conv_out, float_graph, quantize_with_random_data
+from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers
+
+pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                                reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
+
+QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
+CHECKS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-fsanitize=undefined", "-fno-sanitize-recover=all"]
+PI_SETTINGS = settings(SETTINGS, max_examples=max(4, SETTINGS.max_examples // 2))
+
+
+class CrossBuild:
+    """Kernel objects compiled once per board (they do not depend on the model)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.lock = threading.Lock()
+        self.objects: dict[tuple[str, str], Path] = {}
+
+    def build(self, project: Path, board) -> Path:
+        record = load_project(project)
+        flags = board["cflags"] + CHECKS + ["-I", str(project / "include"), "-I", str(project)]
+        objs = []
+        for k in record["kernels"]:
+            with self.lock:
+                key = (board.name, k)
+                if key not in self.objects:
+                    obj = self.root / f"{board.name}_{k}.o"
+                    subprocess.run([board["cc"], *flags, "-c", str(project / "kernels" / f"{k}.c"), "-o", str(obj)],
+                                   check=True, capture_output=True, text=True)
+                    self.objects[key] = obj
+                objs.append(str(self.objects[key]))
+        exe = project / "model_runner_test"
+        proc = subprocess.run([board["cc"], *flags, *(str(project / f) for f in ("model_runner.c", "ek_port.c",
+                               "ek_protocol.c", "model.c", "model_weights.c")), *objs, "-o", str(exe), "-lm"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return exe
+
+
+@pytest.fixture(scope="session")
+def xbuild(tmp_path_factory):
+    return CrossBuild(tmp_path_factory.mktemp("aarch64_objects"))
+
+
+def run_qemu(exe: Path, cpu: str, data: np.ndarray, out_elems: int) -> np.ndarray:
+    src, dst = exe.parent / "in.bin", exe.parent / "out.bin"
+    np.ascontiguousarray(data, np.int8).tofile(src)
+    proc = subprocess.run(QEMU + ["-cpu", cpu, str(exe), str(src), str(dst)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime error" not in proc.stderr, proc.stderr[-3000:]
+    out = np.fromfile(dst, np.int8)
+    return out.reshape(data.shape[0], out_elems)
+
+
+def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax"):
+    from edgekit import reference
+    q = quantize_with_random_data(g, rng, ranges, observer)
+    x = rng.integers(-128, 128, size=(10,) + q.tensors[q.inputs[0]].shape[1:]).astype(np.int8)
+    board = load_board(board_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, board)
+        exe = xbuild.build(Path(tmp), board)
+        got = run_qemu(exe, board["qemu"]["cpu"], x, q.tensors[q.outputs[0]].size)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board_name}"
+
+
+boards = st.sampled_from(["rpi4", "rpi5"])
+
+
+@given(conv_case(), boards)
+@PI_SETTINGS
+def test_conv2d_neon(xbuild, case, board):
+    rng = np.random.default_rng(case["seed"])
+    kh, kw = case["k"]
+    # Wider channels than the portable test: the 16-lane loops and their tails both run.
+    c = case["c"] * 5
+    weights = {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, c)), "b": rng.normal(0, 1, case["o"])}
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
+    g = float_graph("conv2d", [(1, case["h"], case["w"], c)], attrs, weights, (1, *case["out"], case["o"]))
+    check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]}, case["observer"])
+
+
+@given(conv_case(depthwise=True), boards, st.integers(1, 4))
+@PI_SETTINGS
+def test_depthwise_conv2d_neon(xbuild, case, board, widen):
+    rng = np.random.default_rng(case["seed"])
+    kh, kw = case["k"]
+    c, mult = case["c"] * widen * 3, case["mult"]
+    weights = {"w": rng.normal(0, case["wscale"], (1, kh, kw, c * mult)), "b": rng.normal(0, 1, c * mult)}
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"],
+                 depth_multiplier=mult)
+    g = float_graph("depthwise_conv2d", [(1, case["h"], case["w"], c)], attrs, weights, (1, *case["out"], c * mult))
+    check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]}, case["observer"])
+
+
+@given(st.integers(1, 300), st.integers(1, 24), activations, st.floats(0.01, 2.0), input_range(), observers,
+       boards, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_fully_connected_neon(xbuild, n_in, n_out, act, wscale, in_range, observer, board, seed):
+    rng = np.random.default_rng(seed)
+    weights = {"w": rng.normal(0, wscale, (n_out, n_in)), "b": rng.normal(0, wscale, n_out)}
+    g = float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
+    check_on_pi(g, rng, xbuild, board, {"x0": in_range}, observer)
+
+
+@pytest.fixture(scope="module")
+def kws_projects(tmp_path_factory):
+    """The DS-CNN keyword spotter generated and built for both Pis."""
+    import torch
+    from edgekit import models
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(0, 1, (40, 1, 49, 10)).astype(np.float32)
+    q = edgekit.quantize(models.ds_cnn_kws().eval(), x[:32])
+    out = {}
+    for board in ("rpi4", "rpi5"):
+        d = tmp_path_factory.mktemp(board)
+        edgekit.generate(q, d, board=board)
+        edgekit.build(d)
+        out[board] = d
+    return q, x[32:], out
+
+
+@pytest.mark.parametrize("board", ["rpi4", "rpi5"])
+def test_whole_model_bit_exact_under_qemu(kws_projects, board):
+    q, x, projects = kws_projects
+    y = edgekit.run(projects[board], x)  # model_runner under qemu-aarch64 -cpu cortex-a72 / cortex-a76
+    assert np.array_equal(y, edgekit.reference_run(q, x))
+    kernels = (projects[board] / "kernels" / "ek_conv2d_s8.c").read_text()
+    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text() and "ek_dot_offset" in kernels
+
+
+def test_rpi5_build_uses_sdot_and_needs_the_a76(kws_projects):
+    """The Pi 5 build really executes SDOT: a Pi 4 core (cortex-a72) stops on an illegal instruction."""
+    q, x, projects = kws_projects
+    dump = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(projects["rpi5"] / "model_runner")],
+                          capture_output=True, text=True).stdout
+    assert "sdot" in dump
+    assert "sdot" not in subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(projects["rpi4"] / "model_runner")],
+                                        capture_output=True, text=True).stdout
+    data = Path(tempfile.mkdtemp()) / "in.bin"
+    p = q.tensors[q.inputs[0]].quant
+    from edgekit import quant_math as qm
+    qm.quantize(edgekit.api.to_ir_inputs(q, x[:1]), p.scale[0], p.zero_point[0]).tofile(data)
+    proc = subprocess.run(QEMU + ["-cpu", "cortex-a72", str(projects["rpi5"] / "model_runner"), str(data),
+                                  str(data) + ".out"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and ("Illegal instruction" in proc.stderr or proc.returncode in (-4, 132))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runner_over_tcp_with_profile(kws_projects):
+    """`edgekit profile --port socket://...` against the Pi runner (here under qemu-aarch64)."""
+    from edgekit.device.profile import format_report, profile
+    q, x, projects = kws_projects
+    port = _free_port()
+    runner = subprocess.Popen(QEMU + ["-cpu", "cortex-a76", str(projects["rpi5"] / "edgekit_runner"), "--tcp",
+                                      str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and runner.poll() is None, "the runner did not start"
+                time.sleep(0.1)
+        report = profile(f"socket://127.0.0.1:{port}", x[:4], project_dir=projects["rpi5"], show_progress=False,
+                         timeout=30)
+    finally:
+        runner.kill()
+        runner.wait()
+    assert report["bit_exact"], "outputs over the protocol differ from the reference"
+    assert report["unit"] == "nanoseconds" and report["total"]["median"] > 0
+    assert len(report["layers"]) == sum(1 for l in load_project(projects["rpi5"])["layers"] if l["kernel"])
+    assert "bit-exact with the reference: yes" in format_report(report)
+
+
+def test_runner_over_stdio(kws_projects):
+    """The same protocol over stdin/stdout: identify and an invoke, frames checked by CRC."""
+    from edgekit.device import protocol as P
+    q, x, projects = kws_projects
+    import struct
+    size = q.tensors[q.inputs[0]].size
+    frames = (P.encode_frame(P.IDENTIFY, 1) + P.encode_frame(P.SET_INPUT, 2, struct.pack("<BI", 0, 0) + bytes(size)) +
+              P.encode_frame(P.INVOKE, 3))
+    proc = subprocess.run(QEMU + ["-cpu", "cortex-a76", str(projects["rpi5"] / "edgekit_runner")], input=frames,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answers = [P.decode_frame(f) for f in proc.stdout.split(b"\x00") if f]
+    assert [a[0] for a in answers] == [P.IDENTIFY | 0x80, P.SET_INPUT | 0x80, P.INVOKE | 0x80]
+    assert q.fingerprint().encode() in answers[0][2] and b"rpi5" in answers[0][2]

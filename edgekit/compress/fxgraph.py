@@ -158,8 +158,8 @@ def _add_nested(root: nn.Module, path: str, module: nn.Module) -> None:
     root.add_module(name, module)
 
 
-def from_exported(program) -> fx.GraphModule:
-    """Rebuild an ``ExportedProgram`` as a trainable GraphModule of nn layers."""
+def from_exported(program, name: str = "GraphModule") -> fx.GraphModule:
+    """Rebuild an ``ExportedProgram`` as a trainable GraphModule of nn layers (its class named ``name``)."""
     src = program.module()
     root = nn.Module()
     graph = fx.Graph()
@@ -276,14 +276,18 @@ def from_exported(program) -> fx.GraphModule:
                     env[node] = graph.call_function(torch.reshape, (env[x], sizes))
             else:
                 for a in node.all_input_nodes:
-                    if a.op == "get_attr":
-                        raise EdgekitError(
-                            f"operation '{node.name}' ({kind}) reads the parameter {a.target!r} directly; "
-                            "edgekit rebuilds only Conv, Linear and BatchNorm layers from a .pt2")
+                    if a.op == "get_attr" and env[a] is a:  # a parameter of a layer edgekit does not rebuild
+                        attr = a.target.replace(".", "_")
+                        value = tensor_of(a)
+                        if value.is_floating_point():
+                            root.register_parameter(attr, nn.Parameter(value))
+                        else:
+                            root.register_buffer(attr, value)
+                        env[a] = graph.get_attr(attr)
                 new = graph.call_function(node.target, mapped(node.args), mapped(node.kwargs))
                 env[node] = new
     graph.lint()
-    gm = fx.GraphModule(root, graph)
+    gm = fx.GraphModule(root, graph, class_name=name)
     return gm.eval()
 
 
@@ -301,7 +305,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
         raise EdgekitError(f"{path}: edgekit compresses models with one input, this one has {len(user_inputs)}")
     placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
     shape = tuple(int(s) for s in placeholder.meta["val"].shape[1:])
-    return from_exported(program), shape
+    return from_exported(program, Path(path).name), shape
 
 
 def export_model(model: nn.Module, sample_shape, path: str | Path | None = None):

@@ -249,6 +249,19 @@ def _run_step(step: dict, model: nn.Module, split, teacher: nn.Module, show_prog
     raise EdgekitError(f"internal: unhandled recipe step {kind!r}")
 
 
+def _check_model(model: nn.Module, recipe: dict, split) -> None:
+    """Fail before any training: the pruner must follow the model's channels (when the recipe prunes),
+    and edgekit must be able to convert the model."""
+    import torch
+
+    from .report import float_graph
+
+    if any(s["kind"] in ("prune", "sensitivity") for s in recipe["steps"]):
+        from .prune import analyse
+        analyse(model, torch.as_tensor(split.x_train[:1]))
+    float_graph(model, split.x_train[:1])
+
+
 def run_recipe(model: nn.Module, recipe, data, *, sample_shape=None, build_dir=None, deploy: bool = True,
                show_progress: bool = True, log=print) -> tuple[nn.Module, dict]:
     """Run a recipe on ``model`` with ``data``. Returns (compressed model, report).
@@ -264,6 +277,7 @@ def run_recipe(model: nn.Module, recipe, data, *, sample_shape=None, build_dir=N
 
     recipe = load_recipe(recipe)
     split = prepare(data, model, sample_shape)
+    _check_model(model, recipe, split)
     out = recipe["output"]
     teacher = clone(model).eval()
     measure = dict(calib_samples=out["calib_samples"], encodings=out["encodings"])

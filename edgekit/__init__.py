@@ -5,9 +5,9 @@ from .ir import Graph
 
 __version__ = "0.1.0"
 __all__ = ["build", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph",
-           "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify"]
+           "cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify"]
 
-_COMPRESSION = ("distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify")
+_COMPRESSION = ("cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify")
 
 
 def __getattr__(name):

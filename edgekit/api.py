@@ -72,9 +72,15 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     return quantize_graph(float_graph, ranges)
 
 
-def generate(graph: Graph, out_dir, board: str = "host") -> dict:
-    """Write the C project. Returns its record (arena bytes, weight bytes, layers...)."""
-    return generate_project(graph, out_dir, board)
+def generate(graph: Graph, out_dir, board: str = "host", weights="dense") -> dict:
+    """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
+
+    ``weights``: how the weighted layers store their int8 filters in flash:
+    "dense", "codebook" (int8 codebook + bit-packed indices), "huffman"
+    (canonical Huffman code of values and zero runs), "sparse" (bitmask +
+    nonzeros), "auto" (per layer the fewest bytes), or {layer name: encoding}.
+    All are lossless: the C computes exactly what the reference does."""
+    return generate_project(graph, out_dir, board, weights=weights)
 
 
 def build(out_dir, *, sanitize: bool = False) -> dict:

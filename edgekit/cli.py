@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
         else:
             graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
                                  weight_only=args.weight_only, show_progress=True)
-    record = api.generate(graph, args.output, board=args.board)
+    record = api.generate(graph, args.output, board=args.board, weights=args.weights)
     print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
           f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
     return 0
@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
     g.add_argument("--percentile", type=float, default=99.99)
     g.add_argument("--weight-only", action="store_true", help="int8 weights, float activations (FPU targets)")
+    g.add_argument("--weights", default="dense", choices=["dense", "codebook", "huffman", "sparse", "auto"],
+                   help="how int8 weights are stored in flash (decoded on the fly by the kernels; "
+                   "auto: per layer the smallest)")
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("compress", help="run a compression recipe (prune, sparsify, cluster, distill, QAT...) "

@@ -20,6 +20,7 @@ have aarch64-linux-gnu-gcc || missing+=(gcc-aarch64-linux-gnu)
 [ -d /usr/aarch64-linux-gnu/lib ] || missing+=(libc6-dev-arm64-cross)
 have qemu-aarch64 || missing+=(qemu-user)
 have clang || missing+=(clang)
+have valgrind || missing+=(valgrind)  # bench: instructions per inference (callgrind)
 "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -135,3 +135,32 @@ def test_run_with_inputs_of_the_wrong_shape(saved_cnn, tmp_path):
 def test_boards_lists_host():
     p = edgekit("boards")
     assert p.returncode == 0 and "host" in p.stdout
+
+
+def test_generate_with_encoded_weights(saved_cnn, tmp_path):
+    d = saved_cnn
+    out = tmp_path / "out"
+    p = edgekit("generate", d / "model.pt2", "--calib", d / "calib.npy", "--board", "host", "--weights", "huffman",
+                "-o", out)
+    assert p.returncode == 0, p.stderr
+    assert (out / "kernels" / "ek_conv2d_s8_huffman.c").exists() and (out / "include" / "ek_decode.h").exists()
+    assert not (out / "kernels" / "ek_conv2d_s8.c").exists()
+    assert edgekit("build", out).returncode == 0
+    p = edgekit("run", out, "--inputs", d / "x.npy", "--output", tmp_path / "y.npy")
+    assert p.returncode == 0, p.stderr
+    # back to dense in the same directory: the encoded kernels and the decoder header go away
+    p = edgekit("generate", d / "model.pt2", "--calib", d / "calib.npy", "-o", out)
+    assert p.returncode == 0, p.stderr
+    assert not (out / "kernels" / "ek_conv2d_s8_huffman.c").exists() and not (out / "include" / "ek_decode.h").exists()
+    assert edgekit("build", out).returncode == 0
+
+
+def test_encoded_weights_refused_for_weight_only(saved_cnn, tmp_path):
+    assert_clean_failure(edgekit("generate", saved_cnn / "model.pt2", "--calib", saved_cnn / "calib.npy",
+                                 "--weight-only", "--weights", "codebook", "-o", tmp_path / "o"), "weight-only")
+
+
+def test_unknown_weights_choice(saved_cnn, tmp_path):
+    p = edgekit("generate", saved_cnn / "model.pt2", "--calib", saved_cnn / "calib.npy", "--weights", "zip",
+                "-o", tmp_path / "o")
+    assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr

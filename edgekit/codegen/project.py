@@ -19,9 +19,10 @@ from ..ir import Graph, Op
 from ..passes.verify import check_int8_arithmetic
 from .memory_plan import MemoryPlan, plan_memory
 from .render import TEMPLATES, render_to
-from .weights import CArray, encode
+from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
 
 PROJECT_FILE = "edgekit_project.json"
+_WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
 FLT_MAX = 3.402823466e38
 
 
@@ -47,6 +48,8 @@ class Layer:
     params: dict = field(default_factory=dict)
     arrays: dict = field(default_factory=dict)  # role -> C array name
     macs: int = 0
+    encoding: str = "dense"  # how a weighted layer's filter is stored (codegen.weights)
+    weights: dict = field(default_factory=dict)  # an encoded filter's C descriptor: field -> array name or number
 
 
 def c_identifier(text: str) -> str:
@@ -77,13 +80,39 @@ def layer_macs(graph: Graph, op: Op) -> int:
     return 0
 
 
+def filter_rows(graph: Graph, op: Op) -> np.ndarray:
+    """A weighted layer's int8 weights as rows, one per output channel, each in the
+    order its kernel reads them (a depthwise row: the output channel's taps)."""
+    w = graph.tensors[op.inputs[1]].data
+    if op.kind == "depthwise_conv2d":
+        return np.ascontiguousarray(w.reshape(-1, w.shape[3]).T)
+    return w.reshape(w.shape[0], -1)
+
+
+def _check_weights_choice(graph: Graph, weights) -> None:
+    weighted = {op.name for op in graph.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")}
+    choices = weights.values() if isinstance(weights, dict) else [weights]
+    for choice in choices:
+        if choice not in WEIGHT_CHOICES:
+            raise EdgekitError(f"unknown weight encoding {choice!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - weighted)
+        if unknown:
+            raise EdgekitError(f"weight encodings given for {', '.join(map(repr, unknown))}, which are not weighted "
+                               f"layers of this model (those are: {', '.join(sorted(weighted)) or 'none'})")
+    if graph.meta.get("weight_only") and any(c != "dense" for c in choices):
+        raise EdgekitError("weight-only models store dense int8 weights; encoded weights (codebook, huffman, sparse, "
+                           "auto) need an int8 model: quantize without weight_only")
+
+
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense"):
         self.graph = graph
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
         self.arrays: list[CArray] = []
+        self.weights = weights  # an encoding for every layer, or {layer name: encoding}
 
     def buffer(self, name: str) -> Buffer:
         return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
@@ -113,8 +142,13 @@ class _Builder:
             layer.dims["filter"] = (w.shape[0], 1, 1, w.shape[1])
         else:
             layer.dims["filter"] = tuple(w.shape)
-        layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
-        if self.weight_only:
+        choice = self.weights.get(op.name, "dense") if isinstance(self.weights, dict) else self.weights
+        if choice != "dense" and not self.weight_only:
+            self._encoded(layer, op, choice)  # "auto" may keep the layer dense
+        if layer.encoding != "dense":
+            pass  # kernel, filter and requantization arrays set by _encoded
+        elif self.weight_only:
+            layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
             layer.kernel = f"ek_{op.kind}_f32"
             layer.arrays["scale"] = self.array(f"{layer.id}_scale", w.quant.scale.astype(np.float32))
             if b is not None:
@@ -123,6 +157,7 @@ class _Builder:
                                                                       (-FLT_MAX, FLT_MAX))
             layer.params.update(act_min=lo, act_max=hi)
         else:
+            layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
             layer.kernel = f"ek_{op.kind}_s8"
             layer.arrays["bias"] = self.array(f"{layer.id}_bias", b.data.astype(np.int32))
             layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
@@ -134,6 +169,37 @@ class _Builder:
                                 dilation_h=a["dilation"][0], dilation_w=a["dilation"][1],
                                 pad_top=a["padding"][0], pad_left=a["padding"][2],
                                 depth_multiplier=a.get("depth_multiplier", 1))
+
+    def _encoded(self, layer: Layer, op: Op, choice: str):
+        """An int8 layer whose filter is stored encoded. With "auto", the encoding
+        (dense included) with the fewest bytes of filter + requantization arrays."""
+        a = op.attrs
+        name = f"{layer.id}_filter"
+        comment = f"{op.name}: weights {list(self.graph.tensors[op.inputs[1]].shape)}"
+        rows = filter_rows(self.graph, op)
+        one_scale = bool(np.all(a["multiplier"] == a["multiplier"][0]) and np.all(a["shift"] == a["shift"][0]))
+        requant = 8 if one_scale else 8 * rows.shape[0]
+        candidates = FILTER_ENCODINGS if choice == "auto" else (choice,)
+        best: EncodedFilter | None = None
+        best_cost = 0
+        for encoding in candidates:
+            enc = encode_filter(name, rows, encoding, comment)
+            cost = enc.nbytes + (8 * rows.shape[0] if encoding == "dense" else requant)
+            if best is None or cost < best_cost:
+                best, best_cost = enc, cost
+        if best.encoding == "dense":
+            return
+        layer.encoding = best.encoding
+        layer.kernel = f"ek_{op.kind}_s8_{best.encoding}"
+        self.arrays.extend(best.arrays.values())
+        layer.weights = {**{role: arr.name for role, arr in best.arrays.items()}, **best.fields}
+        b = self.graph.tensors[op.inputs[2]]
+        layer.arrays["bias"] = self.array(f"{layer.id}_bias", b.data.astype(np.int32))
+        count = 1 if one_scale else rows.shape[0]
+        layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"][:count].astype(np.int32))
+        layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"][:count].astype(np.int32))
+        layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
+                            act_min=a["act_min"], act_max=a["act_max"], quant_per_channel=int(not one_scale))
 
     def _conv2d(self, layer, op):
         self._weighted(layer, op, conv=True)
@@ -227,13 +293,17 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     return rec
 
 
-def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host") -> dict:
+def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense") -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
+    ``weights``: how weighted layers store their filters in flash, "dense",
+    "codebook", "huffman", "sparse" or "auto" (per layer the fewest bytes), or a
+    dict {layer name: encoding} (unnamed layers stay dense).
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = load_board(board) if isinstance(board, str) else board
     weight_only = bool(graph.meta.get("weight_only"))
+    _check_weights_choice(graph, weights)
     if not weight_only:
         if not graph.is_quantized():
             raise EdgekitError("generate needs a quantized graph (int8, or weight-only); quantize the model first")
@@ -244,16 +314,17 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     out.mkdir(parents=True, exist_ok=True)
 
     plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
-    builder = _Builder(graph, plan, weight_only)
+    builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     kernels = sorted({l.kernel for l in layers if l.kernel})
+    encodings_used = sorted({l.encoding for l in layers} - {"dense"})
     elem_type = "float" if weight_only else "int8_t"
     inputs = [builder.buffer(n) for n in graph.inputs]
     outputs = [builder.buffer(n) for n in graph.outputs]
     fingerprint = graph.fingerprint()
     context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
-                   fingerprint=fingerprint, board=board, num_layers=len(layers))
+                   fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used)
 
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
     if (out / "kernels").exists():
@@ -262,6 +333,10 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                 stale.unlink()
     render_to(out / "include" / "ek_nn.h", "include/ek_nn.h.j2", **context)
     render_to(out / "include" / "ek_quant.h", "include/ek_quant.h.j2", **context)
+    if encodings_used:
+        render_to(out / "include" / "ek_decode.h", "include/ek_decode.h.j2", **context)
+    elif (out / "include" / "ek_decode.h").exists():
+        (out / "include" / "ek_decode.h").unlink()
     for k in kernels:
         render_to(out / "kernels" / f"{k}.c", f"kernels/{k}.c.j2", **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
@@ -283,7 +358,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),
         "inputs": [_io_record(graph, n, weight_only) for n in graph.inputs],
         "outputs": [_io_record(graph, n, weight_only) for n in graph.outputs],
-        "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "kernel": l.kernel, "macs": l.macs}
+        "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "kernel": l.kernel, "macs": l.macs,
+                    **({"encoding": l.encoding} if l.kind in _WEIGHTED else {})}
                    for l in layers],
         "kernels": kernels,
     }

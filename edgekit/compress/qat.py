@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from .. import quant_math as qm
 from ..errors import EdgekitError
+from ..passes.quantize import shares_values
 from . import fxgraph
 from .finetune import finetune
 from .fxgraph import arg, op_name, shape_of
@@ -42,10 +43,13 @@ SOFTMAX_PARAMS = (1.0 / 256.0, -128)
 # Fake quantization
 # ---------------------------------------------------------------------------
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 in [-127, 127], straight-through gradient."""
+def fake_quant_weight(w: torch.Tensor, one_scale: bool = False) -> torch.Tensor:
+    """Per-output-channel symmetric int8 in [-127, 127], straight-through gradient. With ``one_scale``
+    (a clustered layer, ``passes.quantize.shares_values``) every channel uses the layer's scale."""
     flat = w.detach().reshape(w.shape[0], -1)
     max_abs = flat.abs().amax(dim=1).double()
+    if one_scale:
+        max_abs = torch.full_like(max_abs, float(max_abs.max()))
     scale = torch.where(max_abs > 0, max_abs / 127.0, torch.ones_like(max_abs)).float()
     scale = scale.reshape((-1,) + (1,) * (w.dim() - 1))
     q = torch.clamp(torch.round(w.detach() / scale), -127, 127)
@@ -53,18 +57,24 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 class QATConv1d(nn.Conv1d):
+    one_scale = False
+
     def forward(self, x):
-        return self._conv_forward(x, fake_quant_weight(self.weight), self.bias)
+        return self._conv_forward(x, fake_quant_weight(self.weight, self.one_scale), self.bias)
 
 
 class QATConv2d(nn.Conv2d):
+    one_scale = False
+
     def forward(self, x):
-        return self._conv_forward(x, fake_quant_weight(self.weight), self.bias)
+        return self._conv_forward(x, fake_quant_weight(self.weight, self.one_scale), self.bias)
 
 
 class QATLinear(nn.Linear):
+    one_scale = False
+
     def forward(self, x):
-        return F.linear(x, fake_quant_weight(self.weight), self.bias)
+        return F.linear(x, fake_quant_weight(self.weight, self.one_scale), self.bias)
 
 
 _QAT_CLASSES = {nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Linear: QATLinear}
@@ -376,13 +386,17 @@ def _swap_weight_modules(gm: fx.GraphModule, to_qat: bool) -> None:
         if to_qat and type(m) in _QAT_CLASSES:
             new = fxgraph.clone(m)
             new.__class__ = _QAT_CLASSES[type(m)]
+            # a clustered layer gets one weight scale from the quantizer: simulate exactly that
+            new.one_scale = bool(shares_values(m.weight.detach().cpu().numpy()))
             fxgraph.set_submodule(gm, name, new)
         elif not to_qat and type(m) in _QAT_CLASSES.values():
             plain = next(k for k, v in _QAT_CLASSES.items() if v is type(m))
             new = fxgraph.clone(m)
             new.__class__ = plain
             with torch.no_grad():
-                new.weight.copy_(fake_quant_weight(m.weight))
+                new.weight.copy_(fake_quant_weight(m.weight, m.one_scale))
+            if "one_scale" in new.__dict__:
+                del new.one_scale
             fxgraph.set_submodule(gm, name, new)
 
 

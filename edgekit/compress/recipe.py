@@ -128,7 +128,7 @@ STEPS = {
     "sparsify": {"sparsity": _fraction, "scope": _one_of("layer", "global"), "layers": _ratios_by_name,
                  "exclude": _names, "steps": _positive_int, **_TRAIN},
     "factorize": {"rank": _positive_int, "energy": _energy, "layers": _names, "exclude": _names, **_TRAIN},
-    "cluster": {"bits": _bits, "per_channel": _bool, "epochs": _count},
+    "cluster": {"bits": _bits, "per_channel": _bool, "epochs": _count, "lr": _positive},
     "distill": {"epochs": _positive_int, "temperature": _positive, "alpha": _unit, "lr": _positive,
                 "teacher": _path},
     "finetune": dict(_TRAIN),

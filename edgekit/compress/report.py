@@ -31,9 +31,11 @@ def macs(model: nn.Module, sample: np.ndarray) -> int:
 
 
 def _generate(graph, out: Path, encoding: str) -> dict:
-    if encoding == "dense":
-        return api.generate(graph, out, "host")
     return api.generate(graph, out, "host", weights=encoding)
+
+
+def _layer_encodings(record: dict) -> dict:
+    return {layer["name"]: layer["encoding"] for layer in record["layers"] if "encoding" in layer}
 
 
 def measure(model: nn.Module, split, *, calib_samples: int = 256, encodings=("dense",),
@@ -50,13 +52,13 @@ def measure(model: nn.Module, split, *, calib_samples: int = 256, encodings=("de
     }
     graph = api.quantize(fg, split.x_train[:calib_samples])
     bytes_by_encoding = {}
+    row["weight_bytes"] = {"float32": int(fg.weight_bytes()), "int8": bytes_by_encoding}
     with tempfile.TemporaryDirectory() as tmp:
         for encoding in encodings:
             record = _generate(graph, Path(tmp) / encoding, encoding)
             bytes_by_encoding[encoding] = int(record["weight_bytes"])
-            if "weight_encodings" in record:
-                bytes_by_encoding[f"{encoding}_layers"] = record["weight_encodings"]
-    row["weight_bytes"] = {"float32": int(fg.weight_bytes()), "int8": bytes_by_encoding}
+            if encoding == "auto":
+                row["auto_encodings"] = _layer_encodings(record)
     if int8_accuracy:
         row["int8_accuracy"] = train.accuracy(api.reference_run(graph, split.x_test), split.y_test)
     return row
@@ -81,9 +83,7 @@ def deploy(model: nn.Module, split, out_dir, *, weights: str = "dense", calib_sa
         "arena_bytes": int(record["arena_bytes"]),
         "sizes": built.get("sizes", {}),
     }
-    for key in ("weight_encodings", "flash_bytes"):
-        if key in record:
-            result[key] = record[key]
+    result["layer_encodings"] = _layer_encodings(record)
     return result
 
 
@@ -97,7 +97,7 @@ def table(report: dict) -> str:
             lines.append(f"{s['label']:<22} (no model change)")
             continue
         int8 = s["weight_bytes"]["int8"]
-        best = min(v for k, v in int8.items() if isinstance(v, int))
+        best = min(int8.values())
         int8_acc = f"{s['int8_accuracy'] * 100:6.2f}" if "int8_accuracy" in s else "     -"
         lines.append(f"{s['label']:<22} {s['parameters']:>9,} {s['nonzero_weights']:>9,} {s['macs']:>9,} "
                      f"{s['weight_bytes']['float32']:>10,} {best:>9,} {s['accuracy'] * 100:6.2f} {int8_acc}")

@@ -78,10 +78,24 @@ def _channel_axis(kind: str) -> int:
     return 3 if kind == "depthwise_conv2d" else 0
 
 
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 in [-127, 127]; returns (int8 data, float32 scales)."""
+def shares_values(w: np.ndarray) -> bool:
+    """A clustered layer (weight sharing, e.g. ``edgekit.cluster``): at most 255
+    distinct nonzero values, each used by 4 weights or more on average. Trained
+    layers have (almost) all weights distinct; pruning alone does not change that."""
+    nonzero = w[w != 0]
+    if nonzero.size == 0:
+        return False
+    distinct = np.unique(nonzero).size
+    return distinct <= 255 and nonzero.size >= 4 * distinct
+
+
+def quantize_weight(w: np.ndarray, axis: int, per_tensor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 in [-127, 127]; returns (int8 data, float32 scales).
+    With ``per_tensor`` every channel gets the layer's scale (still one per channel)."""
     moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
     max_abs = np.abs(moved).max(axis=1)
+    if per_tensor:
+        max_abs = np.full_like(max_abs, max_abs.max())
     scale = np.where(max_abs > 0, max_abs / 127.0, 1.0).astype(np.float32).astype(np.float64)
     shape = [1] * w.ndim
     shape[axis] = -1
@@ -229,8 +243,12 @@ def derive_kernel_params(graph: Graph) -> None:
 # The quantizer
 # ---------------------------------------------------------------------------
 
-def quantize(graph: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
-    """Float graph (BN folded, activations fused) + calibrated ranges -> int8 graph."""
+def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_when_clustered: bool = True) -> Graph:
+    """Float graph (BN folded, activations fused) + calibrated ranges -> int8 graph.
+
+    A clustered layer (``shares_values``) gets one weight scale for all its
+    channels, so its k shared values stay k int8 values: one codebook for the
+    layer, one requantization multiplier (see docs/DESIGN-NOTES.md)."""
     for op in graph.ops:
         if op.kind == "batch_norm":
             raise EdgekitError("fold BatchNorm before quantizing (passes.fuse.prepare_float)")
@@ -245,7 +263,7 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
             continue
         w = g.tensors[op.inputs[1]]
         axis = _channel_axis(op.kind)
-        data, w_scales = quantize_weight(w.data, axis)
+        data, w_scales = quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
         w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
         in_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
         bias_scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scales])

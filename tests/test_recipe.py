@@ -155,3 +155,25 @@ def test_data_layouts(trained_mlp, trained_cnn):
     assert prepare(digits, trained_cnn).x_train.shape[1:] == (1, 8, 8)
     with pytest.raises(EdgekitError, match="does not run on the data's samples of shape \\[3\\]"):
         prepare((np.zeros((4, 3), np.float32), np.zeros(4, np.int64)), trained_cnn)
+
+
+def test_sparsify_cluster_then_qat_keeps_codebooks(trained_mlp, digits_flat):
+    """QAT after clustering trains with the clustered layers' single weight scale and keeps every
+    layer's shared values and zeros, so the codebook and Huffman encodings still apply."""
+    recipe = {"step": [{"kind": "sparsify", "sparsity": 0.8, "scope": "global", "epochs": 1},
+                       {"kind": "cluster", "bits": 4, "epochs": 1},
+                       {"kind": "qat", "epochs": 2}],
+              "output": {"weights": "auto", "encodings": ["dense", "auto"]}}
+    small, rep = edgekit.run_recipe(trained_mlp, recipe, digits_flat, show_progress=False, log=lambda *_: None)
+    sparse, clustered, qat_step = rep["steps"][1:]
+    assert qat_step["nonzero_weights"] == clustered["nonzero_weights"] == sparse["nonzero_weights"]
+    graph = edgekit.quantize(small, digits_flat.x_train[:64])
+    for op in graph.ops:
+        if op.kind == "fully_connected":
+            w = graph.tensors[op.inputs[1]]
+            assert len(np.unique(w.data)) <= 16
+            assert len(set(w.quant.scale.tolist())) == 1  # one scale: one codebook for the layer
+    assert rep["final"]["c_equals_reference"]
+    assert set(rep["final"]["layer_encodings"].values()) - {"dense"}
+    assert qat_step["weight_bytes"]["int8"]["auto"] < sparse["weight_bytes"]["int8"]["auto"]
+    assert rep["final"]["accuracy_c"] > 0.9

@@ -263,12 +263,13 @@ def _check_model(model: nn.Module, recipe: dict, split) -> None:
 
 
 def run_recipe(model: nn.Module, recipe, data, *, sample_shape=None, build_dir=None, deploy: bool = True,
-               show_progress: bool = True, log=print) -> tuple[nn.Module, dict]:
+               show_progress: bool = True, log=print, on_step=None) -> tuple[nn.Module, dict]:
     """Run a recipe on ``model`` with ``data``. Returns (compressed model, report).
 
     The report has one entry per step (parameters, MACs, weight bytes by encoding, held-out accuracy
     in float and int8) and, with ``deploy``, the final model's C program built and run on the host
-    (its accuracy measured from the C outputs, compared with the reference executor)."""
+    (its accuracy measured from the C outputs, compared with the reference executor).
+    ``on_step(index, step, model)`` sees the model after each step."""
     import tempfile
 
     from . import report as rep
@@ -298,6 +299,8 @@ def run_recipe(model: nn.Module, recipe, data, *, sample_shape=None, build_dir=N
         else:
             entry.update(rep.measure(current, split, **measure))
         result["steps"].append(entry)
+        if on_step is not None:
+            on_step(i, step, current)
     if deploy:
         log(f"==> generate, build and run the final model as C ({out['weights']} weights)")
         if build_dir is None:

@@ -89,7 +89,7 @@ def deploy(model: nn.Module, split, out_dir, *, weights: str = "dense", calib_sa
 
 def table(report: dict) -> str:
     """The report's steps as a text table."""
-    head = f"{'step':<22} {'params':>9} {'nonzero w':>9} {'MACs':>9} {'float32 B':>10} {'int8 B':>9} " \
+    head = f"{'step':<22} {'params':>9} {'nonzero w':>9} {'MACs':>9} {'float32 B':>10} {'int8 B*':>9} " \
            f"{'acc %':>6} {'int8 %':>6}"
     lines = [head, "-" * len(head)]
     for s in report["steps"]:
@@ -101,10 +101,14 @@ def table(report: dict) -> str:
         int8_acc = f"{s['int8_accuracy'] * 100:6.2f}" if "int8_accuracy" in s else "     -"
         lines.append(f"{s['label']:<22} {s['parameters']:>9,} {s['nonzero_weights']:>9,} {s['macs']:>9,} "
                      f"{s['weight_bytes']['float32']:>10,} {best:>9,} {s['accuracy'] * 100:6.2f} {int8_acc}")
+    encodings = ", ".join(report["steps"][0]["weight_bytes"]["int8"])
+    lines.append(f"* int8 B: the fewest weight bytes among the encodings measured ({encodings}); "
+                 "acc: float model, int8: the int8 reference executor")
     final = report.get("final")
     if final:
+        original = report["steps"][0]["weight_bytes"]["float32"]
         lines.append(f"final C program ({final['weights']} weights): accuracy {final['accuracy_c'] * 100:.2f} %, "
                      f"{'equal to' if final['c_equals_reference'] else 'DIFFERENT from'} the reference executor; "
-                     f"weights {final['weight_bytes']:,} B ({final['float_weight_bytes'] / max(1, final['weight_bytes']):.1f}x "
-                     f"smaller than float32), text {final['sizes'].get('text', 0):,} B")
+                     f"weights {final['weight_bytes']:,} B ({original / max(1, final['weight_bytes']):.1f}x smaller "
+                     f"than the input's float32), text {final['sizes'].get('text', 0):,} B")
     return "\n".join(lines)

@@ -115,8 +115,71 @@ def cmd_demo(args) -> int:
     if args.board == "host":
         result = demo.run_host_demo(out, epochs=args.epochs)
     else:
-        result = demo.run_device_demo(args.board, out, epochs=args.epochs)
+        result = demo.run_device_demo(args.board, out, epochs=args.epochs, port=args.port)
     return 0 if result.get("bit_exact", False) else 1
+
+
+def cmd_emulate(args) -> int:
+    import time
+
+    from .device.emulator import Emulator
+
+    emu = Emulator(args.board, port=args.port, log=Path(args.log) if args.log else None)
+    emu.start()
+    print(f"{emu.board.name} is running edgekit's serial bootloader in QEMU (pid {emu.process.pid}).\n"
+          f"Its UART: {emu.url}\n"
+          f"  edgekit flash OUT --port {emu.url}\n"
+          f"  edgekit profile --port {emu.url} --inputs x.npy\n"
+          "Ctrl-C stops it.", flush=True)
+    try:
+        while emu.alive():
+            time.sleep(0.5)
+        print(f"edgekit: QEMU exited (code {emu.process.returncode if emu.process else '?'})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        emu.stop()
+
+
+def cmd_flash(args) -> int:
+    from .device.flash import flash_project
+
+    result = flash_project(args.project, args.port, method=args.method, start=not args.no_start,
+                           mount=args.mount)
+    if "blocks" in result:
+        print(f"flashed {result['bytes']:,} bytes to chip 0x{result['chip_id']:04X}, verified"
+              f"{', started' if result['started'] else ''} (model {result['fingerprint']})")
+    else:
+        print(f"flashed model {result['fingerprint']}: {result}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import json
+
+    from .device.profile import format_report, profile
+
+    x = _load_npy(args.inputs, "inputs")
+    labels = _load_npy(args.labels, "labels") if args.labels else None
+    report = profile(args.port, x, project_dir=args.project, labels=labels, runs=args.runs, int8=args.int8,
+                     timeout=args.timeout)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    if not report["bit_exact"]:
+        print("edgekit: error: the device's outputs differ from the reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .targets.toolchain import doctor
+
+    ok, text = doctor()
+    print(text)
+    return 0 if ok else 1
 
 
 def cmd_boards(args) -> int:
@@ -179,11 +242,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sanitize", action="store_true", help="run the sanitizer build")
     r.set_defaults(fn=cmd_run)
 
-    d = sub.add_parser("demo", help="train, quantize, generate, build and run a digits CNN end to end")
-    d.add_argument("--board", default="host")
+    d = sub.add_parser("demo", help="train, quantize, generate, build, flash and profile a digits CNN")
+    d.add_argument("--board", default="mps2-an386", help="default: the emulated Cortex-M4; `host` runs it here")
+    d.add_argument("--port", help="a real board's serial port (emulated boards start their own)")
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("-o", "--output")
     d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("emulate", help="run an emulated board (QEMU) with edgekit's serial bootloader")
+    e.add_argument("--board", default="mps2-an386")
+    e.add_argument("--port", type=int, default=4321, help="TCP port of its UART (default 4321)")
+    e.add_argument("--log", help="file for QEMU's own messages")
+    e.set_defaults(fn=cmd_emulate)
+
+    f = sub.add_parser("flash", help="write a built project to its device and start it")
+    f.add_argument("project")
+    f.add_argument("--port", help="serial port or URL: /dev/ttyUSB0, socket://127.0.0.1:4321, ...")
+    f.add_argument("--method", choices=["serial-bootloader", "openocd", "nrfjprog", "uf2"],
+                   help="default: the board's own")
+    f.add_argument("--no-start", action="store_true", help="verify but do not jump to the application")
+    f.add_argument("--mount", help="uf2: where the board's USB drive is mounted")
+    f.set_defaults(fn=cmd_flash)
+
+    pr = sub.add_parser("profile", help="run inferences on a device: counts per layer, memory, bit-exact check")
+    pr.add_argument("--port", required=True)
+    pr.add_argument("--inputs", required=True, help=".npy of float32 samples (the model's layout), or int8 NHWC "
+                    "with --int8")
+    pr.add_argument("--labels", help=".npy of class labels: on-device accuracy")
+    pr.add_argument("--runs", type=int, help="inferences to run (default: each sample once)")
+    pr.add_argument("--project", help="the generated project (default: found from the device's model)")
+    pr.add_argument("--int8", action="store_true")
+    pr.add_argument("--json", help="also write the report as JSON")
+    pr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    pr.set_defaults(fn=cmd_profile)
+
+    doc = sub.add_parser("doctor", help="check the compilers and emulators edgekit uses")
+    doc.set_defaults(fn=cmd_doctor)
 
     bo = sub.add_parser("boards", help="list the boards")
     bo.set_defaults(fn=cmd_boards)

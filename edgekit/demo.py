@@ -55,3 +55,64 @@ def run_host_demo(out_dir: str | Path = "runs/demo-host", epochs: int = 30, seed
     ] + [(f"time: {label.split(' (')[0]}", f"{t:.2f} s") for label, t in stages.times]
     print("\nedgekit demo, board host\n" + table(rows))
     return {"float_accuracy": float_acc, "int8_accuracy": int8_acc, "bit_exact": bit_exact, "record": record}
+
+
+def run_device_demo(board_name: str = "mps2-an386", out_dir: str | Path | None = None, epochs: int = 30,
+                    seed: int = 0, port: str | None = None) -> dict:
+    """Train -> quantize -> generate -> build -> flash over serial -> profile, on a (by default emulated) board."""
+    from .boards import load_board
+    from .device.emulator import Emulator
+    from .device.flash import flash_project
+    from .device.profile import format_report, profile
+
+    board = load_board(board_name)
+    if board.kind != "cortex-m":
+        raise api.EdgekitError(f"the device demo runs on Cortex-M boards; {board.name} is {board.kind}")
+    emulated = bool(board.get("qemu"))
+    if not emulated and not port:
+        raise api.EdgekitError(f"{board.name} is real hardware: pass --port (its serial port), or use the "
+                               "emulated default (edgekit demo)")
+    out_dir = Path(out_dir or f"runs/demo-{board.name}")
+    data = datasets.digits()
+    stages = Stages()
+    model = models.DigitsCNN()
+    train.seed_everything(seed)
+    stages.run("train the digits CNN (scikit-learn digits, 80/20 stratified split)", train.train_classifier,
+               model, data.x_train, data.y_train, epochs=epochs, seed=seed)
+    float_acc = train.accuracy(train.predict(model, data.x_test), data.y_test)
+    graph = stages.run("quantize to int8 (calibrate on 256 training samples)", api.quantize, model,
+                       data.x_train[:256])
+    record = stages.run(f"generate C for {board.name} into {out_dir}", api.generate, graph, out_dir, board.name)
+    built = stages.run("build with arm-none-eabi-gcc -O2 -Wall -Wextra -Werror", api.build, out_dir)
+    emulator = Emulator(board) if emulated else None
+    try:
+        if emulator:
+            stages.run(f"start the emulated {board.cpu} (QEMU {board['qemu']['machine']}, serial bootloader)",
+                       emulator.start)
+            port = emulator.url
+        flashed = stages.run(f"flash over serial ({port}): erase, write, read back, verify, go", flash_project,
+                             out_dir, port)
+        report = stages.run(f"profile the {len(data.x_test)} test images on the device", profile, port,
+                            data.x_test, labels=data.y_test)
+    finally:
+        if emulator:
+            emulator.stop()
+    print("\n" + format_report(report))
+    unit = report["unit"]
+    rows = [
+        ("board", f"{board.name}: {board.description}"),
+        ("float accuracy (PyTorch)", f"{float_acc * 100:.2f} %"),
+        ("int8 accuracy (measured on the device)", f"{report['accuracy'] * 100:.2f} %"),
+        ("device outputs equal the numpy reference", "yes, bit for bit" if report["bit_exact"] else "NO"),
+        (f"per inference ({unit})", f"{report['total']['median']:,.0f}"),
+        ("weights float32 -> int8", f"{record['float_weight_bytes']:,} B -> {record['weight_bytes']:,} B"),
+        ("firmware flash (text + data)", f"{built['sizes']['flash']:,} B"),
+        ("firmware RAM (data + bss + stack)", f"{built['sizes']['ram']:,} B"),
+        ("arena / stack used", f"{record['arena_bytes']:,} B / {report['stack_high_water']:,} B"),
+        ("flashed and verified", f"{flashed['bytes']:,} B in {flashed['blocks']} blocks"),
+    ] + [(f"time: {label.split(' (')[0]}", f"{t:.2f} s") for label, t in stages.times]
+    print(f"\nedgekit demo, board {board.name}\n" + table(rows))
+    if unit == "emulated instructions":
+        print("  (instructions executed by QEMU's emulated core: a deterministic count, not a time)")
+    return {"float_accuracy": float_acc, "int8_accuracy": report["accuracy"], "bit_exact": report["bit_exact"],
+            "record": record, "report": report}

@@ -144,8 +144,25 @@ class Graph:
     def fingerprint(self) -> str:
         """A stable hash of structure and constants: identifies a model on a device."""
         h = hashlib.sha256()
+
+        def feed(value):
+            if isinstance(value, np.ndarray):
+                h.update(repr((value.dtype.str, value.shape)).encode())
+                h.update(np.ascontiguousarray(value).tobytes())
+            elif isinstance(value, dict):
+                for k in sorted(value):
+                    h.update(repr(k).encode())
+                    feed(value[k])
+            elif isinstance(value, (list, tuple)):
+                h.update(b"[")
+                for v in value:
+                    feed(v)
+                h.update(b"]")
+            else:
+                h.update(repr(value.item() if isinstance(value, np.generic) else value).encode())
+
         for op in self.ops:
-            h.update(repr((op.kind, op.inputs, op.outputs, sorted(op.attrs.items(), key=lambda kv: kv[0]))).encode())
+            feed((op.kind, op.inputs, op.outputs, op.attrs))
         for name in sorted(self.tensors):
             t = self.tensors[name]
             h.update(repr((name, t.shape, t.dtype)).encode())

@@ -85,7 +85,8 @@ class CBuild:
         objs = [str(self._kernel_object(project, k)) for k in record["kernels"]]
         exe = project / "model_runner_test"
         cmd = ["gcc", "-O1", "-g", *WARN, *(SANITIZE if self.sanitize else []), "-I", str(project / "include"),
-               "-I", str(project), str(project / "main.c"), str(project / "model.c"), str(project / "model_weights.c"),
+               "-I", str(project), *(str(project / f) for f in ("main.c", "ek_port.c", "ek_protocol.c", "ek_app.c",
+                                                                 "model.c", "model_weights.c")),
                *objs, "-o", str(exe), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr

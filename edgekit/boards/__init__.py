@@ -20,8 +20,14 @@ class Board:
     name: str
     description: str
     kind: str  # host | cortex-m | linux-aarch64
-    templates: str
+    templates: list[str]  # folders of firmware_templates/ rendered into the project
     data: dict = field(default_factory=dict)
+
+    def __getattr__(self, key):  # board.cpu, board.clock_hz, ...: the data file's keys
+        try:
+            return self.__dict__["data"][key]
+        except KeyError:
+            raise AttributeError(f"board has no {key!r}") from None
 
     def get(self, key, default=None):
         return self.data.get(key, default)
@@ -40,4 +46,6 @@ def load_board(name: str) -> Board:
         raise EdgekitError(f"unknown board {name!r}; known boards: {', '.join(list_boards())}")
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    return Board(data["name"], data.get("description", ""), data["kind"], data["templates"], data)
+    templates = data["templates"]
+    return Board(data["name"], data.get("description", ""), data["kind"],
+                 [templates] if isinstance(templates, str) else list(templates), data)

@@ -16,7 +16,9 @@ import numpy as np
 from ..boards import Board, load_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
+from ..ir_io import save_graph
 from ..passes.verify import check_int8_arithmetic
+from ..targets import budget
 from .memory_plan import MemoryPlan, plan_memory
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -311,20 +313,24 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
 
     plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     kernels = sorted({l.kernel for l in layers if l.kernel})
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
+    budget_lines = budget.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
+                                             budget.estimate_code_bytes(kernels))
+    out.mkdir(parents=True, exist_ok=True)
     elem_type = "float" if weight_only else "int8_t"
     inputs = [builder.buffer(n) for n in graph.inputs]
     outputs = [builder.buffer(n) for n in graph.outputs]
     fingerprint = graph.fingerprint()
     context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
-                   fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used)
+                   fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
+                   region=board.get("app", {}), region_name="application",
+                   stack_bytes=int(board.get("stack_bytes", 8192)))
 
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
     if (out / "kernels").exists():
@@ -341,10 +347,11 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         render_to(out / "kernels" / f"{k}.c", f"kernels/{k}.c.j2", **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
         render_to(out / name, f"model/{name}.j2", **context)
-    board_dir = TEMPLATES / board.templates
-    for tmpl in sorted(board_dir.rglob("*.j2")):
-        rel = tmpl.relative_to(board_dir).with_suffix("")
-        render_to(out / rel, f"{board.templates}/{tmpl.relative_to(board_dir).as_posix()}", **context)
+    for folder in board.templates:
+        board_dir = TEMPLATES / folder
+        for tmpl in sorted(board_dir.rglob("*.j2")):
+            rel = tmpl.relative_to(board_dir).with_suffix("")
+            render_to(out / rel, f"{folder}/{tmpl.relative_to(board_dir).as_posix()}", **context)
 
     weight_bytes = sum(a.nbytes for a in builder.arrays)
     record = {
@@ -362,7 +369,9 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                     **({"encoding": l.encoding} if l.kind in _WEIGHTED else {})}
                    for l in layers],
         "kernels": kernels,
+        "budget_before_build": budget_lines,
     }
+    save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,0 +1,189 @@
+"""`edgekit flash`: put a built project on its device.
+
+Serial bootloader boards (real STM32 ROMs, edgekit's bootloader on the emulated
+boards): sync, check the chip ID against the board file, erase the pages the
+image covers, write it in 256-byte blocks, read everything back and compare,
+and only then jump to it. A write that did not land is erased and rewritten; a
+flash that cannot be verified fails with an error and never starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..boards import Board, load_board
+from ..codegen.project import load_project
+from ..errors import EdgekitError
+from ..progress import Progress
+from .stm32boot import (EXTENDED_ERASE, GO, READ_MEMORY, WRITE_MEMORY, BootloaderError, Stm32Bootloader)
+
+BLOCK = 256
+
+
+def _registry_path() -> Path:
+    from ..targets.cortex_m import cache_dir
+    return cache_dir() / "devices.json"
+
+
+def remember(fingerprint: str, project: Path, port: str | None) -> None:
+    """Note which project a fingerprint belongs to, so `edgekit profile` finds it from the device."""
+    path = _registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        data = {}
+    data.setdefault("projects", {})[fingerprint] = str(Path(project).resolve())
+    if port:
+        data.setdefault("ports", {})[port] = fingerprint
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def project_for(fingerprint: str) -> Path | None:
+    path = _registry_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    p = data.get("projects", {}).get(fingerprint)
+    return Path(p) if p and (Path(p) / "edgekit_project.json").exists() else None
+
+
+def pages_for(board: Board, start: int, length: int) -> list[int]:
+    """Page (or sector) numbers covering [start, start + length), numbered from the flash origin."""
+    boot = board.get("bootloader") or {}
+    origin = board["memory"]["flash_origin"]
+    sectors = boot.get("sectors")
+    if sectors:
+        pages, base = [], origin
+        for i, size in enumerate(sectors):
+            if base < start + length and start < base + size:
+                pages.append(i)
+            base += size
+        return pages
+    size = int(boot.get("page_size", 2048))
+    first = (start - origin) // size
+    last = (start + length - 1 - origin) // size
+    return list(range(first, last + 1))
+
+
+def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
+                 start: bool = True, timeout: float = 1.0) -> dict:
+    boot = board.get("bootloader") or {}
+    with Stm32Bootloader(port, timeout=timeout) as bl:
+        bl.sync()
+        version, commands = bl.get()
+        missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),
+                                           (EXTENDED_ERASE, "Extended Erase"), (GO, "Go")) if code not in commands]
+        if missing:
+            raise BootloaderError(f"the bootloader (protocol 0x{version:02X}) lacks {', '.join(missing)}")
+        chip = bl.get_id()
+        expected = boot.get("chip_id")
+        if expected is not None and chip != expected:
+            raise BootloaderError(f"the device is chip 0x{chip:04X}, but board {board.name} is chip "
+                                  f"0x{expected:04X}: wrong board or wrong port")
+        pages = pages_for(board, base, len(image))
+        padded = image + b"\xFF" * (-len(image) % 4)
+        rounds = 0
+        todo = list(range(0, len(padded), BLOCK))
+        erase = pages
+        while True:
+            rounds += 1
+            for i in range(0, len(erase), 256):
+                bl.extended_erase(erase[i:i + 256])
+            bar = Progress(len(todo), "writing", enabled=show_progress, unit=" blocks")
+            for off in todo:
+                bl.write_memory(base + off, padded[off:off + BLOCK])
+                bar.update()
+            bar.close()
+            bad = []
+            bar = Progress(-(-len(padded) // BLOCK), "verifying", enabled=show_progress, unit=" blocks")
+            for off in range(0, len(padded), BLOCK):
+                want = padded[off:off + BLOCK]
+                got = bl.read_memory(base + off, len(want))
+                if got != want:
+                    got = bl.read_memory(base + off, len(want))  # a byte damaged on the way back?
+                if got != want:
+                    bad.append(off)
+                bar.update()
+            bar.close()
+            if not bad:
+                break
+            if rounds >= 3:
+                raise BootloaderError(f"verification failed: {len(bad)} blocks still differ after {rounds} "
+                                      "rounds of erase and write; the device was not started")
+            # Flash bits only clear: erase the pages around the bad blocks, then rewrite all their blocks.
+            erase = sorted({p for off in bad for p in pages_for(board, base + off, BLOCK)})
+            todo = [off for off in range(0, len(padded), BLOCK)
+                    if set(pages_for(board, base + off, min(BLOCK, len(padded) - off))) & set(erase)]
+        if start:
+            bl.go(base)
+        return {"bytes": len(image), "blocks": -(-len(padded) // BLOCK), "chip_id": chip, "rounds": rounds,
+                "retries": bl.retries_used, "started": start}
+
+
+def _flash_uf2(board: Board, out: Path, project: dict, mount: str | None) -> dict:
+    from .uf2 import write_uf2
+    image = Path(project["image"]).read_bytes()
+    uf2 = out / "firmware.uf2"
+    write_uf2(image, board["app"]["flash_origin"], int(board.get("uf2_family", 0)), uf2)
+    target = Path(mount) if mount else Path(f"/media/{os.environ.get('USER', 'root')}/RPI-RP2")
+    if target.is_dir():
+        shutil.copy(uf2, target / uf2.name)
+        return {"uf2": str(uf2), "copied_to": str(target)}
+    raise EdgekitError(f"wrote {uf2}; no RPI-RP2 drive at {target}. Hold BOOTSEL while plugging the Pico in, "
+                       "then copy the file onto the drive (or pass --mount PATH).")
+
+
+def _flash_tool(board: Board, out: Path, project: dict, method: str) -> dict:
+    elf = project["binary"]
+    if method == "openocd":
+        target = board.get("openocd_target")
+        if not target:
+            raise EdgekitError(f"board {board.name} names no openocd target")
+        cmd = ["openocd", "-f", "interface/stlink.cfg" if "stm32" in target else "interface/jlink.cfg",
+               "-f", target, "-c", f"program {elf} verify reset exit"]
+    elif method == "nrfjprog":
+        hexfile = out / "firmware.hex"
+        subprocess.run(["arm-none-eabi-objcopy", "-O", "ihex", elf, str(hexfile)], check=True)
+        cmd = ["nrfjprog", "--program", str(hexfile), "--sectorerase", "--verify", "--reset"]
+    else:
+        raise EdgekitError(f"unknown flash method {method!r}")
+    if shutil.which(cmd[0]) is None:
+        raise EdgekitError(f"flashing {board.name} with {method} needs `{cmd[0]}`, which is not installed")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise EdgekitError(f"{cmd[0]} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return {"tool": cmd[0]}
+
+
+def flash_project(out_dir, port: str | None = None, *, method: str | None = None, start: bool = True,
+                  show_progress: bool = True, mount: str | None = None) -> dict:
+    out = Path(out_dir)
+    project = load_project(out)
+    board = load_board(project["board"])
+    if board.kind != "cortex-m":
+        raise EdgekitError(f"board {board.name} is not flashed: {board.kind} builds run directly")
+    image_path = out / "firmware.bin"
+    if not image_path.exists():
+        raise EdgekitError(f"{image_path} does not exist: run `edgekit build {out}` first")
+    project["image"], project["binary"] = str(image_path), str(out / "firmware.elf")
+    method = method or board.get("flash_method", "serial-bootloader")
+    if method == "serial-bootloader":
+        if not port:
+            raise EdgekitError("flashing over the serial bootloader needs --port (e.g. /dev/ttyUSB0, or "
+                               "socket://127.0.0.1:4321 for `edgekit emulate`)")
+        result = flash_serial(board, image_path.read_bytes(), board["app"]["flash_origin"], port,
+                              show_progress=show_progress, start=start)
+    elif method == "uf2":
+        result = _flash_uf2(board, out, project, mount)
+    else:
+        result = _flash_tool(board, out, project, method)
+    remember(project["fingerprint"], out, port)
+    result["fingerprint"] = project["fingerprint"]
+    return result

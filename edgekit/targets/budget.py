@@ -1,0 +1,53 @@
+"""Does a model fit its board? Checked before building, and again exactly from the built ELF."""
+from __future__ import annotations
+
+from ..boards import Board
+from ..errors import EdgekitError
+
+# Code size of the runtime (startup, UART, protocol, main loop) and of each kernel, in bytes of .text,
+# measured from arm-none-eabi-gcc -O2 builds (Cortex-M4). Used only for the check before building;
+# the check after building reads the real sizes from the ELF.
+RUNTIME_CODE_BYTES = 2600
+KERNEL_CODE_BYTES = 900
+LIBC_CODE_BYTES = 600
+
+
+def estimate_code_bytes(kernels: list[str]) -> int:
+    return RUNTIME_CODE_BYTES + LIBC_CODE_BYTES + KERNEL_CODE_BYTES * len(kernels)
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,} B ({n / 1024:.1f} KiB)"
+
+
+def check_before_build(board: Board, weight_bytes: int, arena_bytes: int, code_bytes: int) -> list[str]:
+    """Refuse a model that cannot fit, naming the part and by how many bytes. Returns report lines."""
+    region = board.get("app")
+    if not region:
+        return []
+    stack = int(board.get("stack_bytes", 8192))
+    flash_need = weight_bytes + code_bytes
+    ram_need = arena_bytes + stack + 2048  # + protocol buffers and runtime state
+    problems = []
+    if flash_need > region["flash_size"]:
+        problems.append(f"flash: needs {_fmt(flash_need)} = weights {_fmt(weight_bytes)} + code ~{_fmt(code_bytes)}, "
+                        f"the board has {_fmt(region['flash_size'])}: {_fmt(flash_need - region['flash_size'])} too much")
+    if ram_need > region["ram_size"]:
+        problems.append(f"RAM: needs {_fmt(ram_need)} = arena {_fmt(arena_bytes)} + stack {_fmt(stack)} + runtime 2 KiB, "
+                        f"the board has {_fmt(region['ram_size'])}: {_fmt(ram_need - region['ram_size'])} too much")
+    if problems:
+        raise EdgekitError(f"the model does not fit {board.name}:\n  " + "\n  ".join(problems) +
+                           "\nCompress it (edgekit compress), or pick a larger board (edgekit boards).")
+    return [f"flash: ~{_fmt(flash_need)} of {_fmt(region['flash_size'])} (weights {_fmt(weight_bytes)})",
+            f"RAM:   ~{_fmt(ram_need)} of {_fmt(region['ram_size'])} (arena {_fmt(arena_bytes)}, stack {_fmt(stack)})"]
+
+
+def check_built(board: Board, sizes: dict) -> list[str]:
+    region = board.get("app")
+    if not region:
+        return []
+    lines = [f"flash: {_fmt(sizes['flash'])} of {_fmt(region['flash_size'])} "
+             f"({100 * sizes['flash'] / region['flash_size']:.1f} %)",
+             f"RAM:   {_fmt(sizes['ram'])} of {_fmt(region['ram_size'])} "
+             f"({100 * sizes['ram'] / region['ram_size']:.1f} %, stack included)"]
+    return lines

@@ -1,0 +1,83 @@
+"""Cortex-M targets: arm-none-eabi-gcc + newlib build firmware.elf / firmware.bin."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from ..boards import Board
+from ..errors import EdgekitError
+from . import budget
+from .elf import section_sizes
+from .toolchain import require
+
+_OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
+
+
+def build(board: Board, out: Path, project: dict) -> dict:
+    require("make")
+    require("arm-none-eabi-gcc")
+    proc = subprocess.run(["make", "-s"], cwd=out, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        overflows = _OVERFLOW.findall(text)
+        if overflows:
+            parts = ", ".join(f"{region} by {int(n):,} bytes" for region, n in sorted(set(overflows)))
+            raise EdgekitError(f"the firmware does not fit {board.name}: {parts} "
+                               f"(weights {project['weight_bytes']:,} B, arena {project['arena_bytes']:,} B). "
+                               "Compress the model or pick a larger board.")
+        if "cannot find -lc" in text or "nano.specs" in text:
+            raise EdgekitError("newlib for arm-none-eabi is missing: sudo apt-get install libnewlib-arm-none-eabi")
+        tail = "\n".join(text.strip().splitlines()[-25:])
+        raise EdgekitError(f"building the firmware failed:\n{tail}")
+    elf = out / "firmware.elf"
+    sizes = section_sizes(elf)
+    project["binary"] = str(elf)
+    project["image"] = str(out / "firmware.bin")
+    project["sizes"] = sizes
+    project["budget_lines"] = budget.check_built(board, sizes)
+    return project
+
+
+def cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("EDGEKIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                           os.path.expanduser("~/.cache"), "edgekit")
+    return Path(base)
+
+
+def build_bootloader(board: Board, dest: Path | None = None) -> Path:
+    """Render and build edgekit's serial bootloader for ``board``; cached by content."""
+    import hashlib
+
+    from ..codegen.render import render
+
+    boot = board.get("bootloader") or {}
+    if boot.get("kind") != "edgekit":
+        raise EdgekitError(f"{board.name} is flashed through {boot.get('kind', 'its own tools')}, "
+                           "not edgekit's bootloader")
+    require("make")
+    require("arm-none-eabi-gcc")
+    context = dict(board=board, boot=boot, region=boot, region_name="bootloader",
+                   stack_bytes=int(boot.get("stack_bytes", 4096)))
+    files = {
+        "startup.c": render("cortex_m/startup.c.j2", **context),
+        "linker.ld": render("cortex_m/linker.ld.j2", **context),
+        "ek_uart.h": render("cortex_m/ek_uart.h.j2", **context),
+        "ek_uart.c": render("cortex_m/ek_uart.c.j2", **context),
+        "bootloader.c": render("bootloader/bootloader.c.j2", **context),
+        "Makefile": render("bootloader/Makefile.j2", **context),
+    }
+    digest = hashlib.sha256("".join(k + v for k, v in sorted(files.items())).encode()).hexdigest()[:12]
+    dest = dest or cache_dir() / "bootloader" / f"{board.name}-{digest}"
+    elf = dest / "bootloader.elf"
+    if elf.exists():
+        return elf
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (dest / name).write_text(text)
+    proc = subprocess.run(["make", "-s"], cwd=dest, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise EdgekitError(f"building the bootloader for {board.name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return elf

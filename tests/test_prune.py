@@ -115,6 +115,12 @@ def test_pruned_pt2_model_round_trip(tmp_path):
     graph = edgekit.load(tmp_path / "small.pt2")
     convs = {op.name: graph.tensors[op.inputs[1]].shape for op in graph.ops if op.kind == "conv2d"}
     assert convs["stem.0"][0] == 8 and convs["head.0"] == (16, 1, 1, 24)
+    # and the pruned model runs as C exactly as the reference executor says
+    x = np.random.default_rng(0).uniform(0, 1, (32,) + shape).astype(np.float32)
+    q = edgekit.quantize(tmp_path / "small.pt2", x)
+    edgekit.generate(q, tmp_path / "c")
+    edgekit.build(tmp_path / "c")
+    assert np.array_equal(edgekit.run(tmp_path / "c", x), edgekit.reference_run(q, x))
 
 
 def test_criteria_pick_the_unimportant_channels(digits_flat):
@@ -143,6 +149,8 @@ def test_global_and_per_layer_ratios():
     g = edgekit.prune(model, 0.5, scope="global", input_shape=IMAGE, show_progress=False)
     counts = {p.name: p.channels for p in analyse(g, ex).prunable}
     assert sum(counts.values()) == 40  # half of 16 + 32 + 32
+    gradual = edgekit.prune(model, 0.5, scope="global", steps=3, input_shape=IMAGE, show_progress=False)
+    assert sum(p.channels for p in analyse(gradual, ex).prunable) == 40
     per_layer = edgekit.prune(model, 0.25, layers={"conv2": 0.75, "pw": 0.0}, input_shape=IMAGE,
                               show_progress=False)
     assert {p.name: p.channels for p in analyse(per_layer, ex).prunable} == {"conv1": 12, "conv2": 8, "pw": 32}
@@ -248,3 +256,13 @@ def test_hard_coded_reshape_keeps_its_channels():
     pruned = edgekit.prune(model, 0.5, input_shape=IMAGE, show_progress=False)
     assert pruned.c1.out_channels == 4 and pruned.c2.out_channels == 4  # c2 feeds view(-1, 64): kept
     assert pruned(torch.zeros((2,) + IMAGE)).shape == (2, 10)
+
+
+def test_a_model_in_training_mode_is_left_as_it_was(digits_flat):
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    model.train()
+    before = _state(model)
+    pruned = edgekit.prune(model, 0.5, criterion="apoz", data=digits_flat, show_progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert _same_state(before, _state(model)), "BatchNorm statistics of the input changed"
+    assert pruned[0].out_features == 16 and pruned[1].num_features == 16

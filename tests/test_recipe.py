@@ -177,3 +177,20 @@ def test_sparsify_cluster_then_qat_keeps_codebooks(trained_mlp, digits_flat):
     assert set(rep["final"]["layer_encodings"].values()) - {"dense"}
     assert qat_step["weight_bytes"]["int8"]["auto"] < sparse["weight_bytes"]["int8"]["auto"]
     assert rep["final"]["accuracy_c"] > 0.9
+
+
+def test_user_npz_data(tmp_path):
+    """A user's .npz (here digits, flat, only a quarter of it): a recipe trains and measures on it."""
+    digits = datasets.digits(flat=True)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=digits.x_train[::4], y_train=digits.y_train[::4], x_test=digits.x_test[::4],
+             y_test=digits.y_test[::4])
+    torch.manual_seed(0)
+    model = train.train_classifier(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                                   digits.x_train[::4], digits.y_train[::4], epochs=20, show_progress=False)
+    _, rep = edgekit.run_recipe(model, {"step": [{"kind": "prune", "ratio": 0.25, "epochs": 2}]}, str(path),
+                                show_progress=False, log=lambda *_: None)
+    assert rep["data"] == "mine" and rep["samples"] == {"train": len(digits.x_train[::4]),
+                                                        "test": len(digits.x_test[::4])}
+    assert rep["steps"][1]["parameters"] < rep["steps"][0]["parameters"]
+    assert rep["final"]["c_equals_reference"]

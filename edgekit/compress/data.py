@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import datasets
 from ..errors import EdgekitError
+from .fxgraph import eval_mode
 
 
 def as_split(data) -> datasets.Split:
@@ -73,11 +74,8 @@ def fit_to_model(split: datasets.Split, model: nn.Module) -> datasets.Split:
     for shape in candidates:
         x = torch.as_tensor(split.x_train[:2].reshape((-1,) + shape))
         try:
-            with torch.no_grad():
-                was = model.training
-                model.eval()
+            with eval_mode(model):
                 y = model(x)
-                model.train(was)
         except Exception as exc:
             first_error = first_error or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             continue

@@ -12,6 +12,7 @@ module call, a torch / functional call, a tensor method or an ATen op.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -115,9 +116,22 @@ def trace(model: nn.Module) -> fx.GraphModule:
                            f"forward?): {first}") from None
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run in eval mode (no BatchNorm statistics updated, no dropout), then restore every module's mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():
+            yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    try:
+        with eval_mode(gm):
             ShapeProp(gm).propagate(example)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -391,13 +391,11 @@ def _nonzero_fractions(a: ChannelAnalysis, x: np.ndarray, batch_size: int = 256)
                 totals[n.name] = totals.get(n.name, 0) + pos
             return out
 
-    was = gm.training
-    gm.eval()
-    for start in range(0, len(x), batch_size):
-        xb = torch.as_tensor(x[start:start + batch_size], dtype=torch.float32)
-        Recorder(gm).run(xb)
-        count += len(xb)
-    gm.train(was)
+    with fxgraph.eval_mode(gm):
+        for start in range(0, len(x), batch_size):
+            xb = torch.as_tensor(x[start:start + batch_size], dtype=torch.float32)
+            Recorder(gm).run(xb)
+            count += len(xb)
     fractions: dict[int, list[float]] = {}
     for name, total in totals.items():
         for atom, frac in zip(a.node_atoms[name], (total / count).tolist()):
@@ -516,11 +514,8 @@ def remove(model: nn.Module, a: ChannelAnalysis, removed: set[int], example: tor
             raise EdgekitError(f"internal: pruning would remove every channel of layer '{name}'")
         fxgraph.set_submodule(new_model, name, _sliced(use, keep_in, keep_out))
     try:
-        with torch.no_grad():
-            was = new_model.training
-            new_model.eval()
+        with fxgraph.eval_mode(new_model):
             y = new_model(example)
-            new_model.train(was)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgekitError(f"the pruned {type(model).__name__} no longer runs ({first}); its forward probably "
@@ -628,7 +623,8 @@ def sensitivity(model: nn.Module, data, *, ratios=(0.25, 0.5, 0.75), criterion: 
         _check_ratio(r, "a sensitivity ratio")
     split = prepare(data, model)
     example = torch.as_tensor(split.x_train[:1])
-    base = accuracy(predict(model, split.x_test), split.y_test)
+    with fxgraph.eval_mode(model):
+        base = accuracy(predict(model, split.x_test), split.y_test)
     a = analyse(model, example)
     score(a, criterion, split.x_train[:512])
     rows = []

@@ -22,7 +22,8 @@ from . import fxgraph
 
 
 def float_graph(model: nn.Module, sample: np.ndarray):
-    return prepare_float(api.load(model, example_input=sample[:1]))
+    with fxgraph.eval_mode(model):  # torch.export wants eval mode; the caller's modes are restored
+        return prepare_float(api.load(model, example_input=sample[:1]))
 
 
 def macs(model: nn.Module, sample: np.ndarray) -> int:
@@ -41,7 +42,11 @@ def _layer_encodings(record: dict) -> dict:
 def measure(model: nn.Module, split, *, calib_samples: int = 256, encodings=("dense",),
             int8_accuracy: bool = True) -> dict:
     """The report's numbers for one model."""
-    model = model.eval()
+    with fxgraph.eval_mode(model):
+        return _measure(model, split, calib_samples, encodings, int8_accuracy)
+
+
+def _measure(model, split, calib_samples, encodings, int8_accuracy) -> dict:
     sample = split.x_train[:1]
     fg = float_graph(model, sample)
     row = {
@@ -93,8 +98,13 @@ def table(report: dict) -> str:
            f"{'acc %':>6} {'int8 %':>6}"
     lines = [head, "-" * len(head)]
     for s in report["steps"]:
-        if "parameters" not in s:
-            lines.append(f"{s['label']:<22} (no model change)")
+        if "sensitivity" in s:
+            scan = s["sensitivity"]
+            lines.append(f"{s['label']:<22} (no model change) held-out accuracy when one layer alone loses a "
+                         f"fraction of its channels, baseline {scan['baseline_accuracy'] * 100:.2f} %:")
+            for row in scan["layers"]:
+                accs = ", ".join(f"{r}: {a * 100:.1f} %" for r, a in row["accuracy"].items())
+                lines.append(f"    {row['layer']} ({row['channels']} channels): {accs}; tolerates {row['tolerates']:g}")
             continue
         int8 = s["weight_bytes"]["int8"]
         best = min(int8.values())

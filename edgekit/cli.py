@@ -69,6 +69,36 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import json
+
+    from .compress import fxgraph
+    from .compress.recipe import load_recipe, run_recipe
+    from .compress.report import table
+
+    model_path, out_path = Path(args.model), Path(args.output)
+    if out_path.suffix != ".pt2":
+        raise EdgekitError(f"the output model {out_path} must be a .pt2 file (torch.export)")
+    if out_path.exists() and out_path.resolve() == model_path.resolve():
+        raise EdgekitError(f"the output {out_path} is the input model; choose another path (the input stays untouched)")
+    if args.report and Path(args.report).resolve() in (model_path.resolve(), out_path.resolve()):
+        raise EdgekitError("the report path must differ from the model paths")
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
+    model, sample_shape = fxgraph.load_model(model_path)
+    compressed, report = run_recipe(model, recipe, args.data, sample_shape=sample_shape, build_dir=args.build_dir,
+                                    show_progress=not args.quiet)
+    report["input"], report["output"] = str(model_path), str(out_path)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    fxgraph.export_model(compressed, sample_shape, tmp)
+    tmp.replace(out_path)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {out_path}" + (f" and {args.report}" if args.report else ""))
+    final = report.get("final")
+    return 0 if final is None or final["c_equals_reference"] else 1
+
+
 def cmd_build(args) -> int:
     from . import api
 
@@ -217,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
     e.add_argument("--percentile", type=float, default=99.99)
     e.set_defaults(fn=cmd_export)
+
+
+    c = sub.add_parser("compress", help="run a compression recipe (prune, sparsify, cluster, distill, QAT...) "
+                       "on a model, with a report per step")
+    c.add_argument("model", help="a torch.export file (.pt2) of a float model")
+    c.add_argument("--recipe", required=True, help="the recipe (.toml) listing the steps")
+    c.add_argument("--data", default="digits", help="'digits' (scikit-learn, held-out 20 %%) or an .npz with "
+                   "x_train, y_train, x_test, y_test")
+    c.add_argument("-o", "--output", required=True, help="the compressed model (.pt2) to write")
+    c.add_argument("--report", help="write the per-step report as JSON here")
+    c.add_argument("--build-dir", help="keep the final model's generated C project here")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(fn=cmd_compress)
 
     b = sub.add_parser("build", help="compile a generated project")
     b.add_argument("project")

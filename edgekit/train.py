@@ -15,8 +15,9 @@ def seed_everything(seed: int = 0) -> None:
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30, lr: float = 3e-3,
                      batch_size: int = 64, weight_decay: float = 1e-4, seed: int = 0, show_progress: bool = True,
-                     label: str = "training", loss_fn=None) -> nn.Module:
-    """Adam + cosine schedule, cross-entropy (or ``loss_fn(model, xb, yb)``)."""
+                     label: str = "training", loss_fn=None, after_step=None) -> nn.Module:
+    """Adam + cosine schedule, cross-entropy (or ``loss_fn(model, xb, yb)``).
+    ``after_step()`` runs after every optimizer step (e.g. to keep pruned weights at zero)."""
     seed_everything(seed)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -35,6 +36,8 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
             loss = loss_fn(model, xb, yb) if loss_fn else ce(model(xb), yb)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         sched.step()

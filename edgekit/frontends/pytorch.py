@@ -19,7 +19,7 @@ from ..ir import Graph, Op, Tensor, conv_output_size
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
-    "torch.cat, Dropout, Identity, and a final Softmax"
+    "torch.cat, Dropout, Identity, a final Softmax, and int8 fake quantization (from edgekit.qat)"
 )
 
 
@@ -260,6 +260,18 @@ class _Converter:
     def _op_native_dropout(self, node):
         v = self.value(node.args[0])
         self.values[node.name] = (v, None)
+
+    # quantization-aware training: the trained parameters of the tensor it reads
+    def _op_fake_quantize_per_tensor_affine(self, node):
+        x, scale, zero_point, qmin, qmax = node.args[:5]
+        if (int(qmin), int(qmax)) != (-128, 127):
+            raise self.unsupported(node, f"fake quantization to [{qmin}, {qmax}] is not int8 [-128, 127]")
+        if hasattr(scale, "name"):  # the tensor_qparams overload: parameters held as buffers
+            scale = float(self.const(scale, "scale", node).reshape(-1)[0])
+            zero_point = int(self.const(zero_point, "zero point", node).reshape(-1)[0])
+        v = self.value(x)
+        self.graph.meta.setdefault("activation_params", {})[v.name] = (float(scale), int(zero_point))
+        self.values[node.name] = v
 
     # convolution
     def _op_conv2d(self, node):

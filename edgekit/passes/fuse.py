@@ -21,6 +21,9 @@ def _rewire(graph: Graph, old: str, new: str) -> None:
     graph.outputs = [new if n == old else n for n in graph.outputs]
     if old in graph.source_layouts and new not in graph.source_layouts:
         graph.source_layouts[new] = graph.source_layouts.pop(old)
+    params = graph.meta.get("activation_params")
+    if params and old in params:  # QAT parameters recorded after a fused op belong to the op's output now
+        params[new] = params.pop(old)
 
 
 def _drop_unused_tensors(graph: Graph) -> None:

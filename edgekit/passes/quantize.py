@@ -120,6 +120,26 @@ class _Groups:
         self.parent[self.find(a)] = self.find(b)
 
 
+def _trained_params(graph: Graph, groups: "_Groups") -> dict[str, tuple[float, int]]:
+    """Parameters a quantization-aware-trained model recorded (``edgekit.qat``), per group of tensors.
+
+    A group with one recorded (scale, zero point) uses it exactly; differing records are merged
+    into the union of their real ranges."""
+    by_root: dict[str, set[tuple[float, int]]] = {}
+    for name, (scale, zp) in graph.meta.get("activation_params", {}).items():
+        if name in graph.tensors:
+            by_root.setdefault(groups.find(name), set()).add((float(scale), int(zp)))
+    out = {}
+    for root, choices in by_root.items():
+        if len(choices) == 1:
+            out[root] = next(iter(choices))
+        else:
+            lo = min(s * (-128 - zp) for s, zp in choices)
+            hi = max(s * (127 - zp) for s, zp in choices)
+            out[root] = qm.choose_activation_params(lo, hi)
+    return out
+
+
 def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> dict[str, QuantParams]:
     groups = _Groups()
     for op in graph.ops:
@@ -139,12 +159,14 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
         lo, hi = ranges[name]
         old = merged.get(root, (np.inf, -np.inf))
         merged[root] = (min(old[0], lo), max(old[1], hi))
+    trained = _trained_params(graph, groups)
     params: dict[str, QuantParams] = {}
     for name in names:
         if name in fixed:
             params[name] = fixed[name]
             continue
-        scale, zp = qm.choose_activation_params(*merged[groups.find(name)])
+        root = groups.find(name)
+        scale, zp = trained[root] if root in trained else qm.choose_activation_params(*merged[root])
         params[name] = QuantParams.per_tensor(scale, zp)
     for name, p in fixed.items():
         for other in names:

@@ -5,9 +5,10 @@ from .ir import Graph
 
 __version__ = "0.1.0"
 __all__ = ["build", "export_tflite", "generate", "load", "quantize", "reference_run", "run", "EdgekitError", "Graph",
-           "cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify"]
+           "cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify", "add_exits"]
 
-_COMPRESSION = ("cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify")
+_COMPRESSION = ("cluster", "distill", "factorize", "prune", "qat", "run_recipe", "sensitivity", "sparsify",
+                "add_exits")
 
 
 def __getattr__(name):

@@ -56,20 +56,31 @@ def to_ir_inputs(graph: Graph, x: np.ndarray) -> np.ndarray:
 
 
 def quantize(model, calibration, *, observer: str = "minmax", percentile: float = 99.99,
-             weight_only: bool = False, show_progress: bool = False) -> Graph:
+             weight_only: bool = False, show_progress: bool = False, exit_criterion: str = "softmax") -> Graph:
     """Post-training quantization. ``calibration``: float samples in the model's
     own layout (NCHW for PyTorch), batched on axis 0. Returns an int8 graph, or
-    with ``weight_only=True`` a graph with int8 weights and float activations."""
+    with ``weight_only=True`` a graph with int8 weights and float activations.
+
+    A multi-exit model (``edgekit.add_exits``) gets its integer exit decisions:
+    ``exit_criterion`` "softmax" (the top int8 softmax probability) or "margin"
+    (top logit minus the runner-up), see ``passes/exits.py``."""
+    from .passes.exits import CRITERIA, prepare_exits
+
+    if exit_criterion not in CRITERIA:
+        raise EdgekitError(f"unknown exit criterion {exit_criterion!r}: choose one of {', '.join(CRITERIA)}")
     calibration = _check_samples("the calibration set", calibration)
     graph = model if isinstance(model, Graph) else load(model, example_input=calibration[:1])
     if graph.is_quantized() or graph.meta.get("weight_only"):
         return graph  # already quantized (an int8 .tflite): nothing to calibrate
     float_graph = prepare_float(graph)
     if weight_only:
+        if graph.meta.get("exits"):
+            raise EdgekitError("early-exit models are int8 only (the exit decisions are integer arithmetic); "
+                               "quantize without weight_only")
         return quantize_weights_only(float_graph)
     ranges = calibrate(float_graph, to_ir_inputs(float_graph, calibration), observer=observer,
                        percentile=percentile, show_progress=show_progress)
-    return quantize_graph(float_graph, ranges)
+    return prepare_exits(quantize_graph(float_graph, ranges), exit_criterion)
 
 
 def export_tflite(graph: Graph, path, *, io: str = "float"):
@@ -79,15 +90,22 @@ def export_tflite(graph: Graph, path, *, io: str = "float"):
     return _export(graph, path, io=io)
 
 
-def generate(graph: Graph, out_dir, board: str = "host", weights="dense") -> dict:
+DEFAULT_EXIT_THRESHOLD = 0.9
+
+
+def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
     "dense", "codebook" (int8 codebook + bit-packed indices), "huffman"
     (canonical Huffman code of values and zero runs), "sparse" (bitmask +
     nonzeros), "auto" (per layer the fewest bytes), or {layer name: encoding}.
-    All are lossless: the C computes exactly what the reference does."""
-    return generate_project(graph, out_dir, board, weights=weights)
+    All are lossless: the C computes exactly what the reference does.
+
+    ``exit_threshold`` (multi-exit models): the confidence an early exit needs to
+    answer, a probability for the softmax criterion (logits for margin), or "off";
+    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``)."""
+    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
 
 
 def build(out_dir, *, sanitize: bool = False) -> dict:
@@ -111,12 +129,17 @@ def _quantize_io(x: np.ndarray, rec: dict) -> np.ndarray:
     return qm.quantize(x, rec["scale"], rec["zero_point"])
 
 
-def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
+def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_threshold="project",
+        with_exit: bool = False):
     """Run the built host program on ``inputs``.
 
     Float inputs in the source layout (NCHW), quantized with the model's input
     parameters; outputs dequantized back to float in the source layout. With
     ``int8=True``, inputs and outputs are the raw int8 NHWC tensors the C sees.
+
+    A multi-exit model returns every exit's output (see ``passes/exits.py``)
+    at ``exit_threshold`` (default: the project's); ``with_exit=True`` returns
+    ``(outputs, exit index per sample)``.
     """
     out = Path(out_dir)
     project = load_project(out)
@@ -144,11 +167,18 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
         data = x if project["mode"] == "weight_only" else _quantize_io(x, inp)
     dtype = np.float32 if project["mode"] == "weight_only" else np.int8
     total = sum(int(np.prod(o["shape"])) for o in outp)
+    exits = project.get("exits")
+    args = []
+    if exits:  # the runner takes the threshold and writes the answering exit after the outputs
+        from .passes.exits import threshold_to_int
+        args = [exits["threshold"] if exit_threshold == "project" else threshold_to_int(exit_threshold)]
+        total += 1
     if board.kind == "linux-aarch64":
         from .targets import linux_aarch64
-        raw = linux_aarch64.run_raw(board, out, data, total, dtype)
+        raw = linux_aarch64.run_raw(board, out, data, total, dtype, args=args)
     else:
-        raw = host.run_raw(out, data, total, dtype, sanitize=sanitize)
+        raw = host.run_raw(out, data, total, dtype, sanitize=sanitize, args=args)
+    index = raw[:, -1].astype(np.int64) if exits else np.zeros(raw.shape[0], np.int64)
     results, start = [], 0
     for o in outp:
         n = int(np.prod(o["shape"]))
@@ -159,14 +189,25 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False):
         if not int8:
             y = layout.from_ir(y, o["layout"])
         results.append(y)
-    return results[0] if len(results) == 1 else results
+    results = results[0] if len(results) == 1 else results
+    return (results, index) if with_exit else results
 
 
-def reference_run(graph: Graph, inputs, *, int8: bool = False):
-    """The numpy reference on the same terms as ``run``: what the C must produce."""
+def _reference_outputs(graph: Graph, x: np.ndarray, exit_threshold):
+    from .passes.exits import run_exits, threshold_to_int
+    if graph.meta.get("exits", {}).get("criterion"):
+        return run_exits(graph, x, threshold_to_int(exit_threshold))
+    return reference.run(graph, x), np.zeros(x.shape[0], np.int64)
+
+
+def reference_run(graph: Graph, inputs, *, int8: bool = False, exit_threshold=DEFAULT_EXIT_THRESHOLD,
+                  with_exit: bool = False):
+    """The numpy reference on the same terms as ``run``: what the C must produce.
+    A multi-exit graph runs at ``exit_threshold`` (give the one the device uses)."""
     if int8:
-        outs = reference.run(graph, np.asarray(inputs))
-        return outs[0] if len(outs) == 1 else outs
+        outs, index = _reference_outputs(graph, np.asarray(inputs), exit_threshold)
+        outs = outs[0] if len(outs) == 1 else outs
+        return (outs, index) if with_exit else outs
     if graph.meta.get("weight_only"):
         from .passes.quantize import dequantized_weights_graph
         graph = dequantized_weights_graph(graph)
@@ -175,11 +216,12 @@ def reference_run(graph: Graph, inputs, *, int8: bool = False):
     if quantized:
         q = graph.tensors[graph.inputs[0]].quant
         x = qm.quantize(x, q.scale[0], q.zero_point[0])
-    outs = reference.run(graph, x)
+    outs, index = _reference_outputs(graph, x, exit_threshold)
     results = []
     for name, y in zip(graph.outputs, outs):
         if quantized:
             q = graph.tensors[name].quant
             y = qm.dequantize(y, q.scale[0], q.zero_point[0])
         results.append(layout.from_ir(y, graph.source_layouts.get(name, "NHWC")))
-    return results[0] if len(results) == 1 else results
+    results = results[0] if len(results) == 1 else results
+    return (results, index) if with_exit else results

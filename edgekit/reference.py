@@ -349,9 +349,22 @@ def _q_softmax(op, graph, x):
     return out.astype(np.int8)
 
 
+def _q_exit(op, graph, x):
+    """An early exit's confidence (see passes/exits.py), in units of 1/256: the top int8 softmax
+    probability + 128, or the top-two logit margin scaled by an integer multiplier."""
+    x = x.reshape(x.shape[0], -1)
+    if op.attrs["criterion"] == "softmax":
+        conf = _q_softmax(op, graph, x).astype(np.int64).max(axis=-1) + 128
+    else:
+        top = np.sort(x.astype(np.int64), axis=-1)
+        conf = qm.multiply_by_quantized_multiplier(top[:, -1] - top[:, -2], op.attrs["multiplier"],
+                                                   op.attrs["shift"])
+    return conf.reshape(-1, 1).astype(np.int32)
+
+
 INT8_KERNELS = {
     "conv2d": _q_conv2d, "depthwise_conv2d": _q_depthwise_conv2d, "fully_connected": _q_fully_connected,
     "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
-    "softmax": _q_softmax,
+    "softmax": _q_softmax, "exit": _q_exit,
 }

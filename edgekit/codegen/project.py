@@ -17,6 +17,7 @@ from ..boards import Board, load_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
+from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from ..targets import budget
 from .memory_plan import MemoryPlan, plan_memory
@@ -52,6 +53,9 @@ class Layer:
     macs: int = 0
     encoding: str = "dense"  # how a weighted layer's filter is stored (codegen.weights)
     weights: dict = field(default_factory=dict)  # an encoded filter's C descriptor: field -> array name or number
+    head_only: bool = False  # only an early exit needs it: skipped when early exits are off
+    head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
+    head_end: bool = False
 
 
 def c_identifier(text: str) -> str:
@@ -298,6 +302,37 @@ class _Builder:
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy
 
+    def _exit(self, layer, op):
+        """An early exit's decision: the kernel returns the confidence, model.c compares it with the
+        threshold and, when it is reached, fills the outputs of the exits not reached and returns."""
+        a = op.attrs
+        g = self.graph
+        layer.kernel = f"ek_exit_{a['criterion']}_s8"
+        layer.params["exit"] = a["exit"]
+        layer.params["depth"] = g.tensors[op.inputs[0]].shape[-1]
+        if a["criterion"] == "softmax":
+            layer.params.update({k: a[k] for k in ("input_multiplier", "input_left_shift", "diff_min")})
+        else:
+            layer.params.update(multiplier=a["multiplier"], shift=a["shift"])
+        layer.params["fills"] = [_fill(g, self.buffer(n), n) for n in g.outputs[a["exit"] + 1:]]
+
+
+def _fill(graph: Graph, buffer: Buffer, name: str) -> dict:
+    """An output the device did not compute: set to its zero point (real 0.0)."""
+    return {"offset": buffer.offset, "size": buffer.size, "value": int(graph.tensors[name].quant.zero_point[0])}
+
+
+def _exits_context(graph: Graph, builder: "_Builder", exit_threshold) -> dict | None:
+    names = exit_names(graph)
+    if not names:
+        return None
+    if not graph.meta["exits"].get("criterion"):
+        raise EdgekitError("this multi-exit graph has no exit decisions: quantize it with edgekit.quantize")
+    depth = max(graph.tensors[n].shape[-1] for n in graph.outputs[:-1])
+    return {"count": len(names) - 1, "names": names, "criterion": graph.meta["exits"]["criterion"],
+            "threshold": threshold_to_int(exit_threshold), "threshold_real": exit_threshold,
+            "scratch": depth, "off_fills": [_fill(graph, builder.buffer(n), n) for n in graph.outputs[:-1]]}
+
 
 def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     t = graph.tensors[name]
@@ -308,12 +343,16 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     return rec
 
 
-def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense") -> dict:
+def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
+                     exit_threshold=0.9) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
     "codebook", "huffman", "sparse" or "auto" (per layer the fewest bytes), or a
     dict {layer name: encoding} (unnamed layers stay dense).
+    ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
+    (a probability, or logits for the margin criterion; "off" runs the plain network), the
+    initial value of the device's ``ek_exit_threshold`` (changeable at run time).
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = load_board(board) if isinstance(board, str) else board
@@ -330,7 +369,16 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
-    kernels = sorted({l.kernel for l in layers if l.kernel})
+    head_only = head_only_ops(graph)
+    for layer, op in zip(layers, graph.ops):
+        layer.head_only = id(op) in head_only
+    coded = [l for l in layers if l.kernel]
+    for prev, layer, nxt in zip([None] + coded[:-1], coded, coded[1:] + [None]):
+        layer.head_begin = layer.head_only and not (prev and prev.head_only)
+        layer.head_end = layer.head_only and not (nxt and nxt.head_only)
+    exits = _exits_context(graph, builder, exit_threshold)
+    kernels = sorted({l.kernel for l in layers if l.kernel} |
+                     ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
     budget_lines = budget.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
                                              budget.estimate_code_bytes(kernels))
@@ -343,7 +391,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
-                   stack_bytes=int(board.get("stack_bytes", 8192)))
+                   stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits)
 
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
     if (out / "kernels").exists():
@@ -390,6 +438,10 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         "kernels": kernels,
         "budget_before_build": budget_lines,
     }
+    if exits:
+        record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],
+                           "threshold_real": threshold_to_real(exits["threshold"]),
+                           "head_only_layers": [l.index for l in layers if l.head_only]}
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -7,6 +7,7 @@
     small = edgekit.distill(small, model, "digits", epochs=5)     # learn from the teacher
     small = edgekit.qat(small, "digits")                          # int8-aware fine-tuning
     small, report = edgekit.run_recipe(model, "recipe.toml", "digits")
+    multi = edgekit.add_exits(model, ["conv1"], "digits")      # early-exit heads (see exits.py)
 
 The functions live in this package's modules (``prune``, ``sparsify``,
 ``lowrank``, ``cluster``, ``distill``, ``qat``, ``recipe``); ``edgekit``
@@ -16,4 +17,4 @@ exports them.
 # public name -> module of this package that defines it
 API = {"prune": "prune", "sensitivity": "prune", "prunable_layers": "prune", "sparsify": "sparsify",
        "sparsity_of": "sparsify", "factorize": "lowrank", "cluster": "cluster", "distill": "distill", "qat": "qat",
-       "run_recipe": "recipe", "load_recipe": "recipe"}
+       "run_recipe": "recipe", "load_recipe": "recipe", "add_exits": "exits"}

@@ -300,6 +300,10 @@ def from_exported(program, name: str = "GraphModule") -> fx.GraphModule:
                         env[a] = graph.get_attr(attr)
                 new = graph.call_function(node.target, mapped(node.args), mapped(node.kwargs))
                 env[node] = new
+    for node, new in env.items():  # keep where each operation came from (edgekit.add_exits finds layers by it)
+        new = new[0] if isinstance(new, tuple) else new
+        if isinstance(new, fx.Node) and new is not node and node.meta.get("nn_module_stack"):
+            new.meta.setdefault("nn_module_stack", node.meta["nn_module_stack"])
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name=name)
     return gm.eval()

@@ -21,6 +21,7 @@ VERSION = 1
 MAX_PAYLOAD = 512
 
 IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM = range(1, 9)
+PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: the early-exit threshold (int32, 1/256 units; 2**31 - 1: off)
 ERROR = 0x7F
 RESPONSE = 0x80
 ERROR_NAMES = {1: "bad CRC", 2: "unknown message type", 3: "index or range out of bounds", 4: "bad length",
@@ -247,7 +248,8 @@ class DeviceLink:
             self.request(SET_INPUT, struct.pack("<BI", index, off) + data[off:off + chunk])
 
     def invoke(self, timeout: float = 60.0) -> tuple[int, int]:
-        """Run the model once: (status, total count)."""
+        """Run the model once: (status, total count). The status is the exit that answered (0 for a
+        model without early exits)."""
         p = self.request(INVOKE, timeout=timeout)
         status, lo, hi = struct.unpack("<iII", p[:12])
         return status, lo | (hi << 32)
@@ -278,6 +280,16 @@ class DeviceLink:
 
     def set_param(self, param: int, value: int) -> None:
         self.request(SET_PARAM, struct.pack("<Bi", param, value))
+
+    def set_exit_threshold(self, raw: int) -> None:
+        """The confidence an early exit needs to answer, in the device's units of 1/256
+        (``passes.exits.threshold_to_int``); ``passes.exits.EXITS_OFF`` runs the plain network."""
+        try:
+            self.set_param(PARAM_EXIT_THRESHOLD, int(raw))
+        except DeviceError as exc:
+            if "out of bounds" in str(exc):
+                raise DeviceError("the device's model has no early exits (it refused the exit threshold)") from None
+            raise
 
     def reset(self) -> None:
         """Send the device back to its bootloader. Its answer may be lost as it resets: not an error."""

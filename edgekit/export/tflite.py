@@ -158,6 +158,9 @@ class _Exporter:
             self.m.op(S.PADV2, [self.t(x), paddings, cv], [out], "PadV2Options")
         return out
 
+    def _exit(self, op):
+        """An early exit's decision has no TFLite form: the exported model computes every exit's output."""
+
     def export(self, io: str) -> tuple[list[int], list[int]]:
         for op in self.g.ops:
             handler = getattr(self, f"_{op.kind}", None)

@@ -23,6 +23,10 @@ SUPPORTED_LAYERS = (
 )
 
 
+# The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).
+EXITS_FILE = "edgekit_exits.json"
+
+
 def load_exported(path: str | Path):
     """Load a ``torch.export.save`` file, with clear errors."""
     import torch
@@ -38,13 +42,21 @@ def load_exported(path: str | Path):
     export_log = logging.getLogger("torch.export")
     level = export_log.level
     export_log.setLevel(logging.ERROR)  # torch logs its own traceback before raising
+    extra = {EXITS_FILE: ""}
     try:
-        return torch.export.load(str(path))
+        program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # torch raises many kinds here
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgekitError(f"{path} is not a loadable torch.export file: {first}") from None
     finally:
         export_log.setLevel(level)
+    if extra[EXITS_FILE]:  # written by edgekit.compress.exits.save_model: a multi-exit model
+        import json
+        try:
+            program.edgekit_exits = list(json.loads(extra[EXITS_FILE])["names"])
+        except (ValueError, KeyError, TypeError):
+            raise EdgekitError(f"{path}: its {EXITS_FILE} record is damaged") from None
+    return program
 
 
 def export_module(module, example_input):
@@ -77,7 +89,12 @@ def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
         if example_input.shape[0] != 1:
             example_input = example_input[:1]
         program = export_module(model, example_input)
-    return _Converter(program).run()
+    graph = _Converter(program).run()
+    names = getattr(model, "edgekit_exits", None) or getattr(program, "edgekit_exits", None)
+    if names:
+        from ..passes.exits import set_exit_names
+        set_exit_names(graph, names)
+    return graph
 
 
 def _layer_of(node) -> tuple[str, str]:

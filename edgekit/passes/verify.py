@@ -59,7 +59,11 @@ def check_int8_arithmetic(graph: Graph) -> None:
             if worst > LIMIT:
                 raise EdgekitError(f"{where}: the product can overflow int32 after the requantization shift "
                                    f"({op.attrs['output_shift']}); the output scale is too small for its inputs")
-        elif op.kind == "softmax":
+        elif op.kind == "exit" and op.attrs["criterion"] == "margin":
+            if 255 << max(op.attrs["shift"], 0) > LIMIT:
+                raise EdgekitError(f"{where}: the logit margin times 256 x the logits' scale can overflow int32; "
+                                   "the logits' range is too wide for the margin criterion (use softmax)")
+        elif op.kind in ("softmax", "exit"):
             depth = graph.tensors[op.inputs[0]].shape[-1]
             if depth > 256:
                 raise EdgekitError(f"{where}: int8 softmax over {depth} classes is not supported (at most 256: "

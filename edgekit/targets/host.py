@@ -22,15 +22,16 @@ def build(out_dir: Path, sanitize: bool = False) -> Path:
 
 
 def run_raw(out_dir: Path, data: np.ndarray, out_elems: int, dtype, sanitize: bool = False,
-            timeout: float = 600) -> np.ndarray:
-    """Feed raw samples (batched, IR layout, already in the I/O dtype) through the program."""
+            timeout: float = 600, args=()) -> np.ndarray:
+    """Feed raw samples (batched, IR layout, already in the I/O dtype) through the program
+    (``args``: more command-line arguments, e.g. an early-exit threshold)."""
     binary = out_dir / ("model_runner_sanitize" if sanitize else RUNNER)
     if not binary.exists():
         raise EdgekitError(f"{binary} does not exist: run `edgekit build {out_dir}` first")
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)
-        proc = subprocess.run([str(binary), str(src), str(dst)], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([str(binary), str(src), str(dst), *map(str, args)], capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise EdgekitError(f"{binary.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         out = np.fromfile(dst, dtype=dtype)

@@ -55,7 +55,8 @@ def command(board: Board, program: Path, cpu: str | None = None) -> list[str]:
             "-cpu", cpu or q.get("cpu", "max"), str(program)]
 
 
-def run_raw(board: Board, out: Path, data: np.ndarray, out_elems: int, dtype, timeout: float = 600) -> np.ndarray:
+def run_raw(board: Board, out: Path, data: np.ndarray, out_elems: int, dtype, timeout: float = 600,
+            args=()) -> np.ndarray:
     """Feed raw samples through the project's model_runner (under qemu-aarch64 on other machines)."""
     binary = out / "model_runner"
     if not binary.exists():
@@ -63,7 +64,7 @@ def run_raw(board: Board, out: Path, data: np.ndarray, out_elems: int, dtype, ti
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)
-        proc = subprocess.run(command(board, binary) + [str(src), str(dst)], capture_output=True, text=True,
+        proc = subprocess.run(command(board, binary) + [str(src), str(dst), *map(str, args)], capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0:
             raise EdgekitError(f"{binary.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")

@@ -41,10 +41,94 @@ def cmd_generate(args) -> int:
             graph = quantize_weights_only(prepare_float(graph))
         else:
             graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
-                                 weight_only=args.weight_only, show_progress=True)
-    record = api.generate(graph, args.output, board=args.board, weights=args.weights)
+                                 weight_only=args.weight_only, show_progress=True, exit_criterion=args.exit_criterion)
+    record = api.generate(graph, args.output, board=args.board, weights=args.weights,
+                          exit_threshold=args.exit_threshold)
     print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
           f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
+    if "exits" in record:
+        ex = record["exits"]
+        thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g} ({ex['threshold']}/256)"
+        print(f"early exits: {', '.join(ex['names'][:-1])}, then the final classifier; {ex['criterion']} "
+              f"confidence, threshold {thr}")
+    return 0
+
+
+def cmd_exits(args) -> int:
+    from .compress import exits as ex
+
+    model_path, out_path = Path(args.model), Path(args.output)
+    if out_path.suffix != ".pt2":
+        raise EdgekitError(f"the output model {out_path} must be a .pt2 file (torch.export)")
+    if out_path.exists() and out_path.resolve() == model_path.resolve():
+        raise EdgekitError(f"the output {out_path} is the input model; choose another path (the input stays untouched)")
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise EdgekitError(f"--weights takes comma-separated numbers, got {args.weights!r}") from None
+    from .compress import fxgraph
+    from .compress.data import as_split
+    model, sample_shape = fxgraph.load_model(model_path)
+    split = as_split(args.data)
+    multi = ex.add_exits(model, args.after, split, mode=args.mode, epochs=args.epochs, pool=args.pool,
+                         distill=not args.no_distill, weights=weights, sample_shape=sample_shape,
+                         show_progress=not args.quiet)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    ex.save_model(multi, sample_shape, tmp)
+    tmp.replace(out_path)
+    report = ex.evaluate(multi, split)
+    print(f"held-out accuracy of each exit (float, {report['samples']} samples):")
+    for name, acc in zip(report["exits"], report["accuracy"]):
+        print(f"  {name:24s} {acc * 100:6.2f} %")
+    print("answers per exit at max-softmax thresholds (float; `edgekit thresholds` gives the int8 curve):")
+    for row in report["curve"]:
+        shares = ", ".join(f"{n} {h * 100:.0f} %" for n, h in zip(report["exits"], row["hit_rates"]))
+        print(f"  {row['threshold']:5.2f}: accuracy {row['accuracy'] * 100:6.2f} %  ({shares})")
+    print(f"wrote {out_path}")
+    return 0
+
+
+def cmd_thresholds(args) -> int:
+    import json
+
+    from .device.profile import choose_threshold, format_sweep, sweep_device, sweep_reference
+
+    x = _load_npy(args.inputs, "inputs")
+    y = _load_npy(args.labels, "labels")
+    thresholds = None
+    if args.thresholds:
+        thresholds = [t.strip() for t in args.thresholds.split(",") if t.strip()]
+    if args.port:
+        if not thresholds:
+            raise EdgekitError("on a device, list the thresholds to measure: --thresholds 0.5,0.8,0.9")
+        sweep = sweep_device(args.port, x, y, thresholds, project_dir=args.project, int8=args.int8,
+                             timeout=args.timeout)
+    else:
+        if not args.project:
+            raise EdgekitError("give the generated project (--project DIR), or a device (--port)")
+        costs = args.costs
+        if costs != "macs":
+            p = Path(costs)
+            if not p.exists():
+                raise EdgekitError(f"--costs: no such profile report {p} (or use 'macs')")
+            try:
+                costs = json.loads(p.read_text())
+            except ValueError:
+                raise EdgekitError(f"--costs: {p} is not a JSON profile report (edgekit profile --json)") from None
+        sweep = sweep_reference(args.project, x, y, thresholds, costs=costs, int8=args.int8)
+    chosen = choose_threshold(sweep, args.max_drop)
+    print(format_sweep(sweep, chosen))
+    thr = "off" if chosen["threshold"] is None else f"{chosen['threshold']:.4g}"
+    print(f"\noperating point (at most {args.max_drop * 100:g} pp below the full network): threshold {thr}, "
+          f"accuracy {chosen['accuracy'] * 100:.2f} %, work {chosen['work_fraction']:.3f} of the full network's")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sweep": sweep, "chosen": chosen}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if sweep.get("bit_exact") is False:
+        print("edgekit: error: the device's outputs differ from the reference", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -115,17 +199,22 @@ def cmd_run(args) -> int:
     from . import api
 
     x = _load_npy(args.inputs, "inputs")
-    y = api.run(args.project, x, int8=args.int8, sanitize=args.sanitize)
+    y, exit_index = api.run(args.project, x, int8=args.int8, sanitize=args.sanitize,
+                            exit_threshold="project" if args.exit_threshold is None else args.exit_threshold,
+                            with_exit=True)
     outs = y if isinstance(y, list) else [y]
+    has_exits = "exits" in api.load_project(args.project)
     if args.output:
         if len(outs) == 1:
             np.save(args.output, outs[0])
-        else:
-            np.savez(args.output, *outs)
+        else:  # a multi-exit model: every exit's outputs and, as "exit", which one answered
+            np.savez(args.output, *outs, **({"exit": exit_index} if has_exits else {}))
         print(f"wrote {len(outs[0])} outputs to {args.output}")
     else:
         for o in outs:
             print(o)
+        if has_exits:
+            print("answering exit per sample:", exit_index)
     return 0
 
 
@@ -184,7 +273,9 @@ def cmd_profile(args) -> int:
     x = _load_npy(args.inputs, "inputs")
     labels = _load_npy(args.labels, "labels") if args.labels else None
     report = profile(args.port, x, project_dir=args.project, labels=labels, runs=args.runs, int8=args.int8,
-                     timeout=args.timeout)
+                     timeout=args.timeout,
+                     exit_threshold="project" if args.exit_threshold is None else args.exit_threshold,
+                     full_network=not args.no_full)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -236,7 +327,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default="dense", choices=["dense", "codebook", "huffman", "sparse", "auto"],
                    help="how int8 weights are stored in flash (decoded on the fly by the kernels; "
                    "auto: per layer the smallest)")
+    g.add_argument("--exit-threshold", default="0.9", help="early-exit models: the confidence an exit needs to "
+                   "answer (a probability for softmax, logits for margin; 'off': the full network); the device's "
+                   "initial value, changeable at run time (default 0.9)")
+    g.add_argument("--exit-criterion", default="softmax", choices=["softmax", "margin"],
+                   help="early-exit models: the exit confidence, the top int8 softmax probability or the margin "
+                   "between the two top logits")
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")
+    x.add_argument("model", help="a torch.export file (.pt2) of a float classifier")
+    x.add_argument("--after", required=True, help="comma-separated layer names (module paths, e.g. conv1,block3)")
+    x.add_argument("--data", default="digits", help="'digits' (scikit-learn, held-out 20 %%) or an .npz with "
+                   "x_train, y_train, x_test, y_test")
+    x.add_argument("-o", "--output", required=True, help="the multi-exit model (.pt2) to write")
+    x.add_argument("--mode", default="frozen", choices=["frozen", "joint"], help="train the heads only, or the "
+                   "whole network on a weighted sum of the exits' losses")
+    x.add_argument("--epochs", type=int, default=30)
+    x.add_argument("--pool", type=int, help="the grid a head averages a feature map to (default: the finest of "
+                   "4x4, 2x2, 1x1 with at most 256 features)")
+    x.add_argument("--weights", help="joint mode: loss weights, the early exits then the final (e.g. 1,1,1)")
+    x.add_argument("--no-distill", action="store_true", help="do not distil the final exit into the early heads")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(fn=cmd_exits)
+
+    th = sub.add_parser("thresholds", help="early exits: the accuracy / work curve over thresholds on labelled "
+                        "inputs, and the operating point")
+    th.add_argument("--project", help="the generated project (the numpy reference runs it: fast, bit-exact)")
+    th.add_argument("--port", help="measure on the device instead (with --thresholds)")
+    th.add_argument("--inputs", required=True, help=".npy of validation samples (the model's layout)")
+    th.add_argument("--labels", required=True, help=".npy of their labels")
+    th.add_argument("--thresholds", help="comma-separated thresholds (default: the exact curve, from the reference)")
+    th.add_argument("--max-drop", type=float, default=0.01, help="accuracy the operating point may lose against "
+                    "the full network (default 0.01 = 1 pp)")
+    th.add_argument("--costs", default="macs", help="work per layer: 'macs', or a profile report (.json from "
+                    "`edgekit profile --json`) for the device's counts")
+    th.add_argument("--int8", action="store_true", help="raw int8 NHWC inputs")
+    th.add_argument("--json", help="also write the curve as JSON")
+    th.add_argument("--timeout", type=float, default=5.0)
+    th.set_defaults(fn=cmd_thresholds)
 
     e = sub.add_parser("export", help="quantize a model and write it as an int8 .tflite (no TensorFlow needed)")
     e.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
@@ -272,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help=".npy to write the outputs to")
     r.add_argument("--int8", action="store_true", help="raw int8 tensors in and out, exactly as the C sees them")
     r.add_argument("--sanitize", action="store_true", help="run the sanitizer build")
+    r.add_argument("--exit-threshold", help="early-exit models: the threshold to run at (default: the project's)")
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="train, quantize, generate, build, flash and profile a digits CNN")
@@ -306,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--int8", action="store_true")
     pr.add_argument("--json", help="also write the report as JSON")
     pr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    pr.add_argument("--exit-threshold", help="early-exit models: the threshold to run at (default: the project's; "
+                    "'off': the full network)")
+    pr.add_argument("--no-full", action="store_true", help="early-exit models: skip the second pass with early "
+                    "exits off (the full network's count and accuracy)")
     pr.set_defaults(fn=cmd_profile)
 
     doc = sub.add_parser("doctor", help="check the compilers and emulators edgekit uses")

@@ -1,0 +1,430 @@
+"""Early exits: heads in torch, the multi-exit IR, the integer exit decision bit-exact in C (exit index
+included), the threshold over the protocol, per-exit profiling on the host runner and the emulated M4."""
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import edgekit
+from edgekit import models, train
+from edgekit.compress import exits as ex
+from edgekit.device import protocol as P
+from edgekit.device.profile import choose_threshold, format_report, profile, sweep_reference
+from edgekit.errors import EdgekitError
+from edgekit.passes.exits import EXITS_OFF, run_exits, threshold_to_int
+
+settings.register_profile("exits", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def multi_cnn(trained_cnn, digits):
+    """The demo CNN with exits after conv1 and conv2 (listed out of order on purpose)."""
+    return ex.add_exits(trained_cnn, ["conv2", "conv1"], digits, epochs=10, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def multi_mlp(trained_mlp, digits_flat):
+    return ex.add_exits(trained_mlp, ["2"], digits_flat, epochs=10, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def host_projects(tmp_path_factory, multi_cnn, multi_mlp, digits, digits_flat):
+    """Sanitizer builds: CNN with the softmax criterion, MLP with the margin criterion."""
+    root = tmp_path_factory.mktemp("exits_host")
+    projects = {}
+    for name, model, data, criterion in (("cnn", multi_cnn, digits, "softmax"),
+                                         ("mlp", multi_mlp, digits_flat, "margin")):
+        q = edgekit.quantize(model, data.x_train[:200], exit_criterion=criterion)
+        out = root / name
+        edgekit.generate(q, out, exit_threshold=0.9)
+        edgekit.build(out, sanitize=True)
+        projects[name] = (out, q, data)
+    return projects
+
+
+# ---------------------------------------------------------------------------
+# torch side
+# ---------------------------------------------------------------------------
+
+def test_heads_attach_in_network_order_and_leave_the_input_model_alone(trained_cnn, multi_cnn, digits):
+    before = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
+    assert multi_cnn.edgekit_exits == ["conv1", "conv2", "final"]
+    x = torch.as_tensor(digits.x_test[:50])
+    outs = multi_cnn(x)
+    assert isinstance(outs, tuple) and len(outs) == 3 and all(o.shape == (50, 10) for o in outs)
+    with torch.no_grad():
+        original = trained_cnn(x)
+    # frozen mode: the backbone (BatchNorm statistics included) is untouched, so the final exit is the model
+    assert torch.equal(outs[2], original)
+    assert all(torch.equal(v, trained_cnn.state_dict()[k]) for k, v in before.items())
+    assert not trained_cnn.training and not hasattr(trained_cnn, "edgekit_exits")
+    # conv1 gives 16 x 8 x 8: pooled to 4x4 (256 features); conv2 gives 32 x 8 x 8: pooled to 2x2 (128)
+    assert multi_cnn.exit_conv1.fc.in_features == 256 and multi_cnn.exit_conv2.fc.in_features == 128
+    # the heads learned something (10 classes: chance is 10 %)
+    acc = [train.accuracy(o.detach().numpy(), digits.y_test[:50]) for o in outs]
+    assert acc[0] > 0.7 and acc[1] > 0.7
+    import copy
+    assert copy.deepcopy(multi_cnn).edgekit_exits == multi_cnn.edgekit_exits
+
+
+def test_joint_training_trains_the_backbone_with_weighted_losses(trained_cnn, digits):
+    joint = ex.add_exits(trained_cnn, ["conv1"], digits, mode="joint", epochs=2, weights=[0.5, 1.0],
+                         distill=False, show_progress=False)
+    assert not torch.equal(joint.conv2.weight, trained_cnn.conv2.weight)
+    report = ex.evaluate(joint, digits)
+    assert report["exits"] == ["conv1", "final"] and report["accuracy"][1] > 0.8
+    assert all(abs(sum(r["hit_rates"]) - 1) < 1e-9 for r in report["curve"])
+
+
+def test_pool_option_and_vector_heads(trained_cnn, trained_mlp, digits, digits_flat, multi_mlp):
+    m = ex.add_exits(trained_cnn, ["pool"], digits, epochs=1, pool=1, show_progress=False)
+    assert m.exit_pool.fc.in_features == 32  # 32 channels, global pool
+    assert isinstance(multi_mlp.exit_2.fc, torch.nn.Linear) and multi_mlp.exit_2.fc.in_features == 128
+    with pytest.raises(EdgekitError, match="cannot pool its 4x4 map to 3x3"):
+        ex.add_exits(trained_cnn, ["pool"], digits, epochs=1, pool=3, show_progress=False)
+
+
+@pytest.mark.parametrize("after,match", [
+    (["conv9"], r"unknown layer 'conv9'.*conv1, bn1, conv2"),
+    (["relu"], "runs at 4 places"),
+    (["fc"], "produces the model's output"),
+    (["conv1", "bn1"], "put an exit at the same place"),
+    ([], "name at least one layer"),
+])
+def test_bad_after_names_are_refused_clearly(trained_cnn, digits, after, match):
+    with pytest.raises(EdgekitError, match=match):
+        ex.add_exits(trained_cnn, after, digits, epochs=1, show_progress=False)
+
+
+def test_bad_options_are_refused(trained_cnn, multi_cnn, digits):
+    with pytest.raises(EdgekitError, match="training mode"):
+        ex.add_exits(trained_cnn, ["conv1"], digits, mode="half")
+    with pytest.raises(EdgekitError, match="already has early exits"):
+        ex.add_exits(multi_cnn, ["conv1"], digits)
+    with pytest.raises(EdgekitError, match="weights must list 2"):
+        ex.add_exits(trained_cnn, ["conv1"], digits, mode="joint", weights=[1.0], epochs=1, show_progress=False)
+
+
+def test_export_and_convert_a_multi_output_graph(multi_cnn, digits, tmp_path):
+    path = ex.save_model(multi_cnn, (1, 8, 8), tmp_path / "multi.pt2")
+    graph = edgekit.load(path)
+    assert graph.meta["exits"]["names"] == ["conv1", "conv2", "final"] and len(graph.outputs) == 3
+    reloaded, shape = ex.load_model(path)
+    assert shape == (1, 8, 8) and reloaded.edgekit_exits == ["conv1", "conv2", "final"]
+    x = digits.x_test[:20]
+    for a, b in zip(ex.exit_outputs(reloaded, x), ex.exit_outputs(multi_cnn, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    q = edgekit.quantize(path, digits.x_train[:100])
+    kinds = [op.kind for op in q.ops]
+    names = [op.name for op in q.ops]
+    # each exit decision right after its head, before the backbone layers the next exit needs
+    assert kinds.count("exit") == 2
+    first, second = [i for i, k in enumerate(kinds) if k == "exit"]
+    assert names.index("exit_conv1.fc") == first - 1 < names.index("conv2") < second
+    assert names.index("exit_conv2.fc") == second - 1 < names.index("dw")
+    # the float model and the int8 reference agree on most answers (all exits computed)
+    float_outs = ex.exit_outputs(multi_cnn, digits.x_test)
+    int8_outs = edgekit.reference_run(q, digits.x_test, exit_threshold=0.0)  # exit 0 answers: others zeroed
+    assert np.mean(float_outs[0].argmax(1) == int8_outs[0].argmax(1)) > 0.95
+    assert not np.any(int8_outs[1]) and not np.any(int8_outs[2])
+
+
+def test_ops_are_reordered_when_the_model_computes_heads_last(digits):
+    """A hand-written multi-exit model whose forward runs the early head after the backbone."""
+    class Late(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 64, 10)
+            self.head = torch.nn.Linear(8 * 64, 10)
+            self.edgekit_exits = ["early", "final"]
+
+        def forward(self, x):
+            a = torch.relu(self.conv1(x))
+            final = self.fc(torch.relu(self.conv2(a)).flatten(1))
+            return self.head(a.flatten(1)), final
+
+    torch.manual_seed(0)
+    q = edgekit.quantize(Late().eval(), digits.x_train[:50])
+    assert [op.kind for op in q.ops] == ["conv2d", "reshape", "fully_connected", "exit", "conv2d", "reshape",
+                                         "fully_connected"]
+
+
+def test_exit_models_are_int8_only_and_unknown_criteria_refused(multi_cnn, digits):
+    with pytest.raises(EdgekitError, match="int8 only"):
+        edgekit.quantize(multi_cnn, digits.x_train[:20], weight_only=True)
+    with pytest.raises(EdgekitError, match="unknown exit criterion"):
+        edgekit.quantize(multi_cnn, digits.x_train[:20], exit_criterion="entropy")
+    for bad in ("-1", "nan", "high"):
+        with pytest.raises(EdgekitError, match="exit threshold"):
+            threshold_to_int(bad)
+    assert threshold_to_int("off") == EXITS_OFF and threshold_to_int(0.9) == 230
+
+
+# ---------------------------------------------------------------------------
+# The exit decision: reference and C agree bit for bit, exit index included
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@given(data=st.data())
+@settings(settings.get_profile("exits"), max_examples=12)
+def test_c_equals_reference_with_the_exit_index(host_projects, name, data):
+    out, q, _ = host_projects[name]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    shape = q.tensors[q.inputs[0]].shape[1:]
+    x = rng.integers(-128, 128, size=(16,) + tuple(shape)).astype(np.int8)
+    raw = data.draw(st.one_of(st.integers(0, 2200), st.just(EXITS_OFF)))
+    threshold = "off" if raw == EXITS_OFF else raw / 256
+    c_outs, c_exit = edgekit.run(out, x, int8=True, sanitize=True, exit_threshold=threshold, with_exit=True)
+    r_outs, r_exit = run_exits(q, x, raw)
+    assert np.array_equal(c_exit, r_exit)
+    for a, b in zip(c_outs, r_outs):
+        assert np.array_equal(a, b)
+
+
+def test_real_digits_bit_exact_at_several_thresholds(host_projects):
+    out, q, data = host_projects["cnn"]
+    seen = set()
+    for t in (0.0, 0.5, 0.9, 0.99, 1.0, "off"):
+        c_outs, c_exit = edgekit.run(out, data.x_test, sanitize=True, exit_threshold=t, with_exit=True)
+        r_outs, r_exit = edgekit.reference_run(q, data.x_test, exit_threshold=t, with_exit=True)
+        assert np.array_equal(c_exit, r_exit)
+        assert all(np.array_equal(a, b) for a, b in zip(c_outs, r_outs))
+        seen.update(np.unique(c_exit).tolist())
+        if t == 0.0:
+            assert (c_exit == 0).all()
+        if t in (1.0, "off"):
+            assert (c_exit == 2).all()
+    assert {0, 2} <= seen
+    # exits off: early outputs are the zero point (real 0.0); threshold 1.0: computed but never answering
+    off, _ = edgekit.run(out, data.x_test[:5], sanitize=True, exit_threshold="off", with_exit=True)
+    never, _ = edgekit.run(out, data.x_test[:5], sanitize=True, exit_threshold=1.0, with_exit=True)
+    assert not np.any(off[0]) and np.any(never[0]) and np.array_equal(off[2], never[2])
+
+
+def test_sweep_and_operating_point(host_projects):
+    out, q, data = host_projects["cnn"]
+    sweep = sweep_reference(out, data.x_test, data.y_test)
+    points = sweep["points"]
+    assert sweep["full"]["work_fraction"] == 1.0 and points[0]["threshold_raw"] == 0
+    assert all(abs(sum(p["hit_rates"]) - 1) < 1e-9 for p in points)
+    works = [p["work"] for p in points]
+    assert works == sorted(works)  # a higher threshold never does less work
+    chosen = choose_threshold(sweep, 0.01)
+    assert chosen["accuracy"] >= sweep["full"]["accuracy"] - 0.01 and chosen["work_fraction"] < 0.6
+    # the curve's accuracy at one threshold is what the reference says at that threshold
+    p = next(p for p in points if p["threshold_raw"] == chosen["threshold_raw"])
+    outs, idx = edgekit.reference_run(q, data.x_test, exit_threshold=p["threshold"], with_exit=True)
+    answers = np.stack([o.argmax(1) for o in outs], 1)[np.arange(len(idx)), idx]
+    assert p["accuracy"] == pytest.approx(np.mean(answers == data.y_test))
+
+
+# ---------------------------------------------------------------------------
+# The protocol: SET_PARAM, the exit index in INVOKE's status, per-exit profiles
+# ---------------------------------------------------------------------------
+
+def _serve(binary):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(binary), "--listen", str(port)], stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    return proc, f"socket://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served_exits(tmp_path_factory, multi_cnn, digits):
+    out = tmp_path_factory.mktemp("exits_serve") / "cnn"
+    q = edgekit.quantize(multi_cnn, digits.x_train[:200])
+    edgekit.generate(q, out, exit_threshold=0.9)
+    edgekit.build(out)
+    proc, url = _serve(out / "model_runner")
+    yield out, url, q, digits
+    proc.kill()
+    proc.wait()
+
+
+def test_set_param_changes_the_threshold_and_invoke_reports_the_exit(served_exits):
+    out, url, q, data = served_exits
+    x = edgekit.api.to_ir_inputs(q, data.x_test[:1])
+    qin = q.tensors[q.inputs[0]].quant
+    sample = edgekit.quant_math.quantize(x, qin.scale[0], qin.zero_point[0])[0].tobytes()
+    with P.DeviceLink(url) as link:
+        seen = {}
+        for raw in (0, EXITS_OFF, 256):
+            link.set_exit_threshold(raw)
+            link.set_input(0, sample)
+            status, _ = link.invoke()
+            seen[raw] = status
+        assert seen == {0: 0, EXITS_OFF: 2, 256: 2}
+        with pytest.raises(P.DeviceError, match="out of bounds"):
+            link.set_param(9, 1)  # no such parameter
+        with pytest.raises(P.DeviceError, match="bad length"):
+            link.request(P.SET_PARAM, b"\x01\x00")
+
+
+def test_profile_reports_per_exit_stats_and_the_full_network(served_exits):
+    out, url, q, data = served_exits
+    n = 60
+    report = profile(url, data.x_test[:n], project_dir=out, labels=data.y_test[:n], show_progress=False)
+    assert report["bit_exact"], report["mismatches"]
+    e = report["exits"]
+    assert e["names"] == ["conv1", "conv2", "final"] and e["threshold"] == 230
+    assert sum(r["hits"] for r in e["per_exit"]) == n and e["per_exit"][0]["hits"] > 0
+    assert 0 < e["work_fraction"] < 1 and e["full_mean_count"] > e["mean_count"]
+    assert report["accuracy"] == e["accuracy"] and "full_accuracy" in e
+    text = format_report(report)
+    assert "early exits (softmax, threshold 0.898438 = 230/256)" in text and "of the full network's" in text
+    # at another threshold, given to profile: everything answers at the first exit
+    report0 = profile(url, data.x_test[:10], project_dir=out, show_progress=False, exit_threshold=0.0,
+                      full_network=False)
+    assert report0["bit_exact"] and report0["exits"]["per_exit"][0]["hits"] == 10
+    assert "full_mean_count" not in report0["exits"]
+
+
+def test_plain_models_keep_the_old_protocol(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    out = tmp_path / "plain"
+    edgekit.generate(edgekit.quantize(model, x), out)
+    edgekit.build(out)
+    assert "EK_MODEL_NUM_EXITS 0" in (out / "model.h").read_text()
+    proc, url = _serve(out / "model_runner")
+    try:
+        with P.DeviceLink(url) as link:
+            with pytest.raises(P.DeviceError, match="no early exits"):
+                link.set_exit_threshold(100)
+            link.set_input(0, bytes(8))
+            assert link.invoke()[0] == 0
+        report = profile(url, x, project_dir=out, show_progress=False)
+        assert report["bit_exact"] and "exits" not in report
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# The emulated Cortex-M4: flashed over its serial bootloader, profiled through the protocol
+# ---------------------------------------------------------------------------
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
+                    reason="needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
+def test_emulated_m4_runs_early_exits_bit_exact(multi_cnn, digits, tmp_path):
+    from edgekit.device.emulator import Emulator
+    from edgekit.device.flash import flash_project
+    from edgekit.device.profile import sweep_device
+
+    out = tmp_path / "m4"
+    q = edgekit.quantize(multi_cnn, digits.x_train[:200], exit_criterion="margin")
+    edgekit.generate(q, out, board="mps2-an386", exit_threshold=2.0)
+    edgekit.build(out)
+    n = 40
+    with Emulator("mps2-an386") as emu:
+        flash_project(out, emu.url, show_progress=False)
+        report = profile(emu.url, digits.x_test[:n], project_dir=out, labels=digits.y_test[:n],
+                         show_progress=False)
+        assert report["bit_exact"], report["mismatches"]
+        assert report["unit"] == "emulated instructions"
+        e = report["exits"]
+        assert e["criterion"] == "margin" and e["threshold"] == 512
+        assert sum(r["hits"] for r in e["per_exit"]) == n
+        answered_early = [r for r in e["per_exit"][:-1] if r["hits"]]
+        assert answered_early and all(r["mean_count"] < e["full_mean_count"] for r in answered_early)
+        assert e["work_fraction"] < 1
+        sweep = sweep_device(emu.url, digits.x_test[:10], digits.y_test[:10], [0.0, 1000.0], project_dir=out,
+                             show_progress=False)
+        assert sweep["bit_exact"] and sweep["points"][0]["hit_rates"][0] == 1.0
+        assert sweep["points"][1]["hit_rates"][-1] == 1.0
+        assert sweep["points"][0]["work"] < sweep["full"]["work"] <= sweep["points"][1]["work"]
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (make setup)")
+def test_raspberry_pi_file_runner_reports_the_exit(multi_cnn, digits, tmp_path):
+    q = edgekit.quantize(multi_cnn, digits.x_train[:200])
+    out = tmp_path / "rpi5"
+    edgekit.generate(q, out, board="rpi5")
+    edgekit.build(out)
+    for t in (0.7, "off"):
+        outs, index = edgekit.run(out, digits.x_test[:30], exit_threshold=t, with_exit=True)
+        r_outs, r_index = edgekit.reference_run(q, digits.x_test[:30], exit_threshold=t, with_exit=True)
+        assert np.array_equal(index, r_index) and all(np.array_equal(a, b) for a, b in zip(outs, r_outs))
+
+
+# ---------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------
+
+def _edgekit(*args, cwd=None):
+    import sys
+    return subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_cli_exits_generate_run_thresholds_profile(trained_cnn, digits, tmp_path):
+    from edgekit.compress import fxgraph
+    fxgraph.export_model(trained_cnn, (1, 8, 8), tmp_path / "model.pt2")
+    np.save(tmp_path / "c.npy", digits.x_train[:100])
+    np.save(tmp_path / "x.npy", digits.x_test[:60])
+    np.save(tmp_path / "y.npy", digits.y_test[:60])
+    before = (tmp_path / "model.pt2").read_bytes()
+
+    bad = _edgekit("exits", "model.pt2", "--after", "conv1,nope", "-o", "multi.pt2", cwd=tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "unknown layer 'nope'" in bad.stderr and "conv1, bn1" in bad.stderr
+    assert not (tmp_path / "multi.pt2").exists()
+
+    made = _edgekit("exits", "model.pt2", "--after", "conv1,conv2", "-o", "multi.pt2", "--epochs", "5", "--quiet",
+                    cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "conv1" in made.stdout and "final" in made.stdout and "wrote multi.pt2" in made.stdout
+    assert (tmp_path / "model.pt2").read_bytes() == before
+
+    gen = _edgekit("generate", "multi.pt2", "--calib", "c.npy", "--exit-threshold", "0.8", "-o", "out", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert "early exits: conv1, conv2, then the final classifier; softmax confidence, threshold 0.800781 (205/256)" in gen.stdout
+    assert "int32_t ek_exit_threshold = 205;" in (tmp_path / "out" / "model.c").read_text()
+    assert _edgekit("build", "out", cwd=tmp_path).returncode == 0
+    run = _edgekit("run", "out", "--inputs", "x.npy", "--output", "y_out.npz", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    saved = np.load(tmp_path / "y_out.npz")
+    graph = edgekit.ir_io.load_graph(tmp_path / "out")
+    outs, index = edgekit.reference_run(graph, digits.x_test[:60], exit_threshold=0.8, with_exit=True)
+    assert np.array_equal(saved["exit"], index)
+    assert all(np.array_equal(saved[f"arr_{k}"], outs[k]) for k in range(3))
+
+    th = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--json", "t.json",
+                  cwd=tmp_path)
+    assert th.returncode == 0, th.stderr
+    assert "early-exit curve (softmax, 60 samples, work in macs" in th.stdout and "operating point" in th.stdout
+    assert "<-" in th.stdout and (tmp_path / "t.json").exists()
+    no_labels = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "missing.npy",
+                         cwd=tmp_path)
+    assert no_labels.returncode == 1 and "labels file not found" in no_labels.stderr
+
+    proc, url = _serve(tmp_path / "out" / "model_runner")
+    try:
+        pr = _edgekit("profile", "--port", url, "--project", "out", "--inputs", "x.npy", "--labels", "y.npy",
+                      cwd=tmp_path)
+        assert pr.returncode == 0, pr.stderr
+        assert "early exits (softmax, threshold 0.800781 = 205/256)" in pr.stdout
+        assert "0: conv1" in pr.stdout and "2: final" in pr.stdout and "full network (exits off" in pr.stdout
+        off = _edgekit("profile", "--port", url, "--project", "out", "--inputs", "x.npy", "--exit-threshold",
+                       "off", "--no-full", cwd=tmp_path)
+        assert off.returncode == 0 and "threshold off" in off.stdout
+    finally:
+        proc.kill()
+        proc.wait()

@@ -34,12 +34,20 @@ def multi_mlp(trained_mlp, digits_flat):
 
 
 @pytest.fixture(scope="module")
-def host_projects(tmp_path_factory, multi_cnn, multi_mlp, digits, digits_flat):
-    """Sanitizer builds: CNN with the softmax criterion, MLP with the margin criterion."""
+def multi_rescnn(trained_rescnn, digits):
+    """Residual add, concatenation: the stem's output feeds the first head, the residual block and the add,
+    so tensors from before exit 0 stay alive across it."""
+    return ex.add_exits(trained_rescnn, ["stem", "pool"], digits, epochs=5, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def host_projects(tmp_path_factory, multi_cnn, multi_mlp, multi_rescnn, digits, digits_flat):
+    """Sanitizer builds: CNN and ResCNN with the softmax criterion, MLP with the margin criterion."""
     root = tmp_path_factory.mktemp("exits_host")
     projects = {}
     for name, model, data, criterion in (("cnn", multi_cnn, digits, "softmax"),
-                                         ("mlp", multi_mlp, digits_flat, "margin")):
+                                         ("mlp", multi_mlp, digits_flat, "margin"),
+                                         ("rescnn", multi_rescnn, digits, "softmax")):
         q = edgekit.quantize(model, data.x_train[:200], exit_criterion=criterion)
         out = root / name
         edgekit.generate(q, out, exit_threshold=0.9)
@@ -172,7 +180,7 @@ def test_exit_models_are_int8_only_and_unknown_criteria_refused(multi_cnn, digit
 # The exit decision: reference and C agree bit for bit, exit index included
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "rescnn"])
 @given(data=st.data())
 @settings(settings.get_profile("exits"), max_examples=12)
 def test_c_equals_reference_with_the_exit_index(host_projects, name, data):

@@ -278,7 +278,7 @@ def exit_outputs(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> list
 def evaluate(model: nn.Module, data="digits", thresholds=(0.5, 0.8, 0.9, 0.95, 0.99)) -> dict:
     """The float model on the held-out split: each exit's accuracy, and per max-softmax threshold the share
     of inputs each exit answers and the accuracy of the answers (the float view; the int8 one is
-    ``edgekit.exit_curve``)."""
+    ``edgekit thresholds`` / ``device.profile.sweep_reference``)."""
     names = exit_names(model)
     split = data if hasattr(data, "x_test") else None
     if split is None:

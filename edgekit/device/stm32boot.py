@@ -161,6 +161,24 @@ class Stm32Bootloader(PortUser):
             return int.from_bytes(pid, "big")
         return self._retry("Get ID", run)
 
+    def read_protected(self) -> bool:
+        """True when Read Memory itself is refused: RDP level 1 on an STM32's ROM."""
+        for _ in range(2):  # a NACK can also be line damage: ask twice
+            self._write(bytes([READ_MEMORY, READ_MEMORY ^ 0xFF]))
+            try:
+                self._ack("Read Memory")
+            except BootloaderNack:
+                self.sync()
+                continue
+            except BootloaderError:
+                self.resync_filler()
+                self.sync()
+                continue
+            self.resync_filler()  # abandon the read: complete it with filler, then resynchronise
+            self.sync()
+            return False
+        return True
+
     def read_memory(self, address: int, length: int) -> bytes:
         if not 1 <= length <= 256:
             raise ValueError("read 1..256 bytes")

@@ -18,7 +18,7 @@ from ..boards import Board, load_board
 from ..codegen.project import load_project
 from ..errors import EdgekitError
 from ..progress import Progress
-from .stm32boot import (EXTENDED_ERASE, GO, READ_MEMORY, WRITE_MEMORY, BootloaderError, Stm32Bootloader)
+from .stm32boot import EXTENDED_ERASE, GO, READ_MEMORY, WRITE_MEMORY, BootloaderError, Stm32Bootloader
 
 BLOCK = 256
 
@@ -88,6 +88,10 @@ def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progr
             raise BootloaderError(f"the device is chip 0x{chip:04X}, but board {board.name} is chip "
                                   f"0x{expected:04X}: wrong board or wrong port")
         pages = pages_for(board, base, len(image))
+        if bl.read_protected():
+            raise BootloaderError("the device is read-protected (RDP level 1): the bootloader refuses to read, "
+                                  "write or erase its flash. Readout Unprotect (AN3155 command 0x92) lifts the "
+                                  "protection and erases the whole flash; edgekit does not do that for you.")
         padded = image + b"\xFF" * (-len(image) % 4)
         rounds = 0
         todo = list(range(0, len(padded), BLOCK))

@@ -16,6 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..errors import EdgekitError
+from .port import PortUser, open_port
 
 VERSION = 1
 MAX_PAYLOAD = 512
@@ -119,7 +120,7 @@ class DeviceError(EdgekitError):
     """The device answered with an error, or did not answer."""
 
 
-class DeviceLink:
+class DeviceLink(PortUser):
     """Request/response over any pyserial URL (/dev/ttyACM0, socket://host:port, rfc2217://, loop://)."""
 
     def __init__(self, port, timeout: float = 2.0, retries: int = 8, baudrate: int = 115200):
@@ -129,29 +130,7 @@ class DeviceLink:
         self.sequence = int.from_bytes(os.urandom(1), "little")
         self.stats = LinkStats()
         self._buffer = bytearray()
-        if isinstance(port, str):
-            import serial
-
-            try:
-                self.serial = serial.serial_for_url(port, baudrate=baudrate, timeout=0.05)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                raise DeviceError(f"cannot open {port}: {exc}") from None
-            self.port_name = port
-        else:
-            self.serial = port
-            self.port_name = getattr(port, "name", str(port))
-
-    def close(self) -> None:
-        try:
-            self.serial.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.serial, self.port_name = open_port(port, DeviceError, baudrate)
 
     def _read_frame(self, deadline: float) -> bytes | None:
         """The next 0x00-terminated chunk, or None at the deadline."""

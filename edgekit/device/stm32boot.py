@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from ..errors import EdgekitError
+from .port import PortUser, open_port
 
 ACK, NACK, SYNC = 0x79, 0x1F, 0x7F
 GET, GET_VERSION, GET_ID, READ_MEMORY, GO, WRITE_MEMORY, ERASE, EXTENDED_ERASE = (
@@ -44,34 +45,11 @@ def _address(addr: int) -> bytes:
     return raw + bytes([_xor(raw)])
 
 
-class Stm32Bootloader:
+class Stm32Bootloader(PortUser):
     def __init__(self, port, timeout: float = 1.0, baudrate: int = 115200):
         self.timeout = timeout
         self.retries_used = 0
-        if isinstance(port, str):
-            import serial
-
-            try:
-                self.serial = serial.serial_for_url(port, baudrate=baudrate, parity=serial.PARITY_EVEN,
-                                                    timeout=0.05)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                raise BootloaderError(f"cannot open {port}: {exc}") from None
-            self.port_name = port
-        else:
-            self.serial = port
-            self.port_name = getattr(port, "name", str(port))
-
-    def close(self) -> None:
-        try:
-            self.serial.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.serial, self.port_name = open_port(port, BootloaderError, baudrate, parity="E")  # 8E1, as the ROM
 
     # -- bytes -------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -182,6 +160,24 @@ class Stm32Bootloader:
             self._ack("Get ID")
             return int.from_bytes(pid, "big")
         return self._retry("Get ID", run)
+
+    def read_protected(self) -> bool:
+        """True when Read Memory itself is refused: RDP level 1 on an STM32's ROM."""
+        for _ in range(2):  # a NACK can also be line damage: ask twice
+            self._write(bytes([READ_MEMORY, READ_MEMORY ^ 0xFF]))
+            try:
+                self._ack("Read Memory")
+            except BootloaderNack:
+                self.sync()
+                continue
+            except BootloaderError:
+                self.resync_filler()
+                self.sync()
+                continue
+            self.resync_filler()  # abandon the read: complete it with filler, then resynchronise
+            self.sync()
+            return False
+        return True
 
     def read_memory(self, address: int, length: int) -> bytes:
         if not 1 <= length <= 256:

@@ -291,22 +291,20 @@ class _Converter:
         self.values[node.name] = v
 
     # convolution
-    def _op_conv2d(self, node):
+    @staticmethod
+    def _conv_args(node):
+        """aten.conv1d/conv2d(input, weight, bias, stride, padding, dilation, groups), positional or keyword."""
         a = list(node.args) + [None] * 7
-        x, w, b = a[0], a[1], a[2]
-        stride = a[3] if a[3] is not None else node.kwargs.get("stride", 1)
-        padding = a[4] if a[4] is not None else node.kwargs.get("padding", 0)
-        dilation = a[5] if a[5] is not None else node.kwargs.get("dilation", 1)
-        groups = a[6] if a[6] is not None else node.kwargs.get("groups", 1)
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
+        return [a[i] if a[i] is not None else node.kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+
+    def _op_conv2d(self, node):
+        x, w, b, stride, padding, dilation, groups = self._conv_args(node)
         self._conv(node, x, w, b, _pair(stride), padding, _pair(dilation), int(groups))
 
     def _op_conv1d(self, node):
-        a = list(node.args) + [None] * 7
-        x, w, b = a[0], a[1], a[2]
-        stride = a[3] if a[3] is not None else node.kwargs.get("stride", 1)
-        padding = a[4] if a[4] is not None else node.kwargs.get("padding", 0)
-        dilation = a[5] if a[5] is not None else node.kwargs.get("dilation", 1)
-        groups = a[6] if a[6] is not None else node.kwargs.get("groups", 1)
+        x, w, b, stride, padding, dilation, groups = self._conv_args(node)
         v = self.value(x)
         if v.torch_rank != 3:
             raise self.unsupported(node, "Conv1d expects an (N, C, L) input")

@@ -143,6 +143,24 @@ def test_export_and_convert_a_multi_output_graph(multi_cnn, digits, tmp_path):
     assert not np.any(int8_outs[1]) and not np.any(int8_outs[2])
 
 
+def test_tflite_export_computes_every_exit(host_projects, tmp_path):
+    interpreter = pytest.importorskip("tflite_runtime.interpreter")
+    from edgekit import reference
+    _, q, data = host_projects["cnn"]
+    path = edgekit.export_tflite(q, tmp_path / "multi.tflite", io="int8")
+    it = interpreter.Interpreter(model_path=str(path),
+                                 experimental_op_resolver_type=interpreter.OpResolverType.BUILTIN_REF)
+    it.allocate_tensors()
+    x = np.random.default_rng(3).integers(-128, 128, size=(8, 8, 8, 1)).astype(np.int8)
+    expected = reference.run(q, x)  # every exit computed: no early return in TFLite
+    assert len(it.get_output_details()) == 3
+    for i in range(len(x)):
+        it.set_tensor(it.get_input_details()[0]["index"], x[i:i + 1])
+        it.invoke()
+        for d, e in zip(it.get_output_details(), expected):
+            assert np.array_equal(it.get_tensor(d["index"]).reshape(-1), e[i].reshape(-1))
+
+
 def test_ops_are_reordered_when_the_model_computes_heads_last(digits):
     """A hand-written multi-exit model whose forward runs the early head after the backbone."""
     class Late(torch.nn.Module):

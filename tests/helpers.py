@@ -62,9 +62,10 @@ class CBuild:
     """Compile generated projects the way their Makefile does, with the kernels
     compiled once per session (they are the same files for every model)."""
 
-    def __init__(self, root: Path, sanitize: bool = True):
+    def __init__(self, root: Path, sanitize: bool = True, extra_flags: tuple[str, ...] = ()):
         self.root = root
         self.sanitize = sanitize
+        self.extra = list(extra_flags)  # e.g. -mavx2: the x86 kernels' vector path
         self.lock = threading.Lock()
         self.objects: dict[str, Path] = {}
 
@@ -73,8 +74,8 @@ class CBuild:
             if kernel not in self.objects:
                 obj = self.root / f"{kernel}.o"
                 tmp = self.root / f"{kernel}.{os.getpid()}.o"
-                cmd = ["gcc", "-O1", "-g", *WARN, *(SANITIZE if self.sanitize else []), "-I", str(project / "include"),
-                       "-c", str(project / "kernels" / f"{kernel}.c"), "-o", str(tmp)]
+                cmd = ["gcc", "-O1", "-g", *WARN, *self.extra, *(SANITIZE if self.sanitize else []),
+                       "-I", str(project / "include"), "-c", str(project / "kernels" / f"{kernel}.c"), "-o", str(tmp)]
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 tmp.replace(obj)
                 self.objects[kernel] = obj
@@ -84,8 +85,8 @@ class CBuild:
         record = load_project(project)
         objs = [str(self._kernel_object(project, k)) for k in record["kernels"]]
         exe = project / "model_runner_test"
-        cmd = ["gcc", "-O1", "-g", *WARN, *(SANITIZE if self.sanitize else []), "-I", str(project / "include"),
-               "-I", str(project), *(str(project / f) for f in ("main.c", "ek_port.c", "ek_protocol.c", "ek_app.c",
+        cmd = ["gcc", "-O1", "-g", *WARN, *self.extra, *(SANITIZE if self.sanitize else []),
+               "-I", str(project / "include"), "-I", str(project), *(str(project / f) for f in ("main.c", "ek_port.c", "ek_protocol.c", "ek_app.c",
                                                                  "model.c", "model_weights.c")),
                *objs, "-o", str(exe), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)

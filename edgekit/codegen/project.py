@@ -20,6 +20,7 @@ from ..ir_io import save_graph
 from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from ..targets import budget
+from .kernel_prep import folded_bias, scratch_bytes
 from .memory_plan import MemoryPlan, plan_memory
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -165,7 +166,9 @@ class _Builder:
         else:
             layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
             layer.kernel = f"ek_{op.kind}_s8"
-            layer.arrays["bias"] = self.array(f"{layer.id}_bias", b.data.astype(np.int32))
+            # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
+            layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
+                                              "bias + input_offset * sum(weights of the channel)")
             layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
             layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
@@ -391,7 +394,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
-                   stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits)
+                   stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
+                   scratch_bytes=scratch_bytes(layers, board))
 
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
     if (out / "kernels").exists():
@@ -428,6 +432,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         "fingerprint": fingerprint,
         "arena_bytes": plan.arena_bytes,
         "arena_lower_bound": plan.lower_bound(),
+        "scratch_bytes": context["scratch_bytes"],  # static, outside the arena (kernels/dsp: im2col, widened inputs)
         "weight_bytes": weight_bytes,
         "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),
         "inputs": [_io_record(graph, n, weight_only) for n in graph.inputs],

@@ -32,6 +32,15 @@ def accumulator_bounds(graph: Graph, op) -> np.ndarray:
     return per_channel * x + np.abs(bias)
 
 
+# The dense kernels fold the input offset into the bias (codegen/kernel_prep.py) and compute
+# folded_bias + sum(w * q), q the int8 input (or, for a padded tap, the zero point, also int8).
+# They accumulate the dot product from zero and add the bias last, so every partial sum is a sum
+# of w * q over some taps, |.| <= 128 * sum|w|, and the folded bias itself is
+# |bias + offset * sum(w)| <= |bias| + |offset| * sum|w|; since max|q + offset| >= max(128, |offset|),
+# both are within accumulator_bounds, as is the final sum (the same integer in either order).
+# So this one bound proves the reference order and the folded one.
+
+
 def check_int8_arithmetic(graph: Graph) -> None:
     for op in graph.ops:
         where = f"layer '{op.name}' ({op.kind})"

@@ -1,0 +1,55 @@
+"""Decisions the fast kernels need, taken at generate time.
+
+- The input offset folded into the bias ("kernel sums", as CMSIS-NN calls them): a weighted
+  layer computes sum_i w_i * (x_i + offset) + bias. With
+  folded_bias = bias + offset * sum_i w_i the kernels compute folded_bias + sum_i w_i * x_i, a
+  pure int8 x int8 dot product. A padded tap, which the reference skips, then has to read the
+  input zero point (-offset) so that its w * (zp + offset) = 0 is still added. Integer sums are
+  exact in any order, so the result is the same integer the reference computes
+  (passes/verify.py bounds both forms).
+- Scratch: the Cortex-M DSP kernels gather two output pixels' windows (im2col) widened to int16
+  into one static buffer whose size is planned here, so the kernels never size memory at run
+  time (no VLA, no malloc) and the ELF's RAM counts it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import Graph, Op
+
+
+def channel_weight_sums(graph: Graph, op: Op) -> np.ndarray:
+    """sum of a weighted layer's int8 weights per output channel (int64)."""
+    w = graph.tensors[op.inputs[1]].data.astype(np.int64)
+    if op.kind == "depthwise_conv2d":
+        return w.reshape(-1, w.shape[3]).sum(axis=0)
+    return w.reshape(w.shape[0], -1).sum(axis=1)
+
+
+def folded_bias(graph: Graph, op: Op) -> np.ndarray:
+    """bias + input_offset * sum(weights of the channel), as int32 (verify.py proves it fits)."""
+    sums = channel_weight_sums(graph, op)
+    bias = graph.tensors[op.inputs[2]].data.astype(np.int64) if len(op.inputs) > 2 else np.zeros_like(sums)
+    folded = bias + int(op.attrs["input_offset"]) * sums
+    assert np.all(np.abs(folded) < 2 ** 31), "verify.check_int8_arithmetic must refuse this layer first"
+    return folded.astype(np.int32)
+
+
+def scratch_bytes(layers, board) -> int:
+    """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
+    needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
+    convolution gathers the windows of two output pixels (2 x K int16, K = kh * kw * in_c), a
+    fully connected layer widens its input vector once (in_c int16), a depthwise one lists its
+    taps' input pointers (kh x kw) and keeps a row of zero points (in_c bytes). The x86 kernels
+    gather two windows as int8 (2 x K bytes)."""
+    variant = board.get("kernel_variant")
+    need = 0
+    for layer in layers:
+        _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
+        if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86"):
+            need = max(need, (4 if variant == "dsp" else 2) * kh * kw * k_in)
+        elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
+            need = max(need, 2 * k_in)
+        elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "dsp":
+            need = max(need, 4 * kh * kw + layer.dims["input"][3])
+    return (need + 7) // 8 * 8

@@ -1,0 +1,93 @@
+"""Generate-time decisions of the fast kernels: the input offset folded into the bias, its
+overflow proof, and the planned scratch."""
+import shutil
+
+import numpy as np
+import pytest
+
+from edgekit.boards import load_board
+from edgekit.codegen.kernel_prep import folded_bias
+from edgekit.codegen.project import generate_project
+from edgekit.errors import EdgekitError
+from edgekit.passes.verify import LIMIT, accumulator_bounds, check_int8_arithmetic
+from helpers import float_graph, quantize_with_random_data
+
+
+def _fc(rng, n_in=8, n_out=4):
+    g = float_graph("fully_connected", [(1, n_in)], dict(activation="none"),
+                    {"w": rng.normal(0, 1, (n_out, n_in)), "b": rng.normal(0, 1, n_out)}, (1, n_out))
+    return quantize_with_random_data(g, rng, {"x0": (0.0, 3.0)})
+
+
+def test_folded_bias_is_bias_plus_offset_times_weight_sums():
+    rng = np.random.default_rng(3)
+    q = _fc(rng)
+    op = q.ops[0]
+    w = q.tensors[op.inputs[1]].data.astype(np.int64)
+    b = q.tensors[op.inputs[2]].data.astype(np.int64)
+    expected = b + op.attrs["input_offset"] * w.sum(axis=1)
+    assert op.attrs["input_offset"] != 0
+    assert np.array_equal(folded_bias(q, op), expected)
+
+
+def test_depthwise_weight_sums_are_per_output_channel():
+    rng = np.random.default_rng(4)
+    g = float_graph("depthwise_conv2d", [(1, 5, 5, 3)], dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1),
+                                                             activation="relu", depth_multiplier=2),
+                    {"w": rng.normal(0, 1, (1, 3, 3, 6))}, (1, 5, 5, 6))
+    q = quantize_with_random_data(g, rng, {"x0": (0.0, 2.0)})
+    op = q.ops[0]
+    w = q.tensors[op.inputs[1]].data.astype(np.int64)
+    b = q.tensors[op.inputs[2]].data.astype(np.int64)
+    assert np.array_equal(folded_bias(q, op), b + op.attrs["input_offset"] * w.sum(axis=(0, 1, 2)))
+
+
+def test_extreme_accumulators_stay_exact_with_the_folded_bias(tmp_path, cbuild):
+    """A layer at the edge of the proof (weights all 127, zero point -128, a bias that takes the
+    reference's bound to within 10 of 2^31 - 1) is accepted as before, and the folded kernels,
+    which add the bias last, compute it exactly on inputs that reach the bound."""
+    from edgekit import reference
+    from helpers import c_matches_reference
+    rng = np.random.default_rng(5)
+    q = _fc(rng, n_in=64, n_out=2)
+    op = q.ops[0]
+    q.tensors[op.inputs[1]].data[:] = 127
+    op.attrs["shift"][:] = -1
+    op.attrs["input_offset"] = 128  # zero point -128: |q + offset| <= 255
+    unfolded_without_bias = accumulator_bounds(q, op) - np.abs(q.tensors[op.inputs[2]].data.astype(np.int64))
+    q.tensors[op.inputs[2]].data[:] = int(LIMIT - unfolded_without_bias[0] - 10)
+    assert np.all(accumulator_bounds(q, op) <= LIMIT) and np.all(accumulator_bounds(q, op) > LIMIT - 20)
+    check_int8_arithmetic(q)
+    assert np.all(np.abs(folded_bias(q, op).astype(np.int64)) <= LIMIT)
+    x = np.array([[127] * 64, [-128] * 64, [0] * 64], np.int8)
+    got, ref = c_matches_reference(q, tmp_path / "host", cbuild, {"x0": x})
+    assert np.array_equal(got, ref)
+    if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):  # the SMLAD kernels too
+        from cortex_m_selftest import run_selftest
+        assert np.array_equal(run_selftest(q, "mps2-an386", x, tmp_path / "m4"), reference.run(q, x)[0])
+
+
+def test_a_bias_past_the_bound_is_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    q = _fc(rng, n_in=64, n_out=2)
+    op = q.ops[0]
+    q.tensors[op.inputs[1]].data[:] = 127
+    op.attrs["input_offset"] = 128
+    q.tensors[op.inputs[2]].data[:] = LIMIT - 10
+    with pytest.raises(EdgekitError, match=r"layer 'op'.*output channel 0.*int32"):
+        generate_project(q, tmp_path, "host")
+
+
+def test_scratch_is_planned_per_board(tmp_path):
+    rng = np.random.default_rng(6)
+    g = float_graph("conv2d", [(1, 6, 6, 5)], dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1),
+                                                   activation="relu"),
+                    {"w": rng.normal(0, 1, (4, 3, 3, 5))}, (1, 6, 6, 4))
+    q = quantize_with_random_data(g, rng)
+    k = 3 * 3 * 5
+    expect = {"mps2-an386": (4 * k + 7) // 8 * 8, "host": (2 * k + 7) // 8 * 8, "mps2-an385": 0, "rpi4": 0}
+    for board, scratch in expect.items():
+        record = generate_project(q, tmp_path / board, load_board(board))
+        assert record["scratch_bytes"] == scratch, board
+        model_c = (tmp_path / board / "model.c").read_text()
+        assert (f"ek_kernel_scratch[{scratch // 4}]" in model_c) == (scratch > 0)

@@ -1,0 +1,54 @@
+"""The x86-64 kernels (kernels/x86, the host board's variant) with their AVX2 path compiled in
+(-mavx2), -Wall -Wextra -Werror, AddressSanitizer + UndefinedBehaviorSanitizer, run on this machine
+against the numpy reference over the same random shapes and parameters as test_kernels_c.py (which
+builds the same files without -mavx2, i.e. their portable path): 0 differing elements."""
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CBuild, float_graph, quantize_with_random_data
+from test_kernels_c import test_conv2d_s8, test_depthwise_conv2d_s8, test_fully_connected_s8  # noqa: F401
+
+
+def _has_avx2() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2")
+
+
+@pytest.fixture(scope="module")
+def cbuild(tmp_path_factory):
+    """Overrides conftest's: kernel objects with the AVX2 path, sanitized."""
+    return CBuild(tmp_path_factory.mktemp("kernel_objects_avx2"), sanitize=True, extra_flags=("-mavx2",))
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5, 64), (1, 4, 4, 33), (1, 3, 9, 16)])
+def test_wide_channels_take_the_vector_paths(cbuild, tmp_path, shape):
+    """Depthwise with >= 16 channels, pointwise 1x1 over wide channels, K with 16- and 8-wide steps."""
+    from edgekit import reference
+    from helpers import c_matches_reference
+    rng = np.random.default_rng(sum(shape))
+    c = shape[3]
+    for kind, w_shape, attrs in [
+            ("depthwise_conv2d", (1, 3, 3, c), dict(padding=(1, 1, 1, 1), depth_multiplier=1)),
+            ("conv2d", (24, 1, 1, c), dict(padding=(0, 0, 0, 0))),
+            ("conv2d", (5, 3, 3, c), dict(padding=(1, 0, 2, 1)))]:
+        attrs = dict(stride=(1, 1), dilation=(1, 1), activation="relu", **attrs)
+        out_c = c if kind == "depthwise_conv2d" else w_shape[0]
+        kh, kw = w_shape[1:3]
+        p = attrs["padding"]
+        oh, ow = shape[1] + p[0] + p[1] - kh + 1, shape[2] + p[2] + p[3] - kw + 1
+        g = float_graph(kind, [shape], attrs, {"w": rng.normal(0, 0.3, w_shape), "b": rng.normal(0, 0.3, out_c)},
+                        (1, oh, ow, out_c))
+        q = quantize_with_random_data(g, rng)
+        x = rng.integers(-128, 128, size=(5,) + shape[1:]).astype(np.int8)
+        got, ref = c_matches_reference(q, tmp_path / kind / str(kh), cbuild, {"x0": x})
+        assert (tmp_path / kind / str(kh) / "include" / "ek_x86.h").exists()
+        assert int(np.sum(got != ref)) == 0, kind
+        assert reference is not None

@@ -229,11 +229,20 @@ def cmd_demo(args) -> int:
     return 0 if result.get("bit_exact", False) else 1
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_emulate(args) -> int:
+    import signal
     import time
 
     from .device.emulator import Emulator
 
+    # Installed explicitly: a shell's background job inherits SIGINT ignored, and SIGTERM (a CI
+    # runner, systemd, kill) would otherwise end Python before it stops QEMU.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     emu = Emulator(args.board, port=args.port, log=Path(args.log) if args.log else None)
     emu.start()
     print(f"{emu.board.name} is running edgekit's serial bootloader in QEMU (pid {emu.process.pid}).\n"

@@ -73,3 +73,51 @@ def test_doctor():
     p = edgekit("doctor")
     assert p.returncode == 0, p.stdout
     assert "arm-none-eabi-gcc" in p.stdout and "qemu-system-arm" in p.stdout and "newlib" in p.stdout
+
+
+def _start_emulate(port, ignore_sigint):
+    def child_setup():
+        if ignore_sigint:  # what a shell's background job inherits
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    emu = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "emulate", "--port", str(port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=child_setup)
+    text = ""
+    deadline = time.monotonic() + 60
+    while "socket://" not in text and time.monotonic() < deadline:
+        text += emu.stdout.readline()
+    qemu_pid = int(text.split("(pid ")[1].split(")")[0])
+    return emu, qemu_pid
+
+
+def _gone(pid, within=10.0):
+    import os
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap it if it is our own zombie (it is not: QEMU is edgekit's child)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except (FileNotFoundError, IndexError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("how", ["SIGINT while inherited ignored", "SIGTERM", "SIGKILL"])
+def test_emulate_never_leaves_qemu_behind(how):
+    from edgekit.device.emulator import free_port
+    emu, qemu_pid = _start_emulate(free_port(), ignore_sigint=how.startswith("SIGINT"))
+    try:
+        assert not _gone(qemu_pid, within=0.2), "QEMU should be running"
+        emu.send_signal({"SIGINT while inherited ignored": signal.SIGINT, "SIGTERM": signal.SIGTERM,
+                         "SIGKILL": signal.SIGKILL}[how])
+        code = emu.wait(timeout=30)
+        assert code == (-signal.SIGKILL if how == "SIGKILL" else 0)
+        assert _gone(qemu_pid), f"QEMU (pid {qemu_pid}) outlived edgekit emulate after {how}"
+    finally:
+        if emu.poll() is None:
+            emu.kill()

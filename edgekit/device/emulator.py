@@ -27,6 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child, before exec: ask Linux to kill it when edgekit dies, even by SIGKILL,
+    so an emulator never outlives its owner holding a port."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still ends QEMU on every normal exit
+
+
 def qemu_command(board: Board, kernel: Path, port: int) -> list[str]:
     qemu = board.get("qemu")
     if not qemu:
@@ -60,7 +70,7 @@ class Emulator:
         cmd = qemu_command(self.board, kernel, self.port)
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -33,27 +33,30 @@ def digits_flat():
     return datasets.digits(flat=True)
 
 
-def _trained(model, x, y, epochs):
+def _trained(make_model, x, y, epochs):
+    """Seed before the model's initial weights too: under xdist the global RNG's state would
+    otherwise depend on which tests ran earlier in the worker, and so would the fixture."""
     from edgekit import train
-    return train.train_classifier(model, x, y, epochs=epochs, show_progress=False)
+    train.seed_everything(0)
+    return train.train_classifier(make_model(), x, y, epochs=epochs, show_progress=False)
 
 
 @pytest.fixture(scope="session")
 def trained_cnn(digits):
     from edgekit import models
-    return _trained(models.DigitsCNN(), digits.x_train, digits.y_train, 25)
+    return _trained(models.DigitsCNN, digits.x_train, digits.y_train, 25)
 
 
 @pytest.fixture(scope="session")
 def trained_rescnn(digits):
     from edgekit import models
-    return _trained(models.DigitsResCNN(), digits.x_train, digits.y_train, 25)
+    return _trained(models.DigitsResCNN, digits.x_train, digits.y_train, 25)
 
 
 @pytest.fixture(scope="session")
 def trained_mlp(digits_flat):
     from edgekit import models
-    return _trained(models.digits_mlp((128, 64)), digits_flat.x_train, digits_flat.y_train, 40)
+    return _trained(lambda: models.digits_mlp((128, 64)), digits_flat.x_train, digits_flat.y_train, 40)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Whole models through .tflite: PyTorch -> edgekit's int8 export -> import ->
 generated C, bit for bit equal to tflite-runtime's reference kernels
-(BUILTIN_REF); the importer's errors (unsupported ops listed at once, corrupted
+(BUILTIN_REF) and to TensorFlow Lite Micro itself (the tflite-micro package's
+interpreter, the code an MCU would run); the importer's errors (unsupported ops listed at once, corrupted
 files) and the `edgekit export` command."""
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from edgekit.ir import QuantParams
 from test_tflite_reference import tflite_run
 
 EDGEKIT = [sys.executable, "-m", "edgekit.cli"]
+
+
+def tflm_run(path, x: np.ndarray) -> np.ndarray:
+    """Run a one-input, one-output .tflite sample by sample in TensorFlow Lite Micro."""
+    from tflite_micro.python.tflite_micro import runtime  # the test extra installs it
+
+    interp = runtime.Interpreter.from_file(str(path))
+    d = interp.get_input_details(0)
+    outs = []
+    for i in range(x.shape[0]):
+        interp.set_input(x[i:i + 1].reshape(d["shape"]).astype(d["dtype"]), 0)
+        interp.invoke()
+        outs.append(interp.get_output(0).copy())
+    return np.concatenate(outs)
 
 
 def _kws_model():
@@ -53,6 +68,8 @@ def test_roundtrip_c_equals_tflite_reference(request, name, tmp_path):
     y_tfl = tflite_run(path, [x_q])[0].reshape(y_c.shape)
     assert np.array_equal(y_c, y_tfl), f"{int(np.sum(y_c != y_tfl))} int8 outputs differ from TFLite"
     assert np.array_equal(y_c, edgekit.reference_run(q, x_q, int8=True))  # and from the PyTorch path's own graph
+    y_tflm = tflm_run(path, x_q).reshape(y_c.shape)
+    assert np.array_equal(y_c, y_tflm), f"{int(np.sum(y_c != y_tflm))} int8 outputs differ from TFLite Micro"
 
     # float I/O: QUANTIZE / DEQUANTIZE at the edges, NHWC floats in and out.
     path = edgekit.export_tflite(q, tmp_path / "mf.tflite")
@@ -63,6 +80,8 @@ def test_roundtrip_c_equals_tflite_reference(request, name, tmp_path):
     y_c = edgekit.run(tmp_path / "cf", x_ir)
     y_tfl = tflite_run(path, [x_ir])[0].reshape(y_c.shape)
     assert np.array_equal(y_c, y_tfl), f"{int(np.sum(y_c != y_tfl))} float outputs differ from TFLite"
+    y_tflm = tflm_run(path, x_ir).reshape(y_c.shape)
+    assert np.array_equal(y_c, y_tflm), f"{int(np.sum(y_c != y_tflm))} float outputs differ from TFLite Micro"
 
 
 def _toy_model(extra_ops):

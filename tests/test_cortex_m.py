@@ -52,6 +52,9 @@ def test_demo_models_bit_exact_on_emulated_cores(board, projects, tmp_path):
             assert report["total"]["median"] > 1000
             assert sum(l["median"] for l in report["layers"]) <= report["total"]["max"] * 1.01
             assert 0 < report["stack_high_water"] < report["stack_bytes"]
+            # the static worst case (targets/stack.py) covers what the device measured, and fits the reserve
+            assert report["stack_high_water"] <= report["stack_bound"] == built["stack_bound"] < report["stack_bytes"]
+            assert any(line.startswith("stack: at most") for line in built["budget_lines"])
             assert report["flash_bytes"] == built["sizes"]["flash"] > graph.weight_bytes() // 2
             # Back to the bootloader for the next model: the device stays flashable.
             with DeviceLink(emu.url) as link:

@@ -62,16 +62,25 @@ def conv_case(draw, depthwise=False):
                 observer=draw(observers), seed=draw(st.integers(0, 2 ** 31)))
 
 
+def conv_case_graph(case, rng, depthwise=False):
+    """The float one-op graph of a conv_case: random weights (and bias) at the case's scale."""
+    kh, kw = case["k"]
+    shape = (1, kh, kw, case["o"]) if depthwise else (case["o"], kh, kw, case["c"])
+    weights = {"w": rng.normal(0, case["wscale"], shape)}
+    if case["bias"]:
+        weights["b"] = rng.normal(0, case["wscale"], case["o"])
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
+    if depthwise:
+        attrs["depth_multiplier"] = case["mult"]
+    return float_graph("depthwise_conv2d" if depthwise else "conv2d", [(1, case["h"], case["w"], case["c"])], attrs,
+                       weights, (1, *case["out"], case["o"]))
+
+
 @given(conv_case())
 @SETTINGS
 def test_conv2d_s8(cbuild, case):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, case["c"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
-    g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights, (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng)
     _check(g, rng, cbuild, {"x0": case["rng"]}, case["observer"])
 
 
@@ -79,14 +88,7 @@ def test_conv2d_s8(cbuild, case):
 @SETTINGS
 def test_depthwise_conv2d_s8(cbuild, case):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (1, kh, kw, case["o"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"],
-                 depth_multiplier=case["mult"])
-    g = float_graph("depthwise_conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights,
-                    (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng, depthwise=True)
     _check(g, rng, cbuild, {"x0": case["rng"]}, case["observer"])
 
 

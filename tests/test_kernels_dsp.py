@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from cortex_m_selftest import run_selftest
 from edgekit import reference
 from helpers import float_graph, quantize_with_random_data
-from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers
+from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
@@ -45,12 +45,7 @@ def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6):
 @DSP_SETTINGS
 def test_conv2d_s8_dsp(case, board):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, case["c"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
-    g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights, (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng)
     _check_on_board(g, rng, board, {"x0": case["rng"]}, case["observer"])
 
 
@@ -70,14 +65,7 @@ def test_pointwise_conv2d_s8_dsp(h, w, c, o, act, seed, board):
 @DSP_SETTINGS
 def test_depthwise_conv2d_s8_dsp(case, board):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (1, kh, kw, case["o"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"],
-                 depth_multiplier=case["mult"])
-    g = float_graph("depthwise_conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights,
-                    (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng, depthwise=True)
     _check_on_board(g, rng, board, {"x0": case["rng"]}, case["observer"])
 
 

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import float_graph, quantize_with_random_data
-from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers, pool_case
+from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers, pool_case
 
 from edgekit import reference
 from edgekit.errors import EdgekitError
@@ -60,12 +60,7 @@ def _check(g, rng, ranges=None, observer="minmax", n=12):
 @SETTINGS
 def test_conv2d(case):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, case["c"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
-    g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights, (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng)
     _check(g, rng, {"x0": case["rng"]}, case["observer"])
 
 
@@ -73,14 +68,7 @@ def test_conv2d(case):
 @SETTINGS
 def test_depthwise_conv2d(case):
     rng = np.random.default_rng(case["seed"])
-    kh, kw = case["k"]
-    weights = {"w": rng.normal(0, case["wscale"], (1, kh, kw, case["o"]))}
-    if case["bias"]:
-        weights["b"] = rng.normal(0, case["wscale"], case["o"])
-    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"],
-                 depth_multiplier=case["mult"])
-    g = float_graph("depthwise_conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights,
-                    (1, *case["out"], case["o"]))
+    g = conv_case_graph(case, rng, depthwise=True)
     _check(g, rng, {"x0": case["rng"]}, case["observer"])
 
 

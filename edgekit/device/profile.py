@@ -204,6 +204,10 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         stats = link.stats_()
         binary = next((p for p in (project_dir / "firmware.elf", project_dir / "model_runner") if p.exists()), None)
         sizes = section_sizes(binary) if binary else {}
+        stack_bound = None
+        if binary is not None and binary.name == "firmware.elf":
+            from ..targets.stack import worst_case_stack
+            stack_bound = worst_case_stack(project_dir, binary, fpu=bool(load_board(project["board"]).get("fpu"))).bytes
         report = {
             "board": info.board,
             "port": link.port_name,
@@ -222,6 +226,7 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
             "arena_bytes": info.arena_bytes,
             "stack_bytes": stats["stack_bytes"],
             "stack_high_water": stats["stack_high_water"],
+            "stack_bound": stack_bound,  # static worst case (targets/stack.py), None where unknown
             "flash_bytes": sizes.get("flash"),
             "ram_bytes": sizes.get("ram"),
             "weight_bytes": project["weight_bytes"],
@@ -260,7 +265,8 @@ def format_report(report: dict) -> str:
         lines += [""] + format_exits(report["exits"], unit)
     lines.append(f"flash {report['flash_bytes'] or 0:,} B (weights {report['weight_bytes']:,} B), RAM "
                  f"{report['ram_bytes'] or 0:,} B (arena {report['arena_bytes']:,} B, stack used "
-                 f"{report['stack_high_water']:,} of {report['stack_bytes']:,} B)")
+                 f"{report['stack_high_water']:,} of {report['stack_bytes']:,} B"
+                 + (f", static bound {report['stack_bound']:,} B" if report.get("stack_bound") else "") + ")")
     lines.append("")
     lines.append(f"{'layer':28s} {'kind':18s} {'MACs':>10s} {'median ' + unit:>28s} {'share':>6s}")
     total = sum(l["median"] for l in report["layers"]) or 1

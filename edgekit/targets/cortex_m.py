@@ -9,6 +9,7 @@ from ..boards import Board
 from ..errors import EdgekitError
 from . import budget
 from .elf import section_sizes
+from .stack import worst_case_stack
 from .toolchain import require
 
 _OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
@@ -36,6 +37,14 @@ def build(board: Board, out: Path, project: dict) -> dict:
     project["image"] = str(out / "firmware.bin")
     project["sizes"] = sizes
     project["budget_lines"] = budget.check_built(board, sizes)
+    bound = worst_case_stack(out, elf, fpu=bool(board.get("fpu")))
+    reserved = int(board.get("stack_bytes", 8192))
+    if bound.bytes is not None and bound.bytes > reserved:
+        raise EdgekitError(f"the firmware can use {bound.bytes:,} B of stack ({' > '.join(bound.path)}), "
+                           f"{bound.bytes - reserved:,} B more than the {reserved:,} B {board.name} reserves; "
+                           "raise stack_bytes in its board file")
+    project["stack_bound"] = bound.bytes
+    project["budget_lines"].append(bound.describe(reserved))
     return project
 
 

@@ -108,12 +108,17 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
 
 
-def build(out_dir, *, sanitize: bool = False) -> dict:
-    """Compile a generated project for its board. Returns the project record with sizes."""
+def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:
+    """Compile a generated project for its board. Returns the project record with sizes.
+
+    ``stack`` (microcontrollers): None keeps the board's stack reserve, an int reserves that many
+    bytes, "auto" reserves the static worst case computed from the built code."""
     out = Path(out_dir)
     project = load_project(out)
     from .boards import load_board
     board = load_board(project["board"])
+    if board.kind == "host" and stack is not None:
+        raise EdgekitError("--stack sizes a microcontroller's stack; the host program's is the OS's")
     if board.kind == "host":
         from .targets import host
         binary = host.build(out, sanitize=sanitize)
@@ -122,7 +127,7 @@ def build(out_dir, *, sanitize: bool = False) -> dict:
         project["sizes"] = section_sizes(binary)
         return project
     from .targets import build_for_board
-    return build_for_board(board, out, project)
+    return build_for_board(board, out, project, stack=stack)
 
 
 def _quantize_io(x: np.ndarray, rec: dict) -> np.ndarray:

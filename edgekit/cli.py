@@ -183,10 +183,19 @@ def cmd_compress(args) -> int:
     return 0 if final is None or final["c_equals_reference"] else 1
 
 
+def _stack_arg(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise EdgekitError(f"--stack {value!r}: give a number of bytes, or auto") from None
+
+
 def cmd_build(args) -> int:
     from . import api
 
-    built = api.build(args.project, sanitize=args.sanitize)
+    built = api.build(args.project, sanitize=args.sanitize, stack=_stack_arg(args.stack))
     sizes = built.get("sizes", {})
     print(f"built {built.get('binary')}: text {sizes.get('text', 0):,} B, data {sizes.get('data', 0):,} B, "
           f"bss {sizes.get('bss', 0):,} B")
@@ -402,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile a generated project")
     b.add_argument("project")
     b.add_argument("--sanitize", action="store_true", help="host: build with ASan + UBSan")
+    b.add_argument("--stack", metavar="BYTES|auto", help="microcontrollers: the stack reserve; auto = the static "
+                   "worst case of the built code (default: the board file's stack_bytes)")
     b.set_defaults(fn=cmd_build)
 
     r = sub.add_parser("run", help="run a host build on inputs")

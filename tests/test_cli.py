@@ -132,6 +132,13 @@ def test_run_with_inputs_of_the_wrong_shape(saved_cnn, tmp_path):
     assert_clean_failure(edgekit("run", out, "--inputs", tmp_path / "bad.npy"), "expects")
 
 
+def test_stack_option_is_for_microcontrollers(saved_cnn, tmp_path):
+    out = tmp_path / "out"
+    assert edgekit("generate", saved_cnn / "model.pt2", "--calib", saved_cnn / "calib.npy", "-o", out).returncode == 0
+    assert_clean_failure(edgekit("build", out, "--stack", "auto"), "microcontroller")
+    assert_clean_failure(edgekit("build", out, "--stack", "lots"), "give a number of bytes, or auto")
+
+
 def test_boards_lists_host():
     p = edgekit("boards")
     assert p.returncode == 0 and "host" in p.stdout

@@ -61,6 +61,29 @@ def test_demo_models_bit_exact_on_emulated_cores(board, projects, tmp_path):
                 link.reset()
 
 
+def test_stack_sized_to_its_static_bound(projects, tmp_path):
+    """--stack auto: the reserve shrinks to the static worst case, the device runs bit-exact within it;
+    a reserve below the bound is refused and leaves no image to flash."""
+    graph, data = projects["rescnn"]
+    out = tmp_path / "rescnn"
+    edgekit.generate(graph, out, board="mps2-an386")
+    default = edgekit.build(out)
+    with pytest.raises(EdgekitError, match=r"can use \d+ B of stack .*more than the 64 B reserved") as exc:
+        edgekit.build(out, stack=64)
+    assert "Reset_Handler > main" in str(exc.value)
+    assert not (out / "firmware.elf").exists() and not (out / "firmware.bin").exists()
+    auto = edgekit.build(out, stack="auto")
+    assert auto["stack_reserved"] == (auto["stack_bound"] + 7) // 8 * 8 < default["stack_reserved"]
+    assert default["sizes"]["ram"] - auto["sizes"]["ram"] == default["stack_reserved"] - auto["stack_reserved"]
+    with Emulator("mps2-an386") as emu:
+        flash_project(out, emu.url, show_progress=False)
+        report = profile(emu.url, data.x_test[:10], project_dir=out, show_progress=False)
+    assert report["bit_exact"], report["mismatches"]
+    assert report["stack_bytes"] == auto["stack_reserved"]  # what the device itself reports
+    assert 0 < report["stack_high_water"] <= report["stack_bound"] <= report["stack_bytes"]
+    assert edgekit.build(out)["stack_reserved"] == default["stack_reserved"]  # and back to the board's
+
+
 def test_counts_are_deterministic(projects, tmp_path):
     graph, data = projects["cnn"]
     with Emulator("mps2-an386") as emu:

@@ -8,16 +8,14 @@ from pathlib import Path
 from ..boards import Board
 from ..errors import EdgekitError
 from . import budget
-from .elf import section_sizes
+from .elf import section_sizes, symbol_values
 from .stack import worst_case_stack
 from .toolchain import require
 
 _OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
 
 
-def build(board: Board, out: Path, project: dict) -> dict:
-    require("make")
-    require("arm-none-eabi-gcc")
+def _make(board: Board, out: Path, project: dict) -> None:
     proc = subprocess.run(["make", "-s"], cwd=out, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr
@@ -31,21 +29,59 @@ def build(board: Board, out: Path, project: dict) -> dict:
             raise EdgekitError("newlib for arm-none-eabi is missing: sudo apt-get install libnewlib-arm-none-eabi")
         tail = "\n".join(text.strip().splitlines()[-25:])
         raise EdgekitError(f"building the firmware failed:\n{tail}")
+
+
+def _linked_stack_bytes(elf: Path) -> int:
+    v = symbol_values(elf, ["_ek_stack_bottom", "_ek_stack_top"])
+    return int(v["_ek_stack_top"]) - int(v["_ek_stack_bottom"])
+
+
+def build(board: Board, out: Path, project: dict, stack: int | str | None = None) -> dict:
+    """make the firmware. ``stack``: None keeps the board's reserve, an int reserves that many
+    bytes, "auto" reserves the static worst case (targets/stack.py), rounded up to 8 bytes."""
+    require("make")
+    require("arm-none-eabi-gcc")
+    stack_mk = out / "stack.mk"
+    if isinstance(stack, int):
+        if stack <= 0 or stack % 8:
+            raise EdgekitError(f"--stack {stack}: give a positive multiple of 8 bytes, or auto")
+        _write_if_changed(stack_mk, f"STACK_BYTES = {stack}\n")
+    elif stack is None:  # written, not deleted: a change of content is what makes make relink
+        _write_if_changed(stack_mk, f"STACK_BYTES = {int(board.get('stack_bytes', 8192))}\n")
+    elif stack != "auto":
+        raise EdgekitError(f"--stack {stack!r}: give a number of bytes, or auto")
+    _make(board, out, project)
     elf = out / "firmware.elf"
+    bound = worst_case_stack(out, elf, fpu=bool(board.get("fpu")))
+    if stack == "auto":
+        if bound.bytes is None:
+            raise EdgekitError(f"--stack auto needs a static bound of the stack, and there is none: {bound.why}. "
+                               "Give a size (--stack BYTES) instead")
+        if _write_if_changed(stack_mk, f"STACK_BYTES = {(bound.bytes + 7) // 8 * 8}\n"):
+            _make(board, out, project)  # relink with the new reserve
+    reserved = _linked_stack_bytes(elf)
+    if bound.bytes is not None and bound.bytes > reserved:
+        for name in ("firmware.elf", "firmware.bin"):  # never leave an image behind that could overflow
+            (out / name).unlink(missing_ok=True)
+        raise EdgekitError(f"the firmware can use {bound.bytes:,} B of stack ({' > '.join(bound.path)}), "
+                           f"{bound.bytes - reserved:,} B more than the {reserved:,} B reserved; "
+                           "build with --stack auto, or raise stack_bytes in the board file")
     sizes = section_sizes(elf)
     project["binary"] = str(elf)
     project["image"] = str(out / "firmware.bin")
     project["sizes"] = sizes
     project["budget_lines"] = budget.check_built(board, sizes)
-    bound = worst_case_stack(out, elf, fpu=bool(board.get("fpu")))
-    reserved = int(board.get("stack_bytes", 8192))
-    if bound.bytes is not None and bound.bytes > reserved:
-        raise EdgekitError(f"the firmware can use {bound.bytes:,} B of stack ({' > '.join(bound.path)}), "
-                           f"{bound.bytes - reserved:,} B more than the {reserved:,} B {board.name} reserves; "
-                           "raise stack_bytes in its board file")
     project["stack_bound"] = bound.bytes
+    project["stack_reserved"] = reserved
     project["budget_lines"].append(bound.describe(reserved))
     return project
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    path.write_text(text)
+    return True
 
 
 def cache_dir() -> Path:

@@ -39,3 +39,15 @@ def symbol_sizes(path: str | Path, names) -> dict[str, int]:
             if sym.name in wanted:
                 found[sym.name] = sym["st_size"]
     return found
+
+
+def symbol_values(path: str | Path, names) -> dict[str, int | None]:
+    """Addresses (values) of named symbols, None when absent."""
+    found: dict[str, int | None] = {n: None for n in names}
+    with open(path, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        if symtab is not None:
+            for sym in symtab.iter_symbols():
+                if sym.name in found:
+                    found[sym.name] = sym["st_value"]
+    return found

@@ -19,6 +19,7 @@ from bench_cortex_m import TFLM, reference_models
 from edgekit.device.emulator import Emulator
 from edgekit.device.flash import flash_project
 from edgekit.device.profile import profile
+from edgekit.device.protocol import DeviceLink
 
 
 def main():
@@ -38,6 +39,8 @@ def main():
             flash_project(out, emu.url, show_progress=False)
             report = profile(emu.url, x, project_dir=out, show_progress=False)
             assert report["bit_exact"], f"{name}: outputs differ from the reference"
+            with DeviceLink(emu.url) as link:
+                link.reset()  # back to the bootloader for the next model
             print(f"| {name} | {board['stack_reserved']:,} | {board['sizes']['ram']:,} | {auto['stack_bound']:,} | "
                   f"{auto['sizes']['ram']:,} | {report['stack_high_water']:,} | {TFLM[name]['arena']:,} |")
 

@@ -105,6 +105,44 @@ def test_conv2d_neon(xbuild, case, board):
     check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]}, case["observer"])
 
 
+@given(st.integers(1, 4), st.integers(1, 7), st.integers(1, 4), st.integers(1, 40), st.integers(1, 13),
+       st.tuples(*(st.integers(0, 1) for _ in range(4))), st.integers(1, 2), activations, boards, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_neon_windows(xbuild, kw, h, w, c, o, padding, stride, act, board, seed):
+    """1xN and 1x1 windows (read in place when inside the input, gathered at a padded border),
+    odd pixel counts (the last pixel of a pair computed twice), out_c below 4 and not a multiple
+    of 4 (the last group overlaps), K = kw * c not a multiple of 16 or 8 (the vector tails)."""
+    rng = np.random.default_rng(seed)
+    padding = (0, 0, padding[2], padding[3])
+    out = conv_out(h, w, (1, kw), (1, stride), (1, 1), padding)
+    if out[1] < 1:
+        padding = (0, 0, padding[2] + kw, padding[3])
+        out = conv_out(h, w, (1, kw), (1, stride), (1, 1), padding)
+    weights = {"w": rng.normal(0, 1, (o, 1, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(1, stride), dilation=(1, 1), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.sampled_from([8, 9, 15, 16, 17, 31, 40]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations, boards,
+       st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_depthwise_conv2d_neon_channel_groups(xbuild, kh, kw, h, w, c, padding, stride, dilation, act, board, seed):
+    """The 16- and 8-channel groups with the last group ending at out_c, padding on every side
+    (taps reading the zero-point row), strides and dilation."""
+    rng = np.random.default_rng(seed)
+    out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh * dilation, padding[1], padding[2] + kw * dilation, padding[3])
+        out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
+    weights = {"w": rng.normal(0, 1, (1, kh, kw, c)), "b": rng.normal(0, 1, c)}
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
+                 depth_multiplier=1)
+    g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs, weights, (1, *out, c))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-1.0, 4.0)})
+
+
 @given(conv_case(depthwise=True), boards, st.integers(1, 4))
 @PI_SETTINGS
 def test_depthwise_conv2d_neon(xbuild, case, board, widen):

@@ -105,6 +105,44 @@ def test_conv2d_neon(xbuild, case, board):
     check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]}, case["observer"])
 
 
+@given(st.integers(1, 4), st.integers(1, 7), st.integers(1, 4), st.integers(1, 40), st.integers(1, 13),
+       st.tuples(*(st.integers(0, 1) for _ in range(4))), st.integers(1, 2), activations, boards, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_neon_windows(xbuild, kw, h, w, c, o, padding, stride, act, board, seed):
+    """1xN and 1x1 windows (read in place when inside the input, gathered at a padded border),
+    odd pixel counts (the last pixel of a pair computed twice), out_c below 4 and not a multiple
+    of 4 (the last group overlaps), K = kw * c not a multiple of 16 or 8 (the vector tails)."""
+    rng = np.random.default_rng(seed)
+    padding = (0, 0, padding[2], padding[3])
+    out = conv_out(h, w, (1, kw), (1, stride), (1, 1), padding)
+    if out[1] < 1:
+        padding = (0, 0, padding[2] + kw, padding[3])
+        out = conv_out(h, w, (1, kw), (1, stride), (1, 1), padding)
+    weights = {"w": rng.normal(0, 1, (o, 1, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(1, stride), dilation=(1, 1), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.sampled_from([8, 9, 15, 16, 17, 31, 40]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations, boards,
+       st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_depthwise_conv2d_neon_channel_groups(xbuild, kh, kw, h, w, c, padding, stride, dilation, act, board, seed):
+    """The 16- and 8-channel groups with the last group ending at out_c, padding on every side
+    (taps reading the zero-point row), strides and dilation."""
+    rng = np.random.default_rng(seed)
+    out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh * dilation, padding[1], padding[2] + kw * dilation, padding[3])
+        out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
+    weights = {"w": rng.normal(0, 1, (1, kh, kw, c)), "b": rng.normal(0, 1, c)}
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
+                 depth_multiplier=1)
+    g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs, weights, (1, *out, c))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-1.0, 4.0)})
+
+
 @given(conv_case(depthwise=True), boards, st.integers(1, 4))
 @PI_SETTINGS
 def test_depthwise_conv2d_neon(xbuild, case, board, widen):
@@ -126,6 +164,84 @@ def test_fully_connected_neon(xbuild, n_in, n_out, act, wscale, in_range, observ
     weights = {"w": rng.normal(0, wscale, (n_out, n_in)), "b": rng.normal(0, wscale, n_out)}
     g = float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
     check_on_pi(g, rng, xbuild, board, {"x0": in_range}, observer)
+
+
+REQUANT_MAIN = r"""
+#include <stdio.h>
+#include "ek_neon.h"
+#include "ek_quant.h"
+int32_t ek_kernel_scratch[2];
+const int32_t ek_kernel_scratch_bytes = 8;
+/* stdin: records of 4 x (acc, multiplier, shift) int32 + (offset, act_min, act_max);
+ * stdout: 4 x (scalar, vector) int32 per record. */
+int main(void)
+{
+    int32_t r[15];
+    while (fread(r, sizeof r, 1, stdin) == 1) {
+        int32_t acc[4], mult[4], shift[4], got[4];
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = r[3 * i];
+            mult[i] = r[3 * i + 1];
+            shift[i] = r[3 * i + 2];
+        }
+        vst1q_s32(got, ek_neon_requantize4(vld1q_s32(acc), ek_neon_quant4(mult, shift), vdupq_n_s32(r[12]),
+                                           vdupq_n_s32(r[13]), vdupq_n_s32(r[14])));
+        for (int i = 0; i < 4; ++i) {
+            const int32_t want = ek_clamp(ek_requantize_acc(acc[i], mult[i], shift[i]) + r[12], r[13], r[14]);
+            const int32_t pair[2] = {want, got[i]};
+            fwrite(pair, sizeof pair, 1, stdout);
+        }
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def requant_exes(tmp_path_factory):
+    """A program comparing ek_neon_requantize4 with the scalar ek_requantize_acc, per board."""
+    rng = np.random.default_rng(0)
+    g = float_graph("fully_connected", [(1, 4)], dict(activation="none"), {"w": rng.normal(0, 1, (4, 4))}, (1, 4))
+    q = quantize_with_random_data(g, rng)
+    exes = {}
+    for name in ("rpi4", "rpi5"):
+        board = load_board(name)
+        d = tmp_path_factory.mktemp(f"requant_{name}")
+        generate_project(q, d, board)
+        (d / "requant.c").write_text(REQUANT_MAIN)
+        subprocess.run([board["cc"], *board["cflags"], *CHECKS, "-I", str(d / "include"), str(d / "requant.c"),
+                        "-o", str(d / "requant")], check=True, capture_output=True, text=True)
+        exes[name] = (d / "requant", board["qemu"]["cpu"])
+    return exes
+
+
+@st.composite
+def requant_case(draw):
+    """An accumulator, multiplier and shift the generator accepts: |acc << max(shift, 0)| < 2^31,
+    multiplier in [0, 2^31) (the extremes included)."""
+    shift = draw(st.one_of(st.sampled_from([-31, -30, -1, 0, 1, 30]), st.integers(-31, 30)))
+    bound = 2 ** (31 - max(shift, 0)) - 1
+    acc = draw(st.one_of(st.sampled_from([0, 1, -1, bound, -bound, bound // 2, -(bound // 2) - 1]),
+                         st.integers(-bound, bound)))
+    mult = draw(st.one_of(st.sampled_from([0, 1, 2 ** 30, 2 ** 31 - 1, 2 ** 30 + 1]), st.integers(0, 2 ** 31 - 1)))
+    return acc, mult, shift
+
+
+@given(st.lists(st.tuples(requant_case(), requant_case(), requant_case(), requant_case(),
+                          st.integers(-128, 127), st.integers(-128, 127), st.integers(-128, 127)),
+                min_size=1, max_size=64), boards)
+@settings(SETTINGS, max_examples=max(20, SETTINGS.max_examples))
+def test_neon_requantize_equals_scalar(requant_exes, records, board):
+    """The vector requantization (vqrdmulhq_s32, rounding shift with the negative fix-up) equals
+    ek_requantize_acc lane by lane, over extreme multipliers, shifts and accumulators."""
+    exe, cpu = requant_exes[board]
+    data = np.array([[v for lane in r[:4] for v in lane] + [r[4], min(r[5], r[6]), max(r[5], r[6])]
+                     for r in records], np.int32)
+    proc = subprocess.run(QEMU + ["-cpu", cpu, str(exe)], input=data.tobytes(), capture_output=True, timeout=60)
+    assert proc.returncode == 0 and b"runtime error" not in proc.stderr, proc.stderr[-3000:]
+    pairs = np.frombuffer(proc.stdout, np.int32).reshape(-1, 2)
+    assert len(pairs) == 4 * len(records)
+    assert np.array_equal(pairs[:, 0], pairs[:, 1]), pairs[pairs[:, 0] != pairs[:, 1]][:5]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +267,7 @@ def test_whole_model_bit_exact_under_qemu(kws_projects, board):
     y = edgekit.run(projects[board], x)  # model_runner under qemu-aarch64 -cpu cortex-a72 / cortex-a76
     assert np.array_equal(y, edgekit.reference_run(q, x))
     kernels = (projects[board] / "kernels" / "ek_conv2d_s8.c").read_text()
-    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text() and "ek_dot(" in kernels
+    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text() and "ek_neon_dot_4x2(" in kernels
 
 
 def test_rpi5_build_uses_sdot_and_needs_the_a76(kws_projects):

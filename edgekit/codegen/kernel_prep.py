@@ -40,16 +40,19 @@ def scratch_bytes(layers, board) -> int:
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
     convolution gathers the windows of two output pixels (2 x K int16, K = kh * kw * in_c), a
     fully connected layer widens its input vector once (in_c int16), a depthwise one lists its
-    taps' input pointers (kh x kw) and keeps a row of zero points (in_c bytes). The x86 kernels
-    gather two windows as int8 (2 x K bytes)."""
+    taps' input pointers (kh x kw) and keeps a row of zero points (in_c bytes). The x86 and NEON
+    kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
+    (64-bit pointers) and the zero-point row."""
     variant = board.get("kernel_variant")
     need = 0
     for layer in layers:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
-        if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86"):
+        if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
             need = max(need, (4 if variant == "dsp" else 2) * kh * kw * k_in)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
             need = max(need, 2 * k_in)
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "dsp":
             need = max(need, 4 * kh * kw + layer.dims["input"][3])
+        elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":
+            need = max(need, 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8

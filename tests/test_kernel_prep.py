@@ -9,7 +9,7 @@ from edgekit.boards import load_board
 from edgekit.codegen.kernel_prep import folded_bias
 from edgekit.codegen.project import generate_project
 from edgekit.errors import EdgekitError
-from edgekit.passes.verify import LIMIT, accumulator_bounds, check_int8_arithmetic
+from edgekit.passes.verify import ACCUMULATOR_LIMIT, LIMIT, accumulator_bounds, check_int8_arithmetic
 from helpers import float_graph, quantize_with_random_data
 
 
@@ -44,7 +44,7 @@ def test_depthwise_weight_sums_are_per_output_channel():
 
 def test_extreme_accumulators_stay_exact_with_the_folded_bias(tmp_path, cbuild):
     """A layer at the edge of the proof (weights all 127, zero point -128, a bias that takes the
-    reference's bound to within 10 of 2^31 - 1) is accepted as before, and the folded kernels,
+    reference's bound to within 10 of the limit, 2^31 - 1 - 128) is accepted as before, and the folded kernels,
     which add the bias last, compute it exactly on inputs that reach the bound."""
     from edgekit import reference
     from helpers import c_matches_reference
@@ -55,8 +55,9 @@ def test_extreme_accumulators_stay_exact_with_the_folded_bias(tmp_path, cbuild):
     op.attrs["shift"][:] = -1
     op.attrs["input_offset"] = 128  # zero point -128: |q + offset| <= 255
     unfolded_without_bias = accumulator_bounds(q, op) - np.abs(q.tensors[op.inputs[2]].data.astype(np.int64))
-    q.tensors[op.inputs[2]].data[:] = int(LIMIT - unfolded_without_bias[0] - 10)
-    assert np.all(accumulator_bounds(q, op) <= LIMIT) and np.all(accumulator_bounds(q, op) > LIMIT - 20)
+    q.tensors[op.inputs[2]].data[:] = int(ACCUMULATOR_LIMIT - unfolded_without_bias[0] - 10)
+    bounds = accumulator_bounds(q, op)
+    assert np.all(bounds <= ACCUMULATOR_LIMIT) and np.all(bounds > ACCUMULATOR_LIMIT - 20)
     check_int8_arithmetic(q)
     assert np.all(np.abs(folded_bias(q, op).astype(np.int64)) <= LIMIT)
     x = np.array([[127] * 64, [-128] * 64, [0] * 64], np.int8)
@@ -73,7 +74,7 @@ def test_a_bias_past_the_bound_is_refused(tmp_path):
     op = q.ops[0]
     q.tensors[op.inputs[1]].data[:] = 127
     op.attrs["input_offset"] = 128
-    q.tensors[op.inputs[2]].data[:] = LIMIT - 10
+    q.tensors[op.inputs[2]].data[:] = ACCUMULATOR_LIMIT - 10  # past the limit once the weights add
     with pytest.raises(EdgekitError, match=r"layer 'op'.*output channel 0.*int32"):
         generate_project(q, tmp_path, "host")
 

@@ -13,6 +13,9 @@ from ..errors import EdgekitError
 from ..ir import Graph
 
 LIMIT = (1 << 31) - 1
+# The requantized value is at most |acc << left| (multiplier < 2^31), and the kernels add the output
+# offset (|offset| <= 128) to it in int32 before clamping: an accumulator keeps room for it.
+ACCUMULATOR_LIMIT = LIMIT - 128
 
 
 def _max_abs_input(offset: int) -> int:
@@ -48,16 +51,16 @@ def check_int8_arithmetic(graph: Graph) -> None:
             bound = accumulator_bounds(graph, op)
             left = np.maximum(op.attrs["shift"].astype(np.int64), 0)
             worst = bound << left
-            if np.any(worst > LIMIT):
+            if np.any(worst > ACCUMULATOR_LIMIT):
                 c = int(np.argmax(worst))
                 raise EdgekitError(
                     f"{where}: output channel {c} can reach an int32 accumulator of {int(worst[c]):,} "
-                    f"(limit {LIMIT:,}); its reduction is too long or its weights/bias too large for int8 "
+                    f"(limit {ACCUMULATOR_LIMIT:,}); its reduction is too long or its weights/bias too large for int8 "
                     "inference. Split the layer, or retrain with weight decay.")
         elif op.kind == "mean":
             shape = graph.tensors[op.inputs[0]].shape
             bound = shape[1] * shape[2] * _max_abs_input(op.attrs["input_offset"])
-            if bound << max(op.attrs["shift"], 0) > LIMIT:
+            if bound << max(op.attrs["shift"], 0) > ACCUMULATOR_LIMIT:  # then requantized, offset added
                 raise EdgekitError(f"{where}: the sum over {shape[1]}x{shape[2]} positions can overflow int32")
         elif op.kind == "avg_pool2d":
             kh, kw = op.attrs["kernel"]
@@ -65,7 +68,7 @@ def check_int8_arithmetic(graph: Graph) -> None:
                 raise EdgekitError(f"{where}: the {kh}x{kw} window is too large for an int32 sum")
         elif op.kind == "mul":
             worst = 255 * 255 << max(op.attrs["output_shift"], 0)
-            if worst > LIMIT:
+            if worst > ACCUMULATOR_LIMIT:
                 raise EdgekitError(f"{where}: the product can overflow int32 after the requantization shift "
                                    f"({op.attrs['output_shift']}); the output scale is too small for its inputs")
         elif op.kind == "exit" and op.attrs["criterion"] == "margin":

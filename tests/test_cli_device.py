@@ -121,3 +121,16 @@ def test_emulate_never_leaves_qemu_behind(how):
     finally:
         if emu.poll() is None:
             emu.kill()
+
+
+def test_demo_on_the_emulated_m4(tmp_path):
+    """The README's first command (edgekit demo), shortened to 3 epochs: train, quantize, generate,
+    build with the stack sized to its static bound, flash over serial, profile, all bit-exact."""
+    p = subprocess.run([sys.executable, "-m", "edgekit.cli", "demo", "--epochs", "3", "-o", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "device outputs equal the numpy reference" in p.stdout and "yes, bit for bit" in p.stdout
+    assert "emulated instructions" in p.stdout and "flashed and verified" in p.stdout
+    used, reserved = (int(v.split()[0].replace(",", "")) for v in
+                      p.stdout.split("stack used / reserved (the static bound)")[1].splitlines()[0].split("/"))
+    assert 0 < used <= reserved < 4096

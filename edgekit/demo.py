@@ -28,17 +28,23 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def run_host_demo(out_dir: str | Path = "runs/demo-host", epochs: int = 30, seed: int = 0) -> dict:
-    out_dir = Path(out_dir)
+def _train_and_quantize(stages: Stages, epochs: int, seed: int):
+    """The digits CNN trained (seeded before its initial weights, so a run repeats) and quantized."""
     data = datasets.digits()
-    stages = Stages()
-    model = models.DigitsCNN()
     train.seed_everything(seed)
+    model = models.DigitsCNN()
     stages.run("train the digits CNN (scikit-learn digits, 80/20 stratified split)", train.train_classifier,
                model, data.x_train, data.y_train, epochs=epochs, seed=seed)
     float_acc = train.accuracy(train.predict(model, data.x_test), data.y_test)
     graph = stages.run("quantize to int8 (calibrate on 256 training samples)", api.quantize, model,
                        data.x_train[:256])
+    return data, float_acc, graph
+
+
+def run_host_demo(out_dir: str | Path = "runs/demo-host", epochs: int = 30, seed: int = 0) -> dict:
+    out_dir = Path(out_dir)
+    stages = Stages()
+    data, float_acc, graph = _train_and_quantize(stages, epochs, seed)
     record = stages.run(f"generate C into {out_dir}", api.generate, graph, out_dir, "host")
     built = stages.run("build with gcc -O2 -Wall -Wextra -Werror", api.build, out_dir)
     logits = stages.run(f"run the C program on the {len(data.x_test)} test images", api.run, out_dir, data.x_test)
@@ -73,15 +79,8 @@ def run_device_demo(board_name: str = "mps2-an386", out_dir: str | Path | None =
         raise api.EdgekitError(f"{board.name} is real hardware: pass --port (its serial port), or use the "
                                "emulated default (edgekit demo)")
     out_dir = Path(out_dir or f"runs/demo-{board.name}")
-    data = datasets.digits()
     stages = Stages()
-    model = models.DigitsCNN()
-    train.seed_everything(seed)
-    stages.run("train the digits CNN (scikit-learn digits, 80/20 stratified split)", train.train_classifier,
-               model, data.x_train, data.y_train, epochs=epochs, seed=seed)
-    float_acc = train.accuracy(train.predict(model, data.x_test), data.y_test)
-    graph = stages.run("quantize to int8 (calibrate on 256 training samples)", api.quantize, model,
-                       data.x_train[:256])
+    data, float_acc, graph = _train_and_quantize(stages, epochs, seed)
     record = stages.run(f"generate C for {board.name} into {out_dir}", api.generate, graph, out_dir, board.name)
     # The stack reserve is the static worst case of the built code (targets/stack.py), not a guess.
     built = stages.run("build with arm-none-eabi-gcc -O2 -Wall -Wextra -Werror",

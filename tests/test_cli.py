@@ -171,3 +171,11 @@ def test_unknown_weights_choice(saved_cnn, tmp_path):
     p = edgekit("generate", saved_cnn / "model.pt2", "--calib", saved_cnn / "calib.npy", "--weights", "zip",
                 "-o", tmp_path / "o")
     assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_host_demo(tmp_path):
+    """`edgekit demo --board host`, shortened: trained, quantized, generated, built and run as C,
+    its outputs equal to the reference."""
+    proc = edgekit("demo", "--board", "host", "--epochs", "3", "-o", tmp_path / "demo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "C outputs equal the numpy reference" in proc.stdout and "yes, bit for bit" in proc.stdout

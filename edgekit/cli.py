@@ -54,14 +54,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_exits(args) -> int:
-    from .compress import exits as ex
-
+def _model_in_and_out(args) -> tuple[Path, Path]:
+    """The input model and a distinct .pt2 output path for the commands that rewrite a model."""
     model_path, out_path = Path(args.model), Path(args.output)
     if out_path.suffix != ".pt2":
         raise EdgekitError(f"the output model {out_path} must be a .pt2 file (torch.export)")
     if out_path.exists() and out_path.resolve() == model_path.resolve():
         raise EdgekitError(f"the output {out_path} is the input model; choose another path (the input stays untouched)")
+    return model_path, out_path
+
+
+def cmd_exits(args) -> int:
+    from .compress import exits as ex
+
+    model_path, out_path = _model_in_and_out(args)
     weights = None
     if args.weights:
         try:
@@ -160,11 +166,7 @@ def cmd_compress(args) -> int:
     from .compress.recipe import load_recipe, run_recipe
     from .compress.report import table
 
-    model_path, out_path = Path(args.model), Path(args.output)
-    if out_path.suffix != ".pt2":
-        raise EdgekitError(f"the output model {out_path} must be a .pt2 file (torch.export)")
-    if out_path.exists() and out_path.resolve() == model_path.resolve():
-        raise EdgekitError(f"the output {out_path} is the input model; choose another path (the input stays untouched)")
+    model_path, out_path = _model_in_and_out(args)
     if args.report and Path(args.report).resolve() in (model_path.resolve(), out_path.resolve()):
         raise EdgekitError("the report path must differ from the model paths")
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work

@@ -138,6 +138,15 @@ def test_max_pool2d_s8(cbuild, case):
     _check(g, rng, cbuild, {"x0": case["rng"]})
 
 
+@given(pool_case(), st.sampled_from([1, 5, 8, 16, 17, 32, 33, 50]))
+@SETTINGS
+def test_max_pool2d_s8_wide(cbuild, case, c):
+    """Channel counts that run the vector variants' 32-, 16-, 8- and 4-lane groups and their tails."""
+    rng = np.random.default_rng(case["seed"])
+    g = float_graph("max_pool2d", [(*case["shape"][:3], c)], case["attrs"], None, (*case["out"][:3], c))
+    _check(g, rng, cbuild, {"x0": case["rng"]})
+
+
 @given(pool_case())
 @SETTINGS
 def test_avg_pool2d_s8(cbuild, case):

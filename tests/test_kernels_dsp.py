@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from cortex_m_selftest import run_selftest
 from edgekit import reference
 from helpers import float_graph, quantize_with_random_data
-from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers
+from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers, pool_case
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
@@ -79,6 +79,17 @@ def test_fully_connected_s8_dsp(n_in, n_out, act, bias, wscale, in_range, observ
         weights["b"] = rng.normal(0, wscale, n_out)
     g = float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
     _check_on_board(g, rng, board, {"x0": in_range}, observer)
+
+
+@given(pool_case(), st.integers(1, 4), BOARDS)
+@DSP_SETTINGS
+def test_max_pool2d_s8_dsp(case, widen, board):
+    """Four channels per word (SSUB8 / SEL), the last 1-3 channels scalar, padding and fused clamps."""
+    rng = np.random.default_rng(case["seed"])
+    c = case["shape"][3] * widen + (widen - 1)  # 1 .. 27 channels: whole words and tails
+    shape, out = (*case["shape"][:3], c), (*case["out"][:3], c)
+    g = float_graph("max_pool2d", [shape], case["attrs"], None, out)
+    _check_on_board(g, rng, board, {"x0": case["rng"]})
 
 
 def test_dsp_build_executes_smlad(tmp_path):

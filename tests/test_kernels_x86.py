@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import CBuild, float_graph, quantize_with_random_data
-from test_kernels_c import test_conv2d_s8, test_depthwise_conv2d_s8, test_fully_connected_s8  # noqa: F401
+from test_kernels_c import (test_conv2d_s8, test_depthwise_conv2d_s8, test_fully_connected_s8,  # noqa: F401
+                            test_max_pool2d_s8_wide)
 
 
 def _has_avx2() -> bool:

@@ -21,7 +21,7 @@ import edgekit
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project, load_project
 from helpers import conv_out, float_graph, quantize_with_random_data
-from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers
+from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers, pool_case
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
                                 reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
@@ -213,6 +213,15 @@ def requant_exes(tmp_path_factory):
                         "-o", str(d / "requant")], check=True, capture_output=True, text=True)
         exes[name] = (d / "requant", board["qemu"]["cpu"])
     return exes
+
+
+@given(pool_case(), st.sampled_from([1, 7, 8, 16, 17, 24, 40]), boards)
+@PI_SETTINGS
+def test_max_pool2d_neon(xbuild, case, c, board):
+    """vmaxq_s8 over 16 and 8 channels, the scalar tail, padding and fused clamps."""
+    rng = np.random.default_rng(case["seed"])
+    g = float_graph("max_pool2d", [(*case["shape"][:3], c)], case["attrs"], None, (*case["out"][:3], c))
+    check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]})
 
 
 @st.composite

@@ -224,6 +224,16 @@ def test_max_pool2d_neon(xbuild, case, c, board):
     check_on_pi(g, rng, xbuild, board, {"x0": case["rng"]})
 
 
+@given(st.integers(1, 6), st.integers(1, 9), st.sampled_from([1, 15, 16, 17, 40, 64]), input_range(), observers,
+       boards, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_mean_neon(xbuild, h, w, c, in_range, observer, board, seed):
+    """16 channels summed per vector with the offset added once, then the scalar tail."""
+    rng = np.random.default_rng(seed)
+    g = float_graph("mean", [(1, h, w, c)], {}, None, (1, 1, 1, c))
+    check_on_pi(g, rng, xbuild, board, {"x0": in_range}, observer)
+
+
 @st.composite
 def requant_case(draw):
     """An accumulator, multiplier and shift the generator accepts (passes/verify.py):

@@ -28,8 +28,13 @@ DSP_SETTINGS = settings(SETTINGS, max_examples=max(4, int(os.environ.get("EDGEKI
 BOARDS = st.sampled_from(["mps2-an386", "mps2-an386", "mps2-an500"])  # mostly the M4, the M7 too
 
 
-def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6):
+def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6, shift_zero=None):
     q = quantize_with_random_data(g, rng, ranges, observer)
+    if shift_zero is not None:  # these channels' scale in [0.5, 1): the kernels' generic output stage
+        for op in q.ops:
+            if "shift" in op.attrs:
+                op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+                op.attrs["shift"][shift_zero] = 0
     name = q.inputs[0]
     x = rng.integers(-128, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +84,30 @@ def test_fully_connected_s8_dsp(n_in, n_out, act, bias, wscale, in_range, observ
         weights["b"] = rng.normal(0, wscale, n_out)
     g = float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
     _check_on_board(g, rng, board, {"x0": in_range}, observer)
+
+
+@pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "depthwise", "fully_connected"])
+@pytest.mark.parametrize("channels", ["all", "some"])
+def test_dsp_kernels_nonnegative_shift(kind, channels):
+    """Channels whose requantization shift is >= 0 (scale >= 0.5) take the DSP kernels' generic
+    output stage, for every channel or mixed with negative shifts in the same block of channels."""
+    rng = np.random.default_rng(len(kind) + len(channels))
+    o = 9
+    which = slice(None) if channels == "all" else [0, 3, 5, 8]
+    if kind == "fully_connected":
+        g = float_graph("fully_connected", [(1, 37)], dict(activation="relu"),
+                        {"w": rng.normal(0, 0.3, (o, 37)), "b": rng.normal(0, 0.3, o)}, (1, o))
+    elif kind == "depthwise":
+        g = float_graph("depthwise_conv2d", [(1, 5, 4, o)], dict(stride=(1, 1), dilation=(1, 1),
+                                                                  padding=(1, 1, 1, 1), activation="none",
+                                                                  depth_multiplier=1),
+                        {"w": rng.normal(0, 0.3, (1, 3, 3, o)), "b": rng.normal(0, 0.3, o)}, (1, 5, 4, o))
+    else:
+        k = 1 if kind == "conv1x1" else 3
+        g = float_graph("conv2d", [(1, 5, 3, 6)], dict(stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4,
+                                                       activation="relu6"),
+                        {"w": rng.normal(0, 0.3, (o, k, k, 6)), "b": rng.normal(0, 0.3, o)}, (1, 5, 3, o))
+    _check_on_board(g, rng, "mps2-an386", shift_zero=which)
 
 
 def test_dsp_build_executes_smlad(tmp_path):

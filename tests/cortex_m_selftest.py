@@ -87,12 +87,21 @@ def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, time
     out_size = int(np.prod(record["outputs"][0]["shape"]))
     rows = ",\n".join("    {" + ", ".join(str(int(v)) for v in row) + "}" for row in x)
     (out / "selftest.c").write_text(SELFTEST_C % dict(n=len(x), size=x.shape[1], rows=rows, out=out_size))
+    stdout = build_and_run(out, board, board_name, ["model.c", "model_weights.c",
+                                                   *(f"kernels/{k}.c" for k in record["kernels"])], timeout)
+    lines = [l[2:] for l in stdout.splitlines() if l.startswith("Y:")]
+    assert len(lines) == len(x), stdout[-2000:]
+    return np.array([np.frombuffer(bytes.fromhex(l), np.uint8).astype(np.int8) for l in lines]).reshape(len(x), -1)
+
+
+def build_and_run(out: Path, board, board_name: str, sources: list[str], timeout: float = 60.0) -> str:
+    """Build out/selftest.c (with startup.c, linker.ld and the given sources of the generated
+    project in out) as firmware for the board, run it under QEMU; return its semihosting output."""
     cpu = [f"-mcpu={board.cpu}", "-mthumb", f"-mfloat-abi={board.float_abi}"]
     if board.get("fpu"):
         cpu.append(f"-mfpu={board.fpu}")
     elf = out / "selftest.elf"
-    sources = ["startup.c", "selftest.c", "model.c", "model_weights.c",
-               *(f"kernels/{k}.c" for k in record["kernels"])]
+    sources = ["startup.c", "selftest.c", *sources]
     cmd = ["arm-none-eabi-gcc", *cpu, *board.get("cflags", ["-O2"]), *WARN, "-ffunction-sections", "-fdata-sections",
            "-Iinclude", "-I.", "-nostartfiles", "-T", "linker.ld", "-Wl,--gc-sections", "--specs=nano.specs",
            "--specs=nosys.specs", "-o", str(elf), *sources]
@@ -109,7 +118,5 @@ def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, time
         os.killpg(proc.pid, signal.SIGKILL)  # our own QEMU, by its process group
         proc.communicate()
         raise AssertionError(f"self-test firmware did not finish within {timeout} s on {board_name}")
-    assert proc.returncode == 0, f"exit {proc.returncode}: {stderr[-2000:]}"
-    lines = [l[2:] for l in stdout.splitlines() if l.startswith("Y:")]
-    assert len(lines) == len(x), stdout[-2000:]
-    return np.array([np.frombuffer(bytes.fromhex(l), np.uint8).astype(np.int8) for l in lines]).reshape(len(x), -1)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {stdout[-2000:]} {stderr[-2000:]}"
+    return stdout

@@ -28,8 +28,13 @@ DSP_SETTINGS = settings(SETTINGS, max_examples=max(4, int(os.environ.get("EDGEKI
 BOARDS = st.sampled_from(["mps2-an386", "mps2-an386", "mps2-an500"])  # mostly the M4, the M7 too
 
 
-def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6):
+def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6, shift_zero=None):
     q = quantize_with_random_data(g, rng, ranges, observer)
+    if shift_zero is not None:  # these channels' scale in [0.5, 1): the kernels' generic output stage
+        for op in q.ops:
+            if "shift" in op.attrs:
+                op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+                op.attrs["shift"][shift_zero] = 0
     name = q.inputs[0]
     x = rng.integers(-128, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +97,30 @@ def test_max_pool2d_s8_dsp(case, widen, board):
     _check_on_board(g, rng, board, {"x0": case["rng"]})
 
 
+@pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "depthwise", "fully_connected"])
+@pytest.mark.parametrize("channels", ["all", "some"])
+def test_dsp_kernels_nonnegative_shift(kind, channels):
+    """Channels whose requantization shift is >= 0 (scale >= 0.5) take the DSP kernels' generic
+    output stage, for every channel or mixed with negative shifts in the same block of channels."""
+    rng = np.random.default_rng(len(kind) + len(channels))
+    o = 9
+    which = slice(None) if channels == "all" else [0, 3, 5, 8]
+    if kind == "fully_connected":
+        g = float_graph("fully_connected", [(1, 37)], dict(activation="relu"),
+                        {"w": rng.normal(0, 0.3, (o, 37)), "b": rng.normal(0, 0.3, o)}, (1, o))
+    elif kind == "depthwise":
+        g = float_graph("depthwise_conv2d", [(1, 5, 4, o)], dict(stride=(1, 1), dilation=(1, 1),
+                                                                  padding=(1, 1, 1, 1), activation="none",
+                                                                  depth_multiplier=1),
+                        {"w": rng.normal(0, 0.3, (1, 3, 3, o)), "b": rng.normal(0, 0.3, o)}, (1, 5, 4, o))
+    else:
+        k = 1 if kind == "conv1x1" else 3
+        g = float_graph("conv2d", [(1, 5, 3, 6)], dict(stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4,
+                                                       activation="relu6"),
+                        {"w": rng.normal(0, 0.3, (o, k, k, 6)), "b": rng.normal(0, 0.3, o)}, (1, 5, 3, o))
+    _check_on_board(g, rng, "mps2-an386", shift_zero=which)
+
+
 def test_dsp_build_executes_smlad(tmp_path):
     """The M4 build really contains the DSP instructions, and the M3 (no DSP) keeps the portable kernels."""
     rng = np.random.default_rng(1)
@@ -109,3 +138,111 @@ def test_dsp_build_executes_smlad(tmp_path):
     record = generate_project(q, tmp_path / "m3", "mps2-an385")
     assert record["scratch_bytes"] == 0
     assert "__smlad" not in (tmp_path / "m3" / "kernels" / "ek_conv2d_s8.c").read_text()
+
+
+REQUANT_MAIN = r"""/* The DSP output stage (ek_dsp.h) against the scalar ek_requantize_acc, case by case. */
+#include <stdint.h>
+#include "ek_dsp.h"
+#ifndef EK_DSP
+#error "built for a core with the DSP extension"
+#endif
+
+static const int32_t cases[%(n)d][6] = { /* acc, multiplier, shift (<= -1), offset, act_min, act_max */
+%(rows)s
+};
+
+static void semihost(uint32_t op, const void *arg)
+{
+    register uint32_t r0 __asm__("r0") = op;
+    register const void *r1 __asm__("r1") = arg;
+    __asm__ volatile("bkpt 0xab" : "+r"(r0) : "r"(r1) : "memory");
+}
+
+static void put_hex(char *p, uint32_t v)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 7; i >= 0; --i, v >>= 4) {
+        p[i] = hex[v & 15];
+    }
+}
+
+int main(void)
+{
+    static char line[64];
+    for (int32_t i = 0; i < %(n)d; ++i) {
+        const int32_t x = cases[i][0], m = cases[i][1], sh = cases[i][2];
+        const int32_t offset = cases[i][3], act_min = cases[i][4], act_max = cases[i][5];
+        const ek_dsp_rshift_quant q = ek_dsp_rshift_prepare(m, sh);
+        const int32_t fast = ek_dsp_requantize_rshift(x, &q);
+        const int narrow = act_min > -128 || act_max < 127;
+        const int32_t out = ek_dsp_clamp_s8(fast + offset, act_min, act_max, narrow);
+        line[0] = 'Y';
+        line[1] = ':';
+        put_hex(line + 2, (uint32_t)fast);
+        put_hex(line + 10, (uint32_t)ek_requantize_acc(x, m, sh));
+        put_hex(line + 18, (uint32_t)out);
+        put_hex(line + 26, (uint32_t)ek_dsp_output(x, m, sh, offset, act_min, act_max));
+        line[34] = '\n';
+        line[35] = 0;
+        semihost(0x04u, line); /* SYS_WRITE0 */
+    }
+    const uint32_t block[2] = {0x20026u, 0};
+    semihost(0x20u, block); /* SYS_EXIT_EXTENDED */
+    for (;;) {
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def requant_projects(tmp_path_factory):
+    """Generated projects (startup, linker script, include/) for the emulated M4 and M7."""
+    from edgekit.boards import load_board
+    from edgekit.codegen.project import generate_project
+    from edgekit.codegen.render import render_to
+    rng = np.random.default_rng(0)
+    g = float_graph("fully_connected", [(1, 4)], dict(activation="none"), {"w": rng.normal(0, 1, (4, 4))}, (1, 4))
+    q = quantize_with_random_data(g, rng)
+    out = {}
+    for name in ("mps2-an386", "mps2-an500"):
+        board = load_board(name)
+        d = tmp_path_factory.mktemp(name)
+        generate_project(q, d, board)
+        render_to(d / "linker.ld", "cortex_m/linker.ld.j2", board=board, region=board["memory"],
+                  region_name="self-test", stack_bytes=4096)
+        (d / "ek_port.h").write_text("#include <stdint.h>\n")
+        out[name] = (d, board)
+    return out
+
+
+@st.composite
+def rshift_requant_case(draw):
+    """An accumulator, multiplier and negative shift the generator accepts (passes/verify.py:
+    |acc| <= 2^31 - 1 - 128, multiplier in [0, 2^31)), extremes included, with an output offset
+    and activation bounds."""
+    shift = draw(st.one_of(st.sampled_from([-31, -30, -2, -1]), st.integers(-31, -1)))
+    bound = 2 ** 31 - 1 - 128
+    edges = [0, 1, -1, bound, -bound, bound // 2, -(bound // 2) - 1, 1 << (-shift - 1), -(1 << (-shift - 1)),
+             3 << (-shift - 1), -(3 << (-shift - 1))]  # ties of the rounding shift among them
+    acc = draw(st.one_of(st.sampled_from([v for v in edges if abs(v) <= bound]), st.integers(-bound, bound)))
+    mult = draw(st.one_of(st.sampled_from([0, 1, 2 ** 30, 2 ** 31 - 1, 2 ** 30 + 1]), st.integers(0, 2 ** 31 - 1)))
+    lo, hi = sorted(draw(st.one_of(st.just((-128, 127)), st.tuples(st.integers(-128, 127), st.integers(-128, 127)))))
+    return acc, mult, shift, draw(st.integers(-128, 127)), lo, hi
+
+
+@given(st.lists(rshift_requant_case(), min_size=1, max_size=128), BOARDS)
+@settings(SETTINGS, max_examples=max(20, SETTINGS.max_examples))
+def test_dsp_rshift_output_equals_scalar(requant_projects, cases, board):
+    """The DSP kernels' output stage for a negative shift (one SMLAL with the rounding folded in,
+    SSAT) equals ek_requantize_acc and the generic ek_dsp_output, over extreme accumulators,
+    multipliers and shifts, on the emulated M4 / M7."""
+    from cortex_m_selftest import build_and_run
+    d, b = requant_projects[board]
+    rows = ",\n".join("    {" + ", ".join(str(v) for v in c) + "}" for c in cases)
+    (d / "selftest.c").write_text(REQUANT_MAIN % dict(n=len(cases), rows=rows))
+    stdout = build_and_run(d, b, board, [])
+    got = [l[2:] for l in stdout.splitlines() if l.startswith("Y:")]
+    assert len(got) == len(cases), stdout[-2000:]
+    for c, line in zip(cases, got):
+        fast, scalar, out, generic = (line[i:i + 8] for i in range(0, 32, 8))
+        assert (fast, out) == (scalar, generic), (c, line)

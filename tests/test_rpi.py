@@ -143,6 +143,26 @@ def test_depthwise_conv2d_neon_channel_groups(xbuild, kh, kw, h, w, c, padding, 
     check_on_pi(g, rng, xbuild, board, {"x0": (-1.0, 4.0)})
 
 
+@given(st.integers(1, 9), st.integers(1, 9), st.sampled_from([16, 17, 24, 31, 33, 64]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations, boards,
+       st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_depthwise_conv2d_neon_3x3(xbuild, h, w, c, padding, stride, dilation, act, board, seed):
+    """The 3x3 path (16-channel groups over all pixels, weights kept in registers): interior pixels
+    at fixed tap offsets and border pixels reading the zero-point row on every side, strides,
+    dilation, a last group overlapping the previous one (c not a multiple of 16)."""
+    rng = np.random.default_rng(seed)
+    out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + 3 * dilation, padding[1], padding[2] + 3 * dilation, padding[3])
+        out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    weights = {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
+                 depth_multiplier=1)
+    g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs, weights, (1, *out, c))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-1.0, 4.0)})
+
+
 @given(conv_case(depthwise=True), boards, st.integers(1, 4))
 @PI_SETTINGS
 def test_depthwise_conv2d_neon(xbuild, case, board, widen):

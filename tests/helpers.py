@@ -58,6 +58,14 @@ def quantize_with_random_data(g: Graph, rng: np.random.Generator, ranges=None, o
     return quantize(g, r)
 
 
+def tiny_quantized_fc() -> Graph:
+    """A 4 -> 4 fully connected int8 graph: enough to generate a project's headers and board files
+    for tests that bring their own C."""
+    rng = np.random.default_rng(0)
+    g = float_graph("fully_connected", [(1, 4)], dict(activation="none"), {"w": rng.normal(0, 1, (4, 4))}, (1, 4))
+    return quantize_with_random_data(g, rng)
+
+
 class CBuild:
     """Compile generated projects the way their Makefile does, with the kernels
     compiled once per session (they are the same files for every model)."""

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cortex_m_selftest import run_selftest
 from edgekit import reference
-from helpers import float_graph, quantize_with_random_data
+from helpers import float_graph, quantize_with_random_data, tiny_quantized_fc
 from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers, pool_case
 
 pytestmark = [pytest.mark.qemu,
@@ -200,9 +200,7 @@ def requant_projects(tmp_path_factory):
     from edgekit.boards import load_board
     from edgekit.codegen.project import generate_project
     from edgekit.codegen.render import render_to
-    rng = np.random.default_rng(0)
-    g = float_graph("fully_connected", [(1, 4)], dict(activation="none"), {"w": rng.normal(0, 1, (4, 4))}, (1, 4))
-    q = quantize_with_random_data(g, rng)
+    q = tiny_quantized_fc()
     out = {}
     for name in ("mps2-an386", "mps2-an500"):
         board = load_board(name)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import edgekit
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project, load_project
-from helpers import conv_out, float_graph, quantize_with_random_data
+from helpers import conv_out, float_graph, quantize_with_random_data, tiny_quantized_fc
 from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers, pool_case
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
@@ -220,9 +220,7 @@ int main(void)
 @pytest.fixture(scope="module")
 def requant_exes(tmp_path_factory):
     """A program comparing ek_neon_requantize4 with the scalar ek_requantize_acc, per board."""
-    rng = np.random.default_rng(0)
-    g = float_graph("fully_connected", [(1, 4)], dict(activation="none"), {"w": rng.normal(0, 1, (4, 4))}, (1, 4))
-    q = quantize_with_random_data(g, rng)
+    q = tiny_quantized_fc()
     exes = {}
     for name in ("rpi4", "rpi5"):
         board = load_board(name)

@@ -115,8 +115,8 @@ def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) ->
     bytes, "auto" reserves the static worst case computed from the built code."""
     out = Path(out_dir)
     project = load_project(out)
-    from .boards import load_board
-    board = load_board(project["board"])
+    from .boards import project_board
+    board = project_board(out, project)
     if board.kind == "host" and stack is not None:
         raise EdgekitError("--stack sizes a microcontroller's stack; the host program's is the OS's")
     if board.kind == "host":
@@ -148,8 +148,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
     """
     out = Path(out_dir)
     project = load_project(out)
-    from .boards import load_board
-    board = load_board(project["board"])
+    from .boards import project_board
+    board = project_board(out, project)
     if board.kind not in ("host", "linux-aarch64"):
         raise EdgekitError(f"{out} was generated for board {project['board']!r}; `run` executes host and "
                            "Raspberry Pi builds (the latter under qemu-aarch64). Use `edgekit profile` for a device.")

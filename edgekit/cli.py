@@ -23,9 +23,12 @@ def _load_npy(path: str, what: str) -> np.ndarray:
 
 def cmd_generate(args) -> int:
     from . import api
-    from .boards import load_board
+    from .boards import resolve_board
 
-    load_board(args.board)  # fail early on a typo
+    board = resolve_board(args.board)  # fail early on a typo
+    if board.source is not None:
+        print(f"using a board file of your own: {board.source} (board {board.name!r}, kind {board.kind}); "
+              "its compiler and flags are what the build runs")
     model = Path(args.model)
     if not model.exists():
         raise EdgekitError(f"model file not found: {model}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boards import Board, load_board
+from ..boards import PROJECT_BOARD_FILE, Board, resolve_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
@@ -358,7 +358,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     initial value of the device's ``ek_exit_threshold`` (changeable at run time).
     Returns the project record also saved as ``edgekit_project.json``.
     """
-    board = load_board(board) if isinstance(board, str) else board
+    board = resolve_board(board)
     weight_only = bool(graph.meta.get("weight_only"))
     _check_weights_choice(graph, weights)
     if not weight_only:
@@ -447,6 +447,9 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],
                            "threshold_real": threshold_to_real(exits["threshold"]),
                            "head_only_layers": [l.index for l in layers if l.head_only]}
+    if board.source is not None:  # a board file of the user's own: the project keeps its copy for build / flash
+        record["board_file"] = PROJECT_BOARD_FILE
+        (out / PROJECT_BOARD_FILE).write_bytes(board.source.read_bytes())
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

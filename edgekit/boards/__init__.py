@@ -54,8 +54,8 @@ def load_board(name: str) -> Board:
 
 
 def is_board_path(spec: str) -> bool:
-    """``--board`` names a board file of the user's own when it is written as a path to a .toml."""
-    return spec.endswith(".toml") or "/" in spec or "\\" in spec
+    """``--board`` names a board file of the user's own when it is a path ending in .toml."""
+    return spec.endswith(".toml")
 
 
 def resolve_board(spec) -> Board:

@@ -347,7 +347,17 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
 
 
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9) -> dict:
+                     exit_threshold=0.9, force: bool = False) -> dict:
+    """Write the C project for ``graph`` into ``out_dir``: a new or empty directory, or an edgekit project
+    (replaced in one step; ``force`` also overwrites generated files the user edited), see output_dir.py."""
+    from .output_dir import staged_output
+
+    with staged_output(out_dir, force=force) as stage:
+        return _write_project(graph, stage, board, weights, exit_threshold)
+
+
+def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
+                   exit_threshold=0.9) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",

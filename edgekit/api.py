@@ -123,15 +123,22 @@ def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) ->
     board = project_board(out, project)
     if board.kind == "host" and stack is not None:
         raise EdgekitError("--stack sizes a microcontroller's stack; the host program's is the OS's")
+    from .targets.build_record import record_build, require_makefile
+    require_makefile(out)
     if board.kind == "host":
         from .targets import host
         binary = host.build(out, sanitize=sanitize)
         from .targets.elf import section_sizes
         project["binary"] = str(binary)
         project["sizes"] = section_sizes(binary)
+        record_build(out, [binary])
         return project
     from .targets import build_for_board
-    return build_for_board(board, out, project, stack=stack)
+    built = build_for_board(board, out, project, stack=stack)
+    # Everything this build may have made (the Pi's Makefile builds both runners).
+    record_build(out, [built.get("binary"), built.get("image"), out / "model_runner"] if board.kind == "linux-aarch64"
+                 else [built.get("binary"), built.get("image")])
+    return built
 
 
 def _quantize_io(x: np.ndarray, rec: dict) -> np.ndarray:

@@ -177,8 +177,8 @@ def flash_project(out_dir, port: str | None = None, *, method: str | None = None
     if board.kind != "cortex-m":
         raise EdgekitError(f"board {board.name} is not flashed: {board.kind} builds run directly")
     image_path = out / "firmware.bin"
-    if not image_path.exists():
-        raise EdgekitError(f"{image_path} does not exist: run `edgekit build {out}` first")
+    from ..targets.build_record import require_fresh
+    require_fresh(out, image_path, "flash")  # never the old image under the new model's fingerprint
     project["image"], project["binary"] = str(image_path), str(out / "firmware.elf")
     method = method or board.get("flash_method", "serial-bootloader")
     if method == "serial-bootloader":

@@ -203,6 +203,9 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         totals, layer_table, outputs = result["totals"], result["per_layer"], result["outputs"]
         stats = link.stats_()
         binary = next((p for p in (project_dir / "firmware.elf", project_dir / "model_runner") if p.exists()), None)
+        if binary is not None:
+            from ..targets.build_record import require_fresh
+            require_fresh(project_dir, binary, "profile")  # sizes and stack of the program the device runs
         sizes = section_sizes(binary) if binary else {}
         stack_bound = None
         if binary is not None and binary.name == "firmware.elf":

@@ -60,8 +60,8 @@ def run_raw(board: Board, out: Path, data: np.ndarray, out_elems: int, dtype, ti
             args=()) -> np.ndarray:
     """Feed raw samples through the project's model_runner (under qemu-aarch64 on other machines)."""
     binary = (Path(out) / "model_runner").absolute()  # never a bare name: that would be a $PATH lookup
-    if not binary.exists():
-        raise EdgekitError(f"{binary} does not exist: run `edgekit build {out}` first")
+    from .build_record import require_fresh
+    require_fresh(out, binary)  # built by `edgekit build` from the sources the project has now
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)

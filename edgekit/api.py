@@ -35,7 +35,13 @@ def load(model, example_input=None, *, input_shape=None) -> Graph:
     from .frontends.pytorch import from_torch
     if example_input is not None:
         example_input = np.asarray(example_input, dtype=np.float32)[:1]
-    return from_torch(model, example_input, input_shape=input_shape)
+    # Exporting puts the module in eval mode; the caller's model is left as it was given.
+    modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
+    try:
+        return from_torch(model, example_input, input_shape=input_shape)
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def _check_samples(name: str, x) -> np.ndarray:

@@ -73,9 +73,12 @@ def pages_for(board: Board, start: int, length: int) -> list[int]:
 
 
 def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
-                 start: bool = True, timeout: float = 1.0) -> dict:
+                 start: bool = True, timeout: float = 1.0, overall: float | None = None) -> dict:
     boot = board.get("bootloader") or {}
-    with Stm32Bootloader(port, timeout=timeout) as bl:
+    # An overall deadline on top of each read's: a minute, plus time for the image at 115200 baud
+    # (written and read back) with room for retries.
+    overall = 60.0 + len(image) * 0.002 if overall is None else overall
+    with Stm32Bootloader(port, timeout=timeout, overall=overall) as bl:
         bl.sync()
         version, commands = bl.get()
         missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),

@@ -35,7 +35,13 @@ def load(model, example_input=None, *, input_shape=None) -> Graph:
     from .frontends.pytorch import from_torch
     if example_input is not None:
         example_input = np.asarray(example_input, dtype=np.float32)[:1]
-    return from_torch(model, example_input, input_shape=input_shape)
+    # Exporting puts the module in eval mode; the caller's model is left as it was given.
+    modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
+    try:
+        return from_torch(model, example_input, input_shape=input_shape)
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def _check_samples(name: str, x) -> np.ndarray:
@@ -93,7 +99,8 @@ def export_tflite(graph: Graph, path, *, io: str = "float"):
 DEFAULT_EXIT_THRESHOLD = 0.9
 
 
-def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD) -> dict:
+def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
+             force: bool = False) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -104,8 +111,11 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
 
     ``exit_threshold`` (multi-exit models): the confidence an early exit needs to
     answer, a probability for the softmax criterion (logits for margin), or "off";
-    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``)."""
-    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
+    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``).
+
+    ``out_dir`` must be new, empty, or a project edgekit generated (it is replaced in one step; files
+    edgekit did not generate there are kept). ``force`` also overwrites generated files you edited."""
+    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold, force=force)
 
 
 def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:
@@ -115,19 +125,26 @@ def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) ->
     bytes, "auto" reserves the static worst case computed from the built code."""
     out = Path(out_dir)
     project = load_project(out)
-    from .boards import load_board
-    board = load_board(project["board"])
+    from .boards import project_board
+    board = project_board(out, project)
     if board.kind == "host" and stack is not None:
         raise EdgekitError("--stack sizes a microcontroller's stack; the host program's is the OS's")
+    from .targets.build_record import record_build, require_makefile
+    require_makefile(out)
     if board.kind == "host":
         from .targets import host
         binary = host.build(out, sanitize=sanitize)
         from .targets.elf import section_sizes
         project["binary"] = str(binary)
         project["sizes"] = section_sizes(binary)
+        record_build(out, [binary])
         return project
     from .targets import build_for_board
-    return build_for_board(board, out, project, stack=stack)
+    built = build_for_board(board, out, project, stack=stack)
+    # Everything this build may have made (the Pi's Makefile builds both runners).
+    record_build(out, [built.get("binary"), built.get("image"), out / "model_runner"] if board.kind == "linux-aarch64"
+                 else [built.get("binary"), built.get("image")])
+    return built
 
 
 def _quantize_io(x: np.ndarray, rec: dict) -> np.ndarray:
@@ -148,8 +165,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
     """
     out = Path(out_dir)
     project = load_project(out)
-    from .boards import load_board
-    board = load_board(project["board"])
+    from .boards import project_board
+    board = project_board(out, project)
     if board.kind not in ("host", "linux-aarch64"):
         raise EdgekitError(f"{out} was generated for board {project['board']!r}; `run` executes host and "
                            "Raspberry Pi builds (the latter under qemu-aarch64). Use `edgekit profile` for a device.")

@@ -23,9 +23,15 @@ def _load_npy(path: str, what: str) -> np.ndarray:
 
 def cmd_generate(args) -> int:
     from . import api
-    from .boards import load_board
+    from .boards import resolve_board
 
-    load_board(args.board)  # fail early on a typo
+    from .codegen.output_dir import check_output_dir
+
+    board = resolve_board(args.board)  # fail early on a typo
+    check_output_dir(args.output, force=args.force)  # and on an output it must not write, before any work
+    if board.source is not None:
+        print(f"using a board file of your own: {board.source} (board {board.name!r}, kind {board.kind}); "
+              "its compiler and flags are what the build runs")
     model = Path(args.model)
     if not model.exists():
         raise EdgekitError(f"model file not found: {model}")
@@ -43,7 +49,7 @@ def cmd_generate(args) -> int:
             graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
                                  weight_only=args.weight_only, show_progress=True, exit_criterion=args.exit_criterion)
     record = api.generate(graph, args.output, board=args.board, weights=args.weights,
-                          exit_threshold=args.exit_threshold)
+                          exit_threshold=args.exit_threshold, force=args.force)
     print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
           f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
     if "exits" in record:
@@ -170,6 +176,9 @@ def cmd_compress(args) -> int:
     if args.report and Path(args.report).resolve() in (model_path.resolve(), out_path.resolve()):
         raise EdgekitError("the report path must differ from the model paths")
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
+    if args.build_dir:
+        from .codegen.output_dir import check_output_dir
+        check_output_dir(args.build_dir)  # so does a build directory edgekit must not write into
     model, sample_shape = fxgraph.load_model(model_path)
     compressed, report = run_recipe(model, recipe, args.data, sample_shape=sample_shape, build_dir=args.build_dir,
                                     show_progress=not args.quiet)
@@ -340,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
     g.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
     g.add_argument("--board", default="host", help="target board (see `edgekit boards`)")
-    g.add_argument("-o", "--output", required=True, help="project directory to write")
+    g.add_argument("-o", "--output", required=True, help="project directory to write: new, empty, or an edgekit "
+                   "project (replaced; files edgekit did not generate are kept)")
+    g.add_argument("--force", action="store_true", help="also overwrite generated files you edited in the project")
     g.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
     g.add_argument("--percentile", type=float, default=99.99)
     g.add_argument("--weight-only", action="store_true", help="int8 weights, float activations (FPU targets)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boards import Board, load_board
+from ..boards import PROJECT_BOARD_FILE, Board, resolve_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
@@ -347,7 +347,17 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
 
 
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9) -> dict:
+                     exit_threshold=0.9, force: bool = False) -> dict:
+    """Write the C project for ``graph`` into ``out_dir``: a new or empty directory, or an edgekit project
+    (replaced in one step; ``force`` also overwrites generated files the user edited), see output_dir.py."""
+    from .output_dir import staged_output
+
+    with staged_output(out_dir, force=force) as stage:
+        return _write_project(graph, stage, board, weights, exit_threshold)
+
+
+def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
+                   exit_threshold=0.9) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -358,7 +368,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     initial value of the device's ``ek_exit_threshold`` (changeable at run time).
     Returns the project record also saved as ``edgekit_project.json``.
     """
-    board = load_board(board) if isinstance(board, str) else board
+    board = resolve_board(board)
     weight_only = bool(graph.meta.get("weight_only"))
     _check_weights_choice(graph, weights)
     if not weight_only:
@@ -447,6 +457,9 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],
                            "threshold_real": threshold_to_real(exits["threshold"]),
                            "head_only_layers": [l.index for l in layers if l.head_only]}
+    if board.source is not None:  # a board file of the user's own: the project keeps its copy for build / flash
+        record["board_file"] = PROJECT_BOARD_FILE
+        (out / PROJECT_BOARD_FILE).write_bytes(board.source.read_bytes())
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

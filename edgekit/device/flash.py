@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..boards import Board, load_board
+from ..boards import Board, project_board
 from ..codegen.project import load_project
 from ..errors import EdgekitError
 from ..progress import Progress
@@ -73,9 +73,12 @@ def pages_for(board: Board, start: int, length: int) -> list[int]:
 
 
 def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
-                 start: bool = True, timeout: float = 1.0) -> dict:
+                 start: bool = True, timeout: float = 1.0, overall: float | None = None) -> dict:
     boot = board.get("bootloader") or {}
-    with Stm32Bootloader(port, timeout=timeout) as bl:
+    # An overall deadline on top of each read's: a minute, plus time for the image at 115200 baud
+    # (written and read back) with room for retries.
+    overall = 60.0 + len(image) * 0.002 if overall is None else overall
+    with Stm32Bootloader(port, timeout=timeout, overall=overall) as bl:
         bl.sync()
         version, commands = bl.get()
         missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),
@@ -145,15 +148,18 @@ def _flash_uf2(board: Board, out: Path, project: dict, mount: str | None) -> dic
 
 
 def _flash_tool(board: Board, out: Path, project: dict, method: str) -> dict:
-    elf = project["binary"]
+    elf = str(Path(project["binary"]).absolute())  # absolute: never read as an option or looked up in $PATH
     if method == "openocd":
+        if any(c in elf for c in '{}[]$"\\;\n'):  # openocd reads the path inside a Tcl command
+            raise EdgekitError(f"openocd cannot be given the path {elf!r} safely (it contains Tcl syntax); "
+                               "move the project to a plain path")
         target = board.get("openocd_target")
         if not target:
             raise EdgekitError(f"board {board.name} names no openocd target")
         cmd = ["openocd", "-f", "interface/stlink.cfg" if "stm32" in target else "interface/jlink.cfg",
-               "-f", target, "-c", f"program {elf} verify reset exit"]
+               "-f", target, "-c", f"program {{{elf}}} verify reset exit"]
     elif method == "nrfjprog":
-        hexfile = out / "firmware.hex"
+        hexfile = (out / "firmware.hex").absolute()
         subprocess.run(["arm-none-eabi-objcopy", "-O", "ihex", elf, str(hexfile)], check=True)
         cmd = ["nrfjprog", "--program", str(hexfile), "--sectorerase", "--verify", "--reset"]
     else:
@@ -170,12 +176,12 @@ def flash_project(out_dir, port: str | None = None, *, method: str | None = None
                   show_progress: bool = True, mount: str | None = None) -> dict:
     out = Path(out_dir)
     project = load_project(out)
-    board = load_board(project["board"])
+    board = project_board(out, project)
     if board.kind != "cortex-m":
         raise EdgekitError(f"board {board.name} is not flashed: {board.kind} builds run directly")
     image_path = out / "firmware.bin"
-    if not image_path.exists():
-        raise EdgekitError(f"{image_path} does not exist: run `edgekit build {out}` first")
+    from ..targets.build_record import require_fresh
+    require_fresh(out, image_path, "flash")  # never the old image under the new model's fingerprint
     project["image"], project["binary"] = str(image_path), str(out / "firmware.elf")
     method = method or board.get("flash_method", "serial-bootloader")
     if method == "serial-bootloader":

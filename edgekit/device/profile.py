@@ -15,7 +15,7 @@ import numpy as np
 from .. import layout
 from .. import quant_math as qm
 from .. import reference
-from ..boards import load_board
+from ..boards import project_board
 from ..codegen.project import load_project
 from ..errors import EdgekitError
 from ..ir import Graph
@@ -163,7 +163,7 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
     link = link or DeviceLink(port, timeout=timeout)
     try:
         info, project_dir, project, graph = _connect(link, project_dir)
-        board = load_board(project["board"]) if project.get("board") else None
+        board = project_board(project_dir, project) if project.get("board") else None
         samples = _prepare_inputs(project, graph, inputs, int8)
         n = samples.shape[0]
         runs = n if runs is None else int(runs)
@@ -203,11 +203,14 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         totals, layer_table, outputs = result["totals"], result["per_layer"], result["outputs"]
         stats = link.stats_()
         binary = next((p for p in (project_dir / "firmware.elf", project_dir / "model_runner") if p.exists()), None)
+        if binary is not None:
+            from ..targets.build_record import require_fresh
+            require_fresh(project_dir, binary, "profile")  # sizes and stack of the program the device runs
         sizes = section_sizes(binary) if binary else {}
         stack_bound = None
         if binary is not None and binary.name == "firmware.elf":
             from ..targets.stack import worst_case_stack
-            stack_bound = worst_case_stack(project_dir, binary, fpu=bool(load_board(project["board"]).get("fpu"))).bytes
+            stack_bound = worst_case_stack(project_dir, binary, fpu=bool(project_board(project_dir, project).get("fpu"))).bytes
         report = {
             "board": info.board,
             "port": link.port_name,

@@ -46,10 +46,20 @@ def _address(addr: int) -> bytes:
 
 
 class Stm32Bootloader(PortUser):
-    def __init__(self, port, timeout: float = 1.0, baudrate: int = 115200):
+    def __init__(self, port, timeout: float = 1.0, baudrate: int = 115200, overall: float | None = None):
         self.timeout = timeout
         self.retries_used = 0
+        self.babbling = False  # the port kept sending while edgekit waited for quiet
+        # Every wait also ends at this overall deadline (None: none beyond the per-read timeouts).
+        self.overall = overall
+        self.deadline = None if overall is None else time.monotonic() + overall
         self.serial, self.port_name = open_port(port, BootloaderError, baudrate, parity="E")  # 8E1, as the ROM
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            noise = " (the port kept sending bytes that are not the bootloader's answers)" if self.babbling else ""
+            raise BootloaderTimeout(f"gave up on {self.port_name} after {self.overall:.0f} s{noise}; "
+                                    "the device was not started")
 
     # -- bytes -------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -69,6 +79,7 @@ class Stm32Bootloader(PortUser):
                 raise BootloaderError(f"lost the connection to {self.port_name}: {exc}") from None
             if len(out) < n and time.monotonic() > deadline:
                 raise BootloaderTimeout(f"timeout: the bootloader sent {len(out)} of {n} bytes")
+            self._check_deadline()
         return bytes(out)
 
     def _ack(self, what: str, timeout: float | None = None) -> None:
@@ -82,14 +93,24 @@ class Stm32Bootloader(PortUser):
         self._write(bytes([code, code ^ 0xFF]))
         self._ack(COMMAND_NAMES.get(code, f"command 0x{code:02X}"))
 
-    def _drain(self, quiet: float = 0.05) -> bytes:
+    def _drain(self, quiet: float = 0.05, limit: float = 0.25) -> bytes:
+        """Read until the port is quiet for ``quiet`` seconds, but never longer than ``limit`` seconds: a
+        port that keeps sending (noise, another program's output) must not hold edgekit forever."""
         got = bytearray()
-        end = time.monotonic() + quiet
+        start = time.monotonic()
+        end = start + quiet
         while time.monotonic() < end:
-            chunk = self.serial.read(256)
+            try:
+                chunk = self.serial.read(256)
+            except Exception as exc:
+                raise BootloaderError(f"lost the connection to {self.port_name}: {exc}") from None
             if chunk:
                 got += chunk
-                end = time.monotonic() + quiet
+                end = min(time.monotonic() + quiet, start + limit)
+                if time.monotonic() >= start + limit:
+                    self.babbling = True
+                    break
+            self._check_deadline()
         try:
             self.serial.reset_input_buffer()
         except Exception:
@@ -113,8 +134,9 @@ class Stm32Bootloader(PortUser):
                 self._drain(0.02)
                 return
             last = BootloaderError(f"unexpected byte 0x{b:02X} during synchronisation")
+        noise = " The port keeps sending bytes: is something else talking on it?" if self.babbling else ""
         raise BootloaderTimeout(
-            f"no bootloader answers on {self.port_name}: {last}. On a real STM32, hold BOOT0 high and reset "
+            f"no bootloader answers on {self.port_name}: {last}.{noise} On a real STM32, hold BOOT0 high and reset "
             "the board; for the emulated board, start it with `edgekit emulate`.")
 
     def resync_filler(self, max_bytes: int = 300) -> None:

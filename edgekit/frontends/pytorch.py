@@ -39,12 +39,15 @@ def load_exported(path: str | Path):
         raise EdgekitError(f"model file not found: {path}")
     if not zipfile.is_zipfile(path):
         raise EdgekitError(f"{path} is not a torch.export file (torch.export.save writes a zip archive)")
+    from .pt2_archive import read_checked
+    checked = read_checked(path)  # nothing that needs unpickling; torch reads exactly these checked bytes
     export_log = logging.getLogger("torch.export")
     level = export_log.level
     export_log.setLevel(logging.ERROR)  # torch logs its own traceback before raising
     extra = {EXITS_FILE: ""}
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        import io
+        program = torch.export.load(io.BytesIO(checked), extra_files=extra)
     except Exception as exc:  # torch raises many kinds here
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgekitError(f"{path} is not a loadable torch.export file: {first}") from None

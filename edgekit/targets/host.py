@@ -25,9 +25,10 @@ def run_raw(out_dir: Path, data: np.ndarray, out_elems: int, dtype, sanitize: bo
             timeout: float = 600, args=()) -> np.ndarray:
     """Feed raw samples (batched, IR layout, already in the I/O dtype) through the program
     (``args``: more command-line arguments, e.g. an early-exit threshold)."""
-    binary = out_dir / ("model_runner_sanitize" if sanitize else RUNNER)
-    if not binary.exists():
-        raise EdgekitError(f"{binary} does not exist: run `edgekit build {out_dir}` first")
+    # By its absolute path: a bare name ("model_runner" for `edgekit run .`) would be looked up in $PATH.
+    binary = (Path(out_dir) / ("model_runner_sanitize" if sanitize else RUNNER)).absolute()
+    from .build_record import require_fresh
+    require_fresh(out_dir, binary)  # built by `edgekit build` from the sources the project has now
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)

@@ -47,6 +47,7 @@ def build(board: Board, out: Path, project: dict) -> dict:
 
 def command(board: Board, program: Path, cpu: str | None = None) -> list[str]:
     """How to start an aarch64 program here: directly on aarch64, else under qemu-aarch64."""
+    program = Path(program).absolute()  # a bare name would be looked up in $PATH
     if native():
         return [str(program)]
     q = board.get("qemu", {})
@@ -58,9 +59,9 @@ def command(board: Board, program: Path, cpu: str | None = None) -> list[str]:
 def run_raw(board: Board, out: Path, data: np.ndarray, out_elems: int, dtype, timeout: float = 600,
             args=()) -> np.ndarray:
     """Feed raw samples through the project's model_runner (under qemu-aarch64 on other machines)."""
-    binary = out / "model_runner"
-    if not binary.exists():
-        raise EdgekitError(f"{binary} does not exist: run `edgekit build {out}` first")
+    binary = (Path(out) / "model_runner").absolute()  # never a bare name: that would be a $PATH lookup
+    from .build_record import require_fresh
+    require_fresh(out, binary)  # built by `edgekit build` from the sources the project has now
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)

@@ -13,7 +13,6 @@ import numpy as np
 
 from . import layout, reference
 from . import quant_math as qm
-from .codegen.project import generate_project, load_project
 from .errors import EdgekitError
 from .ir import Graph
 from .passes.fuse import prepare_float
@@ -105,7 +104,14 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     ``exit_threshold`` (multi-exit models): the confidence an early exit needs to
     answer, a probability for the softmax criterion (logits for margin), or "off";
     the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``)."""
+    from .codegen.project import generate_project  # here, not at the top: compression imports api, not codegen
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
+
+
+def load_project(out_dir) -> dict:
+    """The record ``generate`` saved in ``out_dir`` (edgekit_project.json)."""
+    from .codegen.project import load_project as _load_project
+    return _load_project(out_dir)
 
 
 def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cost
 from ..boards import Board, load_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
 from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from ..targets import budget
 from .kernel_prep import folded_bias, scratch_bytes
 from .memory_plan import MemoryPlan, plan_memory
 from .render import TEMPLATES, render_to
@@ -73,20 +73,6 @@ def _dims(shape) -> tuple[int, int, int, int]:
     raise EdgekitError(f"internal: no NHWC view of shape {shape}")
 
 
-def layer_macs(graph: Graph, op: Op) -> int:
-    out = graph.tensors[op.outputs[0]].shape
-    if op.kind == "conv2d":
-        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
-        return out[1] * out[2] * O * KH * KW * I
-    if op.kind == "depthwise_conv2d":
-        _, KH, KW, O = graph.tensors[op.inputs[1]].shape
-        return out[1] * out[2] * O * KH * KW
-    if op.kind == "fully_connected":
-        O, I = graph.tensors[op.inputs[1]].shape
-        return O * I
-    return 0
-
-
 def filter_rows(graph: Graph, op: Op) -> np.ndarray:
     """A weighted layer's int8 weights as rows, one per output channel, each in the
     order its kernel reads them (a depthwise row: the output channel's taps)."""
@@ -134,7 +120,7 @@ class _Builder:
         ident = f"l{index}_{c_identifier(op.name)}"
         act_inputs = [n for n in op.inputs if not g.tensors[n].is_constant]
         layer = Layer(index, ident, op.name, op.kind, None, [self.buffer(n) for n in act_inputs],
-                      [self.buffer(n) for n in op.outputs], macs=layer_macs(g, op))
+                      [self.buffer(n) for n in op.outputs], macs=cost.layer_macs(g, op))
         layer.dims["input"] = _dims(g.tensors[op.inputs[0]].shape)
         layer.dims["output"] = _dims(g.tensors[op.outputs[0]].shape)
         getattr(self, f"_{op.kind}")(layer, op)
@@ -383,8 +369,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
-    budget_lines = budget.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
-                                             budget.estimate_code_bytes(kernels))
+    budget_lines = cost.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
+                                           cost.estimate_code_bytes(kernels))
     out.mkdir(parents=True, exist_ok=True)
     elem_type = "float" if weight_only else "int8_t"
     inputs = [builder.buffer(n) for n in graph.inputs]

@@ -92,7 +92,8 @@ def export_tflite(graph: Graph, path, *, io: str = "float"):
 DEFAULT_EXIT_THRESHOLD = 0.9
 
 
-def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD) -> dict:
+def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
+             library: bool = False, example_input=None) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -103,7 +104,15 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
 
     ``exit_threshold`` (multi-exit models): the confidence an early exit needs to
     answer, a probability for the softmax criterion (logits for margin), or "off";
-    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``)."""
+    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``).
+
+    ``library=True``: the model as a C library for your own firmware (no main, UART or protocol) with
+    its API header and build files for CMake, Arduino, PlatformIO, Zephyr and Make
+    (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input."""
+    if library:
+        from .codegen.library import generate_library
+        return generate_library(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
+                                example_input=example_input)
     from .codegen.project import generate_project  # here, not at the top: compression imports api, not codegen
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
 
@@ -114,6 +123,12 @@ def load_project(out_dir) -> dict:
     return _load_project(out_dir)
 
 
+def refuse_library(project: dict, out: Path, what: str) -> None:
+    if project.get("library"):
+        raise EdgekitError(f"{out} is a library (generate --library): it is {what} by your own firmware's build "
+                           f"(CMake: add_subdirectory({out}) and link edgekit_model; see the README)")
+
+
 def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:
     """Compile a generated project for its board. Returns the project record with sizes.
 
@@ -121,6 +136,7 @@ def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) ->
     bytes, "auto" reserves the static worst case computed from the built code."""
     out = Path(out_dir)
     project = load_project(out)
+    refuse_library(project, out, "built")
     from .boards import load_board
     board = load_board(project["board"])
     if board.kind == "host" and stack is not None:

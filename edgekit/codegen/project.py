@@ -333,7 +333,7 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
 
 
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9) -> dict:
+                     exit_threshold=0.9, library: bool = False) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -342,6 +342,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
     (a probability, or logits for the margin criterion; "off" runs the plain network), the
     initial value of the device's ``ek_exit_threshold`` (changeable at run time).
+    ``library``: only the model's C, in ``src/`` with its headers beside it and no board files (no main,
+    UART or protocol); ``codegen/library.py`` adds the API and the build glue.
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = load_board(board) if isinstance(board, str) else board
@@ -381,30 +383,34 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board))
+                   scratch_bytes=scratch_bytes(layers, board), library=library)
 
+    # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
+    # build puts only src/ on the include path.
+    src = out / "src" if library else out
+    inc = src if library else out / "include"
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
-    if (out / "kernels").exists():
-        for stale in (out / "kernels").glob("*.c"):
+    if (src / "kernels").exists():
+        for stale in (src / "kernels").glob("*.c"):
             if stale.stem not in kernels:
                 stale.unlink()
-    render_to(out / "include" / "ek_nn.h", "include/ek_nn.h.j2", **context)
-    render_to(out / "include" / "ek_quant.h", "include/ek_quant.h.j2", **context)
+    render_to(inc / "ek_nn.h", "include/ek_nn.h.j2", **context)
+    render_to(inc / "ek_quant.h", "include/ek_quant.h.j2", **context)
     if encodings_used:
-        render_to(out / "include" / "ek_decode.h", "include/ek_decode.h.j2", **context)
-    elif (out / "include" / "ek_decode.h").exists():
-        (out / "include" / "ek_decode.h").unlink()
+        render_to(inc / "ek_decode.h", "include/ek_decode.h.j2", **context)
+    elif (inc / "ek_decode.h").exists():
+        (inc / "ek_decode.h").unlink()
     # A board may name a kernel variant (e.g. "neon"): its folder replaces the portable kernels it has.
     variant = board.get("kernel_variant")
     if variant:
-        render_to(out / "include" / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
+        render_to(inc / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
         source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
             else f"kernels/{k}.c.j2"
-        render_to(out / "kernels" / f"{k}.c", source, **context)
+        render_to(src / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
-        render_to(out / name, f"model/{name}.j2", **context)
-    for folder in board.templates:
+        render_to(src / name, f"model/{name}.j2", **context)
+    for folder in [] if library else board.templates:
         board_dir = TEMPLATES / folder
         for tmpl in sorted(board_dir.rglob("*.j2")):
             rel = tmpl.relative_to(board_dir).with_suffix("")
@@ -428,6 +434,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                    for l in layers],
         "kernels": kernels,
         "budget_before_build": budget_lines,
+        "library": library,
     }
     if exits:
         record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],

@@ -13,7 +13,6 @@ import numpy as np
 
 from . import layout, reference
 from . import quant_math as qm
-from .codegen.project import generate_project, load_project
 from .errors import EdgekitError
 from .ir import Graph
 from .passes.fuse import prepare_float
@@ -100,7 +99,7 @@ DEFAULT_EXIT_THRESHOLD = 0.9
 
 
 def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
-             force: bool = False) -> dict:
+             force: bool = False, library: bool = False, example_input=None) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -114,8 +113,28 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``).
 
     ``out_dir`` must be new, empty, or a project edgekit generated (it is replaced in one step; files
-    edgekit did not generate there are kept). ``force`` also overwrites generated files you edited."""
+    edgekit did not generate there are kept). ``force`` also overwrites generated files you edited.
+    ``library=True``: the model as a C library for your own firmware (no main, UART or protocol) with
+    its API header and build files for CMake, Arduino, PlatformIO, Zephyr and Make
+    (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input."""
+    if library:
+        from .codegen.library import generate_library
+        return generate_library(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
+                                example_input=example_input, force=force)
+    from .codegen.project import generate_project  # here, not at the top: compression imports api, not codegen
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold, force=force)
+
+
+def load_project(out_dir) -> dict:
+    """The record ``generate`` saved in ``out_dir`` (edgekit_project.json)."""
+    from .codegen.project import load_project as _load_project
+    return _load_project(out_dir)
+
+
+def refuse_library(project: dict, out: Path, what: str) -> None:
+    if project.get("library"):
+        raise EdgekitError(f"{out} is a library (generate --library): it is {what} by your own firmware's build "
+                           f"(CMake: add_subdirectory({out}) and link edgekit_model; see the README)")
 
 
 def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:
@@ -125,6 +144,7 @@ def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) ->
     bytes, "auto" reserves the static worst case computed from the built code."""
     out = Path(out_dir)
     project = load_project(out)
+    refuse_library(project, out, "built")
     from .boards import project_board
     board = project_board(out, project)
     if board.kind == "host" and stack is not None:

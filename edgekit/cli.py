@@ -48,10 +48,17 @@ def cmd_generate(args) -> int:
         else:
             graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
                                  weight_only=args.weight_only, show_progress=True, exit_criterion=args.exit_criterion)
+    example = _load_npy(args.calib, "calibration")[:1] if args.library and args.calib else None
     record = api.generate(graph, args.output, board=args.board, weights=args.weights,
-                          exit_threshold=args.exit_threshold, force=args.force)
-    print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
-          f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
+                          exit_threshold=args.exit_threshold, force=args.force, library=args.library,
+                          example_input=example)
+    print(f"generated {'the library ' if args.library else ''}{args.output}: {len(record['layers'])} layers, "
+          f"{record['mode']}, weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, "
+          f"board {record['board']}")
+    if args.library:
+        print(f"use it: add_subdirectory({args.output}) + target_link_libraries(app PRIVATE edgekit_model) in CMake, "
+              "or as an Arduino / PlatformIO library, a Zephyr module, or include edgekit_model.mk; "
+              "the API is src/edgekit_model.h")
     if "exits" in record:
         ex = record["exits"]
         thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g} ({ex['threshold']}/256)"
@@ -364,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-criterion", default="softmax", choices=["softmax", "margin"],
                    help="early-exit models: the exit confidence, the top int8 softmax probability or the margin "
                    "between the two top logits")
+    g.add_argument("--library", action="store_true",
+                   help="write the model as a C library for your own firmware (no main, UART or protocol): "
+                   "src/edgekit_model.h and build files for CMake, Arduino, PlatformIO, Zephyr and Make")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")

@@ -13,6 +13,7 @@ missing=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have gcc || missing+=(gcc)
 have make || missing+=(make)
+have cmake || missing+=(cmake)  # the library output's CMake build (tests)
 have arm-none-eabi-gcc || missing+=(gcc-arm-none-eabi)
 [ -e /usr/lib/arm-none-eabi/newlib/libc.a ] || [ -e /usr/lib/arm-none-eabi/lib/libc.a ] || missing+=(libnewlib-arm-none-eabi)
 have qemu-system-arm || missing+=(qemu-system-arm)

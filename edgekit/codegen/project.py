@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cost
 from ..boards import PROJECT_BOARD_FILE, Board, resolve_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
 from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from ..targets import budget
 from .kernel_prep import folded_bias, scratch_bytes
 from .memory_plan import MemoryPlan, plan_memory
 from .render import TEMPLATES, render_to
@@ -73,20 +73,6 @@ def _dims(shape) -> tuple[int, int, int, int]:
     raise EdgekitError(f"internal: no NHWC view of shape {shape}")
 
 
-def layer_macs(graph: Graph, op: Op) -> int:
-    out = graph.tensors[op.outputs[0]].shape
-    if op.kind == "conv2d":
-        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
-        return out[1] * out[2] * O * KH * KW * I
-    if op.kind == "depthwise_conv2d":
-        _, KH, KW, O = graph.tensors[op.inputs[1]].shape
-        return out[1] * out[2] * O * KH * KW
-    if op.kind == "fully_connected":
-        O, I = graph.tensors[op.inputs[1]].shape
-        return O * I
-    return 0
-
-
 def filter_rows(graph: Graph, op: Op) -> np.ndarray:
     """A weighted layer's int8 weights as rows, one per output channel, each in the
     order its kernel reads them (a depthwise row: the output channel's taps)."""
@@ -134,7 +120,7 @@ class _Builder:
         ident = f"l{index}_{c_identifier(op.name)}"
         act_inputs = [n for n in op.inputs if not g.tensors[n].is_constant]
         layer = Layer(index, ident, op.name, op.kind, None, [self.buffer(n) for n in act_inputs],
-                      [self.buffer(n) for n in op.outputs], macs=layer_macs(g, op))
+                      [self.buffer(n) for n in op.outputs], macs=cost.layer_macs(g, op))
         layer.dims["input"] = _dims(g.tensors[op.inputs[0]].shape)
         layer.dims["output"] = _dims(g.tensors[op.outputs[0]].shape)
         getattr(self, f"_{op.kind}")(layer, op)
@@ -353,11 +339,11 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     from .output_dir import staged_output
 
     with staged_output(out_dir, force=force) as stage:
-        return _write_project(graph, stage, board, weights, exit_threshold)
+        return write_project(graph, stage, board, weights, exit_threshold)
 
 
-def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                   exit_threshold=0.9) -> dict:
+def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
+                  exit_threshold=0.9, library: bool = False) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -366,6 +352,8 @@ def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host
     ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
     (a probability, or logits for the margin criterion; "off" runs the plain network), the
     initial value of the device's ``ek_exit_threshold`` (changeable at run time).
+    ``library``: only the model's C, in ``src/`` with its headers beside it and no board files (no main,
+    UART or protocol); ``codegen/library.py`` adds the API and the build glue.
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = resolve_board(board)
@@ -393,8 +381,8 @@ def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
-    budget_lines = budget.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
-                                             budget.estimate_code_bytes(kernels))
+    budget_lines = cost.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
+                                           cost.estimate_code_bytes(kernels))
     out.mkdir(parents=True, exist_ok=True)
     elem_type = "float" if weight_only else "int8_t"
     inputs = [builder.buffer(n) for n in graph.inputs]
@@ -405,30 +393,34 @@ def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board))
+                   scratch_bytes=scratch_bytes(layers, board), library=library)
 
+    # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
+    # build puts only src/ on the include path.
+    src = out / "src" if library else out
+    inc = src if library else out / "include"
     # Remove kernels a previous generation left behind, so the build compiles only what this model uses.
-    if (out / "kernels").exists():
-        for stale in (out / "kernels").glob("*.c"):
+    if (src / "kernels").exists():
+        for stale in (src / "kernels").glob("*.c"):
             if stale.stem not in kernels:
                 stale.unlink()
-    render_to(out / "include" / "ek_nn.h", "include/ek_nn.h.j2", **context)
-    render_to(out / "include" / "ek_quant.h", "include/ek_quant.h.j2", **context)
+    render_to(inc / "ek_nn.h", "include/ek_nn.h.j2", **context)
+    render_to(inc / "ek_quant.h", "include/ek_quant.h.j2", **context)
     if encodings_used:
-        render_to(out / "include" / "ek_decode.h", "include/ek_decode.h.j2", **context)
-    elif (out / "include" / "ek_decode.h").exists():
-        (out / "include" / "ek_decode.h").unlink()
+        render_to(inc / "ek_decode.h", "include/ek_decode.h.j2", **context)
+    elif (inc / "ek_decode.h").exists():
+        (inc / "ek_decode.h").unlink()
     # A board may name a kernel variant (e.g. "neon"): its folder replaces the portable kernels it has.
     variant = board.get("kernel_variant")
     if variant:
-        render_to(out / "include" / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
+        render_to(inc / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
         source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
             else f"kernels/{k}.c.j2"
-        render_to(out / "kernels" / f"{k}.c", source, **context)
+        render_to(src / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
-        render_to(out / name, f"model/{name}.j2", **context)
-    for folder in board.templates:
+        render_to(src / name, f"model/{name}.j2", **context)
+    for folder in [] if library else board.templates:
         board_dir = TEMPLATES / folder
         for tmpl in sorted(board_dir.rglob("*.j2")):
             rel = tmpl.relative_to(board_dir).with_suffix("")
@@ -452,6 +444,7 @@ def _write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host
                    for l in layers],
         "kernels": kernels,
         "budget_before_build": budget_lines,
+        "library": library,
     }
     if exits:
         record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],

@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from .. import api, train
-from ..codegen.project import layer_macs
+from ..cost import graph_macs
 from ..passes.fuse import prepare_float
 from . import fxgraph
 
@@ -28,7 +28,7 @@ def float_graph(model: nn.Module, sample: np.ndarray):
 
 def macs(model: nn.Module, sample: np.ndarray) -> int:
     g = float_graph(model, sample)
-    return int(sum(layer_macs(g, op) for op in g.ops))
+    return graph_macs(g)
 
 
 def _generate(graph, out: Path, encoding: str) -> dict:
@@ -52,7 +52,7 @@ def _measure(model, split, calib_samples, encodings, int8_accuracy) -> dict:
     row = {
         "parameters": fxgraph.count_parameters(model),
         "nonzero_weights": fxgraph.nonzero_weights(model),
-        "macs": int(sum(layer_macs(fg, op) for op in fg.ops)),
+        "macs": graph_macs(fg),
         "accuracy": train.accuracy(train.predict(model, split.x_test), split.y_test),
     }
     graph = api.quantize(fg, split.x_train[:calib_samples])

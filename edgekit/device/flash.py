@@ -176,6 +176,8 @@ def flash_project(out_dir, port: str | None = None, *, method: str | None = None
                   show_progress: bool = True, mount: str | None = None) -> dict:
     out = Path(out_dir)
     project = load_project(out)
+    from ..api import refuse_library
+    refuse_library(project, out, "flashed as part")
     board = project_board(out, project)
     if board.kind != "cortex-m":
         raise EdgekitError(f"board {board.name} is not flashed: {board.kind} builds run directly")

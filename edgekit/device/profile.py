@@ -309,7 +309,7 @@ def format_exits(ex: dict, unit: str) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _layer_costs(graph, costs) -> np.ndarray:
-    from ..codegen.project import layer_macs
+    from ..cost import layer_macs
 
     if isinstance(costs, str) and costs == "macs":
         return np.array([layer_macs(graph, op) for op in graph.ops], dtype=np.float64)

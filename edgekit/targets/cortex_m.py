@@ -5,9 +5,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from .. import cost
 from ..boards import Board
 from ..errors import EdgekitError
-from . import budget
 from .elf import section_sizes, symbol_values
 from .stack import worst_case_stack
 from .toolchain import require
@@ -70,7 +70,7 @@ def build(board: Board, out: Path, project: dict, stack: int | str | None = None
     project["binary"] = str(elf)
     project["image"] = str(out / "firmware.bin")
     project["sizes"] = sizes
-    project["budget_lines"] = budget.check_built(board, sizes)
+    project["budget_lines"] = cost.check_built(board, sizes)
     project["stack_bound"] = bound.bytes
     project["stack_reserved"] = reserved
     project["budget_lines"].append(bound.describe(reserved))

@@ -11,6 +11,7 @@ from ..errors import EdgekitError
 TOOLS = {
     "cc": ("gcc", "compiling generated C for the host"),
     "make": ("make", "building generated projects"),
+    "cmake": ("cmake", "building a generated library with its CMakeLists.txt (generate --library)"),
     "arm-none-eabi-gcc": ("gcc-arm-none-eabi", "building Cortex-M firmware"),
     "qemu-system-arm": ("qemu-system-arm", "the emulated Cortex-M boards"),
     "aarch64-linux-gnu-gcc": ("gcc-aarch64-linux-gnu libc6-dev-arm64-cross", "cross-building for Raspberry Pi"),

@@ -1,8 +1,33 @@
-"""Does a model fit its board? Checked before building, and again exactly from the built ELF."""
+"""What a model costs and whether it fits its board: multiply-accumulates per layer, and the flash / RAM
+budget checked before building (and again exactly from the built ELF).
+
+Code generation, the build targets, the profiler and the compression report all use it; it imports
+only the IR and the board files, so none of them has to import another for these numbers.
+"""
 from __future__ import annotations
 
-from ..boards import Board
-from ..errors import EdgekitError
+from .boards import Board
+from .errors import EdgekitError
+from .ir import Graph, Op
+
+
+def layer_macs(graph: Graph, op: Op) -> int:
+    """Multiply-accumulates of one layer (0 for layers without weights)."""
+    out = graph.tensors[op.outputs[0]].shape
+    if op.kind == "conv2d":
+        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
+        return out[1] * out[2] * O * KH * KW * I
+    if op.kind == "depthwise_conv2d":
+        _, KH, KW, O = graph.tensors[op.inputs[1]].shape
+        return out[1] * out[2] * O * KH * KW
+    if op.kind == "fully_connected":
+        O, I = graph.tensors[op.inputs[1]].shape
+        return O * I
+    return 0
+
+
+def graph_macs(graph: Graph) -> int:
+    return int(sum(layer_macs(graph, op) for op in graph.ops))
 
 # Code size of the runtime (startup, UART, protocol, main loop) and of each kernel, in bytes of .text,
 # measured from arm-none-eabi-gcc -O2 builds (Cortex-M4). Used only for the check before building;

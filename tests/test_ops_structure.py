@@ -171,3 +171,159 @@ def test_permutes_relabel_and_reshapes_transpose_once(tmp_path, cbuild):
     assert g.source_layouts[g.inputs[0]] == "NCL"
     assert [op.kind for op in g.ops].count("transpose") == 0  # (N, L', C) is the IR order: reshape is free
     int8_everywhere(g, x, tmp_path, cbuild)
+
+
+# ---------------------------------------------------------------------------
+# transpose / split / slice one by one: random shapes and parameters, reference == TFLite == C
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from edgekit.ir import Graph, Op, Tensor  # noqa: E402
+from helpers import quantize_with_random_data  # noqa: E402
+
+OP_SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
+                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def one_op_graph(kind, in_shape, out_shapes, attrs) -> Graph:
+    g = Graph()
+    g.add_tensor(Tensor("x", tuple(in_shape)))
+    g.inputs.append("x")
+    g.source_layouts["x"] = "NHWC"
+    outs = []
+    for i, shape in enumerate(out_shapes):
+        outs.append(f"y{i}")
+        g.add_tensor(Tensor(outs[-1], tuple(shape)))
+        g.outputs.append(outs[-1])
+        g.source_layouts[outs[-1]] = "NHWC"
+    g.ops.append(Op(kind, "op", ["x"], outs, dict(attrs)))
+    return g
+
+
+def check_op(g, seed, tmp_path, cbuild):
+    """int8 graph of ``g``: reference == tflite-runtime (BUILTIN_REF) == the C kernel (ASan + UBSan) ==
+    the re-imported .tflite."""
+    rng = np.random.default_rng(seed)
+    q = quantize_with_random_data(g, rng)
+    x = rng.integers(-128, 128, size=(6,) + q.tensors["x"].shape[1:]).astype(np.int8)
+    ref = reference.run(q, x)
+    path = edgekit.export_tflite(q, tmp_path / "op.tflite", io="int8")
+    for got, want in zip(tflite_run(path, [x]), ref):
+        assert np.array_equal(got.reshape(want.shape), want), "TFLite differs from the reference"
+    for got, want in zip(reference.run(load_tflite(path), x), ref):
+        assert np.array_equal(got.reshape(want.shape), want), "the imported .tflite differs"
+    got, want = c_matches_reference(q, tmp_path / "c", cbuild, {"x": x})
+    assert np.array_equal(got, want), "C differs from the reference"
+
+
+ranks = st.lists(st.integers(1, 5), min_size=2, max_size=3).map(lambda s: [1] + s)  # model inputs: rank 3 or 4
+
+
+@given(ranks, st.randoms(use_true_random=False), st.integers(0, 2 ** 31))
+@OP_SETTINGS
+def test_transpose_s8(tmp_path_factory, cbuild, shape, r, seed):
+    rest = list(range(1, len(shape)))
+    r.shuffle(rest)
+    perm = [0] + rest
+    g = one_op_graph("transpose", shape, [[shape[p] for p in perm]], dict(perm=tuple(perm)))
+    check_op(g, seed, tmp_path_factory.mktemp("t"), cbuild)
+
+
+@given(ranks, st.integers(1, 3), st.integers(2, 3), st.booleans(), st.integers(0, 2 ** 31))
+@OP_SETTINGS
+def test_split_s8(tmp_path_factory, cbuild, shape, axis_pick, pieces, equal, seed):
+    axis = 1 + axis_pick % (len(shape) - 1)
+    rng = np.random.default_rng(seed)
+    sizes = [int(s) for s in (np.full(pieces, 2) if equal else rng.integers(1, 4, pieces))]
+    shape = list(shape)
+    shape[axis] = sum(sizes)
+    outs = [shape[:axis] + [s] + shape[axis + 1:] for s in sizes]
+    check_op(one_op_graph("split", shape, outs, dict(axis=axis)), seed, tmp_path_factory.mktemp("s"), cbuild)
+
+
+@given(ranks, st.integers(0, 2 ** 31))
+@OP_SETTINGS
+def test_strided_slice_s8(tmp_path_factory, cbuild, shape, seed):
+    rng = np.random.default_rng(seed)
+    shape = [1] + [s + 2 for s in shape[1:]]
+    begin, end, strides, out = [0], [1], [1], [1]
+    for size in shape[1:]:
+        b = int(rng.integers(0, size))
+        e = int(rng.integers(b + 1, size + 1))
+        s = int(rng.integers(1, 3))
+        begin.append(b)
+        end.append(e)
+        strides.append(s)
+        out.append(-(-(e - b) // s))
+    g = one_op_graph("slice", shape, [out], dict(begin=tuple(begin), end=tuple(end), strides=tuple(strides)))
+    check_op(g, seed, tmp_path_factory.mktemp("sl"), cbuild)
+
+
+# ---------------------------------------------------------------------------
+# the everyday structure ops through PyTorch
+# ---------------------------------------------------------------------------
+
+class StructureZoo(nn.Module):
+    """grouped Conv1d, MaxPool1d / AvgPool1d, chunk, Linear on (N, L, C), softmax over L, mean(-1),
+    x[:, a:b:s], x[:, :, -1], AdaptiveAvgPool1d(1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(4, 8, 3, padding=1, groups=2)
+        self.mp = nn.MaxPool1d(3, 2, 1)
+        self.ap = nn.AvgPool1d(2)
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.ap(self.mp(torch.relu(self.c(x))))  # (N, 8, 4)
+        a, b = torch.chunk(y, 2, dim=1)
+        z = self.fc(a.permute(0, 2, 1))  # (N, 4, 3): every time step
+        return torch.softmax(z, dim=1), y.mean(-1), y[:, 1:7:2], y[:, :, -1], self.gap(b)
+
+
+class Pools2d(nn.Module):
+    """grouped Conv2d, AdaptiveAvg/MaxPool2d to sizes that do not divide the input, amax over H, W."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(4, 6, 3, groups=2)
+        self.a = nn.AdaptiveAvgPool2d((3, 1))  # 7 -> 3: bins of 3 at stride 2; 7 -> 1: global
+        self.m = nn.AdaptiveMaxPool2d(3)
+
+    def forward(self, x):
+        y = self.c(x)  # (N, 6, 7, 7)
+        return self.a(y), self.m(y), y.amax(dim=(2, 3))
+
+
+@pytest.mark.parametrize("make,shape", [(StructureZoo, (40, 4, 16)), (Pools2d, (40, 4, 9, 9))])
+def test_structure_ops_everywhere(make, shape, tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    g = float_matches_torch(make(), x)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+def test_uneven_adaptive_bins_are_refused_clearly():
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(3))  # 8 -> 3: bins of 3 and 4
+    with pytest.raises(edgekit.EdgekitError, match=r"layer '0'.*bins differ in size"):
+        edgekit.load(model, np.zeros((1, 2, 8, 8), np.float32))
+
+
+@given(st.integers(2, 40), st.integers(1, 3), st.floats(0.05, 8.0), st.integers(0, 2 ** 31))
+@OP_SETTINGS
+def test_log_softmax_s8(tmp_path_factory, cbuild, depth, rows, spread, seed):
+    shape = [1, rows, depth] if rows > 1 else [1, depth]
+    g = one_op_graph("log_softmax", shape, [shape], {})
+    rng = np.random.default_rng(seed)
+    q = quantize_with_random_data(g, rng, {"x": (-spread, spread)})
+    x = rng.integers(-128, 128, size=(8,) + q.tensors["x"].shape[1:]).astype(np.int8)
+    ref = reference.run(q, x)[0]
+    tmp = tmp_path_factory.mktemp("ls")
+    path = edgekit.export_tflite(q, tmp / "op.tflite", io="int8")
+    assert np.array_equal(tflite_run(path, [x])[0].reshape(ref.shape), ref), "TFLite differs from the reference"
+    assert np.array_equal(reference.run(load_tflite(path), x)[0], ref)
+    got, want = c_matches_reference(q, tmp / "c", cbuild, {"x": x})
+    assert np.array_equal(got, want), "C differs from the reference"

@@ -79,7 +79,7 @@ def layer_macs(graph: Graph, op: Op) -> int:
         return out[1] * out[2] * O * KH * KW
     if op.kind == "fully_connected":
         O, I = graph.tensors[op.inputs[1]].shape
-        return O * I
+        return O * I * (graph.tensors[op.inputs[0]].size // I)
     return 0
 
 
@@ -215,6 +215,9 @@ class _Builder:
 
     def _fully_connected(self, layer, op):
         self._weighted(layer, op, conv=False)
+        # A rank-3 input (1, L, I): the kernel runs once per row (TFLite's keep_num_dims).
+        g = self.graph
+        layer.params["rows"] = g.tensors[op.inputs[0]].size // g.tensors[op.inputs[1]].shape[1]
 
     # data movement and the rest ------------------------------------------
     def _activation_params(self, layer, op, kind=None):
@@ -292,6 +295,15 @@ class _Builder:
         layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])), beta=float(op.attrs.get("beta", 1.0)))
         if not self.weight_only:
             layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "diff_min")})
+
+    def _log_softmax(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': log_softmax has no weight-only kernel yet; quantize to int8")
+        layer.kernel = "ek_log_softmax_s8"
+        shape = self.graph.tensors[op.inputs[0]].shape
+        layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])))
+        layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "reverse_multiplier",
+                                                      "reverse_shift", "diff_min")})
 
     def _pad(self, layer, op):
         layer.kernel = "ek_pad_f32" if self.weight_only else "ek_pad_s8"

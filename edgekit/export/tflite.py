@@ -249,6 +249,18 @@ class _Exporter:
 
     def _fully_connected(self, op):
         act = _ACTIVATION[op.attrs.get("activation", "none")]
+        x, y = op.inputs[0], op.outputs[0]
+        if len(self.g.tensors[x].shape) == 3:
+            # (1, L, I): rows as a batch, through RESHAPE to (L, I) and back, as TensorFlow's converter writes a
+            # Dense on a sequence (tflite-runtime 2.14's per-channel reference kernel ignores keep_num_dims).
+            _, rows, depth = self.g.tensors[x].shape
+            x2 = self.fresh(f"{x}.rows", (rows, depth), x)
+            self._reshape_tensors(self.t(x), x2, (rows, depth), f"{x}.rows")
+            y2 = self.fresh(f"{y}.rows", (rows, self.g.tensors[y].shape[-1]), y)
+            self.m.op(S.FULLY_CONNECTED, [x2] + [self.t(n) for n in op.inputs[1:]], [y2],
+                      "FullyConnectedOptions", {0: Scalar("b", act)})
+            self._reshape_tensors(y2, self.t(y), self.g.tensors[y].shape, f"{y}.rank3")
+            return
         self.m.op(S.FULLY_CONNECTED, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])],
                   "FullyConnectedOptions", {0: Scalar("b", act)})
 
@@ -353,6 +365,9 @@ class _Exporter:
         else:
             self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
                       "SplitVOptions", {0: Scalar("i", len(outs))})
+
+    def _log_softmax(self, op):
+        self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 
     def _slice(self, op):
         a = op.attrs

@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE"
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX"
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -171,10 +171,13 @@ class _Importer:
                                "int8 models (convert with full-integer quantization)")
         if tt.data is not None:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
-        if not 2 <= len(tt.shape) <= max_rank or tt.shape[0] != 1:
+        shape = tuple(tt.shape)
+        if len(shape) == 2 and shape[0] != 1:  # (rows, features), e.g. a Dense on a sequence: IR (1, rows, C)
+            shape = (1,) + shape
+        if not 2 <= len(shape) <= max_rank or shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
                                "rank 2 (N, C), 3 (N, L, C) or 4 (N, H, W, C)")
-        self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
+        self.g.add_tensor(Tensor(name, shape, "int8", quant=self._per_tensor(tt, "tensor")))
         return name
 
     def constant(self, idx: int, dtype, what: str) -> np.ndarray:
@@ -311,11 +314,16 @@ class _Importer:
         if len(wt.shape) != 2:
             raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
         channels, depth = wt.shape
-        if int(np.prod(self.t[op.inputs[0]].shape)) != depth:
-            raise _Unsupported(f"the input has {int(np.prod(self.t[op.inputs[0]].shape))} values per sample, "
+        in_shape, out_shape = self.g.tensors[x].shape, self.g.tensors[self.activation(op.outputs[0])].shape
+        rows = int(np.prod(in_shape)) // depth if depth else 0
+        if len(in_shape) == 3 and len(out_shape) == 3 and in_shape[-1] == depth:  # keep_num_dims: every row
+            if tuple(out_shape) != (1, in_shape[1], channels):
+                raise _Unsupported(f"the output shape {list(out_shape)} is not (1, {in_shape[1]}, {channels})")
+        elif int(np.prod(in_shape)) != depth:
+            raise _Unsupported(f"the input has {int(np.prod(in_shape))} values per sample, "
                                f"the weights take {depth} (batched fully connected)")
-        if int(np.prod(self.t[op.outputs[0]].shape)) != channels:
-            raise _Unsupported(f"the output shape {list(self.t[op.outputs[0]].shape)} does not hold {channels} values")
+        elif int(np.prod(out_shape)) != channels * max(rows, 1):
+            raise _Unsupported(f"the output shape {list(out_shape)} does not hold {channels} values")
         w = self.weight(op.inputs[1], 0, channels)
         b = self.bias(op.inputs[2] if len(op.inputs) > 2 else -1, channels, f"op{op.index}",
                       float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
@@ -442,6 +450,13 @@ class _Importer:
             raise _Unsupported("the pieces do not add up to the input")
         self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
 
+    def log_softmax(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        out = self._per_tensor(self.t[op.outputs[0]], "output")
+        if abs(float(out.scale[0]) - 16.0 / 256) > 1e-8 or int(out.zero_point[0]) != 127:
+            raise _Unsupported("int8 log_softmax needs output scale 16/256 and zero point 127")
+        self.add_op("log_softmax", op, [x], {})
+
     def strided_slice(self, op: _Operator):
         x = self.activation(op.inputs[0], 6)
         shape = self.t[op.inputs[0]].shape
@@ -505,7 +520,8 @@ class _Importer:
                     S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
                     S.RELU6: lambda: self.relu(op, "relu6")}
         handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
-                         S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op)})
+                         S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
+                         S.LOG_SOFTMAX: lambda: self.log_softmax(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

@@ -223,6 +223,15 @@ def _split(op, graph, x):
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
+def _resize_nearest(op, graph, x):
+    from .ir import nearest_source_index
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    hp = op.attrs.get("half_pixel_centers", False)
+    x = x.reshape((x.shape[0], H, W, -1))
+    return x[:, nearest_source_index(H, OH, hp)][:, :, nearest_source_index(W, OW, hp)]
+
+
 def _slice(op, graph, x):
     """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
     index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
@@ -241,6 +250,7 @@ FLOAT_KERNELS = {
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
     "batch_norm": _f_batch_norm, "softmax": _f_softmax,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
+    "resize_nearest": _resize_nearest,
 }
 
 
@@ -458,4 +468,5 @@ INT8_KERNELS = {
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
     "softmax": _q_softmax, "exit": _q_exit,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
+    "resize_nearest": _resize_nearest,
 }

@@ -327,3 +327,29 @@ def test_log_softmax_s8(tmp_path_factory, cbuild, depth, rows, spread, seed):
     assert np.array_equal(reference.run(load_tflite(path), x)[0], ref)
     got, want = c_matches_reference(q, tmp / "c", cbuild, {"x": x})
     assert np.array_equal(got, want), "C differs from the reference"
+
+
+class Upsampling(nn.Module):
+    """nn.Upsample(nearest) x2, F.interpolate to a size (non-integer factor), nearest-exact, on 1-D too;
+    concatenated with a skip connection as U-Net / YOLO necks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):
+        y = self.down(x)  # (N, 4, 4, 4)
+        joined = torch.cat([self.up(y), x], dim=1)  # (N, 7, 8, 8)
+        odd = nn.functional.interpolate(y, size=(7, 5), mode="nearest")
+        exact = nn.functional.interpolate(y, size=(6, 6), mode="nearest-exact")
+        line = nn.functional.interpolate(y.flatten(2), scale_factor=3, mode="nearest")  # (N, 4, 48)
+        return joined, odd, exact, line
+
+
+def test_upsample_nearest_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(5).normal(size=(24, 3, 8, 8)).astype(np.float32)
+    g = float_matches_torch(Upsampling(), x)
+    assert [op.kind for op in g.ops].count("resize_nearest") == 4
+    int8_everywhere(g, x, tmp_path, cbuild)

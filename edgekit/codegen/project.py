@@ -350,6 +350,16 @@ class _Builder:
         steps = [st * s for st, s in zip(a["strides"], strides)]
         self._copies(layer, op, [(op.outputs[0], offset, list(self.graph.tensors[op.outputs[0]].shape), steps)])
 
+    def _resize_nearest(self, layer, op):
+        """The source row and column of every output row and column are tables Python computes
+        (ir.nearest_source_index, TFLite's float32 arithmetic); the kernel only copies pixels."""
+        from ..ir import nearest_source_index
+        layer.kernel = "ek_resize_nearest_f32" if self.weight_only else "ek_resize_nearest_s8"
+        (_, H, W, _), (_, OH, OW, _) = layer.dims["input"], layer.dims["output"]
+        hp = bool(op.attrs.get("half_pixel_centers", False))
+        layer.arrays["rows"] = self.array(f"{layer.id}_rows", nearest_source_index(H, OH, hp).astype(np.int32))
+        layer.arrays["cols"] = self.array(f"{layer.id}_cols", nearest_source_index(W, OW, hp).astype(np.int32))
+
     def _exit(self, layer, op):
         """An early exit's decision: the kernel returns the confidence, model.c compares it with the
         threshold and, when it is reached, fills the outputs of the exits not reached and returns."""

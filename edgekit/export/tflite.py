@@ -366,6 +366,16 @@ class _Exporter:
             self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
                       "SplitVOptions", {0: Scalar("i", len(outs))})
 
+    def _resize_nearest(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        then: list = []
+        self.m.op(S.RESIZE_NEAREST_NEIGHBOR, [self.spatial_in(op.inputs[0]), size],
+                  [self.spatial_out(op.outputs[0], then)], "ResizeNearestNeighborOptions",
+                  {0: Scalar("?", False), 1: Scalar("?", bool(op.attrs.get("half_pixel_centers", False)))})
+        for step in then:
+            step()
+
     def _log_softmax(self, op):
         self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 

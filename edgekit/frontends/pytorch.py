@@ -792,9 +792,10 @@ class _Converter:
         v = self.value(node.args[0])
         start = int(node.args[1]) if len(node.args) > 1 else 0
         end = int(node.args[2]) if len(node.args) > 2 else -1
-        if start % v.torch_rank not in (0, 1) or end % v.torch_rank != v.torch_rank - 1:
-            raise self.unsupported(node, f"flatten({start}, {end}) is supported only as flatten(1) / flatten(0)")
-        self._flatten_spatial(node, v)
+        if start % v.torch_rank in (0, 1) and end % v.torch_rank == v.torch_rank - 1:
+            self._flatten_spatial(node, v)
+        else:  # e.g. flatten(2): (N, C, H, W) -> (N, C, H * W), a reshape
+            self._reshape(node, v, tuple(int(s) for s in node.meta["val"].shape))
 
     def _op_view(self, node):
         v = self.value(node.args[0])
@@ -858,6 +859,26 @@ class _Converter:
         path, _ = _layer_of(node)
         name = self._plain_reshape(v.name, ir_shape, node.name, path or node.name)
         self.values[node.name] = _Value(name, new_axes)
+
+    # upsampling
+    def _op_upsample_nearest2d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0])
+        val = node.meta.get("val")
+        _, _, OH, OW = (int(s) for s in val.shape)
+        C = self.shape(v)[3]
+        self.add_op("resize_nearest", node, [v.name], (1, OH, OW, C), 4, dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact2d(self, node):
+        self._op_upsample_nearest2d(node, half_pixel=True)
+
+    def _op_upsample_nearest1d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0], 3)
+        OL = int(node.meta["val"].shape[2])
+        self.add_op("resize_nearest", node, [v.name], (1, OL, self.shape(v)[2]), 3,
+                    dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact1d(self, node):
+        self._op_upsample_nearest1d(node, half_pixel=True)
 
     # chunk / split / slicing
     def _pieces(self, node, v: _Value, dim: int, sizes: list[int]):

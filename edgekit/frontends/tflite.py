@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX"
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR"
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -450,6 +450,18 @@ class _Importer:
             raise _Unsupported("the pieces do not add up to the input")
         self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
 
+    def resize_nearest(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (bool(o.scalar(0, "?", False)), bool(o.scalar(1, "?", False))) if o is not None else (False, False)
+        if align:
+            raise _Unsupported("align_corners=true (edgekit resizes with align_corners off)")
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_nearest", op, [x], dict(half_pixel_centers=half))
+
     def log_softmax(self, op: _Operator):
         x = self.activation(op.inputs[0])
         out = self._per_tensor(self.t[op.outputs[0]], "output")
@@ -521,7 +533,8 @@ class _Importer:
                     S.RELU6: lambda: self.relu(op, "relu6")}
         handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
-                         S.LOG_SOFTMAX: lambda: self.log_softmax(op)})
+                         S.LOG_SOFTMAX: lambda: self.log_softmax(op),
+                         S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

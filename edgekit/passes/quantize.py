@@ -23,7 +23,8 @@ from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
-SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice")
+SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
+               "resize_nearest")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 

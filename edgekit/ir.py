@@ -34,6 +34,7 @@ reshape                x                                    (shape from the outp
 transpose              x                                    perm (IR axes; perm[0] == 0)
 split                  x -> y0, y1, ...                     axis (piece sizes from the outputs)
 slice                  x                                    begin, end, strides (IR axes, end exclusive)
+transpose_conv2d       x, weight (O,KH,KW,I), bias?         stride, padding(t,b,l,r) cropped from the full output
 resize_nearest         x                                    half_pixel_centers (size from the output)
 log_softmax            x                                    (over the last axis)
 pad                    x                                    padding(t,b,l,r), value (real number)

@@ -50,7 +50,7 @@ def run(graph: Graph, inputs, *, keep: bool = False):
 
 
 # Kernels that read their input as NHWC (rank-3 / rank-2 tensors through ir.nhwc).
-_SPATIAL = ("conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d", "mean", "pad")
+_SPATIAL = ("conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d", "mean", "pad", "transpose_conv2d")
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +145,32 @@ def _f_depthwise_conv2d(op, graph, x, w, b=None):
 
 def _f_fully_connected(op, graph, x, w, b=None):
     y = x.reshape(-1, w.shape[1]).astype(np.float32) @ w.T  # rank 3: every row of (L, I)
+    if b is not None:
+        y = y + b
+    return _apply_activation(y.astype(np.float32), op.attrs.get("activation", "none"))
+
+
+def _transpose_conv_sum(op, graph, x, w, acc_dtype):
+    """Every input pixel scatters its taps into the output (torch / TFLite TRANSPOSE_CONV), padding
+    cropped from the front: out[y * s - pad + ky] += x[y] * w[ky]."""
+    O, KH, KW, I = w.shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    sh, sw = op.attrs["stride"]
+    top, _, left, _ = op.attrs["padding"]
+    full = np.zeros((x.shape[0], (H - 1) * sh + KH, (W - 1) * sw + KW, O), acc_dtype)
+    wt = w.reshape(O, KH, KW, I).astype(acc_dtype)
+    for ky in range(KH):
+        for kx in range(KW):
+            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+    pad_h = max(top + OH - full.shape[1], 0)
+    pad_w = max(left + OW - full.shape[2], 0)
+    full = np.pad(full, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return full[:, top:top + OH, left:left + OW, :]
+
+
+def _f_transpose_conv2d(op, graph, x, w, b=None):
+    y = _transpose_conv_sum(op, graph, x, w, np.float64)
     if b is not None:
         y = y + b
     return _apply_activation(y.astype(np.float32), op.attrs.get("activation", "none"))
@@ -250,7 +276,7 @@ FLOAT_KERNELS = {
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
     "batch_norm": _f_batch_norm, "softmax": _f_softmax,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
-    "resize_nearest": _resize_nearest,
+    "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
 }
 
 
@@ -299,6 +325,15 @@ def _q_depthwise_conv2d(op, graph, x, w, b=None):
 def _q_fully_connected(op, graph, x, w, b=None):
     xs = x.reshape(-1, w.shape[1]).astype(np.float64) + op.attrs["input_offset"]  # rank 3: every row
     acc = (xs @ w.T.astype(np.float64)).astype(np.int64)
+    if b is not None:
+        acc = acc + b.astype(np.int64)
+    return _requantize_per_channel(acc, op)
+
+
+def _q_transpose_conv2d(op, graph, x, w, b=None):
+    """TFLite's reference int8 TRANSPOSE_CONV: (x + input_offset) * w scattered in int32, then the bias,
+    then per-channel requantization."""
+    acc = _transpose_conv_sum(op, graph, x.astype(np.int64) + op.attrs["input_offset"], w, np.int64)
     if b is not None:
         acc = acc + b.astype(np.int64)
     return _requantize_per_channel(acc, op)
@@ -468,5 +503,5 @@ INT8_KERNELS = {
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
     "softmax": _q_softmax, "exit": _q_exit,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
-    "resize_nearest": _resize_nearest,
+    "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
 }

@@ -353,3 +353,26 @@ def test_upsample_nearest_everywhere(tmp_path, cbuild):
     g = float_matches_torch(Upsampling(), x)
     assert [op.kind for op in g.ops].count("resize_nearest") == 4
     int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class Decoder(nn.Module):
+    """ConvTranspose2d as U-Net decoders use it (2x2 stride 2), a 3x3 stride 2 with padding 1 and
+    output_padding 1 (no TFLite padding: exported as the full output + STRIDED_SLICE), and a skip concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.up3 = nn.ConvTranspose2d(6, 5, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.down(x))
+        return torch.cat([self.up2(y), x], dim=1), self.up3(y)
+
+
+def test_conv_transpose_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(6).normal(size=(24, 3, 8, 8)).astype(np.float32)
+    g = float_matches_torch(Decoder(), x)
+    assert [op.kind for op in g.ops].count("transpose_conv2d") == 2
+    int8_everywhere(g, x, tmp_path, cbuild)

@@ -77,6 +77,9 @@ def layer_macs(graph: Graph, op: Op) -> int:
     if op.kind == "depthwise_conv2d":
         _, KH, KW, O = graph.tensors[op.inputs[1]].shape
         return out[1] * out[2] * O * KH * KW
+    if op.kind == "transpose_conv2d":
+        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
+        return graph.tensors[op.inputs[0]].size * O * KH * KW
     if op.kind == "fully_connected":
         O, I = graph.tensors[op.inputs[1]].shape
         return O * I * (graph.tensors[op.inputs[0]].size // I)
@@ -349,6 +352,24 @@ class _Builder:
         offset = sum(b * s for b, s in zip(a["begin"], strides))
         steps = [st * s for st, s in zip(a["strides"], strides)]
         self._copies(layer, op, [(op.outputs[0], offset, list(self.graph.tensors[op.outputs[0]].shape), steps)])
+
+    def _transpose_conv2d(self, layer, op):
+        """TRANSPOSE_CONV as a gather: each output pixel sums the taps that land on it (the same integer
+        sum as TFLite's scatter). The raw bias: how many taps reach a pixel varies, so no folded offset."""
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': ConvTranspose2d has no weight-only kernel yet; quantize to int8")
+        g, a = self.graph, op.attrs
+        w = g.tensors[op.inputs[1]]
+        layer.kernel = "ek_transpose_conv2d_s8"
+        layer.dims["filter"] = tuple(w.shape)
+        layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+        layer.arrays["bias"] = self.array(f"{layer.id}_bias", g.tensors[op.inputs[2]].data.astype(np.int32))
+        layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+        layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+        layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"], act_min=a["act_min"],
+                            act_max=a["act_max"], stride_h=a["stride"][0], stride_w=a["stride"][1],
+                            dilation_h=1, dilation_w=1, pad_top=a["padding"][0], pad_left=a["padding"][2],
+                            depth_multiplier=1)
 
     def _resize_nearest(self, layer, op):
         """The source row and column of every output row and column are tables Python computes

@@ -366,6 +366,40 @@ class _Exporter:
             self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
                       "SplitVOptions", {0: Scalar("i", len(outs))})
 
+    def _transpose_conv2d(self, op):
+        """TRANSPOSE_CONV with TFLite's own padding (SAME or VALID) when it crops what the op crops; else the
+        VALID full output, then STRIDED_SLICE (torch's padding=1, output_padding=1 has no TFLite padding)."""
+        a = op.attrs
+        _, H, W, _ = self.g.tensors[op.inputs[0]].shape
+        out_shape = self.g.tensors[op.outputs[0]].shape
+        _, OH, OW, O = out_shape
+        O_, KH, KW, _ = self.g.tensors[op.inputs[1]].shape
+        sh, sw = a["stride"]
+        top, _, left, _ = a["padding"]
+
+        def tflite_pad(out_size, k, s, same):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        mode = next((m for m in (S.VALID, S.SAME) if tflite_pad(OH, KH, sh, m == S.SAME) == top
+                     and tflite_pad(OW, KW, sw, m == S.SAME) == left), None)
+        full = ((H - 1) * sh + KH, (W - 1) * sw + KW)
+        if mode is None and (top + OH > full[0] or left + OW > full[1]):
+            raise EdgekitError(f"layer '{op.name}' (transpose_conv2d): output_padding larger than padding has no "
+                               "TFLite equivalent")
+        y = op.outputs[0]
+        target = (1,) + (full if mode is None else (OH, OW)) + (O,)
+        conv_out = self.t(y) if mode is not None else self.fresh(f"{y}.full", target, y)
+        shape_t = self._i32(f"{y}.output_shape", target)
+        ins = [shape_t, self.t(op.inputs[1]), self.t(op.inputs[0])] + [self.t(n) for n in op.inputs[2:]]
+        self.m.op(S.TRANSPOSE_CONV, ins, [conv_out], "TransposeConvOptions",
+                  {0: Scalar("b", S.VALID if mode is None else mode), 1: Scalar("i", sw), 2: Scalar("i", sh)})
+        if mode is None:
+            begin = self._i32(f"{y}.begin", [0, top, left, 0])
+            end = self._i32(f"{y}.end", [1, top + OH, left + OW, O])
+            strides = self._i32(f"{y}.strides", [1, 1, 1, 1])
+            self.m.op(S.STRIDED_SLICE, [conv_out, begin, end, strides], [self.t(y)], "StridedSliceOptions", {})
+
     def _resize_nearest(self, op):
         _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
         size = self._i32(f"{op.outputs[0]}.size", [OH, OW])

@@ -525,6 +525,37 @@ class _Converter:
         shape = (1, OH, OW, weight.shape[0]) if torch_rank == 4 else (1, OW, weight.shape[0])
         return self.add_op("concat", node, outs, shape, torch_rank, dict(axis=len(shape) - 1))
 
+    def _op_conv_transpose2d(self, node):
+        """ConvTranspose2d (groups 1, no dilation): TRANSPOSE_CONV; output_padding grows the far side."""
+        a = list(node.args) + [None] * 8
+        x, w, b = a[0], a[1], a[2]
+        stride = _pair(a[3] if a[3] is not None else 1)
+        padding = _pair(a[4] if a[4] is not None else 0)
+        output_padding = _pair(a[5] if a[5] is not None else 0)
+        groups = int(a[6]) if a[6] is not None else 1
+        dilation = _pair(a[7] if a[7] is not None else 1)
+        if groups != 1 or dilation != (1, 1):
+            raise self.unsupported(node, f"ConvTranspose2d with groups={groups}, dilation={dilation} "
+                                         "(edgekit takes groups 1 without dilation)")
+        v = self._spatial_input(node, x)
+        weight = self.const(w, "weight", node)  # (I, O, KH, KW)
+        bias = self.const(b, "bias", node)
+        _, H, W, C = self.shape(v)
+        _, O, KH, KW = weight.shape
+        OH = (H - 1) * stride[0] - 2 * padding[0] + KH + output_padding[0]
+        OW = (W - 1) * stride[1] - 2 * padding[1] + KW + output_padding[1]
+        ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # OHWI
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
+        if bias is not None:
+            inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
+        pads = (padding[0], padding[0] - output_padding[0], padding[1], padding[1] - output_padding[1])
+        self.add_op("transpose_conv2d", node, inputs, (1, OH, OW, O), 4,
+                    dict(stride=stride, padding=pads, activation="none"))
+
+    _op_conv_transpose2d_input = _op_conv_transpose2d
+
     def _op_linear(self, node):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

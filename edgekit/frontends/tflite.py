@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR"
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV"
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -450,6 +450,35 @@ class _Importer:
             raise _Unsupported("the pieces do not add up to the input")
         self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
 
+    def transpose_conv(self, op: _Operator):
+        o = self.options(op, "TransposeConvOptions")
+        if len(op.inputs) < 3:
+            raise _Unsupported("it needs output_shape, weights and input")
+        x = self.activation(op.inputs[2])
+        wt = self.t[op.inputs[1]]
+        if len(wt.shape) != 4:
+            raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
+        channels, kh, kw, depth = wt.shape
+        _, H, W, C = self.t[op.inputs[2]].shape
+        _, OH, OW, OC = self.t[op.outputs[0]].shape
+        if depth != C or OC != channels:
+            raise _Unsupported(f"weights {list(wt.shape)} for {C} input and {OC} output channels")
+        w = self.weight(op.inputs[1], 0, channels)
+        sw, sh = o.scalar(1, "i", 1), o.scalar(2, "i", 1)
+        if min(sh, sw) < 1 or (len(op.inputs) > 4 and op.inputs[4] >= 0) or o.scalar(3, "b", 0) != S.ACT_NONE:
+            raise _Unsupported(f"stride {sh}x{sw}, or a fused activation")
+        same = o.scalar(0, "b", 0) == S.SAME
+
+        def pad(out_size, k, s):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        top, left = pad(OH, kh, sh), pad(OW, kw, sw)
+        b = self.bias(op.inputs[3] if len(op.inputs) > 3 else -1, channels, f"op{op.index}",
+                      float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
+        pads = (top, (H - 1) * sh + kh - OH - top, left, (W - 1) * sw + kw - OW - left)
+        self.add_op("transpose_conv2d", op, [x, w, b], dict(stride=(sh, sw), padding=pads, activation="none"))
+
     def resize_nearest(self, op: _Operator):
         x = self.activation(op.inputs[0])
         size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
@@ -534,7 +563,8 @@ class _Importer:
         handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
                          S.LOG_SOFTMAX: lambda: self.log_softmax(op),
-                         S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op)})
+                         S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
+                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

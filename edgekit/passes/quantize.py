@@ -22,7 +22,7 @@ from ..errors import EdgekitError
 from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
-WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
+WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
 SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
                "resize_nearest")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 from .boards import Board
 from .errors import EdgekitError
-from .ir import Graph, Op
+from .ir import Graph, Op, nhwc
 
 
 def layer_macs(graph: Graph, op: Op) -> int:
     """Multiply-accumulates of one layer (0 for layers without weights)."""
-    out = graph.tensors[op.outputs[0]].shape
+    out = nhwc(graph.tensors[op.outputs[0]].shape)
     if op.kind == "conv2d":
         O, KH, KW, I = graph.tensors[op.inputs[1]].shape
         return out[1] * out[2] * O * KH * KW * I
     if op.kind == "depthwise_conv2d":
         _, KH, KW, O = graph.tensors[op.inputs[1]].shape
         return out[1] * out[2] * O * KH * KW
+    if op.kind == "transpose_conv2d":
+        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
+        return graph.tensors[op.inputs[0]].size * O * KH * KW
     if op.kind == "fully_connected":
         O, I = graph.tensors[op.inputs[1]].shape
-        return O * I
+        return O * I * (graph.tensors[op.inputs[0]].size // I)
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from .. import cost
 from ..boards import PROJECT_BOARD_FILE, Board, resolve_board
 from ..errors import EdgekitError
-from ..ir import Graph, Op
+from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
@@ -65,12 +65,8 @@ def c_identifier(text: str) -> str:
 
 
 def _dims(shape) -> tuple[int, int, int, int]:
-    shape = tuple(shape)
-    if len(shape) == 4:
-        return shape
-    if len(shape) == 2:
-        return (shape[0], 1, 1, shape[1])
-    raise EdgekitError(f"internal: no NHWC view of shape {shape}")
+    """What a kernel sees: every activation as NHWC; (1, L, C) is (1, 1, L, C) (ir.nhwc)."""
+    return nhwc(shape)
 
 
 def filter_rows(graph: Graph, op: Op) -> np.ndarray:
@@ -121,8 +117,9 @@ class _Builder:
         act_inputs = [n for n in op.inputs if not g.tensors[n].is_constant]
         layer = Layer(index, ident, op.name, op.kind, None, [self.buffer(n) for n in act_inputs],
                       [self.buffer(n) for n in op.outputs], macs=cost.layer_macs(g, op))
-        layer.dims["input"] = _dims(g.tensors[op.inputs[0]].shape)
-        layer.dims["output"] = _dims(g.tensors[op.outputs[0]].shape)
+        for role, name in (("input", op.inputs[0]), ("output", op.outputs[0])):
+            if len(g.tensors[name].shape) <= 4:  # layout ops may pass higher-rank views through
+                layer.dims[role] = _dims(g.tensors[name].shape)
         getattr(self, f"_{op.kind}")(layer, op)
         return layer
 
@@ -204,6 +201,9 @@ class _Builder:
 
     def _fully_connected(self, layer, op):
         self._weighted(layer, op, conv=False)
+        # A rank-3 input (1, L, I): the kernel runs once per row (TFLite's keep_num_dims).
+        g = self.graph
+        layer.params["rows"] = g.tensors[op.inputs[0]].size // g.tensors[op.inputs[1]].shape[1]
 
     # data movement and the rest ------------------------------------------
     def _activation_params(self, layer, op, kind=None):
@@ -282,6 +282,15 @@ class _Builder:
         if not self.weight_only:
             layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "diff_min")})
 
+    def _log_softmax(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': log_softmax has no weight-only kernel yet; quantize to int8")
+        layer.kernel = "ek_log_softmax_s8"
+        shape = self.graph.tensors[op.inputs[0]].shape
+        layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])))
+        layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "reverse_multiplier",
+                                                      "reverse_shift", "diff_min")})
+
     def _pad(self, layer, op):
         layer.kernel = "ek_pad_f32" if self.weight_only else "ek_pad_s8"
         t, _, l, _ = op.attrs["padding"]
@@ -290,6 +299,70 @@ class _Builder:
 
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy
+
+    # transpose / split / slice: strided copies ---------------------------------
+    def _copies(self, layer, op, pieces):
+        """``pieces``: (output name, offset, output shape, input strides) -> one ek_strided_copy call each."""
+        layer.kernel = "ek_strided_copy_f32" if self.weight_only else "ek_strided_copy_s8"
+        layer.params["copies"] = []
+        for name, offset, shape, strides in pieces:
+            dims, steps = _merge_copy_axes(shape, strides)
+            if len(dims) > 6:
+                raise EdgekitError(f"layer '{op.name}': {op.kind} over more than 6 non-mergeable axes")
+            pad = 6 - len(dims)
+            layer.params["copies"].append({"output": self.buffer(name), "offset": int(offset),
+                                           "dims": [1] * pad + dims, "strides": [0] * pad + steps})
+
+    def _transpose(self, layer, op):
+        shape = self.graph.tensors[op.inputs[0]].shape
+        strides = _c_strides(shape)
+        perm = op.attrs["perm"]
+        self._copies(layer, op, [(op.outputs[0], 0, [shape[p] for p in perm], [strides[p] for p in perm])])
+
+    def _split(self, layer, op):
+        shape = self.graph.tensors[op.inputs[0]].shape
+        strides = _c_strides(shape)
+        axis, start, pieces = op.attrs["axis"], 0, []
+        for name in op.outputs:
+            out_shape = self.graph.tensors[name].shape
+            pieces.append((name, start * strides[axis], list(out_shape), strides))
+            start += out_shape[axis]
+        self._copies(layer, op, pieces)
+
+    def _slice(self, layer, op):
+        strides = _c_strides(self.graph.tensors[op.inputs[0]].shape)
+        a = op.attrs
+        offset = sum(b * s for b, s in zip(a["begin"], strides))
+        steps = [st * s for st, s in zip(a["strides"], strides)]
+        self._copies(layer, op, [(op.outputs[0], offset, list(self.graph.tensors[op.outputs[0]].shape), steps)])
+
+    def _transpose_conv2d(self, layer, op):
+        """TRANSPOSE_CONV as a gather: each output pixel sums the taps that land on it (the same integer
+        sum as TFLite's scatter). The raw bias: how many taps reach a pixel varies, so no folded offset."""
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': ConvTranspose2d has no weight-only kernel yet; quantize to int8")
+        g, a = self.graph, op.attrs
+        w = g.tensors[op.inputs[1]]
+        layer.kernel = "ek_transpose_conv2d_s8"
+        layer.dims["filter"] = tuple(w.shape)
+        layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+        layer.arrays["bias"] = self.array(f"{layer.id}_bias", g.tensors[op.inputs[2]].data.astype(np.int32))
+        layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+        layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+        layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"], act_min=a["act_min"],
+                            act_max=a["act_max"], stride_h=a["stride"][0], stride_w=a["stride"][1],
+                            dilation_h=1, dilation_w=1, pad_top=a["padding"][0], pad_left=a["padding"][2],
+                            depth_multiplier=1)
+
+    def _resize_nearest(self, layer, op):
+        """The source row and column of every output row and column are tables Python computes
+        (ir.nearest_source_index, TFLite's float32 arithmetic); the kernel only copies pixels."""
+        from ..ir import nearest_source_index
+        layer.kernel = "ek_resize_nearest_f32" if self.weight_only else "ek_resize_nearest_s8"
+        (_, H, W, _), (_, OH, OW, _) = layer.dims["input"], layer.dims["output"]
+        hp = bool(op.attrs.get("half_pixel_centers", False))
+        layer.arrays["rows"] = self.array(f"{layer.id}_rows", nearest_source_index(H, OH, hp).astype(np.int32))
+        layer.arrays["cols"] = self.array(f"{layer.id}_cols", nearest_source_index(W, OW, hp).astype(np.int32))
 
     def _exit(self, layer, op):
         """An early exit's decision: the kernel returns the confidence, model.c compares it with the
@@ -304,6 +377,30 @@ class _Builder:
         else:
             layer.params.update(multiplier=a["multiplier"], shift=a["shift"])
         layer.params["fills"] = [_fill(g, self.buffer(n), n) for n in g.outputs[a["exit"] + 1:]]
+
+
+def _c_strides(shape) -> list[int]:
+    """Row-major element strides of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= int(size)
+    return strides[::-1]
+
+
+def _merge_copy_axes(shape, strides) -> tuple[list[int], list[int]]:
+    """Drop size-1 axes and merge neighbours that are contiguous in the input: fewer, longer loops."""
+    dims, steps = [], []
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if dims and steps[-1] == stride * size:
+            dims[-1] *= size
+            steps[-1] = stride
+        else:
+            dims.append(int(size))
+            steps.append(int(stride))
+    return dims or [1], steps or [0]
 
 
 def _fill(graph: Graph, buffer: Buffer, name: str) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import EdgekitError
 from ..frontends import tflite_schema as S
 from ..frontends.tflite_schema import Scalar, String, Vector, WTable
-from ..ir import Graph, Op, QuantParams
+from ..ir import Graph, Op, QuantParams, nhwc
 
 _ACTIVATION = {"none": S.ACT_NONE, "relu": S.ACT_RELU, "relu6": S.ACT_RELU6}
 _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
@@ -26,6 +26,9 @@ _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
              S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
+_VERSIONS.update({S.TRANSPOSE: 2, S.STRIDED_SLICE: 2, S.SPLIT: 2, S.SPLIT_V: 2, S.LOG_SOFTMAX: 2, S.SUM: 2,
+                  S.REDUCE_MAX: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
+                  S.MIRROR_PAD: 2})
 
 
 def _quant_table(q: QuantParams | None):
@@ -107,8 +110,8 @@ def _valid_ok(size: int, out: int, k: int, s: int, d: int) -> bool:
 
 def _padding_mode(graph: Graph, op: Op, kh: int, kw: int, dh: int = 1, dw: int = 1):
     """"SAME", "VALID", or (top, bottom, left, right) to pad explicitly before a VALID op."""
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs.get("stride", (1, 1))
     top, _, left, _ = op.attrs.get("padding", (0, 0, 0, 0))
     if top == 0 and left == 0 and _valid_ok(H, OH, kh, sh, dh) and _valid_ok(W, OW, kw, sw, dw):
@@ -127,6 +130,7 @@ class _Exporter:
     def __init__(self, graph: Graph):
         self.g = graph
         self.m = _Model()
+        self.nhwc_views: dict[str, int] = {}  # rank-3 tensor -> its RESHAPE to rank 4
 
     def t(self, name: str) -> int:
         t = self.g.tensors[name]
@@ -145,18 +149,45 @@ class _Exporter:
     def explicit_pad(self, op: Op, pads, value: int | None) -> int:
         """PAD (zero point) or PADV2 (``value``) of the op's input; returns the padded tensor."""
         x = op.inputs[0]
-        n, h, w, c = self.g.tensors[x].shape
+        xi = self.spatial_in(x)
+        n, h, w, c = nhwc(self.g.tensors[x].shape)
         t, b, l, r = pads
         out = self.fresh(f"{op.name}.pad", (n, h + t + b, w + l + r, c), x)
-        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+        paddings = self.m.constant(f"{op.outputs[0]}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
         if value is None:
-            self.m.op(S.PAD, [self.t(x), paddings], [out], "PadOptions")
+            self.m.op(S.PAD, [xi, paddings], [out], "PadOptions")
         else:
-            cv = self.m.constant(f"{op.name}.pad_value", np.array([value], np.int8), "int8",
+            cv = self.m.constant(f"{op.outputs[0]}.pad_value", np.array([value], np.int8), "int8",
                                  self.g.tensors[x].quant)
-            self.m.op(S.PADV2, [self.t(x), paddings, cv], [out], "PadV2Options")
+            self.m.op(S.PADV2, [xi, paddings, cv], [out], "PadV2Options")
         return out
+
+    # TFLite's spatial ops take rank-4 tensors: a rank-3 (1, L, C) one goes in and out through RESHAPE to
+    # (1, 1, L, C), as Keras writes a Conv1D.
+    def spatial_in(self, name: str) -> int:
+        shape = self.g.tensors[name].shape
+        if len(shape) != 3:
+            return self.t(name)
+        if name not in self.nhwc_views:
+            out = self.fresh(f"{name}.nhwc", nhwc(shape), name)
+            self._reshape_tensors(self.t(name), out, nhwc(shape), f"{name}.nhwc")
+            self.nhwc_views[name] = out
+        return self.nhwc_views[name]
+
+    def spatial_out(self, name: str, then: list) -> int:
+        """The rank-4 tensor a spatial op writes; ``then`` collects the RESHAPE back to rank 3."""
+        shape = self.g.tensors[name].shape
+        if len(shape) != 3:
+            return self.t(name)
+        out = self.fresh(f"{name}.nhwc", nhwc(shape), name)
+        then.append(lambda: self._reshape_tensors(out, self.t(name), shape, f"{name}.rank3"))
+        return out
+
+    def _reshape_tensors(self, src: int, dst: int, shape, base: str) -> None:
+        shape = np.array(shape, np.int32)
+        st = self.m.constant(f"{base}.shape", shape, "int32")
+        self.m.op(S.RESHAPE, [src, st], [dst], "ReshapeOptions", {0: Vector("i", shape)})
 
     def _exit(self, op):
         """An early exit's decision has no TFLite form: the exported model computes every exit's output."""
@@ -189,14 +220,15 @@ class _Exporter:
         kh, kw = (w.shape[1], w.shape[2])
         dh, dw = a.get("dilation", (1, 1))
         mode = _padding_mode(self.g, op, kh, kw, dh, dw)
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         if isinstance(mode, tuple):
             x, mode = self.explicit_pad(op, mode, None), "VALID"
         pad = S.SAME if mode == "SAME" else S.VALID
         sh, sw = a.get("stride", (1, 1))
         act = _ACTIVATION[a.get("activation", "none")]
         ins = [x, self.t(op.inputs[1]), self.t(op.inputs[2])]
-        out = [self.t(op.outputs[0])]
+        then: list = []
+        out = [self.spatial_out(op.outputs[0], then)]
         if depthwise:
             self.m.op(S.DEPTHWISE_CONV_2D, ins, out, "DepthwiseConv2DOptions",
                       {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh),
@@ -206,6 +238,8 @@ class _Exporter:
             self.m.op(S.CONV_2D, ins, out, "Conv2DOptions",
                       {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh), 3: Scalar("b", act),
                        4: Scalar("i", dw), 5: Scalar("i", dh)})
+        for step in then:
+            step()
 
     def _conv2d(self, op):
         self._conv(op, depthwise=False)
@@ -215,6 +249,18 @@ class _Exporter:
 
     def _fully_connected(self, op):
         act = _ACTIVATION[op.attrs.get("activation", "none")]
+        x, y = op.inputs[0], op.outputs[0]
+        if len(self.g.tensors[x].shape) == 3:
+            # (1, L, I): rows as a batch, through RESHAPE to (L, I) and back, as TensorFlow's converter writes a
+            # Dense on a sequence (tflite-runtime 2.14's per-channel reference kernel ignores keep_num_dims).
+            _, rows, depth = self.g.tensors[x].shape
+            x2 = self.fresh(f"{x}.rows", (rows, depth), x)
+            self._reshape_tensors(self.t(x), x2, (rows, depth), f"{x}.rows")
+            y2 = self.fresh(f"{y}.rows", (rows, self.g.tensors[y].shape[-1]), y)
+            self.m.op(S.FULLY_CONNECTED, [x2] + [self.t(n) for n in op.inputs[1:]], [y2],
+                      "FullyConnectedOptions", {0: Scalar("b", act)})
+            self._reshape_tensors(y2, self.t(y), self.g.tensors[y].shape, f"{y}.rank3")
+            return
         self.m.op(S.FULLY_CONNECTED, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])],
                   "FullyConnectedOptions", {0: Scalar("b", act)})
 
@@ -223,7 +269,7 @@ class _Exporter:
         a = op.attrs
         kh, kw = a["kernel"]
         mode = _padding_mode(self.g, op, kh, kw)
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         if op.kind == "avg_pool2d" and a.get("count_include_pad", False) and mode == "SAME" \
                 and _needs_padding(self.g, op, kh, kw):
             mode = _explicit(self.g, op, kh, kw)  # SAME averages only real values; this op counts the padding
@@ -232,9 +278,12 @@ class _Exporter:
                 _check_avg_explicit(op, mode)
             x, mode = self.explicit_pad(op, mode, pad_value), "VALID"
         act = _ACTIVATION[a.get("activation", "none")]
-        self.m.op(code, [x], [self.t(op.outputs[0])], "Pool2DOptions",
+        then: list = []
+        self.m.op(code, [x], [self.spatial_out(op.outputs[0], then)], "Pool2DOptions",
                   {0: Scalar("b", S.SAME if mode == "SAME" else S.VALID), 1: Scalar("i", a["stride"][1]),
                    2: Scalar("i", a["stride"][0]), 3: Scalar("i", kw), 4: Scalar("i", kh), 5: Scalar("b", act)})
+        for step in then:
+            step()
 
     def _max_pool2d(self, op):
         self._pool(op, S.MAX_POOL_2D, -128)  # -128 never wins a max: every window holds a real value
@@ -245,9 +294,12 @@ class _Exporter:
     # the rest --------------------------------------------------------------
     def _mean(self, op):
         axes = self.m.constant(f"{op.name}.axes", np.array([1, 2], np.int32), "int32")
-        keep = len(self.g.tensors[op.outputs[0]].shape) == 4
-        self.m.op(S.MEAN, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
-                  {0: Scalar("?", keep)})
+        then: list = []
+        out = self.spatial_out(op.outputs[0], then)
+        keep = len(self.g.tensors[op.outputs[0]].shape) >= 3
+        self.m.op(S.MEAN, [self.spatial_in(op.inputs[0]), axes], [out], "ReducerOptions", {0: Scalar("?", keep)})
+        for step in then:
+            step()
 
     def _add(self, op):
         self.m.op(S.ADD, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "AddOptions",
@@ -263,23 +315,26 @@ class _Exporter:
 
     def _reshape(self, op):
         shape = np.array(self.g.tensors[op.outputs[0]].shape, np.int32)
-        st = self.m.constant(f"{op.name}.shape", shape, "int32")
+        st = self.m.constant(f"{op.outputs[0]}.shape", shape, "int32")
         self.m.op(S.RESHAPE, [self.t(op.inputs[0]), st], [self.t(op.outputs[0])], "ReshapeOptions",
                   {0: Vector("i", shape)})
 
     def _pad(self, op):
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         zp = int(self.g.tensors[op.inputs[0]].quant.zero_point[0])
         t, b, l, r = op.attrs["padding"]
-        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+        paddings = self.m.constant(f"{op.outputs[0]}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
-        out = self.t(op.outputs[0])
+        then: list = []
+        out = self.spatial_out(op.outputs[0], then)
         if op.attrs["pad_value"] == zp:
             self.m.op(S.PAD, [x, paddings], [out], "PadOptions")
         else:
-            cv = self.m.constant(f"{op.name}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
+            cv = self.m.constant(f"{op.outputs[0]}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
                                  self.g.tensors[op.inputs[0]].quant)
             self.m.op(S.PADV2, [x, paddings, cv], [out], "PadV2Options")
+        for step in then:
+            step()
 
     def _relu(self, op):
         self.m.op(S.RELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
@@ -292,17 +347,90 @@ class _Exporter:
                   {0: Scalar("f", float(op.attrs.get("beta", 1.0)))})
 
 
+    # layout ops (issue 10, ops-structure) ------------------------------------
+    def _i32(self, name: str, values) -> int:
+        return self.m.constant(name, np.asarray(values, np.int32), "int32")
+
+    def _transpose(self, op):
+        perm = self._i32(f"{op.outputs[0]}.perm", op.attrs["perm"])
+        self.m.op(S.TRANSPOSE, [self.t(op.inputs[0]), perm], [self.t(op.outputs[0])], "TransposeOptions", {})
+
+    def _split(self, op):
+        axis = op.attrs["axis"]
+        sizes = [self.g.tensors[n].shape[axis] for n in op.outputs]
+        outs = [self.t(n) for n in op.outputs]
+        axis_t = self._i32(f"{op.outputs[0]}.axis", [axis])
+        if len(set(sizes)) == 1:
+            self.m.op(S.SPLIT, [axis_t, self.t(op.inputs[0])], outs, "SplitOptions", {0: Scalar("i", len(outs))})
+        else:
+            self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
+                      "SplitVOptions", {0: Scalar("i", len(outs))})
+
+    def _transpose_conv2d(self, op):
+        """TRANSPOSE_CONV with TFLite's own padding (SAME or VALID) when it crops what the op crops; else the
+        VALID full output, then STRIDED_SLICE (torch's padding=1, output_padding=1 has no TFLite padding)."""
+        a = op.attrs
+        _, H, W, _ = self.g.tensors[op.inputs[0]].shape
+        out_shape = self.g.tensors[op.outputs[0]].shape
+        _, OH, OW, O = out_shape
+        O_, KH, KW, _ = self.g.tensors[op.inputs[1]].shape
+        sh, sw = a["stride"]
+        top, _, left, _ = a["padding"]
+
+        def tflite_pad(out_size, k, s, same):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        mode = next((m for m in (S.VALID, S.SAME) if tflite_pad(OH, KH, sh, m == S.SAME) == top
+                     and tflite_pad(OW, KW, sw, m == S.SAME) == left), None)
+        full = ((H - 1) * sh + KH, (W - 1) * sw + KW)
+        if mode is None and (top + OH > full[0] or left + OW > full[1]):
+            raise EdgekitError(f"layer '{op.name}' (transpose_conv2d): output_padding larger than padding has no "
+                               "TFLite equivalent")
+        y = op.outputs[0]
+        target = (1,) + (full if mode is None else (OH, OW)) + (O,)
+        conv_out = self.t(y) if mode is not None else self.fresh(f"{y}.full", target, y)
+        shape_t = self._i32(f"{y}.output_shape", target)
+        ins = [shape_t, self.t(op.inputs[1]), self.t(op.inputs[0])] + [self.t(n) for n in op.inputs[2:]]
+        self.m.op(S.TRANSPOSE_CONV, ins, [conv_out], "TransposeConvOptions",
+                  {0: Scalar("b", S.VALID if mode is None else mode), 1: Scalar("i", sw), 2: Scalar("i", sh)})
+        if mode is None:
+            begin = self._i32(f"{y}.begin", [0, top, left, 0])
+            end = self._i32(f"{y}.end", [1, top + OH, left + OW, O])
+            strides = self._i32(f"{y}.strides", [1, 1, 1, 1])
+            self.m.op(S.STRIDED_SLICE, [conv_out, begin, end, strides], [self.t(y)], "StridedSliceOptions", {})
+
+    def _resize_nearest(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        then: list = []
+        self.m.op(S.RESIZE_NEAREST_NEIGHBOR, [self.spatial_in(op.inputs[0]), size],
+                  [self.spatial_out(op.outputs[0], then)], "ResizeNearestNeighborOptions",
+                  {0: Scalar("?", False), 1: Scalar("?", bool(op.attrs.get("half_pixel_centers", False)))})
+        for step in then:
+            step()
+
+    def _log_softmax(self, op):
+        self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
+
+    def _slice(self, op):
+        a = op.attrs
+        ins = [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.begin", a["begin"]), self._i32(f"{op.outputs[0]}.end", a["end"]),
+               self._i32(f"{op.outputs[0]}.strides", a["strides"])]
+        self.m.op(S.STRIDED_SLICE, ins, [self.t(op.outputs[0])], "StridedSliceOptions", {})
+
+
 def _needs_padding(graph: Graph, op: Op, kh: int, kw: int) -> bool:
     """Whether SAME padding pads anything for this op (then count_include_pad matters)."""
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs["stride"]
     return max((OH - 1) * sh + kh - H, 0) > 0 or max((OW - 1) * sw + kw - W, 0) > 0
 
 
 def _explicit(graph: Graph, op: Op, kh: int, kw: int):
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs["stride"]
     top, _, left, _ = op.attrs["padding"]
     return (top, max((OH - 1) * sh + kh - H - top, 0), left, max((OW - 1) * sw + kw - W - left, 0))

@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgekitError
-from ..ir import Graph, Op, Tensor, conv_output_size
+from ..ir import Graph, Op, Tensor, conv_output_size, nhwc
 
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
     "torch.cat, Dropout, Identity, a final Softmax, and int8 fake quantization (from edgekit.qat)"
 )
+SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
+                     "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim")
 
 
 # The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).
@@ -110,6 +113,35 @@ def _layer_of(node) -> tuple[str, str]:
     return path, type_name
 
 
+def _reshape_blocks(a: list[int], b: list[int]):
+    """Split a reshape of shape ``a`` into ``b`` (batch dims removed) into blocks: ([a dims], [b dims]) with
+    equal products, dims numbered from 1 like torch's without the batch; size-1 dims belong to no block."""
+    ia = [i for i, s in enumerate(a) if s != 1]
+    ib = [j for j, s in enumerate(b) if s != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ia) or j < len(ib):
+        if i >= len(ia) or j >= len(ib):
+            return None
+        ins, outs = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(ia):
+                    return None
+                ins.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                if j >= len(ib):
+                    return None
+                outs.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        blocks.append(([d + 1 for d in ins], [d + 1 for d in outs]))
+    return blocks
+
+
 def _pair(v, n=2) -> tuple[int, ...]:
     if isinstance(v, (list, tuple)):
         v = list(v)
@@ -119,13 +151,47 @@ def _pair(v, n=2) -> tuple[int, ...]:
     return (int(v),) * n
 
 
+# A value's layout is the tuple ``dims``: IR axis i holds torch dimension dims[i]. The IR is channels
+# last, so a torch NCHW image is (0, 2, 3, 1), an (N, C, L) signal (0, 2, 1), a batch_first (N, L, C)
+# sequence or an (N, C) vector the identity. A permute / transpose only relabels (no op, no copy); a
+# consumer that needs another order (a convolution: channels last; a Linear: the torch last dimension last)
+# gets one TRANSPOSE op, made once per value and order (see docs/DESIGN-NOTES.md, "Layouts").
+CHANNELS_FIRST = {4: (0, 2, 3, 1), 3: (0, 2, 1), 2: (0, 1)}
+LAYOUT_NAMES = {(0, 2, 3, 1): "NCHW", (0, 2, 1): "NCL", (0, 1, 2): "NLC", (0, 1): "NC", (0, 1, 2, 3): "NHWC"}
+# ATen ops that read their input channels first: a rank-3 model input they read (directly or through a
+# view) is an (N, C, L) signal, else an (N, L, C) sequence.
+_READS_NCL = ("conv1d", "conv2d", "convolution", "batch_norm", "_native_batch_norm_legit_no_training",
+              "max_pool1d", "max_pool1d_with_indices", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+              "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "pad",
+              "constant_pad_nd", "upsample_nearest2d", "upsample_bilinear2d", "conv_transpose1d")
+_VIEWS = ("unsqueeze", "squeeze", "view", "reshape", "_unsafe_view", "dropout", "clone", "contiguous")
+
+
+def _read_channels_first(node, depth: int = 0) -> bool:
+    for user in node.users:
+        name = getattr(user.target, "__name__", "").split(".")[0]
+        if name in _READS_NCL or (name in _VIEWS and depth < 4 and _read_channels_first(user, depth + 1)):
+            return True
+    return False
+
+
 class _Value:
     """What the converter knows about one torch value."""
 
-    def __init__(self, name: str, torch_rank: int, perm: np.ndarray | None = None):
+    def __init__(self, name: str, layout, perm: np.ndarray | None = None):
         self.name = name  # IR tensor name
-        self.torch_rank = torch_rank  # rank of the torch tensor (4: NCHW, 3: NCL, 2: NC)
+        # IR axis -> torch dimension; an int is a rank in its channels-first layout (NCHW, NCL, NC)
+        self.dims = CHANNELS_FIRST[layout] if isinstance(layout, int) else tuple(int(d) for d in layout)
         self.perm = perm  # set on a flattened spatial tensor: IR position -> torch position
+
+    @property
+    def torch_rank(self) -> int:
+        return len(self.dims)
+
+    @property
+    def channels_first(self) -> bool:
+        """Laid out as a convolution reads it: torch dim 1 (channels) last, the rest in order."""
+        return self.dims == CHANNELS_FIRST.get(self.torch_rank)
 
 
 class _Converter:
@@ -135,6 +201,8 @@ class _Converter:
         self.values: dict[str, object] = {}
         self.consts: dict[str, np.ndarray] = {}
         self.node_name: dict[str, str] = {}
+        self.transposes: dict[tuple, _Value] = {}  # (IR tensor, dims) -> its transposed value
+        self.reshape_source: dict[str, str] = {}  # reshape output -> the tensor it views
         self._load_constants()
 
     # -- constants ---------------------------------------------------------
@@ -199,15 +267,65 @@ class _Converter:
                                          "edgekit keeps NHWC order and can remap it only into a Linear layer")
 
     def torch_axis_to_ir(self, v: _Value, dim: int, node) -> int:
-        rank = v.torch_rank
-        dim = dim % rank
-        if rank == 4:
-            return {0: 0, 1: 3, 2: 1, 3: 2}[dim]
-        if rank == 3:
-            return {0: 0, 1: 3, 2: 2}[dim]
-        if rank == 2:
-            return dim
-        raise self.unsupported(node, f"tensors of rank {rank} are not supported")
+        if v.torch_rank not in (2, 3, 4):
+            raise self.unsupported(node, f"tensors of rank {v.torch_rank} are not supported")
+        return v.dims.index(dim % v.torch_rank)
+
+    def require_channels_first(self, v: _Value, node, what: str) -> _Value:
+        """The value in the layout a convolution / pooling reads (channels last in the IR)."""
+        if v.channels_first:
+            return v
+        return self.transposed(v, CHANNELS_FIRST[v.torch_rank], node, what)
+
+    def transposed(self, v: _Value, dims, node, what: str) -> _Value:
+        """``v`` laid out as ``dims`` in the IR: one TRANSPOSE op (made once per value and order), over the
+        fewest axes (neighbours that stay neighbours are merged, free reshapes around it)."""
+        self.require_plain(v, node)
+        dims = tuple(dims)
+        key = (v.name, dims)
+        if key in self.transposes:
+            return self.transposes[key]
+        shape = self.shape(v)
+        src = [v.dims.index(d) for d in dims]  # new IR axis i reads old IR axis src[i]
+        out_shape = tuple(shape[a] for a in src)
+        # Merge runs of old axes that stay consecutive, and drop size-1 axes: the smallest transpose.
+        kept = [a for a in src if shape[a] != 1]
+        groups: list[list[int]] = []
+        for a in kept:
+            if groups and groups[-1][-1] + 1 == a:
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        order = sorted(range(len(groups)), key=lambda g: groups[g][0])  # groups in old memory order
+        in_merged = tuple(int(np.prod([shape[a] for a in groups[g]])) for g in order)
+        perm = tuple(order.index(g) for g in range(len(groups)))
+        path, _ = _layer_of(node)
+        base = path or node.name
+        if perm == tuple(range(len(perm))):  # only size-1 axes move: a free reshape
+            nv = _Value(self._plain_reshape(v.name, out_shape, f"{base}.relaid", path or node.name), dims)
+            self.transposes[key] = nv
+            return nv
+        x = v.name
+        if tuple(in_merged) != tuple(shape[1:]):
+            x = self._plain_reshape(x, (1,) + in_merged, f"{base}.transpose_in", path or node.name)
+        out_merged = (1,) + tuple(in_merged[p] for p in perm)
+        y = self.new_tensor(f"{base}.transpose", out_merged)
+        self.graph.ops.append(Op("transpose", path or node.name, [x], [y], dict(perm=(0,) + tuple(p + 1 for p in perm))))
+        if out_merged != out_shape:
+            y = self._plain_reshape(y, out_shape, f"{base}.transposed", path or node.name)
+        nv = _Value(y, dims)
+        self.transposes[key] = nv
+        return nv
+
+    def _plain_reshape(self, x: str, shape, base: str, layer: str) -> str:
+        """A free reshape of IR tensor ``x`` (a reshape of a reshape reads the first one's input)."""
+        x = self.reshape_source.get(x, x)
+        if tuple(self.graph.tensors[x].shape) == tuple(shape):
+            return x
+        y = self.new_tensor(base, shape)
+        self.graph.ops.append(Op("reshape", layer, [x], [y], {}))
+        self.reshape_source[y] = x
+        return y
 
     # -- the walk ----------------------------------------------------------
     def run(self) -> Graph:
@@ -224,26 +342,35 @@ class _Converter:
                 self._call(node)
             elif node.op == "output":
                 self._output(node)
+        self._drop_dead_reshapes()
         return self.graph
+
+    def _drop_dead_reshapes(self):
+        """Views nothing reads any more (a reshape a later reshape looked through)."""
+        while True:
+            used = set(self.graph.outputs) | {n for op in self.graph.ops for n in op.inputs}
+            dead = [op for op in self.graph.ops if op.kind == "reshape" and op.outputs[0] not in used]
+            if not dead:
+                return
+            for op in dead:
+                self.graph.ops.remove(op)
+                del self.graph.tensors[op.outputs[0]]
 
     def _input(self, node):
         val = node.meta.get("val")
         if val is None:
             raise EdgekitError(f"model input {node.name!r} has no recorded shape")
         shape = tuple(int(s) for s in val.shape)
-        if len(shape) == 4:
-            ir_shape, layout = (1, shape[2], shape[3], shape[1]), "NCHW"
-        elif len(shape) == 3:
-            ir_shape, layout = (1, 1, shape[2], shape[1]), "NCL"
-        elif len(shape) == 2:
-            ir_shape, layout = (1, shape[1]), "NC"
-        else:
+        if len(shape) not in (2, 3, 4):
             raise EdgekitError(f"model input {node.name!r} has shape {list(shape)}; "
-                               "edgekit takes (N, C, H, W), (N, C, L) or (N, features)")
-        name = self.new_tensor(node.name, ir_shape)
+                               "edgekit takes (N, C, H, W), (N, C, L), (N, L, C) or (N, features)")
+        dims = CHANNELS_FIRST[len(shape)]
+        if len(shape) == 3 and not _read_channels_first(node):
+            dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM(batch_first) / Linear read it
+        name = self.new_tensor(node.name, (1,) + tuple(shape[d] for d in dims[1:]))
         self.graph.inputs.append(name)
-        self.graph.source_layouts[name] = layout
-        self.values[node.name] = _Value(name, len(shape))
+        self.graph.source_layouts[name] = LAYOUT_NAMES[dims]
+        self.values[node.name] = _Value(name, dims)
 
     def _output(self, node):
         outs = node.args[0]
@@ -252,8 +379,10 @@ class _Converter:
             v = self.value(arg)
             if v.perm is not None:
                 raise self.unsupported(node, "the model returns a flattened spatial tensor")
+            if v.dims not in LAYOUT_NAMES:
+                v = self.transposed(v, tuple(range(v.torch_rank)), node, "the model output")
             self.graph.outputs.append(v.name)
-            self.graph.source_layouts[v.name] = {4: "NCHW", 3: "NCL", 2: "NC"}[v.torch_rank]
+            self.graph.source_layouts[v.name] = LAYOUT_NAMES[v.dims]
 
     def _call(self, node):
         target = node.target
@@ -333,9 +462,10 @@ class _Converter:
         self.require_plain(v, node)
         if v.torch_rank != torch_rank:
             raise self.unsupported(node, f"expected a rank-{torch_rank} input, got rank {v.torch_rank}")
+        v = self.require_channels_first(v, node, "a convolution")
         weight = w if isinstance(w, np.ndarray) else self.const(w, "weight", node)
         bias = self.const(b, "bias", node)
-        _, H, W, C = self.shape(v)
+        _, H, W, C = nhwc(self.shape(v))
         O, I, KH, KW = weight.shape
         if isinstance(padding, str):
             if padding == "valid":
@@ -361,22 +491,83 @@ class _Converter:
             kind = "depthwise_conv2d"
             ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # 1HWO
             attrs["depth_multiplier"] = O // C
+        elif groups > 1 and C % groups == 0 and O % groups == 0 and I == C // groups:
+            return self._grouped_conv(node, v, weight, bias, groups, (OH, OW), torch_rank, attrs)
         else:
-            raise self.unsupported(node, f"grouped convolution with groups={groups} "
-                                         f"(only 1 or depthwise groups={C}) is not supported")
+            raise self.unsupported(node, f"convolution with groups={groups}, {C} input channels and weights "
+                                         f"{list(weight.shape)}")
         path, _ = _layer_of(node)
         base = path or node.name
         inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
-        self.add_op(kind, node, inputs, (1, OH, OW, O), torch_rank, attrs)
+        out_shape = (1, OH, OW, O) if torch_rank == 4 else (1, OW, O)  # Conv1d: height 1, kept rank 3
+        self.add_op(kind, node, inputs, out_shape, torch_rank, attrs)
+
+    def _grouped_conv(self, node, v: _Value, weight, bias, groups: int, out_hw, torch_rank, attrs):
+        """groups not 1 and not depthwise: split the channels, one convolution per group, concatenate
+        (what TensorFlow's converter did before CONV_2D took groups; every piece keeps the fast kernels)."""
+        path, _ = _layer_of(node)
+        base = path or node.name
+        per_out = weight.shape[0] // groups
+        split_node_name = f"{node.name}_groups"
+        pieces = [self.new_tensor(f"{split_node_name}.{g}", self.shape(v)[:-1] + (self.shape(v)[-1] // groups,))
+                  for g in range(groups)]
+        self.graph.ops.append(Op("split", base, [v.name], pieces, dict(axis=len(self.shape(v)) - 1)))
+        outs = []
+        OH, OW = out_hw
+        for g, piece in enumerate(pieces):
+            w = np.ascontiguousarray(weight[g * per_out:(g + 1) * per_out].transpose(0, 2, 3, 1))  # OHWI
+            inputs = [piece, self.new_tensor(f"{base}.group{g}.weight", w.shape, w)]
+            if bias is not None:
+                b = np.ascontiguousarray(bias[g * per_out:(g + 1) * per_out])
+                inputs.append(self.new_tensor(f"{base}.group{g}.bias", b.shape, b))
+            shape = (1, OH, OW, per_out) if torch_rank == 4 else (1, OW, per_out)
+            outs.append(self.new_tensor(f"{node.name}.group{g}", shape))
+            self.graph.ops.append(Op("conv2d", base, inputs, [outs[-1]], dict(attrs)))
+        shape = (1, OH, OW, weight.shape[0]) if torch_rank == 4 else (1, OW, weight.shape[0])
+        return self.add_op("concat", node, outs, shape, torch_rank, dict(axis=len(shape) - 1))
+
+    def _op_conv_transpose2d(self, node):
+        """ConvTranspose2d (groups 1, no dilation): TRANSPOSE_CONV; output_padding grows the far side."""
+        a = list(node.args) + [None] * 8
+        x, w, b = a[0], a[1], a[2]
+        stride = _pair(a[3] if a[3] is not None else 1)
+        padding = _pair(a[4] if a[4] is not None else 0)
+        output_padding = _pair(a[5] if a[5] is not None else 0)
+        groups = int(a[6]) if a[6] is not None else 1
+        dilation = _pair(a[7] if a[7] is not None else 1)
+        if groups != 1 or dilation != (1, 1):
+            raise self.unsupported(node, f"ConvTranspose2d with groups={groups}, dilation={dilation} "
+                                         "(edgekit takes groups 1 without dilation)")
+        v = self._spatial_input(node, x)
+        weight = self.const(w, "weight", node)  # (I, O, KH, KW)
+        bias = self.const(b, "bias", node)
+        _, H, W, C = self.shape(v)
+        _, O, KH, KW = weight.shape
+        OH = (H - 1) * stride[0] - 2 * padding[0] + KH + output_padding[0]
+        OW = (W - 1) * stride[1] - 2 * padding[1] + KW + output_padding[1]
+        ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # OHWI
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
+        if bias is not None:
+            inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
+        pads = (padding[0], padding[0] - output_padding[0], padding[1], padding[1] - output_padding[1])
+        self.add_op("transpose_conv2d", node, inputs, (1, OH, OW, O), 4,
+                    dict(stride=stride, padding=pads, activation="none"))
+
+    _op_conv_transpose2d_input = _op_conv_transpose2d
 
     def _op_linear(self, node):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         v = self.value(x)
-        if v.torch_rank != 2:
-            raise self.unsupported(node, "Linear on a tensor of rank other than 2 is not supported; flatten first")
+        if v.torch_rank not in (2, 3):
+            raise self.unsupported(node, f"Linear on a rank-{v.torch_rank} tensor (edgekit takes (N, features) and "
+                                         "(N, L, features))")
+        if v.dims != tuple(range(v.torch_rank)):  # the features (torch's last dim) last in the IR
+            v = self.transposed(v, tuple(range(v.torch_rank)), node, "a Linear layer")
         weight = self.const(w, "weight", node)
         bias = self.const(b, "bias", node)
         if v.perm is not None:
@@ -386,12 +577,15 @@ class _Converter:
         inputs = [v.name, self.new_tensor(f"{base}.weight", weight.shape, np.ascontiguousarray(weight))]
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
-        self.add_op("fully_connected", node, inputs, (1, weight.shape[0]), 2, dict(activation="none"))
+        out_shape = self.shape(v)[:-1] + (weight.shape[0],)  # rank 3: every row (TFLite keep_num_dims)
+        self.add_op("fully_connected", node, inputs, out_shape, v.dims, dict(activation="none"))
 
     # normalisation
     def _batch_norm(self, node, x, gamma, beta, mean, var, eps):
         v = self.value(x)
         self.require_plain(v, node)
+        if v.torch_rank > 2:
+            v = self.require_channels_first(v, node, "a BatchNorm")
         mean = self.const(mean, "running mean", node)
         var = self.const(var, "running variance", node)
         C = mean.shape[0]
@@ -403,7 +597,7 @@ class _Converter:
         base = path or node.name
         inputs = [v.name, self.new_tensor(f"{base}.scale", scale.shape, scale),
                   self.new_tensor(f"{base}.offset", offset.shape, offset)]
-        return self.add_op("batch_norm", node, inputs, self.shape(v), v.torch_rank)
+        return self.add_op("batch_norm", node, inputs, self.shape(v), v.dims)
 
     def _op_batch_norm(self, node):
         x, gamma, beta, mean, var, training, _, eps = node.args[:8]
@@ -419,7 +613,7 @@ class _Converter:
     # activations
     def _activation(self, node, kind):
         v = self.value(node.args[0])
-        self.add_op(kind, node, [v.name], self.shape(v), v.torch_rank, perm=v.perm)
+        self.add_op(kind, node, [v.name], self.shape(v), v.dims, perm=v.perm)
 
     def _op_relu(self, node):
         self._activation(node, "relu")
@@ -441,18 +635,28 @@ class _Converter:
     def _op_softmax(self, node):
         v = self.value(node.args[0])
         self.require_plain(v, node)
-        axis = self.torch_axis_to_ir(v, int(node.args[1]), node)
-        if axis != len(self.shape(v)) - 1:
-            raise self.unsupported(node, "Softmax is supported over the channel / feature dimension only")
-        self.add_op("softmax", node, [v.name], self.shape(v), v.torch_rank, dict(beta=1.0))
+        dim = int(node.args[1]) % v.torch_rank
+        if v.dims[-1] != dim:  # softmax runs along the IR's last axis: bring the torch dim there (a TRANSPOSE)
+            v = self.transposed(v, tuple(d for d in v.dims if d != dim) + (dim,), node, "this softmax")
+        self.add_op("softmax", node, [v.name], self.shape(v), v.dims, dict(beta=1.0))
 
     _op__softmax = _op_softmax
+
+    def _op_log_softmax(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        dim = int(node.args[1]) % v.torch_rank
+        if v.dims[-1] != dim:
+            v = self.transposed(v, tuple(d for d in v.dims if d != dim) + (dim,), node, "this log_softmax")
+        self.add_op("log_softmax", node, [v.name], self.shape(v), v.dims)
+
+    _op__log_softmax = _op_log_softmax
 
     # pooling
     def _pool_common(self, node, v, kernel, stride, padding, ceil_mode, dilation=(1, 1)):
         if dilation != (1, 1):
             raise self.unsupported(node, "dilated pooling is not supported")
-        _, H, W, C = self.shape(v)
+        _, H, W, C = nhwc(self.shape(v))
         kh, kw = kernel
         sh, sw = stride
         ph, pw = padding
@@ -469,10 +673,18 @@ class _Converter:
             raise self.unsupported(node, f"the {kh}x{kw} window does not fit the {H}x{W} input")
         return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, ph, pw, pw), activation="none")
 
+    def _spatial_input(self, node, arg, rank: int = 4) -> _Value:
+        """The input of a pooling / padding / mean op: rank ``rank``, channels last in the IR."""
+        v = self.value(arg)
+        self.require_plain(v, node)
+        if v.torch_rank != rank:
+            layout = {4: "(N, C, H, W)", 3: "(N, C, L)"}[rank]
+            raise self.unsupported(node, f"expected an {layout} input, got a rank-{v.torch_rank} tensor")
+        return self.require_channels_first(v, node, "this operation")
+
     def _op_max_pool2d(self, node):
         a = list(node.args) + [None] * 6
-        v = self.value(a[0])
-        self.require_plain(v, node)
+        v = self._spatial_input(node, a[0])
         kernel = _pair(a[1])
         stride = _pair(a[2]) if a[2] else kernel
         padding = _pair(a[3] if a[3] is not None else 0)
@@ -487,8 +699,7 @@ class _Converter:
 
     def _op_avg_pool2d(self, node):
         a = list(node.args) + [None] * 7
-        v = self.value(a[0])
-        self.require_plain(v, node)
+        v = self._spatial_input(node, a[0])
         kernel = _pair(a[1])
         stride = _pair(a[2]) if a[2] else kernel
         padding = _pair(a[3] if a[3] is not None else 0)
@@ -501,32 +712,95 @@ class _Converter:
         self.add_op("avg_pool2d", node, [v.name], shape, 4, attrs)
 
     def _op_adaptive_avg_pool2d(self, node):
-        v = self.value(node.args[0])
-        self.require_plain(v, node)
-        _, H, W, C = self.shape(v)
-        oh, ow = _pair(node.args[1])
-        if (oh, ow) == (1, 1):
-            self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
-        elif H % oh == 0 and W % ow == 0:
-            k = (H // oh, W // ow)
-            attrs = dict(kernel=k, stride=k, padding=(0, 0, 0, 0), activation="none", count_include_pad=True)
-            self.add_op("avg_pool2d", node, [v.name], (1, oh, ow, C), 4, attrs)
-        else:
-            raise self.unsupported(node, f"AdaptiveAvgPool2d to {oh}x{ow} from {H}x{W} (not a whole-window "
-                                         "division) is not supported")
+        self._adaptive_pool(node, "avg_pool2d", 4)
+
+    def _op_adaptive_max_pool2d(self, node):
+        v = self._adaptive_pool(node, "max_pool2d", 4)
+        self.values[node.name] = (v, None)
+
+    def _op_adaptive_avg_pool1d(self, node):
+        self._adaptive_pool(node, "avg_pool2d", 3)
+
+    def _op_adaptive_max_pool1d(self, node):
+        v = self._adaptive_pool(node, "max_pool2d", 3)
+        self.values[node.name] = (v, None)
+
+    def _adaptive_pool(self, node, kind: str, rank: int) -> _Value:
+        """torch's adaptive bins [floor(i * n / o), ceil((i + 1) * n / o)): one pooling window when every bin
+        of an axis has the same size and the bins start at a fixed stride (always when o divides n)."""
+        v = self._spatial_input(node, node.args[0], rank)
+        _, H, W, C = nhwc(self.shape(v))
+        oh, ow = (1,) + _pair(node.args[1], 1) if rank == 3 else _pair(node.args[1])
+        if kind == "avg_pool2d" and (oh, ow) == (1, 1):
+            return self.add_op("mean", node, [v.name], (1,) * (rank - 1) + (C,), rank)
+        window = []
+        for n, o in ((H, oh), (W, ow)):
+            starts = [i * n // o for i in range(o)]
+            sizes = [-(-(i + 1) * n // o) - start for i, start in enumerate(starts)]
+            steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
+            if len(set(sizes)) != 1 or len(steps) != 1:
+                what = "AdaptiveAvgPool" if kind == "avg_pool2d" else "AdaptiveMaxPool"
+                raise self.unsupported(node, f"{what} from {n} to {o}: the bins differ in size "
+                                             f"({sorted(set(sizes))}), which no single pooling window computes")
+            window.append((sizes[0], steps.pop()))
+        (kh, sh), (kw, sw) = window
+        attrs = dict(kernel=(kh, kw), stride=(sh, sw), padding=(0, 0, 0, 0), activation="none",
+                     count_include_pad=True)
+        out_shape = (1, oh, ow, C) if rank == 4 else (1, ow, C)
+        return self.add_op(kind, node, [v.name], out_shape, rank, attrs)
+
+    # 1-D pooling: the 2-D window with a height of 1 over the (1, L, C) signal
+    def _op_max_pool1d(self, node):
+        a = list(node.args) + [None] * 6
+        v = self._spatial_input(node, a[0], 3)
+        k = _pair(a[1], 1)[0]
+        stride = _pair(a[2], 1)[0] if a[2] else k
+        dilation = (1, _pair(a[4], 1)[0] if a[4] is not None else 1)
+        shape, attrs = self._pool_common(node, v, (1, k), (1, stride), (0, _pair(a[3] or 0, 1)[0]),
+                                         bool(a[5]), dilation)
+        return self.add_op("max_pool2d", node, [v.name], (1,) + shape[2:], 3, attrs)
+
+    def _op_max_pool1d_with_indices(self, node):
+        self.values[node.name] = (self._op_max_pool1d(node), None)
+
+    def _op_avg_pool1d(self, node):
+        a = list(node.args) + [None] * 6
+        v = self._spatial_input(node, a[0], 3)
+        k = _pair(a[1], 1)[0]
+        stride = _pair(a[2], 1)[0] if a[2] else k
+        shape, attrs = self._pool_common(node, v, (1, k), (1, stride), (0, _pair(a[3] or 0, 1)[0]), bool(a[4]))
+        attrs["count_include_pad"] = bool(a[5]) if a[5] is not None else True
+        self.add_op("avg_pool2d", node, [v.name], (1,) + shape[2:], 3, attrs)
 
     def _op_mean(self, node):
+        self._reduce(node, "mean")
+
+    def _op_amax(self, node):
+        self._reduce(node, "amax")
+
+    def _reduce(self, node, what: str):
+        """mean / amax over the spatial axes of a value whose torch channels sit last in the IR (NCHW over
+        (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a max pool over the whole
+        map, on the NHWC view."""
         v = self.value(node.args[0])
         self.require_plain(v, node)
         dims = node.args[1] if len(node.args) > 1 else None
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-        if v.torch_rank != 4 or dims is None or sorted(d % 4 for d in dims) != [2, 3]:
-            raise self.unsupported(node, "mean is supported over the spatial dimensions (2, 3) of an NCHW tensor")
-        C = self.shape(v)[3]
-        out = self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
+        rank = v.torch_rank
+        dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
+        spatial = sorted(v.dims[1:-1])
+        if rank < 3 or not dims or dims != spatial:
+            raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
+                                         "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")
+        _, H, W, C = nhwc(self.shape(v))
+        kept = tuple(1 for _ in v.dims[1:-1]) + (C,)
+        if what == "mean":
+            out = self.add_op("mean", node, [v.name], (1,) + kept, v.dims)
+        else:
+            attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
+            out = self.add_op("max_pool2d", node, [v.name], (1,) + kept, v.dims, attrs)
         if not keepdim:
-            out.torch_rank = 2
-            self._reshape_to(node, out, (1, C), 2)
+            self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
 
     # shape ops
     def _reshape_to(self, node, v: _Value, ir_shape, torch_rank, perm=None):
@@ -538,52 +812,207 @@ class _Converter:
         return nv
 
     def _flatten_spatial(self, node, v: _Value):
-        shape = self.shape(v)
-        if v.torch_rank == 2:
+        if v.torch_rank == 2 and v.dims == (0, 1):
             self.values[node.name] = v
             return
-        if v.torch_rank == 4:
-            _, H, W, C = shape
-        else:  # NCL held as (1, 1, L, C)
-            _, H, W, C = shape
-        n = H * W * C
-        perm = None
-        if H * W > 1 and C > 1:
-            h, w, c = np.meshgrid(np.arange(H), np.arange(W), np.arange(C), indexing="ij")
-            perm = (c * H * W + h * W + w).reshape(-1)
-        self._reshape_to(node, v, (1, n), 2, perm)
+        self.require_plain(v, node)
+        torch_shape = self._torch_shape(v)
+        n = int(np.prod(torch_shape))
+        # IR memory order -> torch flat index: the Linear that reads it permutes its columns instead
+        perm = np.arange(n).reshape(torch_shape).transpose(v.dims).reshape(-1)
+        self._reshape_to(node, v, (1, n), 2, None if np.array_equal(perm, np.arange(n)) else perm)
 
     def _op_flatten(self, node):
         v = self.value(node.args[0])
         start = int(node.args[1]) if len(node.args) > 1 else 0
         end = int(node.args[2]) if len(node.args) > 2 else -1
-        if start % v.torch_rank not in (0, 1) or end % v.torch_rank != v.torch_rank - 1:
-            raise self.unsupported(node, f"flatten({start}, {end}) is supported only as flatten(1) / flatten(0)")
-        self._flatten_spatial(node, v)
+        if start % v.torch_rank in (0, 1) and end % v.torch_rank == v.torch_rank - 1:
+            self._flatten_spatial(node, v)
+        else:  # e.g. flatten(2): (N, C, H, W) -> (N, C, H * W), a reshape
+            self._reshape(node, v, tuple(int(s) for s in node.meta["val"].shape))
 
     def _op_view(self, node):
         v = self.value(node.args[0])
-        target = [int(s) for s in node.args[1]]
         val = node.meta.get("val")
-        out_shape = tuple(int(s) for s in val.shape) if val is not None else tuple(target)
-        if len(out_shape) == 2:
+        if val is None:
+            raise self.unsupported(node, "the exported graph does not record the reshaped shape")
+        out_shape = tuple(int(s) for s in val.shape)
+        if len(out_shape) == 2 and v.torch_rank > 2:
             self._flatten_spatial(node, v)
-        elif len(out_shape) == v.torch_rank and list(out_shape[1:]) == self._torch_shape(v)[1:]:
-            self.values[node.name] = v
         else:
-            raise self.unsupported(node, f"reshape to {list(out_shape)} is not supported (only flattening to "
-                                         "(N, features))")
+            self._reshape(node, v, out_shape)
 
     _op_reshape = _op_view
     _op__unsafe_view = _op_view
 
+    def _op_squeeze(self, node):
+        self._op_view(node)
+
+    _op_unsqueeze = _op_squeeze
+
+    def _reshape(self, node, v: _Value, out_shape):
+        """torch reshape / view / squeeze / unsqueeze / flatten(a, b): a relabelling when the merged or split
+        torch dimensions sit next to each other in the IR in torch order, else one TRANSPOSE first."""
+        in_shape = self._torch_shape(v)
+        if tuple(out_shape) == tuple(in_shape):
+            self.values[node.name] = v
+            return
+        if out_shape[0] != in_shape[0] or not 2 <= len(out_shape) <= 6:
+            raise self.unsupported(node, f"reshape of {in_shape} to {list(out_shape)} (edgekit keeps the batch "
+                                         "dimension first and tensors of rank 2 to 6)")
+        self.require_plain(v, node)
+        blocks = _reshape_blocks(in_shape[1:], list(out_shape[1:]))
+        if blocks is None:
+            raise self.unsupported(node, f"reshape of {in_shape} to {list(out_shape)}")
+        # Each block's torch dims must be IR neighbours in increasing order; else transpose once so they are.
+        shape = self.shape(v)
+
+        def in_ir_order(ins):  # IR positions increasing, only size-1 axes between them
+            pos = [v.dims.index(d) for d in ins]
+            return pos == sorted(pos) and all(shape[a] == 1 for a in range(pos[0], pos[-1] + 1) if a not in pos)
+
+        if not all(in_ir_order(ins) for ins, _ in blocks):
+            block_of = {d: ins for ins, _ in blocks for d in ins}
+            order, seen = [], set()
+            for d in v.dims:
+                group = block_of.get(d, [d])
+                if group[0] not in seen:
+                    seen.add(group[0])
+                    order.extend(group)
+            v = self.transposed(v, order, node, "this reshape")
+        # New IR axes: the batch, size-1 torch dims (kept right after it), then each block where it sat.
+        shape = self.shape(v)
+        new_axes: list[int] = [0] + [1 + j for j, size in enumerate(out_shape[1:]) if size == 1]
+        for d in v.dims[1:]:
+            block = next(((ins, outs) for ins, outs in blocks if ins and ins[0] == d), None)
+            if block is not None:
+                new_axes.extend(block[1])
+            # size-1 torch dims (not in any block) and later members of a block vanish here
+        ir_shape = tuple(1 if a == 0 else out_shape[a] for a in new_axes)
+        assert int(np.prod(ir_shape)) == int(np.prod(shape))
+        path, _ = _layer_of(node)
+        name = self._plain_reshape(v.name, ir_shape, node.name, path or node.name)
+        self.values[node.name] = _Value(name, new_axes)
+
+    # upsampling
+    def _op_upsample_nearest2d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0])
+        val = node.meta.get("val")
+        _, _, OH, OW = (int(s) for s in val.shape)
+        C = self.shape(v)[3]
+        self.add_op("resize_nearest", node, [v.name], (1, OH, OW, C), 4, dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact2d(self, node):
+        self._op_upsample_nearest2d(node, half_pixel=True)
+
+    def _op_upsample_nearest1d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0], 3)
+        OL = int(node.meta["val"].shape[2])
+        self.add_op("resize_nearest", node, [v.name], (1, OL, self.shape(v)[2]), 3,
+                    dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact1d(self, node):
+        self._op_upsample_nearest1d(node, half_pixel=True)
+
+    # chunk / split / slicing
+    def _pieces(self, node, v: _Value, dim: int, sizes: list[int]):
+        """Consecutive pieces of ``sizes`` along torch dim ``dim``: one split op, a tuple of values."""
+        self.require_plain(v, node)
+        axis = self.torch_axis_to_ir(v, dim, node)
+        if axis == 0:
+            raise self.unsupported(node, "splitting the batch dimension is not supported")
+        if len(sizes) == 1:
+            self.values[node.name] = (v,)
+            return
+        path, _ = _layer_of(node)
+        outs, values = [], []
+        for i, size in enumerate(sizes):
+            shape = list(self.shape(v))
+            shape[axis] = size
+            outs.append(self.new_tensor(f"{node.name}.{i}", shape))
+            values.append(_Value(outs[-1], v.dims))
+        self.graph.ops.append(Op("split", path or node.name, [v.name], outs, dict(axis=axis)))
+        self.values[node.name] = tuple(values)
+
+    def _op_chunk(self, node):
+        v = self.value(node.args[0])
+        dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim", 0))
+        sizes = [int(t.shape[dim]) for t in node.meta["val"]]
+        self._pieces(node, v, dim, sizes)
+
+    def _op_split(self, node):
+        v = self.value(node.args[0])
+        dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim", 0))
+        sizes = [int(t.shape[dim]) for t in node.meta["val"]]
+        self._pieces(node, v, dim, sizes)
+
+    _op_split_with_sizes = _op_split
+
+    def _op_slice(self, node):
+        """x[..., start:end:step, ...] on one dim (STRIDED_SLICE); a full slice is the same value."""
+        v = self.value(node.args[0])
+        a = list(node.args) + [None] * 5
+        dim = int(a[1] if a[1] is not None else 0) % v.torch_rank
+        size = self._torch_shape(v)[dim]
+        start, end, step = a[2], a[3], a[4] if a[4] is not None else 1
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        start, end = min(max(int(start), 0), size), min(max(int(end), 0), size)
+        if start == 0 and end == size and step == 1:
+            self.values[node.name] = v
+            return
+        self.require_plain(v, node)
+        if dim == 0:
+            raise self.unsupported(node, "slicing the batch dimension is not supported")
+        if end <= start:
+            raise self.unsupported(node, f"the slice {start}:{end} is empty")
+        self._slice_axis(node, v, self.torch_axis_to_ir(v, dim, node), start, end, int(step))
+
+    def _slice_axis(self, node, v: _Value, axis: int, start: int, end: int, step: int) -> _Value:
+        shape = list(self.shape(v))
+        begin, stop, strides = [0] * len(shape), list(shape), [1] * len(shape)
+        begin[axis], stop[axis], strides[axis] = start, end, step
+        shape[axis] = -(-(end - start) // step)
+        return self.add_op("slice", node, [v.name], shape, v.dims,
+                           dict(begin=tuple(begin), end=tuple(stop), strides=tuple(strides)))
+
+    def _op_select(self, node):
+        """x[:, i] (e.g. an RNN's last step, a class token): a slice of one, then that dim dropped."""
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        dim = int(node.args[1]) % v.torch_rank
+        size = self._torch_shape(v)[dim]
+        index = int(node.args[2]) + (size if int(node.args[2]) < 0 else 0)
+        if dim == 0:
+            raise self.unsupported(node, "indexing the batch dimension is not supported")
+        one = self._slice_axis(node, v, self.torch_axis_to_ir(v, dim, node), index, index + 1, 1)
+        self._reshape(node, one, [s for d, s in enumerate(self._torch_shape(one)) if d != dim])
+
+    # permute / transpose: a new torch order over the same IR memory
+    def _op_permute(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        perm = [int(p) % v.torch_rank for p in node.args[1]]
+        self.values[node.name] = _Value(v.name, tuple(perm.index(d) for d in v.dims))
+
+    def _op_transpose(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        a, b = int(node.args[1]) % v.torch_rank, int(node.args[2]) % v.torch_rank
+        swap = {a: b, b: a}
+        self.values[node.name] = _Value(v.name, tuple(swap.get(d, d) for d in v.dims))
+
+    def _op_t(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        self.values[node.name] = _Value(v.name, tuple(1 - d for d in v.dims))
+
     def _torch_shape(self, v: _Value) -> list[int]:
         s = self.shape(v)
-        if v.torch_rank == 4:
-            return [1, s[3], s[1], s[2]]
-        if v.torch_rank == 3:
-            return [1, s[3], s[2]]
-        return list(s)
+        out = [0] * v.torch_rank
+        for axis, dim in enumerate(v.dims):
+            out[dim] = int(s[axis])
+        return out
 
     # elementwise
     def _op_add(self, node):
@@ -594,10 +1023,12 @@ class _Converter:
         va, vb = self.value(a), self.value(b)
         self.require_plain(va, node)
         self.require_plain(vb, node)
-        if self.shape(va) != self.shape(vb):
+        if self._torch_shape(va) != self._torch_shape(vb):
             raise self.unsupported(node, f"adding shapes {self._torch_shape(va)} and {self._torch_shape(vb)} "
                                          "(broadcasting) is not supported")
-        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.torch_rank, dict(activation="none"))
+        if vb.dims != va.dims:
+            vb = self.transposed(vb, va.dims, node, "this addition")
+        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.dims, dict(activation="none"))
 
     _op_add_ = _op_add
 
@@ -606,6 +1037,8 @@ class _Converter:
         dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
         for p in parts:
             self.require_plain(p, node)
+        parts = [parts[0]] + [p if p.dims == parts[0].dims else self.transposed(p, parts[0].dims, node, "torch.cat")
+                              for p in parts[1:]]
         axis = self.torch_axis_to_ir(parts[0], dim, node)
         if axis == 0:
             raise self.unsupported(node, "concatenation along the batch dimension is not supported")
@@ -615,7 +1048,7 @@ class _Converter:
             if len(s) != len(shape) or any(s[i] != shape[i] for i in range(len(s)) if i != axis):
                 raise self.unsupported(node, "concatenated tensors differ in a dimension other than the joined one")
         shape[axis] = sum(self.shape(p)[axis] for p in parts)
-        self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].torch_rank, dict(axis=axis))
+        self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].dims, dict(axis=axis))
 
     _op_concat = _op_cat
 
@@ -634,6 +1067,7 @@ class _Converter:
         if v.torch_rank != 4 or len(pads) not in (2, 4) or any(p < 0 for p in pads):
             raise self.unsupported(node, "only non-negative padding of the height and width of an NCHW tensor "
                                          "is supported")
+        v = self.require_channels_first(v, node, "padding")
         left, right = pads[0], pads[1]
         top, bottom = (pads[2], pads[3]) if len(pads) == 4 else (0, 0)
         _, H, W, C = self.shape(v)

@@ -10,6 +10,7 @@ corrupted file is a clear error, never a crash.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV"
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -155,8 +157,9 @@ class _Importer:
             raise _Unsupported(f"{what} '{tt.name}' has scale {tt.scale[0]} and zero point {tt.zero_point[0]}")
         return QuantParams.per_tensor(float(tt.scale[0]), int(tt.zero_point[0]))
 
-    def activation(self, idx: int) -> str:
-        """The IR name of an int8 activation tensor, added on first use."""
+    def activation(self, idx: int, max_rank: int = 4) -> str:
+        """The IR name of an int8 activation tensor, added on first use (layout ops pass views of
+        rank up to 6 between them)."""
         if idx < 0:
             raise _Unsupported("a required input is missing")
         tt = self.t[idx]
@@ -168,10 +171,13 @@ class _Importer:
                                "int8 models (convert with full-integer quantization)")
         if tt.data is not None:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
-        if len(tt.shape) not in (2, 4) or tt.shape[0] != 1:
+        shape = tuple(tt.shape)
+        if len(shape) == 2 and shape[0] != 1:  # (rows, features), e.g. a Dense on a sequence: IR (1, rows, C)
+            shape = (1,) + shape
+        if not 2 <= len(shape) <= max_rank or shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
-                               "rank 2 (N, C) or 4 (N, H, W, C)")
-        self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
+                               "rank 2 (N, C), 3 (N, L, C) or 4 (N, H, W, C)")
+        self.g.add_tensor(Tensor(name, shape, "int8", quant=self._per_tensor(tt, "tensor")))
         return name
 
     def constant(self, idx: int, dtype, what: str) -> np.ndarray:
@@ -308,11 +314,16 @@ class _Importer:
         if len(wt.shape) != 2:
             raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
         channels, depth = wt.shape
-        if int(np.prod(self.t[op.inputs[0]].shape)) != depth:
-            raise _Unsupported(f"the input has {int(np.prod(self.t[op.inputs[0]].shape))} values per sample, "
+        in_shape, out_shape = self.g.tensors[x].shape, self.g.tensors[self.activation(op.outputs[0])].shape
+        rows = int(np.prod(in_shape)) // depth if depth else 0
+        if len(in_shape) == 3 and len(out_shape) == 3 and in_shape[-1] == depth:  # keep_num_dims: every row
+            if tuple(out_shape) != (1, in_shape[1], channels):
+                raise _Unsupported(f"the output shape {list(out_shape)} is not (1, {in_shape[1]}, {channels})")
+        elif int(np.prod(in_shape)) != depth:
+            raise _Unsupported(f"the input has {int(np.prod(in_shape))} values per sample, "
                                f"the weights take {depth} (batched fully connected)")
-        if int(np.prod(self.t[op.outputs[0]].shape)) != channels:
-            raise _Unsupported(f"the output shape {list(self.t[op.outputs[0]].shape)} does not hold {channels} values")
+        elif int(np.prod(out_shape)) != channels * max(rows, 1):
+            raise _Unsupported(f"the output shape {list(out_shape)} does not hold {channels} values")
         w = self.weight(op.inputs[1], 0, channels)
         b = self.bias(op.inputs[2] if len(op.inputs) > 2 else -1, channels, f"op{op.index}",
                       float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
@@ -405,11 +416,110 @@ class _Importer:
             self.pad_values[self.g.ops[-1].outputs[0]] = q
 
     def reshape(self, op: _Operator):
-        x = self.activation(op.inputs[0])
+        x = self.activation(op.inputs[0], 6)
         self.same_params(op, [op.inputs[0]])
         if int(np.prod(self.t[op.inputs[0]].shape)) != int(np.prod(self.t[op.outputs[0]].shape)):
             raise _Unsupported("input and output sizes differ")
-        self.add_op("reshape", op, [x], {})
+        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)], {}))
+
+    # layout ops (issue 10, ops-structure) ----------------------------------------
+    def transpose(self, op: _Operator):
+        x = self.activation(op.inputs[0], 6)
+        perm = [int(p) for p in self.constant(op.inputs[1], np.int32, "permutation").reshape(-1)]
+        rank = len(self.t[op.inputs[0]].shape)
+        if sorted(perm) != list(range(rank)) or perm[0] != 0:
+            raise _Unsupported(f"permutation {perm} (edgekit keeps the batch axis first)")
+        self.same_params(op, [op.inputs[0]])
+        self.g.ops.append(Op("transpose", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)], dict(perm=tuple(perm))))
+
+    def split(self, op: _Operator, sizes_given: bool):
+        x_idx, axis_idx = (op.inputs[0], op.inputs[2]) if sizes_given else (op.inputs[1], op.inputs[0])
+        x = self.activation(x_idx, 6)
+        rank = len(self.t[x_idx].shape)
+        axis = int(self.constant(axis_idx, np.int32, "axis").reshape(-1)[0])
+        axis = axis + rank if axis < 0 else axis
+        if not 0 < axis < rank:
+            raise _Unsupported(f"split along axis {axis}")
+        outs = []
+        for o in op.outputs:
+            self.same_params(dataclasses.replace(op, outputs=[o]), [x_idx])
+            outs.append(self.activation(o, 6))
+        if sum(self.t[o].shape[axis] for o in op.outputs) != self.t[x_idx].shape[axis]:
+            raise _Unsupported("the pieces do not add up to the input")
+        self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
+
+    def transpose_conv(self, op: _Operator):
+        o = self.options(op, "TransposeConvOptions")
+        if len(op.inputs) < 3:
+            raise _Unsupported("it needs output_shape, weights and input")
+        x = self.activation(op.inputs[2])
+        wt = self.t[op.inputs[1]]
+        if len(wt.shape) != 4:
+            raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
+        channels, kh, kw, depth = wt.shape
+        _, H, W, C = self.t[op.inputs[2]].shape
+        _, OH, OW, OC = self.t[op.outputs[0]].shape
+        if depth != C or OC != channels:
+            raise _Unsupported(f"weights {list(wt.shape)} for {C} input and {OC} output channels")
+        w = self.weight(op.inputs[1], 0, channels)
+        sw, sh = o.scalar(1, "i", 1), o.scalar(2, "i", 1)
+        if min(sh, sw) < 1 or (len(op.inputs) > 4 and op.inputs[4] >= 0) or o.scalar(3, "b", 0) != S.ACT_NONE:
+            raise _Unsupported(f"stride {sh}x{sw}, or a fused activation")
+        same = o.scalar(0, "b", 0) == S.SAME
+
+        def pad(out_size, k, s):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        top, left = pad(OH, kh, sh), pad(OW, kw, sw)
+        b = self.bias(op.inputs[3] if len(op.inputs) > 3 else -1, channels, f"op{op.index}",
+                      float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
+        pads = (top, (H - 1) * sh + kh - OH - top, left, (W - 1) * sw + kw - OW - left)
+        self.add_op("transpose_conv2d", op, [x, w, b], dict(stride=(sh, sw), padding=pads, activation="none"))
+
+    def resize_nearest(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (bool(o.scalar(0, "?", False)), bool(o.scalar(1, "?", False))) if o is not None else (False, False)
+        if align:
+            raise _Unsupported("align_corners=true (edgekit resizes with align_corners off)")
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_nearest", op, [x], dict(half_pixel_centers=half))
+
+    def log_softmax(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        out = self._per_tensor(self.t[op.outputs[0]], "output")
+        if abs(float(out.scale[0]) - 16.0 / 256) > 1e-8 or int(out.zero_point[0]) != 127:
+            raise _Unsupported("int8 log_softmax needs output scale 16/256 and zero point 127")
+        self.add_op("log_softmax", op, [x], {})
+
+    def strided_slice(self, op: _Operator):
+        x = self.activation(op.inputs[0], 6)
+        shape = self.t[op.inputs[0]].shape
+        begin, end, strides = (self.constant(i, np.int32, w).reshape(-1).astype(int).tolist()
+                               for i, w in zip(op.inputs[1:4], ("begin", "end", "strides")))
+        o = op.options
+        masks = [o.scalar(i, "i", 0) if o is not None else 0 for i in range(5)]
+        if any(masks[2:]) or (o is not None and o.scalar(5, "?", False)):
+            raise _Unsupported("ellipsis, new-axis, shrink-axis masks or offset (edgekit slices with begin / end "
+                               "masks)")
+        if not len(begin) == len(end) == len(strides) == len(shape) or min(strides) < 1:
+            raise _Unsupported(f"begin {begin}, end {end}, strides {strides} (positive strides, every axis)")
+        for k, size in enumerate(shape):
+            b = 0 if masks[0] >> k & 1 else (begin[k] + size if begin[k] < 0 else begin[k])
+            e = size if masks[1] >> k & 1 else (end[k] + size if end[k] < 0 else end[k])
+            begin[k], end[k] = min(max(b, 0), size), min(max(e, 0), size)
+        if (begin[0], end[0], strides[0]) != (0, 1, 1):
+            raise _Unsupported("slicing the batch axis")
+        self.same_params(op, [op.inputs[0]])
+        self.g.ops.append(Op("slice", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)],
+                             dict(begin=tuple(begin), end=tuple(end), strides=tuple(strides))))
 
     def concat(self, op: _Operator):
         o = self.options(op, "ConcatenationOptions")
@@ -450,6 +560,11 @@ class _Importer:
                     S.RESHAPE: lambda: self.reshape(op), S.CONCATENATION: lambda: self.concat(op),
                     S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
                     S.RELU6: lambda: self.relu(op, "relu6")}
+        handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
+                         S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
+                         S.LOG_SOFTMAX: lambda: self.log_softmax(op),
+                         S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
+                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()
@@ -518,7 +633,7 @@ def load_tflite(path) -> Graph:
             raise EdgekitError(f"{path}: graph output '{tensors[idx].name}' is not produced by any operator")
         g.outputs.append(name)
     for name in g.inputs + g.outputs:
-        g.source_layouts[name] = "NHWC" if len(g.tensors[name].shape) == 4 else "NC"
+        g.source_layouts[name] = {4: "NHWC", 3: "NLC"}.get(len(g.tensors[name].shape), "NC")
     g.meta["source"] = "tflite"
     try:
         derive_kernel_params(g)

@@ -19,11 +19,12 @@ import numpy as np
 from .. import quant_math as qm
 from .. import reference
 from ..errors import EdgekitError
-from ..ir import Graph, Op, QuantParams, Tensor
+from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
-WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
-SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad")
+WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
+SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
+               "resize_nearest")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 
@@ -144,12 +145,14 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
     groups = _Groups()
     for op in graph.ops:
         if op.kind in SAME_PARAMS:
-            for name in op.inputs:
+            for name in op.inputs + op.outputs[1:]:  # split: every piece
                 groups.union(name, op.outputs[0])
     fixed: dict[str, QuantParams] = {}
     for op in graph.ops:
         if op.kind == "softmax":
             fixed[op.outputs[0]] = QuantParams.per_tensor(1.0 / 256.0, -128)
+        elif op.kind == "log_softmax":  # TFLite's int8 LOG_SOFTMAX: [-16, 0) in 1/16 steps
+            fixed[op.outputs[0]] = QuantParams.per_tensor(16.0 / 256.0, 127)
     merged: dict[str, tuple[float, float]] = {}
     names = [n for n in graph.tensors if not graph.tensors[n].is_constant]
     for name in names:
@@ -216,7 +219,7 @@ def derive_kernel_params(graph: Graph) -> None:
         elif op.kind == "mean":
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
-            _, h, w, _ = t[op.inputs[0]].shape
+            _, h, w, _ = nhwc(t[op.inputs[0]].shape)
             m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
         elif op.kind == "add":
@@ -247,6 +250,18 @@ def derive_kernel_params(graph: Graph) -> None:
             m, left_shift = qm.quantize_multiplier_greater_than_one(real)
             max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
             op.attrs.update(input_multiplier=m, input_left_shift=left_shift, diff_min=-int(np.floor(max_rescaled)))
+        elif op.kind == "log_softmax":
+            in_s, _ = _scalar(t[op.inputs[0]].quant)
+            integer_bits = 5
+            real = min(float(np.float32(in_s)) * (1 << (31 - integer_bits)), float((1 << 31) - 1))
+            m, left_shift = qm.quantize_multiplier_greater_than_one(real)
+            # TFLite's PreprocessLogSoftmaxScalingExp: the reverse of the input scaling, for the cut-off
+            rm, rs = qm.quantize_multiplier((1 << (31 - left_shift)) / float(m))
+            if rs > 0:
+                raise EdgekitError(f"layer '{op.name}': the input scale {in_s:g} is too small for int8 log_softmax")
+            max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
+            op.attrs.update(input_multiplier=m, input_left_shift=left_shift, reverse_multiplier=rm, reverse_shift=rs,
+                            diff_min=-int(np.floor(max_rescaled)))
 
 
 # ---------------------------------------------------------------------------

@@ -422,7 +422,7 @@ def test_cli_exits_generate_run_thresholds_profile(trained_cnn, digits, tmp_path
     gen = _edgekit("generate", "multi.pt2", "--calib", "c.npy", "--exit-threshold", "0.8", "-o", "out", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
     assert "early exits: conv1, conv2, then the final classifier; softmax confidence, threshold 0.800781 (205/256)" in gen.stdout
-    assert "int32_t ek_exit_threshold = 205;" in (tmp_path / "out" / "model.c").read_text()
+    assert "int32_t ek_exit_thresholds[EK_MODEL_NUM_EXITS] = { 205, 205 };" in (tmp_path / "out" / "model.c").read_text()
     assert _edgekit("build", "out", cwd=tmp_path).returncode == 0
     run = _edgekit("run", "out", "--inputs", "x.npy", "--output", "y_out.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr

@@ -17,7 +17,7 @@ from ..boards import Board, load_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op
 from ..ir_io import save_graph
-from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
+from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from ..targets import budget
 from .kernel_prep import folded_bias, scratch_bytes
@@ -55,6 +55,7 @@ class Layer:
     encoding: str = "dense"  # how a weighted layer's filter is stored (codegen.weights)
     weights: dict = field(default_factory=dict)  # an encoded filter's C descriptor: field -> array name or number
     head_only: bool = False  # only an early exit needs it: skipped when early exits are off
+    head_exits: tuple = ()  # a head-only layer runs when one of these early exits is on
     head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
     head_end: bool = False
 
@@ -332,9 +333,10 @@ def _exits_context(graph: Graph, builder: "_Builder", exit_threshold) -> dict | 
     if not graph.meta["exits"].get("criterion"):
         raise EdgekitError("this multi-exit graph has no exit decisions: quantize it with edgekit.quantize")
     depth = max(graph.tensors[n].shape[-1] for n in graph.outputs[:-1])
+    thresholds = thresholds_to_ints(exit_threshold, len(names) - 1)
     return {"count": len(names) - 1, "names": names, "criterion": graph.meta["exits"]["criterion"],
-            "threshold": threshold_to_int(exit_threshold), "threshold_real": exit_threshold,
-            "scratch": depth, "off_fills": [_fill(graph, builder.buffer(n), n) for n in graph.outputs[:-1]]}
+            "thresholds": thresholds, "scratch": depth,
+            "off_fills": [_fill(graph, builder.buffer(n), n) for n in graph.outputs[:-1]]}
 
 
 def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
@@ -355,7 +357,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     dict {layer name: encoding} (unnamed layers stay dense).
     ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
     (a probability, or logits for the margin criterion; "off" runs the plain network), the
-    initial value of the device's ``ek_exit_threshold`` (changeable at run time).
+    initial value of the device's ``ek_exit_thresholds`` (changeable at run time); one for every early
+    exit, or a list (or comma-separated string) with one per early exit.
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = load_board(board) if isinstance(board, str) else board
@@ -373,12 +376,16 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     head_only = head_only_ops(graph)
+    needed_by = head_exits(graph)
+    every_exit = tuple(range(len(graph.outputs) - 1))
     for layer, op in zip(layers, graph.ops):
         layer.head_only = id(op) in head_only
+        layer.head_exits = (needed_by.get(id(op)) or every_exit) if layer.head_only else ()
     coded = [l for l in layers if l.kernel]
     for prev, layer, nxt in zip([None] + coded[:-1], coded, coded[1:] + [None]):
-        layer.head_begin = layer.head_only and not (prev and prev.head_only)
-        layer.head_end = layer.head_only and not (nxt and nxt.head_only)
+        # one `if` around each run of head layers that the same early exits need
+        layer.head_begin = layer.head_only and not (prev and prev.head_exits == layer.head_exits)
+        layer.head_end = layer.head_only and not (nxt and nxt.head_exits == layer.head_exits)
     exits = _exits_context(graph, builder, exit_threshold)
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
@@ -444,9 +451,12 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         "budget_before_build": budget_lines,
     }
     if exits:
-        record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],
-                           "threshold_real": threshold_to_real(exits["threshold"]),
-                           "head_only_layers": [l.index for l in layers if l.head_only]}
+        raw = as_raw(exits["thresholds"])  # one number when every exit has the same threshold
+        record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": raw,
+                           "threshold_real": threshold_to_real(raw),
+                           "temperatures": graph.meta["exits"].get("temperatures"),
+                           "head_only_layers": [l.index for l in layers if l.head_only],
+                           "head_exits": {str(l.index): list(l.head_exits) for l in layers if l.head_only}}
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

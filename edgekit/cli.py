@@ -85,6 +85,10 @@ def cmd_exits(args) -> int:
     multi = ex.add_exits(model, args.after, split, mode=args.mode, epochs=args.epochs, pool=args.pool,
                          distill=not args.no_distill, weights=weights, sample_shape=sample_shape,
                          show_progress=not args.quiet)
+    if args.calibrate:
+        temperatures = ex.calibrate(multi, split)
+        print("exit temperatures (fitted on the training split): " +
+              ", ".join(f"{n} {t:.3g}" for n, t in zip(multi.edgekit_exits, temperatures)))
     tmp = out_path.with_name(out_path.name + ".partial")
     ex.save_model(multi, sample_shape, tmp)
     tmp.replace(out_path)
@@ -403,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "4x4, 2x2, 1x1 with at most 256 features)")
     x.add_argument("--weights", help="joint mode: loss weights, the early exits then the final (e.g. 1,1,1)")
     x.add_argument("--no-distill", action="store_true", help="do not distil the final exit into the early heads")
+    x.add_argument("--calibrate", action="store_true", help="fit each early exit's softmax temperature on the "
+                   "training split (its confidence becomes that of softmax(logits / T), folded into the int8 "
+                   "exit decision)")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(fn=cmd_exits)
 

@@ -24,6 +24,7 @@ breaks the promise is then at most 1 - ``confidence`` (no correction for the num
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -43,6 +44,7 @@ def _log_binom_cdf(k: int, n: int, p: float) -> float:
     return top + math.log(sum(math.exp(t - top) for t in terms))
 
 
+@lru_cache(maxsize=4096)
 def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
     """The exact one-sided (Clopper-Pearson) upper bound on a rate seen ``k`` times in ``n`` trials: the p
     with P(Binomial(n, p) <= k) = 1 - confidence."""
@@ -54,7 +56,7 @@ def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
         return 1.0
     target = math.log(1.0 - confidence)
     lo, hi = k / n, 1.0
-    for _ in range(100):  # the CDF falls as p grows: bisect
+    for _ in range(64):  # the CDF falls as p grows: bisect
         mid = 0.5 * (lo + hi)
         if _log_binom_cdf(k, n, mid) > target:
             lo = mid
@@ -70,7 +72,7 @@ def samples_needed(max_drop: float, confidence: float = 0.95, rate: float = 0.0)
         return None
 
     def ok(n: int) -> bool:
-        return upper_bound(int(math.floor(rate * n)), n, confidence) <= max_drop
+        return upper_bound(int(math.ceil(rate * n - 1e-9)), n, confidence) <= max_drop
 
     hi = max(1, int(math.ceil(math.log(1.0 - confidence) / math.log1p(-max_drop))))
     while not ok(hi):
@@ -78,7 +80,7 @@ def samples_needed(max_drop: float, confidence: float = 0.95, rate: float = 0.0)
         if hi > 1 << 26:
             return None
     lo = hi // 2 if hi > 1 else 0
-    while hi - lo > 1:  # the bound is not quite monotone in n (floor): the first n found, close enough
+    while hi - lo > 1:  # the bound is not quite monotone in n (whole counts): the first n found, close enough
         mid = (lo + hi) // 2
         if ok(mid):
             hi = mid
@@ -124,7 +126,7 @@ def choose(points: list[dict], full: dict, samples: int, max_drop: float = 0.01,
         early = next((p for p in points if p["work"] < full["work"]), None)
         if early is not None:
             promise["needed_samples"] = samples_needed(max_drop, confidence, early["worse"] / n)
-            promise["needed_for"] = {k: early[k] for k in ("threshold", "worse", "better", "work_fraction")}
+            promise["needed_for"] = {k: early.get(k) for k in ("threshold", "worse", "better", "work_fraction")}
     chosen["promise"] = promise
     return chosen
 

@@ -179,9 +179,10 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
     """Run ``inputs`` on the device at ``port`` and measure them there (see the module's doc).
 
     A model with early exits runs at ``exit_threshold`` (a probability, "off", a list with one per early
-    exit, or "project": the value it was generated with; the device is set to it first). The report's ``exits`` part gives per exit the hit
-    rate, the accuracy of its answers (with ``labels``) and the mean count; with ``full_network`` the same
-    inputs run again with early exits off, for the full network's count and accuracy in the same run."""
+    exit, or "project": the value it was generated with; the device is set to it first). The report's
+    ``exits`` part gives per exit the hit rate, the accuracy of its answers (with ``labels``) and the mean
+    count; with ``full_network`` the same inputs run again with early exits off, for the full network's
+    count, accuracy and per-layer counts (``layer_costs``, what ``edgekit thresholds --costs`` reads)."""
     from ..passes.exits import EXITS_OFF, device_thresholds, run_exits
 
     own_link = link is None
@@ -475,46 +476,55 @@ def sweep_reference(model, inputs, labels=None, thresholds=None, *, costs="macs"
     return _sweep(em, [evaluate_point(em, r) for r in raws], "threshold, high to low")
 
 
-def search_per_exit(model, inputs, *, costs="macs", int8: bool = False, levels: int = 24) -> list:
+def search_per_exit(model, inputs, *, costs="macs", int8: bool = False, levels: int = 64) -> list:
     """A path of per-exit thresholds from the full network to the most aggressive point, searched on
-    ``inputs`` that are NOT the validation samples (e.g. the training split; no labels needed): from all
-    exits off, each step moves one exit's threshold down to the candidate (its confidence quantiles on these
-    inputs, or off) that saves the most work per answer lost against the full network's (greedy coordinate
-    descent). The validation samples then test the points in this order (``sweep_path``)."""
-    from ..passes.exits import EXITS_OFF
+    ``inputs`` that are NOT the validation samples (e.g. the training split; no labels needed). From all
+    exits off, each step lowers one exit's threshold by one candidate level (its confidence quantiles on
+    these inputs; an exit that is off turns on at the highest level that saves work), the move with the
+    least risk per unit of work saved (greedy coordinate descent). Risk: the answers that differ from the
+    full network's, plus for each early answer 1 - its confidence (on the training split the heads are
+    rarely wrong, so the counts alone tie; the confidences still rank the moves). The validation samples
+    then test the points in this order (``sweep_path``)."""
+    from ..passes.exits import EXITS_OFF, exit_index
 
     em = model if isinstance(model, dict) else _exit_model(model, inputs, None, costs=costs, int8=int8)
     conf, preds = em["conf"], em["preds"]
     n, k = conf.shape
     candidates = [sorted({int(v) for v in np.quantile(conf[:, e], np.linspace(0, 1, levels), method="lower")},
                   reverse=True) for e in range(k)]
+    unsure = np.concatenate([1.0 - np.minimum(conf, 256) / 256.0, np.zeros((n, 1))], axis=1)
 
     def measure(state):
-        from ..passes.exits import exit_index
         index = exit_index(conf, state)
-        lost = int(np.sum(preds[np.arange(n), index] != preds[:, -1]))
-        return float(_exit_costs(em, state)[index].mean()), lost
+        answers = preds[np.arange(n), index]
+        risk = float(np.sum(answers != preds[:, -1]) + unsure[np.arange(n), index].sum())
+        return float(_exit_costs(em, state)[index].mean()), risk
 
     state = [EXITS_OFF] * k
-    work, lost = measure(state)
+    work, risk = measure(state)
     path = []
     while True:
         best = None
         for e in range(k):
-            for level in candidates[e]:
-                if state[e] != EXITS_OFF and level >= state[e]:
-                    continue
+            if state[e] == EXITS_OFF:
+                moves = candidates[e]
+            else:
+                lower = [c for c in candidates[e] if c < state[e]]
+                moves = lower[:1]
+            for level in moves:
                 trial = state[:e] + [level] + state[e + 1:]
-                w, lo = measure(trial)
+                w, r = measure(trial)
                 gain = work - w
                 if gain <= 0:
                     continue
-                key = ((lo - lost) / gain, -gain)
+                key = ((r - risk) / gain, -gain)
                 if best is None or key < best[0]:
-                    best = (key, trial, w, lo)
+                    best = (key, trial, w, r)
+                if state[e] == EXITS_OFF:
+                    break  # turning an exit on: at the highest level that saves work
         if best is None:
             return path
-        _, state, work, lost = best
+        _, state, work, risk = best
         path.append(list(state))
 
 

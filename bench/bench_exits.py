@@ -1,17 +1,33 @@
-"""Early exits on the emulated Cortex-M4: the demo CNN with exits after conv1 and conv2.
+"""Early exits: does the accuracy promise hold on data the operating point never saw?
 
-    .venv/bin/python bench/bench_exits.py [--board mps2-an386] [--json out.json]
+    nice .venv/bin/python bench/bench_exits.py [--seeds 5] [--json out.json]
 
-Digits' training split is split again (80/20, stratified, seed 0): the backbone and the exit heads train
-on the first part; the threshold is chosen on the second (validation) part, as the operating point that
-loses at most 1 pp against the full network there, with the work per layer measured on the device; every
-number reported is measured on the held-out test split (360 images) from the device's own outputs
-(each checked bit for bit against the numpy reference, exit index included). The original single-exit
-CNN runs on the same emulator in the same run as the baseline.
+Two CNNs of different depth (the demo CNN, exits after conv1 and conv2; the ResCNN, 7 weighted layers,
+exits after its stem and its pool), 5 seeds each. Per seed, digits' training split (1437 images) is split
+again 50/50 (stratified, by the seed): the backbone, the exit heads (frozen backbone, distilled) and the
+exits' temperatures train on the first half; the operating point is chosen on the second half (validation,
+718-719 images) with `choose_threshold` (at most 1 pp below the full network at 95 % confidence: an exact
+one-sided bound, fixed-sequence over the points); only then does the held-out test split (360 images) run,
+on the C program built for the host (each output and exit index checked against the numpy reference,
+which the emulated Cortex-M4 is bit-exact with).
+
+Work is counted in emulated Cortex-M4 instructions: once per model and seed, the int8 firmware is built for
+mps2-an386, flashed to QEMU (-icount) and profiled on 10 inputs with every head running (threshold 1.0)
+and with exits off; those per-layer counts (the profile's exits-off pass for the backbone) weigh every
+inference: an answer at exit k costs the layers up to it, including the heads that are on. The calibrated
+variant has the same layers (only the exit decisions' integer multipliers differ) and uses the same counts.
+
+Four ways to pick the operating point, each at the same promise:
+- one threshold for every exit;
+- per-exit thresholds: a path searched on the training half (greedy, no validation data), tested along it;
+- one threshold on calibrated confidences (a temperature per head, fitted on the training half);
+- per-exit thresholds on calibrated confidences.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import platform
 import tempfile
@@ -19,6 +35,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import edgekit
@@ -26,93 +43,128 @@ from edgekit import datasets, models, train
 from edgekit.compress import exits as ex
 from edgekit.device.emulator import Emulator
 from edgekit.device.flash import flash_project
-from edgekit.device.profile import choose_threshold, profile, sweep_device, sweep_reference
-from edgekit.device.protocol import DeviceLink
+from edgekit.device.profile import (_exit_costs, _exit_model, choose_threshold, profile, search_per_exit,
+                                    sweep_path, sweep_reference)
+from edgekit.passes.exits import EXITS_OFF
+
+MODELS = {
+    "demo CNN": (models.DigitsCNN, ["conv1", "conv2"]),
+    "ResCNN": (models.DigitsResCNN, ["stem", "pool"]),
+}
+VARIANTS = ("one threshold", "per-exit thresholds", "calibrated, one threshold", "calibrated, per-exit")
 
 
-DEVICE_THRESHOLDS = [0.5, 0.8, 0.95]  # also measured on the device, every test image at each
-
-
-def splits():
+def splits(seed: int):
     from sklearn.model_selection import train_test_split
 
     d = datasets.digits()
-    x_tr, x_val, y_tr, y_val = train_test_split(d.x_train, d.y_train, test_size=0.2, stratify=d.y_train,
-                                                random_state=0)
-    return d, datasets.Split(x_tr, y_tr, x_val, y_val, "digits-train")
+    x_tr, x_val, y_tr, y_val = train_test_split(d.x_train, d.y_train, test_size=0.5, stratify=d.y_train,
+                                                random_state=seed)
+    return d, datasets.Split(x_tr, y_tr, x_val, y_val, "digits-train-half")
 
 
-def deploy(graph, out: Path, board: str, url: str, exit_threshold=0.9):
-    record = edgekit.generate(graph, out, board=board, exit_threshold=exit_threshold)
-    built = edgekit.build(out)
-    flash_project(out, url, show_progress=False)
-    return record, built
+def emulated_layer_costs(q, out: Path, x) -> dict:
+    """Per-layer emulated M4 instructions from a profile (every head running, and exits off), on a fresh
+    emulator."""
+    edgekit.generate(q, out, board="mps2-an386", exit_threshold=1.0)
+    edgekit.build(out)
+    with Emulator("mps2-an386") as emu:
+        flash_project(out, emu.url, show_progress=False)
+        report = profile(emu.url, x, project_dir=out, exit_threshold=1.0, show_progress=False)
+    assert report["bit_exact"], report["mismatches"]
+    return report
+
+
+def test_split_run(project: Path, q, x_test, y_test, raw, costs_model) -> dict:
+    """The chosen operating point on the test split, from the host C program (checked against the
+    reference): accuracy, work per inference (emulated instructions), the exit shares."""
+    if isinstance(raw, list):
+        threshold = ",".join("off" if r == EXITS_OFF else str(r / 256) for r in raw)
+    else:
+        threshold = "off" if raw == EXITS_OFF else raw / 256
+    outs, index = edgekit.run(project, x_test, exit_threshold=threshold, with_exit=True)
+    ref_outs, ref_index = edgekit.reference_run(q, x_test, exit_threshold=threshold, with_exit=True)
+    assert np.array_equal(index, ref_index) and all(np.array_equal(a, b) for a, b in zip(outs, ref_outs))
+    answers = np.stack([o.argmax(axis=1) for o in outs], axis=1)[np.arange(len(index)), index]
+    work = _exit_costs(costs_model, raw)[index]
+    return {"accuracy": float(np.mean(answers == y_test)), "work": float(work.mean()),
+            "work_fraction": float(work.mean() / costs_model["full_cost"]),
+            "shares": [float(np.mean(index == k)) for k in range(len(outs))]}
+
+
+def one_run(name: str, seed: int, tmp: Path, args) -> dict:
+    make, after = MODELS[name]
+    d, half = splits(seed)
+    x_fit, y_fit, x_val, y_val = half.x_train, half.y_train, half.x_test, half.y_test
+    train.seed_everything(seed)
+    cnn = train.train_classifier(make(), x_fit, y_fit, epochs=args.epochs, seed=seed, show_progress=False)
+    multi = ex.add_exits(cnn, after, half, seed=seed, show_progress=False)
+    calibrated = copy.deepcopy(multi)
+    temperatures = ex.calibrate(calibrated, half)
+    calib = x_fit[:200]
+    run = {"model": name, "seed": seed, "temperatures": temperatures, "variants": {}}
+    graphs = {"plain": edgekit.quantize(multi, calib), "calibrated": edgekit.quantize(calibrated, calib)}
+    tag = f"{name.split()[0]}_{seed}"
+    probe = emulated_layer_costs(graphs["plain"], tmp / f"{tag}_m4", x_val[:10])
+    layer_costs = {i: c for i, c in enumerate(probe["exits"]["layer_costs"])}
+    run["full_instructions_profiled"] = probe["exits"]["full_mean_count"]
+    for kind, q in graphs.items():
+        out = tmp / f"{tag}_{kind}"
+        edgekit.generate(q, out)
+        edgekit.build(out)
+        val_model = _exit_model(q, x_val, y_val, costs=layer_costs)
+        test_model = _exit_model(q, d.x_test, d.y_test, costs=layer_costs)
+        run["full_instructions"] = val_model["full_cost"]
+        full_test = test_split_run(out, q, d.x_test, d.y_test, EXITS_OFF, test_model)
+        run["full_accuracy_test"] = full_test["accuracy"]
+        single = sweep_reference(q, x_val, y_val, costs=layer_costs)
+        path = search_per_exit(q, x_fit, costs=layer_costs)
+        per_exit = sweep_path(val_model, None, None, path)
+        for (variant, sweep), confidence in itertools.product(
+                (("one threshold", single), ("per-exit thresholds", per_exit)) if kind == "plain"
+                else (("calibrated, one threshold", single), ("calibrated, per-exit", per_exit)), args.confidence):
+            variant = f"{variant} @ {confidence * 100:g} %"
+            sweep = copy.deepcopy(sweep)
+            chosen = choose_threshold(sweep, args.max_drop, confidence)
+            raw = EXITS_OFF if chosen["promise"]["exits_off"] else chosen["threshold_raw"]
+            test = test_split_run(out, q, d.x_test, d.y_test, raw, test_model)
+            run["variants"][variant] = {
+                "threshold_raw": raw, "validation": {
+                    "samples": len(y_val), "accuracy": chosen["accuracy"], "full_accuracy": sweep["full"]["accuracy"],
+                    "drop": chosen["drop"], "drop_bound": chosen["drop_bound"], "worse": chosen["worse"],
+                    "better": chosen["better"], "work_fraction": chosen["work_fraction"]},
+                "test": {**test, "full_accuracy": full_test["accuracy"],
+                         "drop": full_test["accuracy"] - test["accuracy"],
+                         "kept_promise": full_test["accuracy"] - test["accuracy"] <= args.max_drop + 1e-12}}
+    return run
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--board", default="mps2-an386")
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--max-drop", type=float, default=0.01)
+    ap.add_argument("--confidence", default="0.95,0.99", help="the promise's confidence(s), comma-separated")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--json")
     args = ap.parse_args()
+    args.confidence = [float(c) for c in args.confidence.split(",")]
     torch.set_num_threads(1)
     started = time.time()
-    d, fit = splits()
-    cnn = train.train_classifier(models.DigitsCNN(), fit.x_train, fit.y_train, epochs=args.epochs,
-                                 show_progress=False)
-    calib = fit.x_train[:200]
-    variants = {
-        "frozen backbone, distilled heads": dict(mode="frozen"),
-        "joint training (weights 1, 1, 1)": dict(mode="joint", epochs=20),
-    }
     results = {"date": str(date.today()), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-               "board": args.board, "variants": {}}
-    with tempfile.TemporaryDirectory() as tmp, Emulator(args.board) as emu:
-        tmp = Path(tmp)
-        # the baseline: the plain CNN, as trained
-        base_q = edgekit.quantize(cnn, calib)
-        base_record, base_built = deploy(base_q, tmp / "base", args.board, emu.url)
-        base = profile(emu.url, d.x_test, project_dir=tmp / "base", labels=d.y_test, show_progress=False)
-        assert base["bit_exact"]
-        results["baseline"] = {"accuracy": base["accuracy"], "instructions": base["total"]["median"],
-                               "flash": base_built["sizes"]["flash"], "arena": base_record["arena_bytes"]}
-        with DeviceLink(emu.url) as link:
-            link.reset()
-        for name, options in variants.items():
-            multi = ex.add_exits(cnn, ["conv1", "conv2"], fit, show_progress=False, **options)
-            q = edgekit.quantize(multi, calib)
-            out = tmp / name.split()[0]
-            record, built = deploy(q, out, args.board, emu.url)
-            # per-layer work on the device (largest count per layer over a few inputs, heads included)
-            # (threshold 1.0: no exit ever answers, so every head and every backbone layer runs)
-            probe = profile(emu.url, fit.x_test[:20], project_dir=out, exit_threshold=1.0, full_network=False,
-                            show_progress=False)
-            layer_costs = {l["index"]: l["max"] for l in probe["layers"]}
-            val = sweep_reference(out, fit.x_test, fit.y_test, costs=layer_costs)
-            chosen = choose_threshold(val, args.max_drop)
-            report = profile(emu.url, d.x_test, project_dir=out, labels=d.y_test, show_progress=False,
-                             exit_threshold=chosen["threshold"] if chosen["threshold"] is not None else "off")
-            assert report["bit_exact"], report["mismatches"]
-            table = sorted({0.5, 0.7, 0.8, 0.9, 0.95, 0.99} | ({chosen["threshold"]} - {None}))
-            curve = sweep_reference(out, d.x_test, d.y_test, table, costs=layer_costs)
-            measured = sweep_device(emu.url, d.x_test, d.y_test, DEVICE_THRESHOLDS, project_dir=out,
-                                    show_progress=False)
-            assert measured["bit_exact"]
-            with DeviceLink(emu.url) as link:
-                link.reset()
-            e = report["exits"]
-            results["variants"][name] = {
-                "threshold": chosen["threshold"], "threshold_raw": chosen["threshold_raw"],
-                "validation": {"accuracy": chosen["accuracy"], "full_accuracy": val["full"]["accuracy"],
-                               "work_fraction": chosen["work_fraction"]},
-                "accuracy": e["accuracy"], "full_accuracy": e["full_accuracy"],
-                "mean_instructions": e["mean_count"], "full_instructions": e["full_mean_count"],
-                "work_fraction": e["work_fraction"],
-                "vs_baseline": e["mean_count"] / results["baseline"]["instructions"],
-                "per_exit": e["per_exit"], "flash": built["sizes"]["flash"], "arena": record["arena_bytes"],
-                "curve": curve, "device_points": measured["points"], "device_full": measured["full"],
-            }
+               "max_drop": args.max_drop, "confidences": args.confidence, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for seed in range(args.seeds):
+                t0 = time.time()
+                run = one_run(name, seed, Path(tmp), args)
+                run["seconds"] = time.time() - t0
+                results["runs"].append(run)
+                print(f"{name} seed {seed}: " + "; ".join(
+                    f"{v}: test drop {r['test']['drop'] * 100:+.2f} pp, work {r['test']['work_fraction']:.3f}"
+                    for v, r in run["variants"].items()), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
     results["seconds"] = time.time() - started
     print_tables(results)
     if args.json:
@@ -120,40 +172,39 @@ def main():
 
 
 def print_tables(r: dict) -> None:
-    b = r["baseline"]
-    print(f"## Early exits (issue 6), {r['date']}, {r['machine']}, {r['board']} (QEMU -icount), "
-          f"{r['seconds']:.0f} s\n")
-    print("| model | threshold (chosen on validation) | accuracy (device, test) | full network accuracy | "
-          "instructions / inference | full network | work fraction | vs plain CNN | flash B | arena B |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| plain demo CNN | - | {b['accuracy'] * 100:.2f} % | - | {b['instructions']:,.0f} | - | - | 1.000 | "
-          f"{b['flash']:,} | {b['arena']:,} |")
-    for name, v in r["variants"].items():
-        thr = "off" if v["threshold"] is None else f"{v['threshold']:.4g} ({v['threshold_raw']}/256)"
-        print(f"| exits conv1, conv2: {name} | {thr} | {v['accuracy'] * 100:.2f} % | {v['full_accuracy'] * 100:.2f} % "
-              f"| {v['mean_instructions']:,.0f} | {v['full_instructions']:,.0f} | **{v['work_fraction']:.3f}** | "
-              f"{v['vs_baseline']:.3f} | {v['flash']:,} | {v['arena']:,} |")
-    for name, v in r["variants"].items():
-        print(f"\n{name}: per exit at the chosen threshold (test split, device)\n")
-        print("| exit | answers | share | accuracy of its answers | mean instructions |")
-        print("|---|---|---|---|---|")
-        for row in v["per_exit"]:
-            acc = "-" if row.get("accuracy") is None else f"{row['accuracy'] * 100:.2f} %"
-            mean = "-" if row["mean_count"] is None else f"{row['mean_count']:,.0f}"
-            print(f"| {row['name']} | {row['hits']} | {row['hit_rate'] * 100:.1f} % | {acc} | {mean} |")
-        print(f"\n{name}: threshold curve (test split; reference with the device's per-layer counts, "
-              "and measured on the device)\n")
-        print("| threshold | accuracy | work fraction (reference) | work fraction (device) | exit shares |")
-        print("|---|---|---|---|---|")
-        device = {p["threshold_raw"]: p for p in v["device_points"]}
-        for p in v["curve"]["points"] + [v["curve"]["full"]]:
-            thr = "off" if p["threshold"] is None else f"{p['threshold']:.4g}"
-            if p["threshold_raw"] == v["threshold_raw"]:
-                thr += " (chosen)"
-            dev = device.get(p["threshold_raw"])
-            dev_frac = f"{dev['work_fraction']:.3f}" if dev else ("1.000" if p["threshold"] is None else "")
-            shares = " / ".join(f"{h * 100:.1f}" for h in p["hit_rates"])
-            print(f"| {thr} | {p['accuracy'] * 100:.2f} % | {p['work_fraction']:.3f} | {dev_frac} | {shares} % |")
+    print(f"\n## Early exits, {r['date']}, {r['machine']}, {r['seconds']:.0f} s; promise: at most "
+          f"{r['max_drop'] * 100:g} pp below the full network\n")
+    variants = [f"{v} @ {c * 100:g} %" for c in r["confidences"] for v in VARIANTS]
+    names = sorted({run["model"] for run in r["runs"]}, key=list(MODELS).index)
+    print("| model | way | test drop, pp (mean; min .. max) | promise kept on test | work on test (mean; min .. max) "
+          "| validation bound, pp (mean) | validation work (mean) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        runs = [run for run in r["runs"] if run["model"] == name]
+        for v in variants:
+            rows = [run["variants"][v] for run in runs if v in run["variants"]]
+            drop = np.array([x["test"]["drop"] for x in rows]) * 100
+            work = np.array([x["test"]["work_fraction"] for x in rows])
+            kept = sum(x["test"]["kept_promise"] for x in rows)
+            bound = np.mean([x["validation"]["drop_bound"] for x in rows]) * 100
+            vwork = np.mean([x["validation"]["work_fraction"] for x in rows])
+            print(f"| {name} | {v} | {drop.mean():+.2f}; {drop.min():+.2f} .. {drop.max():+.2f} | {kept} of {len(rows)} "
+                  f"| **{work.mean():.3f}**; {work.min():.3f} .. {work.max():.3f} | {bound:.2f} | {vwork:.3f} |")
+    print("\nPer run (test split; drop = full network's accuracy minus the early-exit accuracy):\n")
+    print("| model | seed | full network (test) | " + " | ".join(f"{v}: threshold(s), drop pp, work" for v in variants)
+          + " | temperatures |")
+    print("|---|---|---|" + "---|" * len(variants) + "---|")
+    for run in r["runs"]:
+        cells = []
+        for v in variants:
+            x = run["variants"][v]
+            raw = x["threshold_raw"]
+            thr = "/".join("off" if t == EXITS_OFF else str(t) for t in raw) if isinstance(raw, list) else \
+                ("off" if raw == EXITS_OFF else str(raw))
+            cells.append(f"{thr}, {x['test']['drop'] * 100:+.2f}, {x['test']['work_fraction']:.3f}")
+        temps = ", ".join(f"{t:.2f}" for t in run["temperatures"])
+        print(f"| {run['model']} | {run['seed']} | {run['full_accuracy_test'] * 100:.2f} % | " + " | ".join(cells)
+              + f" | {temps} |")
 
 
 if __name__ == "__main__":

@@ -212,8 +212,10 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
     exits = project.get("exits")
     args = []
     if exits:  # the runner takes the threshold and writes the answering exit after the outputs
-        from .passes.exits import threshold_to_int
-        args = [exits["threshold"] if exit_threshold == "project" else threshold_to_int(exit_threshold)]
+        from .passes.exits import device_thresholds
+        raw = exits["threshold"] if exit_threshold == "project" else \
+            device_thresholds(exit_threshold, len(exits["names"]) - 1)
+        args = [",".join(str(r) for r in raw) if isinstance(raw, list) else raw]
         total += 1
     if board.kind == "linux-aarch64":
         from .targets import linux_aarch64
@@ -236,9 +238,9 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
 
 
 def _reference_outputs(graph: Graph, x: np.ndarray, exit_threshold):
-    from .passes.exits import run_exits, threshold_to_int
+    from .passes.exits import device_thresholds, num_early_exits, run_exits
     if graph.meta.get("exits", {}).get("criterion"):
-        return run_exits(graph, x, threshold_to_int(exit_threshold))
+        return run_exits(graph, x, device_thresholds(exit_threshold, num_early_exits(graph)))
     return reference.run(graph, x), np.zeros(x.shape[0], np.int64)
 
 

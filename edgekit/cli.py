@@ -61,7 +61,11 @@ def cmd_generate(args) -> int:
               "the API is src/edgekit_model.h")
     if "exits" in record:
         ex = record["exits"]
-        thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g} ({ex['threshold']}/256)"
+        if isinstance(ex["threshold"], list):
+            thr = ", ".join("off" if t is None else f"{t:g} ({r}/256)"
+                            for t, r in zip(ex["threshold_real"], ex["threshold"]))
+        else:
+            thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g} ({ex['threshold']}/256)"
         print(f"early exits: {', '.join(ex['names'][:-1])}, then the final classifier; {ex['criterion']} "
               f"confidence, threshold {thr}")
     return 0
@@ -94,6 +98,10 @@ def cmd_exits(args) -> int:
     multi = ex.add_exits(model, args.after, split, mode=args.mode, epochs=args.epochs, pool=args.pool,
                          distill=not args.no_distill, weights=weights, sample_shape=sample_shape,
                          show_progress=not args.quiet)
+    if args.calibrate:
+        temperatures = ex.calibrate(multi, split)
+        print("exit temperatures (fitted on the training split): " +
+              ", ".join(f"{n} {t:.3g}" for n, t in zip(multi.edgekit_exits, temperatures)))
     tmp = out_path.with_name(out_path.name + ".partial")
     ex.save_model(multi, sample_shape, tmp)
     tmp.replace(out_path)
@@ -112,8 +120,14 @@ def cmd_exits(args) -> int:
 def cmd_thresholds(args) -> int:
     import json
 
-    from .device.profile import choose_threshold, format_sweep, sweep_device, sweep_reference
+    from .device.operating_point import describe_promise
+    from .device.profile import (choose_threshold, describe_threshold, format_sweep, search_per_exit, sweep_device,
+                                 sweep_path, sweep_reference)
 
+    if not 0.0 < args.confidence < 1.0:
+        raise EdgekitError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
+    if not 0.0 < args.max_drop < 1.0:
+        raise EdgekitError(f"--max-drop must be between 0 and 1 (e.g. 0.01 = 1 pp), got {args.max_drop}")
     x = _load_npy(args.inputs, "inputs")
     y = _load_npy(args.labels, "labels")
     thresholds = None
@@ -122,6 +136,8 @@ def cmd_thresholds(args) -> int:
     if args.port:
         if not thresholds:
             raise EdgekitError("on a device, list the thresholds to measure: --thresholds 0.5,0.8,0.9")
+        if args.per_exit:
+            raise EdgekitError("--per-exit searches on the reference: give --project, not --port")
         sweep = sweep_device(args.port, x, y, thresholds, project_dir=args.project, int8=args.int8,
                              timeout=args.timeout)
     else:
@@ -136,14 +152,36 @@ def cmd_thresholds(args) -> int:
                 costs = json.loads(p.read_text())
             except ValueError:
                 raise EdgekitError(f"--costs: {p} is not a JSON profile report (edgekit profile --json)") from None
-        sweep = sweep_reference(args.project, x, y, thresholds, costs=costs, int8=args.int8)
-    chosen = choose_threshold(sweep, args.max_drop)
+            if not isinstance(costs, dict) or "layers" not in costs:
+                raise EdgekitError(f"--costs: {p} is not a profile report (edgekit profile --json)")
+        if args.per_exit:
+            if thresholds:
+                raise EdgekitError("--per-exit searches its own thresholds: drop --thresholds")
+            search = _load_npy(args.per_exit, "--per-exit search inputs")
+            path = search_per_exit(args.project, search, costs=costs, int8=args.int8)
+            sweep = sweep_path(args.project, x, y, path, costs=costs, int8=args.int8)
+        else:
+            sweep = sweep_reference(args.project, x, y, thresholds, costs=costs, int8=args.int8)
+    chosen = choose_threshold(sweep, args.max_drop, args.confidence)
     print(format_sweep(sweep, chosen))
-    thr = "off" if chosen["threshold"] is None else f"{chosen['threshold']:.4g}"
-    print(f"\noperating point (at most {args.max_drop * 100:g} pp below the full network): threshold {thr}, "
-          f"accuracy {chosen['accuracy'] * 100:.2f} %, work {chosen['work_fraction']:.3f} of the full network's")
+    print()
+    if chosen["promise"]["exits_off"]:
+        print(f"operating point: exits off (the full network), accuracy {chosen['accuracy'] * 100:.2f} %")
+    else:
+        thr = describe_threshold(chosen["threshold"], chosen["threshold_raw"])
+        print(f"operating point: threshold{'s' if isinstance(chosen['threshold'], list) else ''} {thr}, accuracy "
+              f"{chosen['accuracy'] * 100:.2f} % (full network {sweep['full']['accuracy'] * 100:.2f} %), "
+              f"work {chosen['work_fraction']:.3f} of the full network's")
+    for line in describe_promise(chosen):
+        print(line)
+    if not chosen["promise"]["exits_off"]:
+        raw = chosen["threshold_raw"]
+        value = ",".join(f"{r / 256:.6g}" if r != 2147483647 else "off" for r in raw) if isinstance(raw, list) \
+            else f"{raw / 256:.6g}"
+        print(f"use it: edgekit generate ... --exit-threshold {value}  (or DeviceLink.set_exit_threshold("
+              f"{raw}))")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sweep": sweep, "chosen": chosen}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"sweep": sweep, "chosen": chosen}, indent=2, default=float) + "\n")
         print(f"wrote {args.json}")
     if sweep.get("bit_exact") is False:
         print("edgekit: error: the device's outputs differ from the reference", file=sys.stderr)
@@ -366,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how int8 weights are stored in flash (decoded on the fly by the kernels; "
                    "auto: per layer the smallest)")
     g.add_argument("--exit-threshold", default="0.9", help="early-exit models: the confidence an exit needs to "
-                   "answer (a probability for softmax, logits for margin; 'off': the full network); the device's "
-                   "initial value, changeable at run time (default 0.9)")
+                   "answer (a probability for softmax, logits for margin; 'off': the full network), or one per "
+                   "early exit separated by commas (e.g. 0.8,off); the device's initial value, changeable at run "
+                   "time (default 0.9)")
     g.add_argument("--exit-criterion", default="softmax", choices=["softmax", "margin"],
                    help="early-exit models: the exit confidence, the top int8 softmax probability or the margin "
                    "between the two top logits")
@@ -389,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "4x4, 2x2, 1x1 with at most 256 features)")
     x.add_argument("--weights", help="joint mode: loss weights, the early exits then the final (e.g. 1,1,1)")
     x.add_argument("--no-distill", action="store_true", help="do not distil the final exit into the early heads")
+    x.add_argument("--calibrate", action="store_true", help="fit each early exit's softmax temperature on the "
+                   "training split (its confidence becomes that of softmax(logits / T), folded into the int8 "
+                   "exit decision)")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(fn=cmd_exits)
 
@@ -400,7 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--labels", required=True, help=".npy of their labels")
     th.add_argument("--thresholds", help="comma-separated thresholds (default: the exact curve, from the reference)")
     th.add_argument("--max-drop", type=float, default=0.01, help="accuracy the operating point may lose against "
-                    "the full network (default 0.01 = 1 pp)")
+                    "the full network (default 0.01 = 1 pp), promised on unseen data with --confidence")
+    th.add_argument("--confidence", type=float, default=0.95, help="the confidence of that promise: an exact "
+                    "one-sided bound on the drop from the validation samples (default 0.95)")
+    th.add_argument("--per-exit", metavar="SEARCH.npy", help="search one threshold per early exit on these inputs "
+                    "(e.g. the training split, never the validation inputs; no labels needed), then test the "
+                    "search's path on the validation inputs")
     th.add_argument("--costs", default="macs", help="work per layer: 'macs', or a profile report (.json from "
                     "`edgekit profile --json`) for the device's counts")
     th.add_argument("--int8", action="store_true", help="raw int8 NHWC inputs")

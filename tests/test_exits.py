@@ -42,12 +42,17 @@ def multi_rescnn(trained_rescnn, digits):
 
 @pytest.fixture(scope="module")
 def host_projects(tmp_path_factory, multi_cnn, multi_mlp, multi_rescnn, digits, digits_flat):
-    """Sanitizer builds: CNN and ResCNN with the softmax criterion, MLP with the margin criterion."""
+    """Sanitizer builds: CNN and ResCNN with the softmax criterion, MLP with the margin criterion; the MLP's
+    and the ResCNN's exits calibrated (temperatures folded into the integer decisions)."""
+    import copy
     root = tmp_path_factory.mktemp("exits_host")
     projects = {}
     for name, model, data, criterion in (("cnn", multi_cnn, digits, "softmax"),
                                          ("mlp", multi_mlp, digits_flat, "margin"),
                                          ("rescnn", multi_rescnn, digits, "softmax")):
+        if name != "cnn":
+            model = copy.deepcopy(model)
+            ex.calibrate(model, data)
         q = edgekit.quantize(model, data.x_train[:200], exit_criterion=criterion)
         out = root / name
         edgekit.generate(q, out, exit_threshold=0.9)
@@ -206,8 +211,13 @@ def test_c_equals_reference_with_the_exit_index(host_projects, name, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     shape = q.tensors[q.inputs[0]].shape[1:]
     x = rng.integers(-128, 128, size=(16,) + tuple(shape)).astype(np.int8)
-    raw = data.draw(st.one_of(st.integers(0, 2200), st.just(EXITS_OFF)))
-    threshold = "off" if raw == EXITS_OFF else raw / 256
+    one = st.one_of(st.integers(0, 2200), st.just(EXITS_OFF))
+    k = len(q.outputs) - 1
+    raw = data.draw(st.one_of(one, st.lists(one, min_size=k, max_size=k)))  # one for all, or one per exit
+    if isinstance(raw, list):
+        threshold = ",".join("off" if r == EXITS_OFF else str(r / 256) for r in raw)
+    else:
+        threshold = "off" if raw == EXITS_OFF else raw / 256
     c_outs, c_exit = edgekit.run(out, x, int8=True, sanitize=True, exit_threshold=threshold, with_exit=True)
     r_outs, r_exit = run_exits(q, x, raw)
     assert np.array_equal(c_exit, r_exit)
@@ -229,10 +239,42 @@ def test_real_digits_bit_exact_at_several_thresholds(host_projects):
         if t in (1.0, "off"):
             assert (c_exit == 2).all()
     assert {0, 2} <= seen
+    # per exit: conv1's head off (skipped, its output the zero point), conv2's answering everything
+    c_outs, c_exit = edgekit.run(out, data.x_test, sanitize=True, exit_threshold=["off", 0.0], with_exit=True)
+    r_outs, r_exit = edgekit.reference_run(q, data.x_test, exit_threshold="off,0", with_exit=True)
+    assert (c_exit == 1).all() and np.array_equal(c_exit, r_exit)
+    assert all(np.array_equal(a, b) for a, b in zip(c_outs, r_outs)) and not np.any(c_outs[0]) and np.any(c_outs[1])
     # exits off: early outputs are the zero point (real 0.0); threshold 1.0: computed but never answering
     off, _ = edgekit.run(out, data.x_test[:5], sanitize=True, exit_threshold="off", with_exit=True)
     never, _ = edgekit.run(out, data.x_test[:5], sanitize=True, exit_threshold=1.0, with_exit=True)
     assert not np.any(off[0]) and np.any(never[0]) and np.array_equal(off[2], never[2])
+
+
+def test_temperatures_are_fitted_saved_and_folded_into_the_decision(multi_cnn, host_projects, digits, tmp_path):
+    import copy
+    model = copy.deepcopy(multi_cnn)
+    temps = ex.calibrate(model, digits)
+    assert len(temps) == 2 and all(0.05 < t < 20 for t in temps)
+    # the fitted T is no worse than T = 1 on the split it was fitted on
+    outs = ex.exit_outputs(model, digits.x_train)
+    y = torch.as_tensor(digits.y_train)
+    for logits, t in zip(outs[:-1], temps):
+        z = torch.as_tensor(logits)
+        assert torch.nn.functional.cross_entropy(z / t, y) <= torch.nn.functional.cross_entropy(z, y) + 1e-6
+    path = ex.save_model(model, (1, 8, 8), tmp_path / "calibrated.pt2")
+    assert ex.load_model(path)[0].edgekit_exit_temperatures == pytest.approx(temps)
+    q = edgekit.quantize(path, digits.x_train[:100])
+    q1 = edgekit.quantize(multi_cnn, digits.x_train[:100])
+    assert q.meta["exits"]["temperatures"] == pytest.approx(temps)
+    decisions = [op for op in q.ops if op.kind == "exit"]
+    plain = [op for op in q1.ops if op.kind == "exit"]
+    # 1/T is the softmax's beta: it scales the integer input multiplier (TFLite's Prepare)
+    for d, p0, t in zip(decisions, plain, temps):
+        real = d.attrs["input_multiplier"] * 2.0 ** (d.attrs["input_left_shift"] - 31)
+        real0 = p0.attrs["input_multiplier"] * 2.0 ** (p0.attrs["input_left_shift"] - 31)
+        assert real == pytest.approx(real0 / t, rel=1e-6)
+    # the calibrated MLP (margin) and ResCNN (softmax) builds are bit-exact: test_c_equals_reference_...
+    assert host_projects["rescnn"][1].meta["exits"]["temperatures"] != [1.0, 1.0]
 
 
 def test_sweep_and_operating_point(host_projects):
@@ -243,13 +285,92 @@ def test_sweep_and_operating_point(host_projects):
     assert all(abs(sum(p["hit_rates"]) - 1) < 1e-9 for p in points)
     works = [p["work"] for p in points]
     assert works == sorted(works)  # a higher threshold never does less work
-    chosen = choose_threshold(sweep, 0.01)
+    chosen = choose_threshold(sweep, 0.01)  # 360 samples support a 1 pp promise at 95 % (299 needed)
+    assert chosen["promise"]["supported"] and not chosen["promise"]["exits_off"]
+    assert chosen["drop_bound"] <= 0.01 and chosen["drop"] <= chosen["drop_bound"]
     assert chosen["accuracy"] >= sweep["full"]["accuracy"] - 0.01 and chosen["work_fraction"] < 0.6
+    # the test order is from the highest threshold down, stopping at the first point over the bound
+    order = sorted(points, key=lambda p: -p["threshold_raw"])
+    first_fail = next((i for i, p in enumerate(order) if p["drop_bound"] > 0.01), len(order))
+    assert all(p["passed"] for p in order[:first_fail]) and not any(p["passed"] for p in order[first_fail:])
+    assert chosen is min((p for p in order[:first_fail]), key=lambda p: p["work"])
     # the curve's accuracy at one threshold is what the reference says at that threshold
     p = next(p for p in points if p["threshold_raw"] == chosen["threshold_raw"])
     outs, idx = edgekit.reference_run(q, data.x_test, exit_threshold=p["threshold"], with_exit=True)
     answers = np.stack([o.argmax(1) for o in outs], 1)[np.arange(len(idx)), idx]
     assert p["accuracy"] == pytest.approx(np.mean(answers == data.y_test))
+
+
+def test_per_exit_search_and_path(host_projects):
+    from edgekit.device.profile import search_per_exit, sweep_path
+    out, q, data = host_projects["cnn"]
+    path = search_per_exit(out, data.x_train[:400])
+    assert path and all(len(raw) == 2 for raw in path)
+    on_search = sweep_path(out, data.x_train[:400], data.y_train[:400], path)
+    works = [p["work"] for p in on_search["points"]]
+    assert works == sorted(works, reverse=True) and works[0] < on_search["full"]["work"]  # each step saves work
+    sweep = sweep_path(out, data.x_test, data.y_test, path)  # the validation samples test the path in order
+    assert [p["threshold_raw"] for p in sweep["points"]] == [p["threshold_raw"] for p in on_search["points"]]
+    chosen = choose_threshold(sweep, 0.01)
+    assert chosen["drop_bound"] <= 0.01 and chosen["work_fraction"] < 1.0
+    raw = chosen["threshold_raw"]
+    # the point's accuracy is what the reference gives at those per-exit thresholds
+    outs, idx = edgekit.reference_run(q, data.x_test, exit_threshold=chosen["threshold"] if isinstance(raw, list)
+                                      else [chosen["threshold"]] * 2, with_exit=True)
+    answers = np.stack([o.argmax(1) for o in outs], 1)[np.arange(len(idx)), idx]
+    assert chosen["accuracy"] == pytest.approx(np.mean(answers == data.y_test))
+
+
+# ---------------------------------------------------------------------------
+# The accuracy promise: an exact one-sided bound on the paired disagreements
+# ---------------------------------------------------------------------------
+
+def test_upper_bound_is_clopper_pearson():
+    from edgekit.device.operating_point import samples_needed, upper_bound
+    stats = pytest.importorskip("scipy.stats")
+    for k, n, c in ((0, 288, 0.95), (1, 288, 0.95), (3, 720, 0.9), (10, 100, 0.99), (0, 1, 0.5)):
+        assert upper_bound(k, n, c) == pytest.approx(stats.beta.ppf(c, k + 1, n - k), rel=1e-9)
+    assert upper_bound(5, 5) == 1.0
+    # a 1 pp promise at 95 % needs 299 samples even with no early answer wrong where the full one is right
+    assert samples_needed(0.01, 0.95) == 299 and upper_bound(0, 299) <= 0.01 < upper_bound(0, 298)
+    need = samples_needed(0.01, 0.95, rate=0.003)
+    assert upper_bound(int(np.ceil(0.003 * need)), need) <= 0.01 and need > 299
+    assert samples_needed(0.01, 0.95, rate=0.01) is None
+
+
+def test_the_bound_holds_on_unseen_data():
+    """Drawn validation sets from a known population: the chosen point's true drop stays within the promise
+    in at least 95 % of them (the fixed-sequence test over many thresholds included)."""
+    from edgekit.device.operating_point import choose
+    rng = np.random.default_rng(0)
+    # 40 nested thresholds: p(worse) grows from 0 to 3 %, p(better) 0.1 %; work falls
+    p_worse = np.linspace(0.0, 0.03, 40)
+    true_drop = p_worse - 0.001
+    broken, n = 0, 400
+    for _ in range(400):
+        u = rng.random(n)
+        better = rng.random(n) < 0.001
+        points = [{"worse": int(np.sum(u < pw)), "better": int(np.sum(better & ~(u < pw))), "work": 1.0 - i / 40,
+                   "i": i} for i, pw in enumerate(p_worse)]
+        chosen = choose(points, {"work": 1.0, "worse": 0, "better": 0}, n, 0.01, 0.95)
+        if "i" in chosen and true_drop[chosen["i"]] > 0.01:
+            broken += 1
+    assert broken <= 0.05 * 400
+
+
+def test_choice_refuses_what_the_sample_cannot_support():
+    from edgekit.device.operating_point import choose, describe_promise
+    points = [{"worse": 0, "better": 0, "work": 0.5, "threshold": 0.9}]
+    full = {"work": 1.0, "worse": 0, "better": 0, "threshold": None}
+    chosen = choose(points, full, 100, 0.01, 0.95)
+    assert chosen is full and chosen["promise"]["exits_off"] and not chosen["promise"]["supported"]
+    text = "\n".join(describe_promise(chosen))
+    assert "100 validation samples cannot support a drop of at most 1 pp at 95 % confidence" in text
+    assert "at least 299 samples" in text and "exits off" in text
+    chosen = choose(points, dict(full), 100, 0.05, 0.95)  # 5 pp: 59 samples are enough
+    assert chosen is points[0] and chosen["drop_bound"] == pytest.approx(1 - 0.05 ** (1 / 100))
+    with pytest.raises(EdgekitError, match="between 0 and 1"):
+        choose(points, dict(full), 100, 1.5)
 
 
 # ---------------------------------------------------------------------------
@@ -294,6 +415,12 @@ def test_set_param_changes_the_threshold_and_invoke_reports_the_exit(served_exit
             status, _ = link.invoke()
             seen[raw] = status
         assert seen == {0: 0, EXITS_OFF: 2, 256: 2}
+        for raw, expected in (([EXITS_OFF, 0], 1), ([0, EXITS_OFF], 0), ([256, 0], 1), ([EXITS_OFF] * 2, 2)):
+            link.set_exit_threshold(raw)  # one SET_PARAM per exit (16 + k)
+            link.set_input(0, sample)
+            assert link.invoke()[0] == expected
+        with pytest.raises(P.DeviceError, match="per-exit thresholds"):
+            link.set_exit_threshold([0, 0, 5])  # three for two early exits
         with pytest.raises(P.DeviceError, match="out of bounds"):
             link.set_param(9, 1)  # no such parameter
         with pytest.raises(P.DeviceError, match="bad length"):
@@ -317,6 +444,43 @@ def test_profile_reports_per_exit_stats_and_the_full_network(served_exits):
                       full_network=False)
     assert report0["bit_exact"] and report0["exits"]["per_exit"][0]["hits"] == 10
     assert "full_mean_count" not in report0["exits"]
+
+
+def test_costs_come_from_the_exits_off_pass_whatever_threshold_the_profile_ran_at(served_exits):
+    """Regression (issue 16): a profile at a threshold where inputs answer early only ran the layers behind
+    the exits on some inputs (here: none), so its per-layer counts are not the full network's. --costs
+    used to take them: the "full network" cost less than an answer at the first exit, work fractions
+    above 1 and a nonsense operating point. The exits-off pass of the same profile has the right counts."""
+    out, url, q, data = served_exits
+    x, y = data.x_test[:40], data.y_test[:40]
+    # conv1's head never answers, conv2's always: both heads run, the layers after conv2's exit never do
+    report = profile(url, x, project_dir=out, labels=y, exit_threshold=[1.0, 0.0], show_progress=False)
+    assert report["exits"]["per_exit"][1]["hits"] == 40 and report["bit_exact"]
+    later = [l for l in report["layers"] if l["name"] in ("dw", "pw", "fc")]
+    assert later and all(l["max"] == 0 for l in later)  # the exits-on pass never ran them
+    sweep = sweep_reference(out, x, y, costs=report)
+    assert sweep["costs"] == "measured"
+    at_first = next(p for p in sweep["points"] if p["threshold_raw"] == 0)
+    assert at_first["hit_rates"][0] == 1.0 and at_first["work_fraction"] < 0.9
+    # the full network's cost is the exits-off pass's, layer by layer: dw, pw and fc included (the old
+    # reading, each layer's largest count in the exits-on pass, had them at 0)
+    costs = report["exits"]["layer_costs"]
+    index = {l["name"]: l["index"] for l in report["layers"]}
+    heads = set(edgekit.api.load_project(out)["exits"]["head_only_layers"])
+    assert all(costs[index[name]] > 0 for name in ("dw", "pw", "fc"))
+    assert sweep["full"]["work"] == pytest.approx(sum(c for i, c in enumerate(costs) if i not in heads))
+    assert 0.3 * report["exits"]["full_mean_count"] < sweep["full"]["work"] <= 1.5 * report["exits"]["full_mean_count"]
+    import json
+    json_report = json.loads(json.dumps(report))  # as `edgekit profile --json` writes it
+    assert sweep_reference(out, x, y, costs=json_report)["full"]["work"] == sweep["full"]["work"]
+    # without an exits-off pass the report is refused, not misread
+    no_full = profile(url, x, project_dir=out, exit_threshold=0.0, full_network=False, show_progress=False)
+    with pytest.raises(EdgekitError, match="no exits-off pass"):
+        sweep_reference(out, x, y, costs=no_full)
+    # a head no input reached has no count: refused too
+    never = profile(url, x, project_dir=out, exit_threshold=[0.0, "off"], show_progress=False)
+    with pytest.raises(EdgekitError, match="no input of the profile reached layer"):
+        sweep_reference(out, x, y, costs=never)
 
 
 def test_plain_models_keep_the_old_protocol(tmp_path):
@@ -422,7 +586,7 @@ def test_cli_exits_generate_run_thresholds_profile(trained_cnn, digits, tmp_path
     gen = _edgekit("generate", "multi.pt2", "--calib", "c.npy", "--exit-threshold", "0.8", "-o", "out", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
     assert "early exits: conv1, conv2, then the final classifier; softmax confidence, threshold 0.800781 (205/256)" in gen.stdout
-    assert "int32_t ek_exit_threshold = 205;" in (tmp_path / "out" / "model.c").read_text()
+    assert "int32_t ek_exit_thresholds[EK_MODEL_NUM_EXITS] = { 205, 205 };" in (tmp_path / "out" / "model.c").read_text()
     assert _edgekit("build", "out", cwd=tmp_path).returncode == 0
     run = _edgekit("run", "out", "--inputs", "x.npy", "--output", "y_out.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -437,6 +601,22 @@ def test_cli_exits_generate_run_thresholds_profile(trained_cnn, digits, tmp_path
     assert th.returncode == 0, th.stderr
     assert "early-exit curve (softmax, 60 samples, work in macs" in th.stdout and "operating point" in th.stdout
     assert "<-" in th.stdout and (tmp_path / "t.json").exists()
+    # 60 samples cannot support a 1 pp promise at 95 %: refused, with the sample size it needs
+    assert "no promise: 60 validation samples cannot support a drop of at most 1 pp at 95 % confidence" in th.stdout
+    assert "at least 299 samples" in th.stdout and "operating point: exits off" in th.stdout
+    loose = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--max-drop", "0.1",
+                     "--confidence", "0.9", cwd=tmp_path)
+    assert loose.returncode == 0, loose.stderr
+    assert "at 90 % confidence (exact one-sided bound), within the 10 pp asked" in loose.stdout
+    assert "accuracy drop: estimate" in loose.stdout and "--exit-threshold" in loose.stdout
+    bad = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--confidence", "95",
+                   cwd=tmp_path)
+    assert bad.returncode == 1 and "--confidence must be between 0 and 1" in bad.stderr
+    np.save(tmp_path / "search.npy", digits.x_train[:200])
+    per_exit = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--per-exit",
+                        "search.npy", "--max-drop", "0.1", cwd=tmp_path)
+    assert per_exit.returncode == 0, per_exit.stderr
+    assert "operating point: thresholds" in per_exit.stdout or "operating point: threshold" in per_exit.stdout
     no_labels = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "missing.npy",
                          cwd=tmp_path)
     assert no_labels.returncode == 1 and "labels file not found" in no_labels.stderr

@@ -18,7 +18,7 @@ from ..boards import PROJECT_BOARD_FILE, Board, resolve_board
 from ..errors import EdgekitError
 from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
-from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
+from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import folded_bias, scratch_bytes
 from .memory_plan import MemoryPlan, plan_memory
@@ -55,6 +55,7 @@ class Layer:
     encoding: str = "dense"  # how a weighted layer's filter is stored (codegen.weights)
     weights: dict = field(default_factory=dict)  # an encoded filter's C descriptor: field -> array name or number
     head_only: bool = False  # only an early exit needs it: skipped when early exits are off
+    head_exits: tuple = ()  # a head-only layer runs when one of these early exits is on
     head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
     head_end: bool = False
 
@@ -415,9 +416,10 @@ def _exits_context(graph: Graph, builder: "_Builder", exit_threshold) -> dict | 
     if not graph.meta["exits"].get("criterion"):
         raise EdgekitError("this multi-exit graph has no exit decisions: quantize it with edgekit.quantize")
     depth = max(graph.tensors[n].shape[-1] for n in graph.outputs[:-1])
+    thresholds = thresholds_to_ints(exit_threshold, len(names) - 1)
     return {"count": len(names) - 1, "names": names, "criterion": graph.meta["exits"]["criterion"],
-            "threshold": threshold_to_int(exit_threshold), "threshold_real": exit_threshold,
-            "scratch": depth, "off_fills": [_fill(graph, builder.buffer(n), n) for n in graph.outputs[:-1]]}
+            "thresholds": thresholds, "scratch": depth,
+            "off_fills": [_fill(graph, builder.buffer(n), n) for n in graph.outputs[:-1]]}
 
 
 def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
@@ -448,7 +450,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     dict {layer name: encoding} (unnamed layers stay dense).
     ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
     (a probability, or logits for the margin criterion; "off" runs the plain network), the
-    initial value of the device's ``ek_exit_threshold`` (changeable at run time).
+    initial value of the device's ``ek_exit_thresholds`` (changeable at run time); one for every early
+    exit, or a list (or comma-separated string) with one per early exit.
     ``library``: only the model's C, in ``src/`` with its headers beside it and no board files (no main,
     UART or protocol); ``codegen/library.py`` adds the API and the build glue.
     Returns the project record also saved as ``edgekit_project.json``.
@@ -468,12 +471,16 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     head_only = head_only_ops(graph)
+    needed_by = head_exits(graph)
+    every_exit = tuple(range(len(graph.outputs) - 1))
     for layer, op in zip(layers, graph.ops):
         layer.head_only = id(op) in head_only
+        layer.head_exits = (needed_by.get(id(op)) or every_exit) if layer.head_only else ()
     coded = [l for l in layers if l.kernel]
     for prev, layer, nxt in zip([None] + coded[:-1], coded, coded[1:] + [None]):
-        layer.head_begin = layer.head_only and not (prev and prev.head_only)
-        layer.head_end = layer.head_only and not (nxt and nxt.head_only)
+        # one `if` around each run of head layers that the same early exits need
+        layer.head_begin = layer.head_only and not (prev and prev.head_exits == layer.head_exits)
+        layer.head_end = layer.head_only and not (nxt and nxt.head_exits == layer.head_exits)
     exits = _exits_context(graph, builder, exit_threshold)
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
@@ -544,9 +551,12 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         "library": library,
     }
     if exits:
-        record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": exits["threshold"],
-                           "threshold_real": threshold_to_real(exits["threshold"]),
-                           "head_only_layers": [l.index for l in layers if l.head_only]}
+        raw = as_raw(exits["thresholds"])  # one number when every exit has the same threshold
+        record["exits"] = {"names": exits["names"], "criterion": exits["criterion"], "threshold": raw,
+                           "threshold_real": threshold_to_real(raw),
+                           "temperatures": graph.meta["exits"].get("temperatures"),
+                           "head_only_layers": [l.index for l in layers if l.head_only],
+                           "head_exits": {str(l.index): list(l.head_exits) for l in layers if l.head_only}}
     if board.source is not None:  # a board file of the user's own: the project keeps its copy for build / flash
         record["board_file"] = PROJECT_BOARD_FILE
         (out / PROJECT_BOARD_FILE).write_bytes(board.source.read_bytes())

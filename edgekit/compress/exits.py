@@ -250,14 +250,51 @@ def add_exits(model, after, data="digits", *, mode: str = "frozen", epochs: int 
     return gm
 
 
-def _mark(gm: fx.GraphModule, names: list[str]) -> None:
-    """Name the exits on the module, in a way copies of it keep."""
-    gm.edgekit_exits = list(names)
+def _mark(gm: fx.GraphModule, names: list[str], attribute: str = "edgekit_exits") -> None:
+    """Name the exits (or set another exit attribute) on the module, in a way copies of it keep."""
+    setattr(gm, attribute, list(names))
     try:
         from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
-        gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})["edgekit_exits"] = list(names)
+        gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[attribute] = list(names)
     except (ImportError, AttributeError):  # an older torch: copy.deepcopy then drops the names
         pass
+
+
+def fit_temperatures(model: nn.Module, x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Per early exit, the temperature T that makes softmax(logits / T) best calibrated on ``(x, y)``
+    (least negative log-likelihood; use the training split, never the data the operating point is
+    chosen on). A head that is too sure of itself gets T > 1."""
+    exit_names(model)
+    outs = exit_outputs(model, np.asarray(x, dtype=np.float32))
+    labels = torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
+    temperatures = []
+    for logits in outs[:-1]:
+        z = torch.as_tensor(logits, dtype=torch.float64)
+        grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+        nll = [float(F.cross_entropy(z / t, labels)) for t in grid]
+        best = int(np.argmin(nll))
+        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        for _ in range(40):  # golden-section refinement between the grid neighbours
+            a, b = hi - (hi - lo) / 1.618034, lo + (hi - lo) / 1.618034
+            if F.cross_entropy(z / a, labels) < F.cross_entropy(z / b, labels):
+                hi = b
+            else:
+                lo = a
+        temperatures.append(float(0.5 * (lo + hi)))
+    return temperatures
+
+
+def calibrate(model: nn.Module, data="digits") -> list[float]:
+    """Fit each early exit's temperature on ``data``'s training split (``fit_temperatures``) and store them
+    on ``model`` (``save_model`` writes them; ``edgekit.quantize`` folds them into the exit decisions)."""
+    split = data if hasattr(data, "x_train") else None
+    if split is None:
+        from .data import as_split
+        split = as_split(data)
+    x = np.asarray(split.x_train, dtype=np.float32)
+    temperatures = fit_temperatures(model, x, split.y_train)
+    _mark(model, temperatures, "edgekit_exit_temperatures")
+    return temperatures
 
 
 def exit_names(model) -> list[str]:
@@ -313,7 +350,10 @@ def save_model(model: nn.Module, sample_shape, path) -> Path:
     level = export_log.level
     export_log.setLevel(logging.ERROR)
     try:
-        torch.export.save(program, str(path), extra_files={EXITS_FILE: json.dumps({"names": names})})
+        record = {"names": names}
+        if getattr(model, "edgekit_exit_temperatures", None):
+            record["temperatures"] = [float(t) for t in model.edgekit_exit_temperatures]
+        torch.export.save(program, str(path), extra_files={EXITS_FILE: json.dumps(record)})
     finally:
         export_log.setLevel(level)
     return path
@@ -324,7 +364,11 @@ def load_model(path) -> tuple[fx.GraphModule, tuple[int, ...]]:
     from ..frontends.pytorch import load_exported
 
     model, shape = fxgraph.load_model(path)
-    names = getattr(load_exported(path), "edgekit_exits", None)
+    program = load_exported(path)
+    names = getattr(program, "edgekit_exits", None)
     if names:
         _mark(model, names)
+    temperatures = getattr(program, "edgekit_exit_temperatures", None)
+    if temperatures:
+        _mark(model, temperatures, "edgekit_exit_temperatures")
     return model, shape

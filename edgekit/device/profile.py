@@ -116,6 +116,25 @@ def _inferences(link: DeviceLink, info, project: dict, samples: np.ndarray, expe
             "per_sample": per_sample, "mismatches": mismatches}
 
 
+def _layer_costs_from_passes(project: dict, early: np.ndarray, full: np.ndarray) -> list:
+    """Each layer's count as the full network pays it, for ``edgekit thresholds --costs``: a backbone layer
+    from the exits-off pass (where every input runs it), a head layer (skipped with exits off) from the runs
+    of the exits-on pass that reached it (a layer that ran counts more than 0; the device zeroes the counts
+    before each inference). None: a head no input reached."""
+    heads = set(project["exits"].get("head_only_layers", []))
+    costs = []
+    for layer in project["layers"]:
+        i = layer["index"]
+        if not layer["kernel"]:
+            costs.append(0.0)
+        elif i in heads:
+            ran = early[:, i][early[:, i] > 0]
+            costs.append(float(np.median(ran)) if ran.size else None)
+        else:
+            costs.append(float(np.median(full[:, i])))
+    return costs
+
+
 def _exit_report(project: dict, early: dict, full: dict | None, labels, runs: int, n: int, raw: int) -> dict:
     from ..passes.exits import threshold_to_real
 
@@ -139,12 +158,18 @@ def _exit_report(project: dict, early: dict, full: dict | None, labels, runs: in
     if labels is not None and covered:
         answers = np.stack([o.argmax(axis=1) for o in early["outputs"]], axis=1)[np.arange(n), idx]
         report["accuracy"] = float((answers == labels).mean())
+        report["answers"] = answers.tolist()  # per sample, the class the device answered
     if full is not None:
         full_counts = full["per_sample"] if covered else full["per_sample"][:runs]
         report["full_mean_count"] = float(np.mean(full_counts))
+        report["layer_costs"] = _layer_costs_from_passes(project, early["per_layer"], full["per_layer"])
         report["work_fraction"] = report["mean_count"] / report["full_mean_count"]
         if labels is not None and covered:
-            report["full_accuracy"] = float((full["outputs"][-1].argmax(axis=1) == labels).mean())
+            from .operating_point import paired_counts
+            full_answers = full["outputs"][-1].argmax(axis=1)
+            report["full_accuracy"] = float((full_answers == labels).mean())
+            report["full_answers"] = full_answers.tolist()
+            report["worse"], report["better"] = paired_counts(answers, full_answers, labels)
     return report
 
 
@@ -153,11 +178,12 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
             exit_threshold="project", full_network: bool = True) -> dict:
     """Run ``inputs`` on the device at ``port`` and measure them there (see the module's doc).
 
-    A model with early exits runs at ``exit_threshold`` (a probability, "off", or "project": the value it
-    was generated with; the device is set to it first). The report's ``exits`` part gives per exit the hit
-    rate, the accuracy of its answers (with ``labels``) and the mean count; with ``full_network`` the same
-    inputs run again with early exits off, for the full network's count and accuracy in the same run."""
-    from ..passes.exits import EXITS_OFF, run_exits, threshold_to_int
+    A model with early exits runs at ``exit_threshold`` (a probability, "off", a list with one per early
+    exit, or "project": the value it was generated with; the device is set to it first). The report's
+    ``exits`` part gives per exit the hit rate, the accuracy of its answers (with ``labels``) and the mean
+    count; with ``full_network`` the same inputs run again with early exits off, for the full network's
+    count, accuracy and per-layer counts (``layer_costs``, what ``edgekit thresholds --costs`` reads)."""
+    from ..passes.exits import EXITS_OFF, device_thresholds, run_exits
 
     own_link = link is None
     link = link or DeviceLink(port, timeout=timeout)
@@ -178,7 +204,8 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         unit, divisor = count_unit(board, info)
         raw = None
         if exits_info:
-            raw = exits_info["threshold"] if exit_threshold == "project" else threshold_to_int(exit_threshold)
+            raw = exits_info["threshold"] if exit_threshold == "project" else \
+                device_thresholds(exit_threshold, len(exits_info["names"]) - 1)
             link.set_exit_threshold(raw)
             expected, expected_exit = run_exits(graph, samples, raw)
         elif weight_only:
@@ -287,9 +314,17 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v * 100:.2f} %"
 
 
+def describe_threshold(real, raw) -> str:
+    """'0.898438 = 230/256', 'off', or per exit '0.8 = 205/256, off'."""
+    if isinstance(raw, (list, tuple)):
+        return ", ".join(describe_threshold(t, r) for t, r in zip(real, raw))
+    return "off" if real is None else f"{real:g} = {raw}/256"
+
+
 def format_exits(ex: dict, unit: str) -> list[str]:
-    thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g}"
-    lines = [f"early exits ({ex['criterion']}, threshold {thr} = {ex['threshold']}/256):",
+    many = isinstance(ex["threshold"], (list, tuple))
+    lines = [f"early exits ({ex['criterion']}, threshold{'s' if many else ''} "
+             f"{describe_threshold(ex['threshold_real'], ex['threshold'])}):",
              f"  {'exit':24s} {'answers':>8s} {'share':>8s} {'accuracy':>9s} {'mean ' + unit:>30s}"]
     for row in ex["per_exit"]:
         mean = "-" if row["mean_count"] is None else f"{row['mean_count']:,.0f}"
@@ -308,41 +343,45 @@ def format_exits(ex: dict, unit: str) -> list[str]:
 # Threshold sweeps: the accuracy / work curve of an early-exit model
 # ---------------------------------------------------------------------------
 
+def _costs_from_report(graph, report: dict) -> dict:
+    """Per-layer costs from an ``edgekit profile`` report, as the full network pays them whatever threshold
+    the profile ran at: its exits-on pass only shows what the inputs that answered early ran, so the backbone
+    comes from the exits-off pass (``exits.layer_costs``), and a report without one is refused."""
+    if report.get("fingerprint") and report["fingerprint"] != graph.fingerprint():
+        raise EdgekitError(f"--costs: the profile report is of model {report['fingerprint']}, not of this project "
+                           f"({graph.fingerprint()})")
+    ex = report.get("exits")
+    if not ex:
+        raise EdgekitError("--costs: the profile report has no early exits: profile this project's firmware")
+    costs = ex.get("layer_costs")
+    if costs is None:
+        raise EdgekitError("--costs: the profile report has no exits-off pass, so its per-layer counts do not "
+                           "describe the full network (layers behind an exit ran on only some inputs); run "
+                           "`edgekit profile` again without --no-full")
+    missing = [graph.ops[i].name for i, c in enumerate(costs) if c is None]
+    if missing:
+        raise EdgekitError(f"--costs: no input of the profile reached layer {missing[0]!r} (an early-exit head), "
+                           "so its count is unknown; profile with --exit-threshold 1.0 (every head runs)")
+    return {i: float(c) for i, c in enumerate(costs)}
+
+
 def _layer_costs(graph, costs) -> np.ndarray:
     from ..cost import layer_macs
 
     if isinstance(costs, str) and costs == "macs":
         return np.array([layer_macs(graph, op) for op in graph.ops], dtype=np.float64)
-    if isinstance(costs, dict) and "layers" in costs:  # a profile report: each layer's largest count
-        costs = {l["index"]: l["max"] for l in costs["layers"]}
+    if isinstance(costs, dict) and "layers" in costs:  # a profile report
+        costs = _costs_from_report(graph, costs)
     if isinstance(costs, dict):
         return np.array([float(costs.get(i, costs.get(str(i), 0.0))) for i in range(len(graph.ops))])
     raise EdgekitError("costs must be 'macs', a profile report, or {layer index: count}")
 
 
-def _sweep_point(raw: int, index: np.ndarray, preds: np.ndarray, labels, exit_cost: np.ndarray,
-                 full_cost: float, names: list[str]) -> dict:
-    from ..passes.exits import threshold_to_real
-
-    n = len(index)
-    answers = preds[np.arange(n), index]
-    work = float(exit_cost[index].mean())
-    point = {"threshold": threshold_to_real(raw), "threshold_raw": int(raw),
-             "hit_rates": [float((index == k).mean()) for k in range(len(names))],
-             "work": work, "work_fraction": work / full_cost if full_cost else None}
-    if labels is not None:
-        point["accuracy"] = float((answers == labels).mean())
-    return point
-
-
-def sweep_reference(model, inputs, labels=None, thresholds=None, *, costs="macs", int8: bool = False) -> dict:
-    """The accuracy / work curve of a multi-exit int8 graph (or generated project) on labelled inputs,
-    from the numpy reference: bit-exact with the device, and fast. ``thresholds`` in real units (default:
-    every distinct confidence the inputs produce, i.e. the exact curve); ``costs``: "macs" or the device's
-    per-layer counts (a profile report). ``work`` is the mean cost per inference; ``work_fraction`` is it
-    over the full network's (early exits off: the heads are skipped)."""
+def _exit_model(model, inputs, labels=None, *, costs="macs", int8: bool = False) -> dict:
+    """What every operating point of a multi-exit int8 graph is computed from, with one reference run: each
+    early exit's confidence and every exit's answer per sample, and the work an answer at each exit costs."""
     from ..api import to_ir_inputs
-    from ..passes.exits import EXITS_OFF, confidences, exit_index, head_only_ops, threshold_to_int
+    from ..passes.exits import head_exits, head_only_ops
 
     graph = model if isinstance(model, Graph) else load_graph(model)
     info = graph.meta.get("exits") or {}
@@ -355,6 +394,7 @@ def sweep_reference(model, inputs, labels=None, thresholds=None, *, costs="macs"
         q = graph.tensors[graph.inputs[0]].quant
         x = qm.quantize(x, q.scale[0], q.zero_point[0])
     values = reference.run(graph, x, keep=True)
+    from ..passes.exits import confidences
     conf = confidences(graph, values)
     preds = np.stack([values[o].reshape(len(x), -1).argmax(axis=1) for o in graph.outputs], axis=1)
     if labels is not None:
@@ -362,21 +402,140 @@ def sweep_reference(model, inputs, labels=None, thresholds=None, *, costs="macs"
         if len(labels) != len(x):
             raise EdgekitError(f"{len(labels)} labels for {len(x)} inputs")
     layer_cost = _layer_costs(graph, costs)
-    cumulative = np.cumsum(layer_cost)
-    positions = [i for i, op in enumerate(graph.ops) if op.kind == "exit"]
-    exit_cost = np.array([cumulative[p] for p in positions] + [cumulative[-1]])
-    heads = head_only_ops(graph)
-    full_cost = float(sum(c for c, op in zip(layer_cost, graph.ops) if id(op) not in heads))
+    if np.any(layer_cost < 0) or not np.all(np.isfinite(layer_cost)):
+        raise EdgekitError("the per-layer costs must be finite and non-negative")
+    k = conf.shape[1]
+    heads, needed_by = head_only_ops(graph), head_exits(graph)
+    segment = np.cumsum([0] + [op.kind == "exit" for op in graph.ops])[:-1]  # exits met before each op
+    head_layers = []  # (exits met before it, the early exits that need it, cost)
+    backbone = np.zeros(k + 1)  # [answering exit j]: the backbone layers up to exit j
+    for c, op, seg in zip(layer_cost, graph.ops, segment):
+        if id(op) in heads:
+            head_layers.append((int(seg), list(needed_by.get(id(op)) or range(k)), float(c)))
+        else:
+            backbone[seg:] += c
+    return {"graph": graph, "names": list(info["names"]), "criterion": info["criterion"], "conf": conf,
+            "preds": preds, "labels": labels, "backbone": backbone, "head_layers": head_layers,
+            "full_cost": float(backbone[-1]), "costs": costs if isinstance(costs, str) else "measured",
+            "samples": int(len(x))}
+
+
+def _exit_costs(em: dict, raw) -> np.ndarray:
+    """The work of an answer at each exit (early ones, then the final) at threshold(s) ``raw``: the backbone
+    up to it plus the heads of the early exits that are on (an exit at EXITS_OFF skips its head)."""
+    from ..passes.exits import EXITS_OFF, per_exit_thresholds
+
+    on = per_exit_thresholds(raw, em["conf"].shape[1]) != EXITS_OFF
+    costs = em["backbone"].copy()
+    for seg, users, c in em["head_layers"]:
+        if on[users].any():  # a head layer runs while one of the exits that need it is on
+            costs[seg:] += c
+    return costs
+
+
+def evaluate_point(em: dict, raw) -> dict:
+    """One operating point (``raw``: the device integer for every early exit, or a list with one per exit):
+    the share each exit answers, the mean work, and with labels the accuracy and the paired counts."""
+    from ..passes.exits import as_raw, exit_index, threshold_to_real
+    from .operating_point import paired_counts
+
+    raw = as_raw(raw) if isinstance(raw, (list, tuple, np.ndarray)) else int(raw)
+    index = exit_index(em["conf"], raw)
+    n = len(index)
+    answers = em["preds"][np.arange(n), index]
+    work = float(_exit_costs(em, raw)[index].mean())
+    full_cost = em["full_cost"]
+    point = {"threshold": threshold_to_real(raw), "threshold_raw": raw,
+             "hit_rates": [float((index == k).mean()) for k in range(len(em["names"]))],
+             "work": work, "work_fraction": work / full_cost if full_cost else None}
+    if em["labels"] is not None:
+        point["accuracy"] = float((answers == em["labels"]).mean())
+        point["worse"], point["better"] = paired_counts(answers, em["preds"][:, -1], em["labels"])
+    return point
+
+
+def _sweep(em: dict, points: list[dict], order: str) -> dict:
+    from ..passes.exits import EXITS_OFF
+
+    full = evaluate_point(em, EXITS_OFF)
+    return {"names": em["names"], "criterion": em["criterion"], "costs": em["costs"], "samples": em["samples"],
+            "points": points, "full": full, "order": order, "source": "reference"}
+
+
+def sweep_reference(model, inputs, labels=None, thresholds=None, *, costs="macs", int8: bool = False) -> dict:
+    """The accuracy / work curve of a multi-exit int8 graph (or generated project) on labelled inputs,
+    from the numpy reference: bit-exact with the device, and fast. ``thresholds`` in real units, one for
+    every early exit (default: every distinct confidence the inputs produce, i.e. the exact curve);
+    ``costs``: "macs", the device's per-layer counts (a profile report: its exits-off pass), or
+    {layer index: count}. ``work`` is the mean cost per inference; ``work_fraction`` is it over the full
+    network's (early exits off: the heads are skipped)."""
+    from ..passes.exits import EXITS_OFF, threshold_to_int
+
+    em = _exit_model(model, inputs, labels, costs=costs, int8=int8)
     if thresholds is None:
-        raws = sorted(set(np.unique(conf).tolist()) | {0})
+        raws = sorted(set(np.unique(em["conf"]).tolist()) | {0})
     else:
         raws = sorted({threshold_to_int(t) for t in thresholds} - {EXITS_OFF})
-    names = list(info["names"])
-    points = [_sweep_point(r, exit_index(conf, r), preds, labels, exit_cost, full_cost, names) for r in raws]
-    off = _sweep_point(EXITS_OFF, exit_index(conf, EXITS_OFF), preds, labels, np.full(len(names), full_cost),
-                       full_cost, names)
-    return {"names": names, "criterion": info["criterion"], "costs": costs if isinstance(costs, str) else "measured",
-            "samples": int(len(x)), "points": points, "full": off, "source": "reference"}
+    return _sweep(em, [evaluate_point(em, r) for r in raws], "threshold, high to low")
+
+
+def search_per_exit(model, inputs, *, costs="macs", int8: bool = False, levels: int = 64) -> list:
+    """A path of per-exit thresholds from the full network to the most aggressive point, searched on
+    ``inputs`` that are NOT the validation samples (e.g. the training split; no labels needed). From all
+    exits off, each step lowers one exit's threshold by one candidate level (its confidence quantiles on
+    these inputs; an exit that is off turns on at the highest level that saves work), the move with the
+    least risk per unit of work saved (greedy coordinate descent). Risk: the answers that differ from the
+    full network's, plus for each early answer 1 - its confidence (on the training split the heads are
+    rarely wrong, so the counts alone tie; the confidences still rank the moves). The validation samples
+    then test the points in this order (``sweep_path``)."""
+    from ..passes.exits import EXITS_OFF, exit_index
+
+    em = model if isinstance(model, dict) else _exit_model(model, inputs, None, costs=costs, int8=int8)
+    conf, preds = em["conf"], em["preds"]
+    n, k = conf.shape
+    candidates = [sorted({int(v) for v in np.quantile(conf[:, e], np.linspace(0, 1, levels), method="lower")},
+                  reverse=True) for e in range(k)]
+    unsure = np.concatenate([1.0 - np.minimum(conf, 256) / 256.0, np.zeros((n, 1))], axis=1)
+
+    def measure(state):
+        index = exit_index(conf, state)
+        answers = preds[np.arange(n), index]
+        risk = float(np.sum(answers != preds[:, -1]) + unsure[np.arange(n), index].sum())
+        return float(_exit_costs(em, state)[index].mean()), risk
+
+    state = [EXITS_OFF] * k
+    work, risk = measure(state)
+    path = []
+    while True:
+        best = None
+        for e in range(k):
+            if state[e] == EXITS_OFF:
+                moves = candidates[e]
+            else:
+                lower = [c for c in candidates[e] if c < state[e]]
+                moves = lower[:1]
+            for level in moves:
+                trial = state[:e] + [level] + state[e + 1:]
+                w, r = measure(trial)
+                gain = work - w
+                if gain <= 0:
+                    continue
+                key = ((r - risk) / gain, -gain)
+                if best is None or key < best[0]:
+                    best = (key, trial, w, r)
+                if state[e] == EXITS_OFF:
+                    break  # turning an exit on: at the highest level that saves work
+        if best is None:
+            return path
+        _, state, work, risk = best
+        path.append(list(state))
+
+
+def sweep_path(model, inputs, labels, path: list, *, costs="macs", int8: bool = False) -> dict:
+    """The operating points of a per-exit threshold ``path`` (``search_per_exit``) on labelled validation
+    inputs, in the path's order (the order ``choose_threshold`` tests them in)."""
+    em = model if isinstance(model, dict) else _exit_model(model, inputs, labels, costs=costs, int8=int8)
+    return _sweep(em, [evaluate_point(em, raw) for raw in path], "path")
 
 
 def sweep_device(port, inputs, labels, thresholds, *, project_dir=None, int8: bool = False,
@@ -384,11 +543,13 @@ def sweep_device(port, inputs, labels, thresholds, *, project_dir=None, int8: bo
     """The same curve measured on the device: every input run at every threshold (and once with early exits
     off), counts as the device counts them; every output checked bit for bit against the reference."""
     from ..passes.exits import threshold_to_int
+    from .operating_point import paired_counts
 
     own_link = link is None
     link = link or DeviceLink(port, timeout=timeout)
     try:
         points, full, names, criterion, bit_exact, n = [], None, None, None, True, 0
+        full_answers = None
         for i, t in enumerate(thresholds):
             r = profile(port, inputs, project_dir=project_dir, labels=labels, int8=int8, link=link,
                         exit_threshold=t, full_network=i == 0, show_progress=show_progress)
@@ -400,45 +561,77 @@ def sweep_device(port, inputs, labels, thresholds, *, project_dir=None, int8: bo
             if i == 0:
                 full = {"threshold": None, "threshold_raw": threshold_to_int("off"), "work": ex["full_mean_count"],
                         "work_fraction": 1.0, "hit_rates": [0.0] * (len(names) - 1) + [1.0],
-                        **({"accuracy": ex["full_accuracy"]} if "full_accuracy" in ex else {})}
-            points.append({"threshold": ex["threshold_real"], "threshold_raw": ex["threshold"],
-                           "hit_rates": [row["hit_rate"] for row in ex["per_exit"]], "work": ex["mean_count"],
-                           "work_fraction": ex["mean_count"] / full["work"],
-                           **({"accuracy": ex["accuracy"]} if "accuracy" in ex else {})})
+                        **({"accuracy": ex["full_accuracy"], "worse": 0, "better": 0}
+                           if "full_accuracy" in ex else {})}
+                full_answers = ex.get("full_answers")
+            point = {"threshold": ex["threshold_real"], "threshold_raw": ex["threshold"],
+                     "hit_rates": [row["hit_rate"] for row in ex["per_exit"]], "work": ex["mean_count"],
+                     "work_fraction": ex["mean_count"] / full["work"],
+                     **({"accuracy": ex["accuracy"]} if "accuracy" in ex else {})}
+            if full_answers is not None and "answers" in ex:
+                point["worse"], point["better"] = paired_counts(np.asarray(ex["answers"]), np.asarray(full_answers),
+                                                                np.asarray(labels).reshape(-1))
+            points.append(point)
             unit = r["unit"]
         return {"names": names, "criterion": criterion, "costs": unit, "samples": n, "points": points,
-                "full": full, "source": "device", "bit_exact": bit_exact}
+                "full": full, "source": "device", "bit_exact": bit_exact, "order": "threshold, high to low"}
     finally:
         if own_link:
             link.close()
 
 
-def choose_threshold(sweep: dict, max_drop: float = 0.01) -> dict:
-    """The operating point: the least work whose accuracy is at most ``max_drop`` below the full
-    network's (ties: the higher threshold)."""
+def _test_order(sweep: dict) -> list[dict]:
+    if sweep.get("order") == "path":
+        return list(sweep["points"])
+    return sorted(sweep["points"], key=lambda p: -(p["threshold_raw"] if not isinstance(p["threshold_raw"], list)
+                                                   else min(p["threshold_raw"])))
+
+
+def choose_threshold(sweep: dict, max_drop: float = 0.01, confidence: float = 0.95) -> dict:
+    """The operating point: the least work among the points whose accuracy drop against the full network
+    is at most ``max_drop`` with ``confidence`` (an exact one-sided bound from the paired disagreements,
+    the points tested in a fixed order: see ``device.operating_point``); the full network when none passes.
+    The returned point carries ``drop``, ``drop_bound`` and ``promise`` (what the sample size supports)."""
+    from .operating_point import choose
+
     full = sweep["full"]
     if "accuracy" not in full:
         raise EdgekitError("choosing a threshold needs labels")
-    ok = [p for p in sweep["points"] if p["accuracy"] >= full["accuracy"] - max_drop - 1e-12]
-    if not ok:
-        return full
-    return min(ok, key=lambda p: (p["work"], -p["threshold_raw"]))
+    return choose(_test_order(sweep), full, sweep["samples"], max_drop, confidence)
 
 
 def format_sweep(sweep: dict, chosen: dict | None = None, rows: int = 16) -> str:
     names = sweep["names"]
-    points = sweep["points"]
+    # an operating point that does more work than the full network (its heads cost more than its early
+    # answers save) is never a result: exits off is better
+    points = [p for p in sweep["points"] if p["work_fraction"] is None or p["work_fraction"] <= 1.0]
+    dropped = len(sweep["points"]) - len(points)
     if len(points) > rows:  # an even spread, always with the chosen point
         keep = set(np.linspace(0, len(points) - 1, rows).round().astype(int).tolist())
         points = [p for i, p in enumerate(points) if i in keep or p is chosen]
     hits = "  ".join(f"{n[:10]:>10s}" for n in names)
+    bounds = "drop_bound" in sweep["full"]
     lines = [f"early-exit curve ({sweep['criterion']}, {sweep['samples']} samples, work in "
              f"{sweep['costs']}, from the {sweep['source']}):",
-             f"  {'threshold':>10s} {'accuracy':>9s} {'work':>14s} {'fraction':>9s}  {hits}"]
+             f"  {'threshold':>10s} {'accuracy':>9s} " + (f"{'drop':>7s} {'bound':>7s} " if bounds else "") +
+             f"{'work':>14s} {'fraction':>9s}  {hits}"]
     for p in points + [sweep["full"]]:
-        thr = "off" if p["threshold"] is None else f"{p['threshold']:.4g}"
+        if isinstance(p["threshold"], list):
+            thr = "/".join("off" if t is None else f"{t:.3g}" for t in p["threshold"])
+        else:
+            thr = "off" if p["threshold"] is None else f"{p['threshold']:.4g}"
         mark = " <-" if chosen is not None and p is chosen else ""
         rates = "  ".join(f"{r * 100:9.1f}%" for r in p["hit_rates"])
         acc = f"{p['accuracy'] * 100:8.2f}%" if "accuracy" in p else f"{'-':>9s}"
-        lines.append(f"  {thr:>10s} {acc} {p['work']:>14,.0f} {p['work_fraction']:>9.3f}  {rates}{mark}")
+        bound = ""
+        if bounds:
+            bound = f"{p.get('drop', 0) * 100:+6.2f}  {p.get('drop_bound', 0) * 100:5.2f}" + \
+                ("" if p.get("passed", True) else "x") .ljust(1) + " "
+        lines.append(f"  {thr:>10s} {acc} {bound}{p['work']:>14,.0f} {p['work_fraction']:>9.3f}  {rates}{mark}")
+    if bounds:
+        lines.append("  (drop and its bound in pp, the bound one-sided exact; x: not eligible, a point before it "
+                     "in the test order broke the bound)")
+    if dropped:
+        lines.append(f"  ({dropped} point{'s' if dropped > 1 else ''} doing more work than the full network "
+                     "not shown: their heads cost more than their early answers save)")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ VERSION = 1
 MAX_PAYLOAD = 512
 
 IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM = range(1, 9)
-PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: the early-exit threshold (int32, 1/256 units; 2**31 - 1: off)
+PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: every early exit's threshold (int32, 1/256 units; 2**31 - 1: off)
+PARAM_EXIT_THRESHOLD_0 = 16  # SET_PARAM id 16 + k: early exit k's own threshold
 ERROR = 0x7F
 RESPONSE = 0x80
 ERROR_NAMES = {1: "bad CRC", 2: "unknown message type", 3: "index or range out of bounds", 4: "bad length",
@@ -260,13 +261,23 @@ class DeviceLink(PortUser):
     def set_param(self, param: int, value: int) -> None:
         self.request(SET_PARAM, struct.pack("<Bi", param, value))
 
-    def set_exit_threshold(self, raw: int) -> None:
+    def set_exit_threshold(self, raw) -> None:
         """The confidence an early exit needs to answer, in the device's units of 1/256
-        (``passes.exits.threshold_to_int``); ``passes.exits.EXITS_OFF`` runs the plain network."""
+        (``passes.exits.threshold_to_int``): one integer for every early exit, or a list with one per
+        early exit (``passes.exits.EXITS_OFF`` skips that exit's head; all off: the plain network)."""
+        if isinstance(raw, (list, tuple)) and len(set(int(r) for r in raw)) == 1:
+            raw = int(raw[0])  # the same for all: the one-threshold parameter every firmware knows
         try:
-            self.set_param(PARAM_EXIT_THRESHOLD, int(raw))
+            if isinstance(raw, (list, tuple)):
+                for k, r in enumerate(raw):
+                    self.set_param(PARAM_EXIT_THRESHOLD_0 + k, int(r))
+            else:
+                self.set_param(PARAM_EXIT_THRESHOLD, int(raw))
         except DeviceError as exc:
             if "out of bounds" in str(exc):
+                if isinstance(raw, (list, tuple)):
+                    raise DeviceError(f"the device refused {len(raw)} per-exit thresholds (its model has fewer "
+                                      "early exits, or its firmware takes one threshold for all)") from None
                 raise DeviceError("the device's model has no early exits (it refused the exit threshold)") from None
             raise
 

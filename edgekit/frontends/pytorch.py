@@ -59,7 +59,10 @@ def load_exported(path: str | Path):
     if extra[EXITS_FILE]:  # written by edgekit.compress.exits.save_model: a multi-exit model
         import json
         try:
-            program.edgekit_exits = list(json.loads(extra[EXITS_FILE])["names"])
+            record = json.loads(extra[EXITS_FILE])
+            program.edgekit_exits = list(record["names"])
+            if record.get("temperatures"):
+                program.edgekit_exit_temperatures = [float(t) for t in record["temperatures"]]
         except (ValueError, KeyError, TypeError):
             raise EdgekitError(f"{path}: its {EXITS_FILE} record is damaged") from None
     return program
@@ -100,6 +103,10 @@ def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
     if names:
         from ..passes.exits import set_exit_names
         set_exit_names(graph, names)
+        temperatures = getattr(model, "edgekit_exit_temperatures", None) or \
+            getattr(program, "edgekit_exit_temperatures", None)
+        if temperatures:  # fitted by compress.exits.calibrate: the exit decisions use softmax(logits / T)
+            graph.meta["exits"]["temperatures"] = [float(t) for t in temperatures]
     return graph
 
 

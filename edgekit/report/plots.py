@@ -46,7 +46,7 @@ def _png(fig) -> bytes:
 def _compact(v: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= div:
-            return f"{v / div:g}{suffix}"
+            return f"{v / div:.3g}{suffix}"
     return f"{v:g}"
 
 
@@ -169,12 +169,16 @@ def compression_steps(labels: list[str], accuracy: list[float], int8_accuracy: l
     acc_ax.legend(fontsize=8)
     width = 0.38
     size_ax.bar([x - width / 2 for x in xs], float_bytes, width, color=GREY, label="float32")
-    size_ax.bar([x + width / 2 for x in xs], int8_bytes, width, color=BLUE, label="int8 (best encoding)")
-    size_ax.set_yscale("log")
-    size_ax.set_title("weight bytes (log scale)", fontsize=10, loc="left")
-    size_ax.legend(fontsize=8)
-    mac_ax.bar(xs, macs, color=ORANGE)
-    mac_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    bars = size_ax.bar([x + width / 2 for x in xs], int8_bytes, width, color=BLUE, label="int8 (best encoding)")
+    size_ax.bar_label(bars, [_compact(b) for b in int8_bytes], fontsize=7, padding=2)
+    size_ax.set_ylim(0, max(float_bytes + int8_bytes + [1]) * 1.3)
+    size_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _compact(v)))
+    size_ax.set_title("weight bytes", fontsize=10, loc="left")
+    size_ax.legend(fontsize=8, loc="upper right")
+    bars = mac_ax.bar(xs, macs, color=ORANGE)
+    mac_ax.bar_label(bars, [_compact(m) for m in macs], fontsize=7, padding=2)
+    mac_ax.set_ylim(0, max(macs + [1]) * 1.15)
+    mac_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _compact(v)))
     mac_ax.set_title("MACs per inference", fontsize=10, loc="left")
     for ax in (acc_ax, size_ax, mac_ax):
         ax.set_xticks(xs, ticks, rotation=35, ha="right", fontsize=8)

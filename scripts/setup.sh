@@ -55,7 +55,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     fi
     echo "setup: installing edgekit and its test dependencies"
     .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest, matplotlib" \
+    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest, matplotlib, onnx, onnxruntime" \
         || { echo "setup: the Python environment is incomplete"; exit 1; }
     touch "$stamp"
 fi

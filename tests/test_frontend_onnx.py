@@ -120,8 +120,10 @@ def test_torch_onnx_edgekit_equals_torch_edgekit(test_models, name, tmp_path):
     weighted = ("conv2d", "depthwise_conv2d", "fully_connected")  # layers keep their module names
     assert [op.name for op in a.ops if op.kind in weighted] == [op.name for op in b.ops if op.kind in weighted]
     for op_a, op_b in zip(a.ops, b.ops):
-        for ta, tb in zip(op_a.inputs[1:], op_b.inputs[1:]):
-            np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
+        for ta, tb in zip(op_a.inputs, op_b.inputs):
+            assert a.tensors[ta].is_constant == b.tensors[tb].is_constant
+            if a.tensors[ta].is_constant:
+                np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         want = model.eval()(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(_float_out(a, x), want, rtol=1e-4, atol=1e-5)
@@ -171,41 +173,44 @@ def _qdq(float_path, out_path, x, activation, per_channel):
 
 
 def _qdq_params(path):
-    """{tensor name: (scales, zero points)} of every DequantizeLinear in a QDQ model."""
+    """({tensor name: (scales, zero points)} of every DequantizeLinear, the int8 weight of each Conv / Gemm
+    in node order)."""
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    out = {}
+    params, dequantized_from = {}, {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear":
-            out[node.input[0]] = (consts[node.input[1]], consts[node.input[2]])
-    return out, consts
+            params[node.input[0]] = (consts[node.input[1]], consts[node.input[2]])
+            dequantized_from[node.output[0]] = node.input[0]
+    weights = [consts[dequantized_from[n.input[1]]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    return params, consts, weights
 
 
 @pytest.mark.parametrize("activation,per_channel", [("QInt8", True), ("QUInt8", False)])
 def test_qdq_model_keeps_its_scales_and_zero_points(trained_cnn, digits, tmp_path, activation, per_channel):
     float_path = export(trained_cnn, digits.x_train, tmp_path / "cnn.onnx")
     path = _qdq(float_path, tmp_path / "cnn_qdq.onnx", digits.x_train[:64], activation, per_channel)
-    params, consts = _qdq_params(path)
+    params, consts, onnx_weights = _qdq_params(path)
     shift = 128 if activation == "QUInt8" else 0
-    activation_scales = {(float(s), int(z) - shift) for s, z in
+    activation_scales = {(float(np.float64(s)), int(z) - shift) for s, z in
                          (v for k, v in params.items() if k not in consts)}
     # quantized with a different calibration set on purpose: the model's own parameters must win
     q = edgekit.quantize(path, digits.x_test[:32])
     used = {(float(np.float64(t.quant.scale[0])), int(t.quant.zero_point[0]))
             for t in q.tensors.values() if not t.is_constant and t.quant is not None}
-    softmax_free = used  # the CNN has no softmax: every activation's parameters come from the model
-    assert softmax_free <= {(float(np.float64(s)), z) for s, z in activation_scales}
-    assert len(used) >= 5
+    # the CNN has no softmax: every activation's parameters are the model's
+    assert len(used) >= 5 and used <= activation_scales
     weights = [q.tensors[op.inputs[1]] for op in q.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")]
-    onnx_weights = [consts[k] for k in params if k in consts and consts[k].dtype == np.int8 and consts[k].ndim >= 2]
     assert len(weights) == len(onnx_weights) == 5
-    for w, ow in zip(weights, onnx_weights):
-        o = ow.shape[0]
-        if ow.ndim == 4:
-            ow = ow.transpose(1, 2, 3, 0) if w.shape[0] == 1 and ow.shape[1] == 1 and o > 1 else ow.transpose(0, 2, 3, 1)
-        assert np.array_equal(w.data, ow), "int8 weights differ from the QDQ model's"
+    for op, w, ow in zip([op for op in q.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")],
+                         weights, onnx_weights):
+        if op.kind == "conv2d":
+            ow = ow.transpose(0, 2, 3, 1)  # OIHW -> OHWI
+        elif op.kind == "depthwise_conv2d":
+            ow = ow.transpose(1, 2, 3, 0)  # O1HW -> 1HWO
+        assert ow.dtype == np.int8 and np.array_equal(w.data, ow), f"{op.name}: int8 weights differ from the QDQ model's"
     # onnxruntime runs the QDQ model in integers too: the outputs agree to one step
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = sess.get_inputs()[0].name

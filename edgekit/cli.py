@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="quantize a model and generate its C project")
-    g.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    g.add_argument("model", help="a torch.export file (.pt2), an ONNX model (.onnx, float or QDQ) or an int8 .tflite")
     g.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
     g.add_argument("--board", default="host", help="target board (see `edgekit boards`)")
     g.add_argument("-o", "--output", required=True, help="project directory to write")
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.set_defaults(fn=cmd_thresholds)
 
     e = sub.add_parser("export", help="quantize a model and write it as an int8 .tflite (no TensorFlow needed)")
-    e.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    e.add_argument("model", help="a torch.export file (.pt2), an ONNX model (.onnx, float or QDQ) or an int8 .tflite")
     e.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
     e.add_argument("-o", "--output", required=True, help=".tflite file to write")
     e.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (default: float, quantized "

@@ -20,15 +20,21 @@ from .passes.quantize import calibrate, quantize as quantize_graph, quantize_wei
 
 
 def load(model, example_input=None, *, input_shape=None) -> Graph:
-    """A float IR graph from an ``nn.Module``, an ``ExportedProgram`` or a file
-    (``.pt2`` from ``torch.export.save``; ``.tflite``)."""
+    """A float IR graph from an ``nn.Module``, an ``ExportedProgram``, an ``onnx.ModelProto`` or a
+    file (``.pt2`` from ``torch.export.save``; ``.tflite``; ``.onnx``, float or QDQ-quantized)."""
     if isinstance(model, Graph):
         return model
+    if type(model).__name__ == "ModelProto":  # an onnx model in memory
+        from .frontends.onnx import load_onnx
+        return load_onnx(model)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix == ".tflite":
             from .frontends.tflite import load_tflite
             return load_tflite(path)
+        if path.suffix == ".onnx":
+            from .frontends.onnx import load_onnx
+            return load_onnx(path)
         from .frontends.pytorch import from_torch, load_exported
         return from_torch(load_exported(path))
     from .frontends.pytorch import from_torch

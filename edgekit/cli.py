@@ -130,6 +130,9 @@ def cmd_thresholds(args) -> int:
         raise EdgekitError(f"--max-drop must be between 0 and 1 (e.g. 0.01 = 1 pp), got {args.max_drop}")
     x = _load_npy(args.inputs, "inputs")
     y = _load_npy(args.labels, "labels")
+    if args.html:
+        from . import report as html_report
+        html_report.check_output(args.html)
     thresholds = None
     if args.thresholds:
         thresholds = [t.strip() for t in args.thresholds.split(",") if t.strip()]
@@ -183,6 +186,9 @@ def cmd_thresholds(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": sweep, "chosen": chosen}, indent=2, default=float) + "\n")
         print(f"wrote {args.json}")
+    if args.html:
+        html_report.write(html_report.thresholds_page(sweep, chosen, args.project), args.html)
+        print(f"wrote {args.html}")
     if sweep.get("bit_exact") is False:
         print("edgekit: error: the device's outputs differ from the reference", file=sys.stderr)
         return 1
@@ -212,6 +218,7 @@ def cmd_export(args) -> int:
 
 def cmd_compress(args) -> int:
     import json
+    import tempfile
 
     from .compress import fxgraph
     from .compress.recipe import load_recipe, run_recipe
@@ -220,21 +227,29 @@ def cmd_compress(args) -> int:
     model_path, out_path = _model_in_and_out(args)
     if args.report and Path(args.report).resolve() in (model_path.resolve(), out_path.resolve()):
         raise EdgekitError("the report path must differ from the model paths")
+    if args.html:
+        from . import report as html_report
+        html_report.check_output(args.html)  # before the training, not after
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
     if args.build_dir:
         from .codegen.output_dir import check_output_dir
         check_output_dir(args.build_dir)  # so does a build directory edgekit must not write into
     model, sample_shape = fxgraph.load_model(model_path)
-    compressed, report = run_recipe(model, recipe, args.data, sample_shape=sample_shape, build_dir=args.build_dir,
-                                    show_progress=not args.quiet)
-    report["input"], report["output"] = str(model_path), str(out_path)
+    with tempfile.TemporaryDirectory() as scratch:
+        # The final C project stays until the HTML report has drawn its memory plan and sections.
+        build_dir = args.build_dir or (Path(scratch) / "c" if args.html else None)
+        compressed, report = run_recipe(model, recipe, args.data, sample_shape=sample_shape, build_dir=build_dir,
+                                        show_progress=not args.quiet)
+        report["input"], report["output"], report["recipe"] = str(model_path), str(out_path), str(args.recipe)
+        if args.html:
+            html_report.write(html_report.compress_page(report), args.html)
     tmp = out_path.with_name(out_path.name + ".partial")
     fxgraph.export_model(compressed, sample_shape, tmp)
     tmp.replace(out_path)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
-    print(f"wrote {out_path}" + (f" and {args.report}" if args.report else ""))
+    print(f"wrote {out_path}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
     final = report.get("final")
     return 0 if final is None or final["c_equals_reference"] else 1
 
@@ -346,6 +361,9 @@ def cmd_profile(args) -> int:
 
     x = _load_npy(args.inputs, "inputs")
     labels = _load_npy(args.labels, "labels") if args.labels else None
+    if args.html:
+        from . import report as html_report
+        html_report.check_output(args.html)
     report = profile(args.port, x, project_dir=args.project, labels=labels, runs=args.runs, int8=args.int8,
                      timeout=args.timeout,
                      exit_threshold="project" if args.exit_threshold is None else args.exit_threshold,
@@ -354,6 +372,9 @@ def cmd_profile(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    if args.html:
+        html_report.write(html_report.profile_page(report), args.html)
+        print(f"wrote {args.html}")
     if not report["bit_exact"]:
         print("edgekit: error: the device's outputs differ from the reference", file=sys.stderr)
         return 1
@@ -391,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="quantize a model and generate its C project")
-    g.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    g.add_argument("model", help="a torch.export file (.pt2), an ONNX model (.onnx, float or QDQ) or an int8 .tflite")
     g.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
     g.add_argument("--board", default="host", help="target board (see `edgekit boards`)")
     g.add_argument("-o", "--output", required=True, help="project directory to write: new, empty, or an edgekit "
@@ -452,11 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "`edgekit profile --json`) for the device's counts")
     th.add_argument("--int8", action="store_true", help="raw int8 NHWC inputs")
     th.add_argument("--json", help="also write the curve as JSON")
+    th.add_argument("--html", help="also write the curve as a self-contained HTML page")
     th.add_argument("--timeout", type=float, default=5.0)
     th.set_defaults(fn=cmd_thresholds)
 
     e = sub.add_parser("export", help="quantize a model and write it as an int8 .tflite (no TensorFlow needed)")
-    e.add_argument("model", help="a torch.export file (.pt2) or an int8 .tflite")
+    e.add_argument("model", help="a torch.export file (.pt2), an ONNX model (.onnx, float or QDQ) or an int8 .tflite")
     e.add_argument("--calib", help="calibration samples (.npy, float32, the model's layout, batched)")
     e.add_argument("-o", "--output", required=True, help=".tflite file to write")
     e.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (default: float, quantized "
@@ -474,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "x_train, y_train, x_test, y_test")
     c.add_argument("-o", "--output", required=True, help="the compressed model (.pt2) to write")
     c.add_argument("--report", help="write the per-step report as JSON here")
+    c.add_argument("--html", help="write the per-step report as a self-contained HTML page (with the final "
+                   "C program's memory plan and sections)")
     c.add_argument("--build-dir", help="keep the final model's generated C project here")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(fn=cmd_compress)
@@ -525,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--project", help="the generated project (default: found from the device's model)")
     pr.add_argument("--int8", action="store_true")
     pr.add_argument("--json", help="also write the report as JSON")
+    pr.add_argument("--html", help="also write the report as a self-contained HTML page (per-layer counts, the "
+                    "memory plan, flash by section)")
     pr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     pr.add_argument("--exit-threshold", help="early-exit models: the threshold to run at (default: the project's; "
                     "'off': the full network)")

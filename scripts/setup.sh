@@ -22,6 +22,7 @@ have aarch64-linux-gnu-gcc || missing+=(gcc-aarch64-linux-gnu)
 have qemu-aarch64 || missing+=(qemu-user)
 have clang || missing+=(clang)
 have valgrind || missing+=(valgrind)  # bench: instructions per inference (callgrind)
+have chromium || missing+=(chromium)  # tests: the HTML reports open in a real headless browser
 "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -55,7 +56,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     fi
     echo "setup: installing edgekit and its test dependencies"
     .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest" \
+    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest, matplotlib, onnx, onnxruntime" \
         || { echo "setup: the Python environment is incomplete"; exit 1; }
     touch "$stamp"
 fi

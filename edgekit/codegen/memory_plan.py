@@ -30,14 +30,27 @@ class MemoryPlan:
     arena_bytes: int = 0
     buffers: list[Buffer] = field(default_factory=list)
 
+    def live_bytes(self) -> dict[int, int]:
+        """Bytes alive at each step (-1: the graph input, i: op i, len(ops): the outputs)."""
+        if not self.buffers:
+            return {}
+        first = min(b.first for b in self.buffers)
+        last = max(b.last for b in self.buffers)
+        return {s: sum(b.size for b in self.buffers if b.first <= s <= b.last) for s in range(first, last + 1)}
+
     def lower_bound(self) -> int:
         """The largest set of buffers alive at one op: no plan can beat this."""
-        steps = {s for b in self.buffers for s in (b.first, b.last)}
-        return max((sum(b.size for b in self.buffers if b.first <= s <= b.last) for s in steps), default=0)
+        return max(self.live_bytes().values(), default=0)
 
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def plan_arena(graph: Graph) -> MemoryPlan:
+    """The plan a generated project uses (8-byte aligned; weight-only graphs keep float32 activations)."""
+    weight_only = bool(graph.meta.get("weight_only"))
+    return plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
 
 
 def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None = None) -> MemoryPlan:

@@ -21,7 +21,7 @@ from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import folded_bias, scratch_bytes
-from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan import MemoryPlan, plan_arena
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
 
@@ -467,7 +467,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"{out} exists and is not a directory")
 
-    plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
+    plan = plan_arena(graph)
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     head_only = head_only_ops(graph)

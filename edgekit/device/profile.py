@@ -241,6 +241,7 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         report = {
             "board": info.board,
             "port": link.port_name,
+            "project": str(project_dir),
             "fingerprint": info.fingerprint,
             "unit": unit,
             "runs": runs,

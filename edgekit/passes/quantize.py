@@ -104,6 +104,23 @@ def quantize_weight(w: np.ndarray, axis: int, per_tensor: bool = False) -> tuple
     return q, scale
 
 
+def _recorded_weight(w: np.ndarray, axis: int, scales) -> tuple[np.ndarray, np.ndarray] | None:
+    """A QDQ model's own weight scales (one per output channel), when the weights are still exactly
+    those integers times them (not rescaled since, e.g. by a BatchNorm folded in) and symmetric int8."""
+    if scales is None or len(scales) != w.shape[axis]:
+        return None
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    scales = np.asarray(scales, np.float64)
+    if np.any(scales <= 0):
+        return None
+    q = w.astype(np.float64) / scales.reshape(shape)
+    rounded = np.round(q)
+    if np.max(np.abs(q - rounded), initial=0.0) > 1e-3 or np.max(np.abs(rounded), initial=0.0) > 127:
+        return None
+    return rounded.astype(np.int8), scales.astype(np.float32).astype(np.float64)
+
+
 class _Groups:
     """Union-find over tensor names that must share quantization parameters."""
 
@@ -294,7 +311,8 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
             continue
         w = g.tensors[op.inputs[1]]
         axis = _channel_axis(op.kind)
-        data, w_scales = quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
+        recorded = _recorded_weight(w.data, axis, g.meta.get("weight_params", {}).get(op.inputs[1]))
+        data, w_scales = recorded or quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
         w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
         in_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
         bias_scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scales])

@@ -7,22 +7,28 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
 
+def sections(path: str | Path) -> list[dict]:
+    """Every allocated section: name, size, and whether it is stored in flash and / or occupies RAM
+    (code and read-only data: flash; initialised data: both; zeroed data: RAM only)."""
+    found = []
+    with open(path, "rb") as f:
+        for sec in ELFFile(f).iter_sections():
+            flags = sec["sh_flags"]
+            if not flags & SH_FLAGS.SHF_ALLOC or not sec["sh_size"]:
+                continue
+            nobits = sec["sh_type"] == "SHT_NOBITS"
+            writable = bool(flags & SH_FLAGS.SHF_WRITE)
+            found.append({"name": sec.name, "size": int(sec["sh_size"]), "flash": not nobits,
+                          "ram": writable, "kind": "bss" if nobits else "data" if writable else "text"})
+    return found
+
+
 def section_sizes(path: str | Path) -> dict:
     """text (code + read-only data), data (initialised RAM, also stored in flash), bss (zeroed RAM)."""
-    text = data = bss = 0
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        for sec in elf.iter_sections():
-            flags = sec["sh_flags"]
-            if not flags & SH_FLAGS.SHF_ALLOC:
-                continue
-            size = sec["sh_size"]
-            if sec["sh_type"] == "SHT_NOBITS":
-                bss += size
-            elif flags & SH_FLAGS.SHF_WRITE:
-                data += size
-            else:
-                text += size
+    totals = {"text": 0, "data": 0, "bss": 0}
+    for sec in sections(path):
+        totals[sec["kind"]] += sec["size"]
+    text, data, bss = totals["text"], totals["data"], totals["bss"]
     return {"text": text, "data": data, "bss": bss, "flash": text + data, "ram": data + bss}
 
 

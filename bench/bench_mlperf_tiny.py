@@ -51,7 +51,7 @@ def models_dir(given: str | None) -> Path:
 
 def run_model(name: str, path: Path, out: Path, emu: Emulator, board: str, memory: str, samples: int) -> dict:
     graph = edgekit.load(path)
-    gen_kwargs = {} if memory == "on" else {"memory": "off"}
+    gen_kwargs = {} if memory == "on" else {"memory_off": "all"}
     record = edgekit.generate(graph, out, board=board, **gen_kwargs)
     built = edgekit.build(out, stack="auto")
     shape = graph.tensors[graph.inputs[0]].shape

@@ -93,7 +93,8 @@ def export_tflite(graph: Graph, path, *, io: str = "float"):
 DEFAULT_EXIT_THRESHOLD = 0.9
 
 
-def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD) -> dict:
+def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
+             memory_off=()) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -104,8 +105,12 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
 
     ``exit_threshold`` (multi-exit models): the confidence an early exit needs to
     answer, a probability for the softmax criterion (logits for margin), or "off";
-    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``)."""
-    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold)
+    the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``).
+
+    ``memory_off``: arena techniques to turn off, "all" (today's greedy plan) or names among
+    inplace-depthwise, inplace-conv, inplace-elementwise, inplace-fc, offset-search."""
+    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
+                            memory_off=memory_off)
 
 
 def build(out_dir, *, sanitize: bool = False, stack: int | str | None = None) -> dict:

@@ -43,9 +43,14 @@ def cmd_generate(args) -> int:
             graph = api.quantize(graph, calib, observer=args.observer, percentile=args.percentile,
                                  weight_only=args.weight_only, show_progress=True, exit_criterion=args.exit_criterion)
     record = api.generate(graph, args.output, board=args.board, weights=args.weights,
-                          exit_threshold=args.exit_threshold)
+                          exit_threshold=args.exit_threshold,
+                          memory_off=[t for t in (args.memory_off or "").split(",") if t])
     print(f"generated {args.output}: {len(record['layers'])} layers, {record['mode']}, "
           f"weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, board {record['board']}")
+    mem = record["memory"]
+    saved = ", ".join(f"{t} {b:,} B" for t, b in mem["saved_bytes"].items() if b)
+    print(f"arena {mem['arena_bytes']:,} B, lower bound for this schedule {mem['lower_bound']:,} B, "
+          f"greedy plan {mem['greedy_arena_bytes']:,} B" + (f"; saved (each turned off alone): {saved}" if saved else ""))
     if "exits" in record:
         ex = record["exits"]
         thr = "off" if ex["threshold_real"] is None else f"{ex['threshold_real']:g} ({ex['threshold']}/256)"
@@ -353,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-criterion", default="softmax", choices=["softmax", "margin"],
                    help="early-exit models: the exit confidence, the top int8 softmax probability or the margin "
                    "between the two top logits")
+    g.add_argument("--memory-off", help="comma-separated arena techniques to turn off (to measure them): all, "
+                   "inplace-depthwise, inplace-conv, inplace-elementwise, inplace-fc, offset-search")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")

@@ -21,7 +21,7 @@ from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshol
 from ..passes.verify import check_int8_arithmetic
 from ..targets import budget
 from .kernel_prep import folded_bias, scratch_bytes
-from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan import MemoryPlan, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
 
@@ -346,8 +346,17 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     return rec
 
 
+def _inplace_ops(graph: Graph, weights) -> set[int]:
+    """The ops whose kernels may write over their input: int8, dense weights (the encoded kernels'
+    read order is not part of the in-place contract), no early exits."""
+    if graph.meta.get("weight_only") or exit_names(graph):
+        return set()
+    choice = (lambda op: weights.get(op.name, "dense")) if isinstance(weights, dict) else (lambda op: weights)
+    return {i for i, op in enumerate(graph.ops) if op.kind not in _WEIGHTED or choice(op) == "dense"}
+
+
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9) -> dict:
+                     exit_threshold=0.9, memory_off=()) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -356,6 +365,7 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     ``exit_threshold``: for a multi-exit graph, the confidence an early exit needs to answer
     (a probability, or logits for the margin criterion; "off" runs the plain network), the
     initial value of the device's ``ek_exit_threshold`` (changeable at run time).
+    ``memory_off``: arena techniques to turn off ("all", or names from memory_plan.TECHNIQUES).
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = load_board(board) if isinstance(board, str) else board
@@ -369,7 +379,9 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"{out} exists and is not a directory")
 
-    plan = plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
+    plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
+                                    kernel_variant=board.get("kernel_variant"), off=memory_off,
+                                    inplace_ops=_inplace_ops(graph, weights))
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     head_only = head_only_ops(graph)
@@ -431,7 +443,8 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
         "mode": "weight_only" if weight_only else "int8",
         "fingerprint": fingerprint,
         "arena_bytes": plan.arena_bytes,
-        "arena_lower_bound": plan.lower_bound(),
+        "arena_lower_bound": memory["lower_bound"],
+        "memory": memory,  # codegen/memory_plan.py: today's greedy arena, what each technique saved
         "scratch_bytes": context["scratch_bytes"],  # static, outside the arena (kernels/dsp: im2col, widened inputs)
         "weight_bytes": weight_bytes,
         "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),

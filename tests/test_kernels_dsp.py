@@ -244,3 +244,22 @@ def test_dsp_rshift_output_equals_scalar(requant_projects, cases, board):
     for c, line in zip(cases, got):
         fast, scalar, out, generic = (line[i:i + 8] for i in range(0, 32, 8))
         assert (fast, out) == (scalar, generic), (c, line)
+
+
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 20), activations, st.floats(0.05, 4.0),
+       st.integers(0, 2 ** 31), BOARDS)
+@DSP_SETTINGS
+def test_add_s8_dsp(h, w, c, act, wscale, seed, board):
+    """The residual add (ResNet): x + conv1x1(x), two differently quantized inputs, then the
+    activation; the DSP output stage for all three requantizations. The plan may run it in place."""
+    from edgekit.ir import Op, Tensor
+
+    rng = np.random.default_rng(seed)
+    weights = {"w": rng.normal(0, wscale, (c, 1, 1, c)), "b": rng.normal(0, wscale, c)}
+    attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0), activation="none")
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, h, w, c))
+    g.add_tensor(Tensor("z", (1, h, w, c)))
+    g.ops.append(Op("add", "residual", ["x0", "y"], ["z"], {"activation": act}))
+    g.outputs[:] = ["z"]
+    g.source_layouts["z"] = "NHWC"
+    _check_on_board(g, rng, board, {"x0": (-2.0, 3.0)})

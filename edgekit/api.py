@@ -108,7 +108,7 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     the device's initial value, changeable at run time (``DeviceLink.set_exit_threshold``).
 
     ``memory_off``: arena techniques to turn off, "all" (today's greedy plan) or names among
-    inplace-depthwise, inplace-conv, inplace-elementwise, inplace-fc, offset-search."""
+    inplace-depthwise, inplace-conv, inplace-elementwise, offset-search."""
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
                             memory_off=memory_off)
 

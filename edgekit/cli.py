@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early-exit models: the exit confidence, the top int8 softmax probability or the margin "
                    "between the two top logits")
     g.add_argument("--memory-off", help="comma-separated arena techniques to turn off (to measure them): all, "
-                   "inplace-depthwise, inplace-conv, inplace-elementwise, inplace-fc, offset-search")
+                   "inplace-depthwise, inplace-conv, inplace-elementwise, offset-search")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")

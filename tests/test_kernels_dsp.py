@@ -74,7 +74,7 @@ def test_depthwise_conv2d_s8_dsp(case, board):
     _check_on_board(g, rng, board, {"x0": case["rng"]}, case["observer"])
 
 
-@given(st.integers(1, 80), st.integers(1, 40), activations, st.booleans(), st.floats(0.01, 2.0), input_range(),
+@given(st.integers(1, 80), st.integers(1, 72), activations, st.booleans(), st.floats(0.01, 2.0), input_range(),
        observers, st.integers(0, 2 ** 31), BOARDS)
 @DSP_SETTINGS
 def test_fully_connected_s8_dsp(n_in, n_out, act, bias, wscale, in_range, observer, seed, board):
@@ -263,3 +263,28 @@ def test_add_s8_dsp(h, w, c, act, wscale, seed, board):
     g.outputs[:] = ["z"]
     g.source_layouts["z"] = "NHWC"
     _check_on_board(g, rng, board, {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(6, 12), st.integers(1, 8), st.integers(1, 3), st.integers(1, 3), st.integers(1, 70),
+       st.integers(0, 2 ** 31), BOARDS)
+@DSP_SETTINGS
+def test_fully_connected_s8_dsp_widened(c, m, h, w, n_out, seed, board):
+    """A fully connected layer after a 3x3 convolution, whose im2col scratch leaves room for the
+    widened input vector: the kernel's widened path (alone, it sign-extends in its loop)."""
+    import torch
+    from torch import nn
+
+    import edgekit
+    from edgekit.codegen.kernel_prep import FC_DSP_CHUNK
+
+    torch.manual_seed(seed % 10000)
+    rng = np.random.default_rng(seed)
+    model = nn.Sequential(nn.Conv2d(c, m, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(m * h * w, n_out)).eval()
+    g = edgekit.quantize(model, rng.normal(size=(16, c, h, w)).astype(np.float32))
+    in_c = m * h * w
+    assert 4 * 9 * c >= 4 * min(n_out & ~3, FC_DSP_CHUNK) + 4 * ((in_c + 1) // 2)  # room to widen
+    x = rng.integers(-128, 128, size=(4,) + g.tensors[g.inputs[0]].shape[1:]).astype(np.int8)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_selftest(g, board, x, Path(tmp))
+    ref = reference.run(g, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0

@@ -14,8 +14,8 @@ not overlap in memory, with two kinds of exceptions:
   (``conv_inplace_delta``). A depthwise 3x3 with stride 1 then needs one input row and two pixels
   more than its input (TinyEngine's in-place depthwise, without its buffer), a 1x1 convolution the
   larger of its two tensors plus one pixel. Elementwise kernels (add, relu) read element i before
-  writing it (delta 0), and the Cortex-M DSP fully connected kernel widens its whole input into
-  the scratch before it writes anything (any overlap).
+  writing it (delta 0). Fully connected layers do not run in place: their kernels read the input
+  until the last row (keeping a widened copy for that would cost more scratch than it saves).
 
 Placement: lowest feasible offset, buffer by buffer, in an order. Today's plan (``offset-search``
 off) is greedy by size (largest first), TFLM's GreedyMemoryPlanner's order; the search tries a few
@@ -34,7 +34,7 @@ from ..ir import Graph, Op
 ALIAS_OPS = ("reshape",)
 ELEMENTWISE_OPS = ("add", "relu", "relu6", "clamp")
 # The techniques `edgekit generate --memory-off` can turn off, in the order they usually pay.
-TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "inplace-fc", "offset-search")
+TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "offset-search")
 ANY_OVERLAP = -(1 << 40)  # a delta that allows every relative placement
 NO_READ = 1 << 30  # the "first input pixel" of a window that reads none
 # The most output pixels a convolution kernel computes together (dsp / x86 / neon: two), reading all their
@@ -122,8 +122,6 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
     """(technique, delta) when this op's kernel may write its output over its first input."""
     if op.kind in ELEMENTWISE_OPS:
         return "inplace-elementwise", 0
-    if op.kind == "fully_connected" and variant == "dsp":
-        return "inplace-fc", ANY_OVERLAP
     if op.kind in ("conv2d", "depthwise_conv2d"):
         a = op.attrs
         w = graph.tensors[op.inputs[1]].shape

@@ -262,6 +262,9 @@ def test_add_s8_dsp(h, w, c, act, wscale, seed, board):
     g.ops.append(Op("add", "residual", ["x0", "y"], ["z"], {"activation": act}))
     g.outputs[:] = ["z"]
     g.source_layouts["z"] = "NHWC"
+    add = quantize_with_random_data(g, np.random.default_rng(seed + 1), {"x0": (-2.0, 3.0)}).ops[-1].attrs
+    assert add["left_shift"] <= 22 and max(add["input1_shift"], add["input2_shift"], add["output_shift"]) <= 0, \
+        "these parameters would take the portable loop, not the DSP one under test"
     _check_on_board(g, rng, board, {"x0": (-2.0, 3.0)})
 
 

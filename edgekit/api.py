@@ -105,7 +105,7 @@ DEFAULT_EXIT_THRESHOLD = 0.9
 
 
 def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
-             force: bool = False, library: bool = False, example_input=None) -> dict:
+             force: bool = False, library: bool = False, example_input=None, memory_off=()) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -122,13 +122,16 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     edgekit did not generate there are kept). ``force`` also overwrites generated files you edited.
     ``library=True``: the model as a C library for your own firmware (no main, UART or protocol) with
     its API header and build files for CMake, Arduino, PlatformIO, Zephyr and Make
-    (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input."""
+    (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input.
+    ``memory_off``: arena techniques to turn off, "all" (today's greedy plan) or names among
+    inplace-depthwise, inplace-conv, inplace-elementwise, offset-search."""
     if library:
         from .codegen.library import generate_library
         return generate_library(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
-                                example_input=example_input, force=force)
+                                example_input=example_input, force=force, memory_off=memory_off)
     from .codegen.project import generate_project  # here, not at the top: compression imports api, not codegen
-    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold, force=force)
+    return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold, force=force,
+                            memory_off=memory_off)
 
 
 def load_project(out_dir) -> dict:

@@ -51,10 +51,14 @@ def cmd_generate(args) -> int:
     example = _load_npy(args.calib, "calibration")[:1] if args.library and args.calib else None
     record = api.generate(graph, args.output, board=args.board, weights=args.weights,
                           exit_threshold=args.exit_threshold, force=args.force, library=args.library,
-                          example_input=example)
+                          example_input=example, memory_off=[t for t in (args.memory_off or "").split(",") if t])
     print(f"generated {'the library ' if args.library else ''}{args.output}: {len(record['layers'])} layers, "
           f"{record['mode']}, weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, "
           f"board {record['board']}")
+    mem = record["memory"]
+    saved = ", ".join(f"{t} {b:,} B" for t, b in mem["saved_bytes"].items() if b)
+    print(f"arena {mem['arena_bytes']:,} B, lower bound for this schedule {mem['lower_bound']:,} B, "
+          f"greedy plan {mem['greedy_arena_bytes']:,} B" + (f"; saved (each turned off alone): {saved}" if saved else ""))
     if args.library:
         print(f"use it: add_subdirectory({args.output}) + target_link_libraries(app PRIVATE edgekit_model) in CMake, "
               "or as an Arduino / PlatformIO library, a Zephyr module, or include edgekit_model.mk; "
@@ -434,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--library", action="store_true",
                    help="write the model as a C library for your own firmware (no main, UART or protocol): "
                    "src/edgekit_model.h and build files for CMake, Arduino, PlatformIO, Zephyr and Make")
+    g.add_argument("--memory-off", help="comma-separated arena techniques to turn off (to measure them): all, "
+                   "inplace-depthwise, inplace-conv, inplace-elementwise, offset-search")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")

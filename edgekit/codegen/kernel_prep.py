@@ -17,6 +17,8 @@ import numpy as np
 
 from ..ir import Graph, Op
 
+FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
+
 
 def channel_weight_sums(graph: Graph, op: Op) -> np.ndarray:
     """sum of a weighted layer's int8 weights per output channel (int64)."""
@@ -39,8 +41,9 @@ def scratch_bytes(layers, board) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
     convolution gathers the windows of two output pixels (2 x K int16, K = kh * kw * in_c), a
-    fully connected layer widens its input vector once (in_c int16, to a word boundary) and keeps
-    the sums of its rows (int32 for out_c rounded down to a multiple of 4), a depthwise one lists its
+    fully connected layer keeps the sums of up to FC_DSP_CHUNK rows (int32) and widens its input
+    vector once only when the scratch the other layers need leaves room for it (in_c int16, to a
+    word boundary; otherwise it sign-extends in its loop), a depthwise one lists its
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
@@ -52,7 +55,7 @@ def scratch_bytes(layers, board) -> int:
         if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
             need = max(need, (4 if variant == "dsp" else 2) * kh * kw * k_in)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
-            need = max(need, 4 * ((k_in + 1) // 2) + 4 * (layer.dims["filter"][0] & ~3))
+            need = max(need, 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK))  # never 0: defined
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "dsp":
             need = max(need, 4 * kh * kw + 4 * (layer.dims["output"][3] & ~3) + layer.dims["input"][3])
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":

@@ -86,7 +86,7 @@ def library_context(board: Board, record: dict, example_input=None) -> dict:
 
 
 def generate_library(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9, example_input=None, force: bool = False) -> dict:
+                     exit_threshold=0.9, example_input=None, force: bool = False, memory_off=()) -> dict:
     """Write ``graph`` as a C library into ``out_dir``: ``src/`` (the model, its kernels and the API
     header ``edgekit_model.h``), ``CMakeLists.txt``, ``library.properties`` + ``examples/`` (Arduino),
     ``library.json`` (PlatformIO), ``zephyr/`` (a Zephyr module) and ``edgekit_model.mk`` (Make).
@@ -96,7 +96,8 @@ def generate_library(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     if board.kind not in ("cortex-m", "host", "linux-aarch64"):
         raise EdgekitError(f"board {board.name!r} of kind {board.kind!r} has no library output")
     with staged_output(out_dir, force=force) as stage:
-        record = write_project(graph, stage, board, weights=weights, exit_threshold=exit_threshold, library=True)
+        record = write_project(graph, stage, board, weights=weights, exit_threshold=exit_threshold, library=True,
+                               memory_off=memory_off)
         context = library_context(board, record, example_input)
         root = TEMPLATES / "library"
         for tmpl in sorted(root.rglob("*.j2")):

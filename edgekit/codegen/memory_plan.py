@@ -1,18 +1,46 @@
 """Static memory plan: every activation tensor gets an offset in one arena.
 
 Tensors whose lifetimes (first write .. last read, in op order) overlap must
-not overlap in memory. A reshape is free: its output aliases its input. The
-placement is greedy by size (largest buffer first, lowest offset that fits),
-the baseline TFLM's GreedyMemoryPlanner also uses, but computed here at
-generate time so the device spends no instructions on it.
+not overlap in memory, with two kinds of exceptions:
+
+- A reshape is free: its output aliases its input.
+- In place: an op may write its output over an input it is the last reader of, when the kernel's
+  order of reads and writes makes it safe. Every convolution kernel (portable, dsp, x86, neon) writes
+  output pixels in raster order, at most two at a time (PIXEL_GROUP: the pair kernels keep reading
+  both windows while they write both pixels), so output pixel p may overwrite any input byte that no
+  pixel of its group or later reads. With the output placed ``delta`` bytes below the input, that
+  holds for every p when
+  ``delta >= max_p (end of output pixel p) - (first input byte read by a pixel >= p's group's first)``
+  (``conv_inplace_delta``). A depthwise 3x3 with stride 1 then needs one input row and two pixels
+  more than its input (TinyEngine's in-place depthwise, without its buffer), a 1x1 convolution the
+  larger of its two tensors plus one pixel. Elementwise kernels (add, relu) read element i before
+  writing it (delta 0). Fully connected layers do not run in place: their kernels read the input
+  until the last row (keeping a widened copy for that would cost more scratch than it saves).
+
+Placement: lowest feasible offset, buffer by buffer, in an order. Today's plan (``offset-search``
+off) is greedy by size (largest first), TFLM's GreedyMemoryPlanner's order; the search tries a few
+orders and then swaps pairs of buffers (seeded, bounded), and stops at the lower bound. Both are
+computed at generate time so the device spends no instructions on allocation.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
-from ..ir import Graph
+import numpy as np
+
+from ..ir import Graph, Op
 
 ALIAS_OPS = ("reshape",)
+ELEMENTWISE_OPS = ("add", "relu", "relu6", "clamp")
+# The techniques `edgekit generate --memory-off` can turn off, in the order they usually pay.
+TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "offset-search")
+ANY_OVERLAP = -(1 << 40)  # a delta that allows every relative placement
+NO_READ = 1 << 30  # the "first input pixel" of a window that reads none
+# The most output pixels a convolution kernel computes together (dsp / x86 / neon: two), reading all their
+# windows while it writes any of them.
+PIXEL_GROUP = 2
+SEARCH_STEPS = 600  # pair swaps the offset search tries per model (seeded: the plan is reproducible)
 
 
 @dataclass
@@ -25,10 +53,22 @@ class Buffer:
 
 
 @dataclass
+class InPlace:
+    """``output`` may overlap ``input`` when input.offset - output.offset >= delta (or not at all)."""
+
+    input: int  # index in MemoryPlan.buffers
+    output: int
+    delta: int
+    op: int
+    technique: str
+
+
+@dataclass
 class MemoryPlan:
     offsets: dict[str, int] = field(default_factory=dict)  # tensor -> byte offset
     arena_bytes: int = 0
     buffers: list[Buffer] = field(default_factory=list)
+    inplace: list[InPlace] = field(default_factory=list)  # the pairs this plan was allowed to overlap
 
     def live_bytes(self) -> dict[int, int]:
         """Bytes alive at each step (-1: the graph input, i: op i, len(ops): the outputs)."""
@@ -39,23 +79,73 @@ class MemoryPlan:
         return {s: sum(b.size for b in self.buffers if b.first <= s <= b.last) for s in range(first, last + 1)}
 
     def lower_bound(self) -> int:
-        """The largest set of buffers alive at one op: no plan can beat this."""
-        return max(self.live_bytes().values(), default=0)
+        """The largest set of buffers alive at one op, less what that op's in-place pair may share:
+        no plan with this schedule can beat it."""
+        steps = {s for b in self.buffers for s in (b.first, b.last)}
+        best = 0
+        for s in steps:
+            live = sum(b.size for b in self.buffers if b.first <= s <= b.last)
+            shared = max((_pair_saving(self.buffers[p.input], self.buffers[p.output], p.delta)
+                          for p in self.inplace if p.op == s), default=0)
+            best = max(best, live - shared)
+        return best
+
+
+def _pair_saving(inp: Buffer, out: Buffer, delta: int) -> int:
+    """Bytes an in-place pair saves against side by side: out at 0, input at max(delta, 0)."""
+    footprint = max(out.size, delta + inp.size) if delta > 0 else max(out.size, inp.size)
+    return max(0, inp.size + out.size - footprint)
 
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def plan_arena(graph: Graph) -> MemoryPlan:
-    """The plan a generated project uses (8-byte aligned; weight-only graphs keep float32 activations)."""
-    weight_only = bool(graph.meta.get("weight_only"))
-    return plan_memory(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None)
+def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, pad_left) -> int:
+    """The smallest input offset minus output offset (bytes, int8 NHWC) at which a convolution
+    kernel that writes output pixels in raster order, each after reading its window, may write its
+    output over its input (see the module's doc)."""
+    _, in_h, in_w, in_c = in_shape
+    _, out_h, out_w, out_c = out_shape
+    kh, kw = kernel
+    oy = np.arange(out_h)[:, None]
+    ox = np.arange(out_w)[None, :]
+    # the first input row / column a window reads: its first tap inside the image
+    y0 = oy * stride[0] - pad_top
+    x0 = ox * stride[1] - pad_left
+    ky = np.where(y0 < 0, (-y0 + dilation[0] - 1) // dilation[0], 0)
+    kx = np.where(x0 < 0, (-x0 + dilation[1] - 1) // dilation[1], 0)
+    iy = y0 + ky * dilation[0]
+    ix = x0 + kx * dilation[1]
+    valid = (ky < kh) & (kx < kw) & (iy < in_h) & (ix < in_w)
+    first = np.where(valid, iy * in_w + ix, NO_READ).reshape(-1)  # a window all in the padding reads nothing
+    first_after = np.minimum.accumulate(first[::-1])[::-1]  # min over the pixels >= p
+    pixels = np.arange(out_h * out_w)
+    # pixel q is written while its group's windows are still read (pair kernels: pixels 2k, 2k + 1)
+    group_start = pixels - pixels % PIXEL_GROUP
+    return max(ANY_OVERLAP, int(np.max((pixels + 1) * out_c - in_c * first_after[group_start])))
 
 
-def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None = None) -> MemoryPlan:
+def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] | None:
+    """(technique, delta) when this op's kernel may write its output over its first input."""
+    if op.kind in ELEMENTWISE_OPS:
+        return "inplace-elementwise", 0
+    if op.kind in ("conv2d", "depthwise_conv2d"):
+        a = op.attrs
+        w = graph.tensors[op.inputs[1]].shape
+        kernel = (w[1], w[2])
+        delta = conv_inplace_delta(graph.tensors[op.inputs[0]].shape, graph.tensors[op.outputs[0]].shape, kernel,
+                                   a["stride"], a["dilation"], a["padding"][0], a["padding"][2])
+        return ("inplace-depthwise" if op.kind == "depthwise_conv2d" else "inplace-conv"), delta
+    return None
+
+
+def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None = None, *,
+                techniques=(), kernel_variant: str | None = None, inplace_ops=None) -> MemoryPlan:
     """Plan the arena. ``elem_bytes`` overrides bytes per element by dtype (the
-    weight-only mode keeps activations in float32)."""
+    weight-only mode keeps activations in float32). ``techniques``: those of TECHNIQUES to use
+    (none: today's greedy plan); ``kernel_variant``: the board's (in-place rules depend on it);
+    ``inplace_ops``: the indices of the ops allowed to run in place (default: all)."""
     sizes = {}
     for name, t in graph.tensors.items():
         if not t.is_constant:
@@ -93,19 +183,156 @@ def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None 
     for b in buffers.values():
         b.last = max(b.last, b.first)  # written but never read: still needs room while written
 
-    placed: list[Buffer] = []
-    for b in sorted(buffers.values(), key=lambda b: (-b.size, b.first)):
-        live = sorted((p for p in placed if not (p.last < b.first or b.last < p.first)), key=lambda p: p.offset)
-        offset = 0
-        for p in live:
-            if offset + b.size <= p.offset:
-                break
-            offset = max(offset, _align(p.offset + p.size, align))
-        b.offset = offset
-        placed.append(b)
     plan = MemoryPlan(buffers=list(buffers.values()))
+    index = {id(b): i for i, b in enumerate(plan.buffers)}
+    techniques = set(techniques)
+    for i, op in enumerate(graph.ops):
+        if op.kind in ALIAS_OPS or (inplace_ops is not None and i not in inplace_ops):
+            continue
+        rule = _inplace_rule(graph, op, kernel_variant)
+        if rule is None or rule[0] not in techniques or len(op.outputs) != 1:
+            continue
+        technique, delta = rule
+        out = buffers[find(op.outputs[0])]
+        # elementwise kernels take any of their inputs; the others their data input only
+        candidates = [n for n in op.inputs if n in sizes] if op.kind in ELEMENTWISE_OPS else op.inputs[:1]
+        for name in dict.fromkeys(candidates):
+            inp = buffers[find(name)]
+            if inp is out or inp.last != i or out.first != i or name not in sizes:
+                continue
+            if op.kind in ELEMENTWISE_OPS and inp.size != out.size:
+                continue  # a broadcast
+            plan.inplace.append(InPlace(index[id(inp)], index[id(out)],
+                                        delta if delta == ANY_OVERLAP else _align(delta, align), i, technique))
+
+    order = sorted(range(len(plan.buffers)), key=lambda k: (-plan.buffers[k].size, plan.buffers[k].first))
+    offsets = _place(plan, order, align)
+    if "offset-search" in techniques:
+        offsets = _search(plan, order, offsets, align)
+    for b, off in zip(plan.buffers, offsets):
+        b.offset = off
     for b in plan.buffers:
         for name in b.tensors:
             plan.offsets[name] = b.offset
-    plan.arena_bytes = _align(max((b.offset + b.size for b in plan.buffers), default=0), align)
+    plan.arena_bytes = _arena(plan.buffers, offsets, align)
     return plan
+
+
+def _arena(buffers, offsets, align) -> int:
+    return _align(max((o + b.size for b, o in zip(buffers, offsets)), default=0), align)
+
+
+def _place(plan: MemoryPlan, order, align: int) -> list[int]:
+    """Each buffer in ``order`` at the lowest aligned offset that keeps it apart from the placed
+    buffers it lives with, or in the relation an in-place pair allows."""
+    bufs = plan.buffers
+    pairs: dict[tuple[int, int], int] = {}
+    for p in plan.inplace:
+        pairs[(p.input, p.output)] = p.delta
+    offsets: list[int | None] = [None] * len(bufs)
+    for k in order:
+        b = bufs[k]
+        forbidden = []  # open intervals (lo, hi) of offsets b may not take
+        for j, o in enumerate(offsets):
+            if o is None or bufs[j].last < b.first or b.last < bufs[j].first:
+                continue
+            lo, hi = o - b.size, o + bufs[j].size
+            if (j, k) in pairs:  # b is the output, j its input: b.offset <= o - delta is allowed
+                lo = max(lo, o - pairs[(j, k)])
+            elif (k, j) in pairs:  # b is the input, j its output: b.offset >= o + delta is allowed
+                hi = min(hi, o + pairs[(k, j)])
+            if lo + 1 < hi:
+                forbidden.append((lo, hi))
+        offset = 0
+        while True:  # up past every interval that covers the offset
+            covering = [hi for lo, hi in forbidden if lo < offset < hi]
+            if not covering:
+                break
+            offset = _align(max(covering), align)
+        offsets[k] = offset
+    return offsets  # type: ignore[return-value]
+
+
+def _search(plan: MemoryPlan, greedy_order, greedy, align: int) -> list[int]:
+    """Near-exact offsets: a few orders, then seeded pair swaps of the best order, kept when the
+    arena does not grow; stops at the lower bound."""
+    bufs = plan.buffers
+    bound = _align(plan.lower_bound(), align)
+    best_order, best = list(greedy_order), greedy
+    best_arena = _arena(bufs, greedy, align)
+    n = len(bufs)
+    # latest first: an in-place output sits below its input, so a chain of them is laid from its end
+    keys = [lambda k: (-bufs[k].first, -bufs[k].size), lambda k: (bufs[k].first, -bufs[k].size), lambda k: (-(bufs[k].last - bufs[k].first), -bufs[k].size),
+            lambda k: (-bufs[k].size * (bufs[k].last - bufs[k].first + 1), bufs[k].first)]
+    for key in keys:
+        if best_arena <= bound:
+            return best
+        order = sorted(range(n), key=key)
+        offsets = _place(plan, order, align)
+        arena = _arena(bufs, offsets, align)
+        if arena < best_arena:
+            best_order, best, best_arena = order, offsets, arena
+    rng = random.Random(0)
+    order = list(best_order)
+    for _ in range(SEARCH_STEPS if n > 1 else 0):
+        if best_arena <= bound:
+            break
+        i, j = rng.randrange(n), rng.randrange(n)
+        order[i], order[j] = order[j], order[i]
+        offsets = _place(plan, order, align)
+        arena = _arena(bufs, offsets, align)
+        if arena <= best_arena:
+            best, best_arena = offsets, arena
+        else:
+            order[i], order[j] = order[j], order[i]
+    return best
+
+
+def check_techniques(off) -> list[str]:
+    """``off`` ("all", or names of TECHNIQUES) as a list of names; an unknown name is an error."""
+    from ..errors import EdgekitError
+
+    names = [off] if isinstance(off, str) else list(off or ())
+    if "all" in names:
+        return list(TECHNIQUES)
+    unknown = [n for n in names if n not in TECHNIQUES]
+    if unknown:
+        raise EdgekitError(f"unknown memory technique {unknown[0]!r}; choose among all, {', '.join(TECHNIQUES)}")
+    return names
+
+
+def plan_with_report(graph: Graph, align: int = 8, *, kernel_variant: str | None = None, off=(),
+                     inplace_ops=None, elem_bytes: dict[str, int] | None = None) -> tuple[MemoryPlan, dict]:
+    """The plan with every technique not in ``off``, and a report: its arena, its lower bound,
+    today's greedy plan's arena and what each technique saved (the arena with it turned off, less
+    the arena with all on; savings overlap, so they do not add up)."""
+    off = check_techniques(off)
+    on = [t for t in TECHNIQUES if t not in off]
+    plan = plan_memory(graph, align, elem_bytes, techniques=on, kernel_variant=kernel_variant,
+                       inplace_ops=inplace_ops)
+    baseline = plan_memory(graph, align, elem_bytes).arena_bytes if on else plan.arena_bytes
+    saved = {}
+    for t in on:
+        without = plan_memory(graph, align, elem_bytes, techniques=[u for u in on if u != t],
+                              kernel_variant=kernel_variant, inplace_ops=inplace_ops)
+        saved[t] = without.arena_bytes - plan.arena_bytes
+    used = sorted({p.technique for p in plan.inplace if _overlaps(plan, p)})
+    report = {"arena_bytes": plan.arena_bytes, "lower_bound": plan.lower_bound(), "greedy_arena_bytes": baseline,
+              "techniques": on, "saved_bytes": saved, "in_place_layers": sorted({p.op for p in plan.inplace
+                                                                                 if _overlaps(plan, p)}),
+              "in_place_kinds": used}
+    return plan, report
+
+
+def describe(plan: MemoryPlan) -> dict:
+    """The placed buffers as edgekit_project.json records them (what reports draw): each buffer's
+    tensors, offset, size and the steps it is alive (-1: the input, len(ops): the outputs), and the
+    in-place pairs that do overlap (input and output buffer indices)."""
+    return {"buffers": [{"tensors": b.tensors, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
+                        for b in plan.buffers],
+            "in_place_pairs": [[p.input, p.output] for p in plan.inplace if _overlaps(plan, p)]}
+
+
+def _overlaps(plan: MemoryPlan, p: InPlace) -> bool:
+    a, b = plan.buffers[p.input], plan.buffers[p.output]
+    return a.offset < b.offset + b.size and b.offset < a.offset + a.size

@@ -21,7 +21,7 @@ from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import folded_bias, scratch_bytes
-from .memory_plan import MemoryPlan, plan_arena
+from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
 
@@ -431,18 +431,27 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     return rec
 
 
+def _inplace_ops(graph: Graph, weights) -> set[int]:
+    """The ops whose kernels may write over their input: int8, dense weights (the encoded kernels'
+    read order is not part of the in-place contract), no early exits."""
+    if graph.meta.get("weight_only") or exit_names(graph):
+        return set()
+    choice = (lambda op: weights.get(op.name, "dense")) if isinstance(weights, dict) else (lambda op: weights)
+    return {i for i, op in enumerate(graph.ops) if op.kind not in _WEIGHTED or choice(op) == "dense"}
+
+
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9, force: bool = False) -> dict:
+                     exit_threshold=0.9, force: bool = False, memory_off=()) -> dict:
     """Write the C project for ``graph`` into ``out_dir``: a new or empty directory, or an edgekit project
     (replaced in one step; ``force`` also overwrites generated files the user edited), see output_dir.py."""
     from .output_dir import staged_output
 
     with staged_output(out_dir, force=force) as stage:
-        return write_project(graph, stage, board, weights, exit_threshold)
+        return write_project(graph, stage, board, weights, exit_threshold, memory_off=memory_off)
 
 
 def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                  exit_threshold=0.9, library: bool = False) -> dict:
+                  exit_threshold=0.9, library: bool = False, memory_off=()) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -454,6 +463,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     exit, or a list (or comma-separated string) with one per early exit.
     ``library``: only the model's C, in ``src/`` with its headers beside it and no board files (no main,
     UART or protocol); ``codegen/library.py`` adds the API and the build glue.
+    ``memory_off``: arena techniques to turn off ("all", or names from memory_plan.TECHNIQUES).
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = resolve_board(board)
@@ -467,7 +477,9 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"{out} exists and is not a directory")
 
-    plan = plan_arena(graph)
+    plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
+                                    kernel_variant=board.get("kernel_variant"), off=memory_off,
+                                    inplace_ops=_inplace_ops(graph, weights))
     builder = _Builder(graph, plan, weight_only, weights)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     head_only = head_only_ops(graph)
@@ -537,7 +549,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         "mode": "weight_only" if weight_only else "int8",
         "fingerprint": fingerprint,
         "arena_bytes": plan.arena_bytes,
-        "arena_lower_bound": plan.lower_bound(),
+        "arena_lower_bound": memory["lower_bound"],
+        "memory": {**memory, **describe(plan)},  # codegen/memory_plan.py: today's greedy arena, what each technique saved
         "scratch_bytes": context["scratch_bytes"],  # static, outside the arena (kernels/dsp: im2col, widened inputs)
         "weight_bytes": weight_bytes,
         "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),

@@ -79,27 +79,33 @@ def write(html: str, path) -> Path:
 # ---------------------------------------------------------------------------
 
 def memory_plan(project_dir) -> dict:
-    """The arena of a generated project as the planner placed it: buffers (name, offset, size, the
-    first and last step they are alive), step labels, bytes alive per step, the arena and its peak."""
-    from ..codegen.memory_plan import plan_arena
+    """The arena of a generated project as the planner placed it (recorded by generate): buffers (name,
+    offset, size, the first and last step they are alive), step labels, bytes alive per step, the arena
+    and its peak (the schedule's lower bound: bytes alive at once, less what an in-place layer shares)."""
     from ..codegen.project import load_project
     from ..ir_io import load_graph
 
     graph = load_graph(project_dir)
     record = load_project(project_dir)
-    plan = plan_arena(graph)
-    if plan.arena_bytes != record["arena_bytes"]:
-        raise EdgekitError(f"{project_dir}: the memory plan gives a {plan.arena_bytes:,} B arena but the project "
-                           f"records {record['arena_bytes']:,} B; generate the project again with this edgekit")
+    memory = record.get("memory") or {}
+    if "buffers" not in memory:
+        raise EdgekitError(f"{project_dir} records no memory plan (an older edgekit generated it); "
+                           "generate the project again")
     buffers = []
-    for b in plan.buffers:
-        name = b.tensors[0] + (f" (+{len(b.tensors) - 1} reshaped)" if len(b.tensors) > 1 else "")
-        buffers.append({"name": name, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last})
+    for b in memory["buffers"]:
+        name = b["tensors"][0] + (f" (+{len(b['tensors']) - 1} reshaped)" if len(b["tensors"]) > 1 else "")
+        buffers.append({"name": name, "offset": b["offset"], "size": b["size"], "first": b["first"],
+                        "last": b["last"]})
     steps = ["input"] + [f"{i} {op.name}" for i, op in enumerate(graph.ops)] + ["outputs"]
-    live = plan.live_bytes()
-    peak = max(live.values(), default=0)
-    return {"buffers": buffers, "steps": steps, "live": live, "arena_bytes": plan.arena_bytes, "peak": peak,
-            "peak_steps": [s for s, v in live.items() if v == peak]}
+    live = {}
+    if buffers:
+        for s in range(min(b["first"] for b in buffers), max(b["last"] for b in buffers) + 1):
+            live[s] = sum(b["size"] for b in buffers if b["first"] <= s <= b["last"])
+    peak = int(record.get("arena_lower_bound", max(live.values(), default=0)))
+    top = max(live.values(), default=0)
+    return {"buffers": buffers, "steps": steps, "live": live, "arena_bytes": record["arena_bytes"], "peak": peak,
+            "peak_steps": [s for s, v in live.items() if v == top],
+            "in_place_pairs": [tuple(p) for p in memory.get("in_place_pairs", [])]}
 
 
 def _step_name(steps: list[str], step: int) -> str:
@@ -116,9 +122,11 @@ def memory_section(project_dir) -> dict:
             for b in sorted(plan["buffers"], key=lambda b: (b["first"], b["offset"]))]
     peak_at = ", ".join(_step_name(steps, s) for s in plan["peak_steps"])
     intro = (f"One static arena of {plan['arena_bytes']:,} B, planned at generate time. Each box is a tensor, "
-             f"from the layer that writes it to the last layer that reads it; tensors alive at the same time never "
-             f"share bytes. The most bytes alive at once is {plan['peak']:,} B (at {peak_at}): no plan can use "
-             f"less, and this one uses {plan['arena_bytes'] / max(plan['peak'], 1):.2f}x that.")
+             f"from the layer that writes it to the last layer that reads it; tensors alive at the same time share "
+             f"bytes only where a layer writes its output over its own input (in place, {len(plan['in_place_pairs'])} "
+             f"such layers). The most bytes alive at once is at {peak_at}; with the in-place sharing no plan of this "
+             f"schedule can use less than {plan['peak']:,} B, and this one uses "
+             f"{plan['arena_bytes'] / max(plan['peak'], 1):.2f}x that.")
     return _section("Memory plan", intro, image, ["tensor", "offset (B)", "size (B)", "written by", "last read by"],
                     rows)
 

@@ -127,6 +127,7 @@ def test_compress_html(trained_mlp, tmp_path):
 
 @needs_browser
 def test_thresholds_html(trained_cnn, digits, tmp_path):
+    from edgekit import report
     from edgekit.compress import exits as ex
     multi = ex.add_exits(trained_cnn, ["conv1"], digits, epochs=2, show_progress=False)
     edgekit.generate(edgekit.quantize(multi, digits.x_train[:50]), tmp_path / "out")
@@ -138,7 +139,8 @@ def test_thresholds_html(trained_cnn, digits, tmp_path):
     assert code == 0
     chosen = json.loads((tmp_path / "t.json").read_text())["chosen"]
     html = (tmp_path / "t.html").read_text()
-    assert f"{chosen['threshold']:.4g}  (operating point)" in html
+    shown = "off (full network)" if chosen["threshold"] is None else report.threshold_text(chosen["threshold"])
+    assert f"{shown}  (operating point)" in html
     assert f"work {chosen['work_fraction']:.3f} of the full network" in html
     assert_page_is_good(load_page(tmp_path / "t.html", tmp_path / "browser"), images=2)  # curve, memory plan
 

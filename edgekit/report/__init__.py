@@ -271,13 +271,22 @@ def compress_page(report: dict, project_dir=None) -> str:
                    sections)
 
 
+def threshold_text(threshold) -> str:
+    """A threshold as the page shows it: "off", a number, or one per exit (per-exit search)."""
+    if threshold is None:
+        return "off"
+    if isinstance(threshold, (list, tuple)):
+        return " / ".join(threshold_text(t) for t in threshold)
+    return f"{threshold:.4g}"
+
+
 def thresholds_page(sweep: dict, chosen: dict, project_dir=None, rows: int = 24) -> str:
     """The page for an `edgekit thresholds` sweep (``device.profile.sweep_reference`` / ``sweep_device``)."""
     plots.require_matplotlib()
     names, full = sweep["names"], sweep["full"]
     work_label = sweep["costs"]
     image = _image(plots.exit_curve(sweep["points"], full, chosen, names, work_label), "early-exit curve")
-    thr = "off" if chosen["threshold"] is None else f"{chosen['threshold']:.4g}"
+    thr = threshold_text(chosen["threshold"])
     facts = [("exits", ", ".join(names)), ("criterion", sweep["criterion"]), ("samples", f"{sweep['samples']:,}"),
              ("work measured in", work_label), ("from", sweep["source"]),
              ("operating point", f"threshold {thr}: accuracy {_pct(chosen.get('accuracy'))}, work "
@@ -293,7 +302,7 @@ def thresholds_page(sweep: dict, chosen: dict, project_dir=None, rows: int = 24)
     if len(points) > rows:  # an even spread, always with the chosen point
         keep = set(np.linspace(0, len(points) - 1, rows).round().astype(int).tolist())
         points = [p for i, p in enumerate(points) if i in keep or p is chosen or p == chosen]
-    table = [["off (full network)" if p["threshold"] is None else f"{p['threshold']:.4g}"
+    table = [["off (full network)" if p["threshold"] is None else threshold_text(p["threshold"])
               + ("  (operating point)" if p == chosen else ""), _pct(p.get("accuracy")), _count(p["work"]),
               f"{p['work_fraction']:.3f}", *[_pct(r) for r in p["hit_rates"]]] for p in points + [full]]
     intro = ("Each point is one threshold: the higher it is, the fewer inputs an early exit answers, the more "

@@ -197,7 +197,9 @@ def exit_curve(points: list[dict], full: dict, chosen: dict | None, names: list[
         if "accuracy" in full:
             curve.scatter([1.0], [full["accuracy"] * 100], color=GREY, zorder=3, label="full network (exits off)")
         if chosen is not None and "accuracy" in chosen:
-            thr = "off" if chosen["threshold"] is None else f"{chosen['threshold']:.3g}"
+            thr = "off" if chosen["threshold"] is None else (
+                " / ".join("off" if t is None else f"{t:.3g}" for t in chosen["threshold"])
+                if isinstance(chosen["threshold"], list) else f"{chosen['threshold']:.3g}")
             curve.scatter([chosen["work_fraction"]], [chosen["accuracy"] * 100], s=90, facecolor="none",
                           edgecolor=RED, linewidth=2, zorder=4, label=f"operating point (threshold {thr})")
         curve.set_ylabel("accuracy (%)")
@@ -206,13 +208,16 @@ def exit_curve(points: list[dict], full: dict, chosen: dict | None, names: list[
     curve.set_title("accuracy against work", fontsize=10, loc="left")
     curve.grid(alpha=0.3)
     thresholds = [p["threshold"] for p in points]
+    per_exit = any(isinstance(t, list) for t in thresholds)  # a per-exit search path: plot it by step
+    if per_exit:
+        thresholds = list(range(len(points)))
     bottoms = [0.0] * len(points)
     for k, name in enumerate(names):
         rates = [p["hit_rates"][k] * 100 for p in points]
         shares.fill_between(thresholds, bottoms, [b + r for b, r in zip(bottoms, rates)], step="mid",
                             color=CYCLE[k % len(CYCLE)], alpha=0.8, label=name)
         bottoms = [b + r for b, r in zip(bottoms, rates)]
-    shares.set_xlabel("threshold")
+    shares.set_xlabel("step of the per-exit search" if per_exit else "threshold")
     shares.set_ylabel("answered by (%)")
     shares.set_ylim(0, 100)
     shares.set_title("which exit answers", fontsize=10, loc="left")

@@ -147,7 +147,15 @@ def main():
     ap.add_argument("--confidence", default="0.95,0.99", help="the promise's confidence(s), comma-separated")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--json")
+    ap.add_argument("--tables", nargs="+", metavar="RESULTS.json", help="only print the tables of saved results "
+                    "(several files: their runs together, e.g. one per model run in parallel)")
     args = ap.parse_args()
+    if args.tables:
+        parts = [json.loads(Path(f).read_text()) for f in args.tables]
+        merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]],
+                  "seconds": sum(part.get("seconds", sum(run["seconds"] for run in part["runs"])) for part in parts)}
+        print_tables(merged)
+        return
     args.confidence = [float(c) for c in args.confidence.split(",")]
     torch.set_num_threads(1)
     started = time.time()

@@ -142,12 +142,22 @@ def one_run(name: str, seed: int, tmp: Path, args) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. seeds - 1 (split the runs "
+                    "over processes; --tables merges them)")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--max-drop", type=float, default=0.01)
     ap.add_argument("--confidence", default="0.95,0.99", help="the promise's confidence(s), comma-separated")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--json")
+    ap.add_argument("--tables", nargs="+", metavar="RESULTS.json", help="only print the tables of saved results "
+                    "(several files: their runs together, e.g. one per model run in parallel)")
     args = ap.parse_args()
+    if args.tables:
+        parts = [json.loads(Path(f).read_text()) for f in args.tables]
+        merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]],
+                  "seconds": sum(part.get("seconds", sum(run["seconds"] for run in part["runs"])) for part in parts)}
+        print_tables(merged)
+        return
     args.confidence = [float(c) for c in args.confidence.split(",")]
     torch.set_num_threads(1)
     started = time.time()
@@ -155,7 +165,7 @@ def main():
                "max_drop": args.max_drop, "confidences": args.confidence, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.seeds):
                 t0 = time.time()
                 run = one_run(name, seed, Path(tmp), args)
                 run["seconds"] = time.time() - t0

@@ -217,6 +217,8 @@ def exit_curve(points: list[dict], full: dict, chosen: dict | None, names: list[
         shares.fill_between(thresholds, bottoms, [b + r for b, r in zip(bottoms, rates)], step="mid",
                             color=CYCLE[k % len(CYCLE)], alpha=0.8, label=name)
         bottoms = [b + r for b, r in zip(bottoms, rates)]
+    if chosen is not None and chosen["threshold"] is not None and not per_exit:
+        shares.axvline(chosen["threshold"], color=RED, linestyle="--", linewidth=1.2, label="operating point")
     shares.set_xlabel("step of the per-exit search" if per_exit else "threshold")
     shares.set_ylabel("answered by (%)")
     shares.set_ylim(0, 100)

@@ -7,7 +7,8 @@ is the last reader of.
 - Random chains (conv, depthwise, 1x1 conv, residual add, relu, dense) planned with every technique,
   generated, built and run: on the host under ASan/UBSan and on the emulated M4 / M7 (DSP kernels),
   0 differing elements against the numpy reference; the plan must really overlap some layer.
-- What the schedules cannot handle (encoded weights; also early exits) keeps today's plan.
+- What the schedules cannot handle (encoded weights; also weight-only and early-exit graphs) runs
+  no layer in place.
 """
 import shutil
 import tempfile

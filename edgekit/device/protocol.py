@@ -21,7 +21,7 @@ from .port import PortUser, open_port
 VERSION = 1
 MAX_PAYLOAD = 512
 
-IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM = range(1, 9)
+IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM, BOOTLOADER = range(1, 10)
 PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: the early-exit threshold (int32, 1/256 units; 2**31 - 1: off)
 ERROR = 0x7F
 RESPONSE = 0x80
@@ -269,6 +269,18 @@ class DeviceLink(PortUser):
             if "out of bounds" in str(exc):
                 raise DeviceError("the device's model has no early exits (it refused the exit threshold)") from None
             raise
+
+    def enter_bootloader(self) -> bool:
+        """Ask the firmware to restart in its bootloader, which then waits for `edgekit flash`. True
+        when it agreed; False when it answers but cannot (a board without edgekit's bootloader). Raises
+        DeviceError when nothing answers."""
+        try:
+            self.request(BOOTLOADER)
+        except DeviceError as exc:
+            if "unknown message type" in str(exc):
+                return False
+            raise
+        return True
 
     def reset(self) -> None:
         """Send the device back to its bootloader. Its answer may be lost as it resets: not an error."""

@@ -62,3 +62,23 @@ def test_nothing_answering_keeps_the_bare_stm32_message(monkeypatch):
                 flash_serial(load_board("mps2-an386"), b"\0" * 64, 0x00100000, proxy.url, show_progress=False)
         finally:
             proxy.close()
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_a_firmware_from_before_the_bootloader_request_is_reset_into_it(tmp_path):
+    """Firmware built before BOOTLOADER existed refuses it; on a board with edgekit's bootloader the
+    flasher then sends RESET, which lands there too. Such a firmware is made here by building one
+    without the port's bootloader entry."""
+    fingerprint = _mlp_project(tmp_path / "old", 3)
+    port_h = tmp_path / "old" / "ek_port.h"
+    port_h.write_text(port_h.read_text().replace("#define EK_PORT_HAS_BOOTLOADER 1\n", ""))
+    edgekit.build(tmp_path / "old")
+    with Emulator("mps2-an386") as emu:
+        flash_project(tmp_path / "old", emu.url, show_progress=False)
+        with DeviceLink(emu.url) as link:
+            assert link.enter_bootloader() is False  # the old firmware does not know the request
+        result = flash_project(tmp_path / "old", emu.url, show_progress=False)
+        assert result["started"]
+        with DeviceLink(emu.url) as link:
+            assert link.identify().fingerprint == fingerprint

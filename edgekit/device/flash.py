@@ -75,7 +75,7 @@ def pages_for(board: Board, start: int, length: int) -> list[int]:
     return list(range(first, last + 1))
 
 
-def _ask_firmware_for_the_bootloader(serial) -> str:
+def _ask_firmware_for_the_bootloader(serial, board: Board) -> str:
     """An edgekit firmware running on the open port ``serial``: ask it over the framed protocol to
     restart in its bootloader (as esptool and the Arduino tools do). Returns what happened, for the
     error message when the bootloader still does not answer."""
@@ -88,6 +88,10 @@ def _ask_firmware_for_the_bootloader(serial) -> str:
         link = DeviceLink(serial, timeout=0.5, retries=2)  # the same port object: not closed here
         if link.enter_bootloader():
             return "an edgekit firmware answered and restarted in its bootloader"
+        if (board.get("bootloader") or {}).get("kind") == "edgekit":
+            # A firmware from before the BOOTLOADER request: on these boards its RESET lands in the bootloader.
+            link.reset()
+            return "an edgekit firmware without the BOOTLOADER request was reset into the bootloader"
         return ("an edgekit firmware answers, but this board cannot return to a bootloader by itself: "
                 "put it in its bootloader by hand")
     except DeviceError:
@@ -97,7 +101,7 @@ def _ask_firmware_for_the_bootloader(serial) -> str:
             serial.parity = parity
 
 
-def _synced_bootloader(port, timeout: float) -> Stm32Bootloader:
+def _synced_bootloader(port, timeout: float, board: Board) -> Stm32Bootloader:
     """The bootloader on ``port``, synchronised. A device running an edgekit firmware is first asked
     to restart in its bootloader: a short probe of the bootloader (0x7F first: a real STM32's ROM
     detects the baud rate from it), then the protocol, then the full synchronisation. All on one
@@ -108,7 +112,7 @@ def _synced_bootloader(port, timeout: float) -> Stm32Bootloader:
         return bl
     except BootloaderTimeout:
         pass
-    firmware = _ask_firmware_for_the_bootloader(bl.serial)
+    firmware = _ask_firmware_for_the_bootloader(bl.serial, board)
     try:
         bl.sync(attempts=SYNC_ATTEMPTS)
     except BootloaderTimeout as exc:
@@ -123,7 +127,7 @@ def _synced_bootloader(port, timeout: float) -> Stm32Bootloader:
 def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
                  start: bool = True, timeout: float = 1.0) -> dict:
     boot = board.get("bootloader") or {}
-    with _synced_bootloader(port, timeout) as bl:
+    with _synced_bootloader(port, timeout, board) as bl:
         version, commands = bl.get()
         missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),
                                            (EXTENDED_ERASE, "Extended Erase"), (GO, "Go")) if code not in commands]

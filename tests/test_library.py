@@ -497,3 +497,20 @@ int main(void)
     want = api.reference_run(graph, x)
     np.testing.assert_allclose(rows[:, :-1], want, rtol=1e-4, atol=1e-4)  # float kernels: as test_models_c
     assert (rows[:, -1] == np.argmax(rows[:, :-1], axis=1)).all()
+
+
+@needs_cmake
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (make setup)")
+def test_cmake_raspberry_pi_5_application_equals_the_reference(cnn_graph, samples, tmp_path):
+    """The Pi 5 library (NEON + SDOT kernels) cross-built through CMake, run under qemu-aarch64."""
+    lib = tmp_path / "edgekit_model"
+    generate_library(cnn_graph, lib, "rpi5")
+    app = tmp_path / "app"
+    _write_app(app, samples, {"main.c": HOST_MAIN, "CMakeLists.txt": HOST_CMAKE.format(lib=lib)})
+    _cmake_build(app, tmp_path / "build", "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_SYSTEM_NAME=Linux",
+                 "-DCMAKE_SYSTEM_PROCESSOR=aarch64", "-DCMAKE_C_FLAGS=-std=c99 -Wall -Wextra -Werror")
+    proc = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu",
+                           str(tmp_path / "build" / "user_app")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == _expected_lines(samples)

@@ -23,6 +23,7 @@ from edgekit import quant_math as qm
 from edgekit.codegen.library import generate_library
 from edgekit.codegen.render import c_float
 from edgekit.errors import EdgekitError
+from helpers import SANITIZE
 
 needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake (make setup)")
 needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="needs arm-none-eabi-gcc")
@@ -454,3 +455,62 @@ def test_cli_generate_library(tmp_path, cnn_graph, digits):
     assert (tmp_path / "lib" / "src" / "edgekit_model.h").exists()
     values = (tmp_path / "lib" / "examples" / "classify" / "example_input.h").read_text().count("f,")
     assert values == 64  # the first calibration sample, 8 x 8
+
+
+def test_weight_only_library_runs_float_through_the_same_api(digits, tmp_path):
+    """A weight-only model: float activations, the quantize / dequantize helpers copy."""
+    import torch
+    torch.manual_seed(4)
+    graph = api.quantize(models.DigitsCNN().eval(), digits.x_train[:16], weight_only=True)
+    lib = tmp_path / "edgekit_model"
+    generate_library(graph, lib, "host")
+    header = (lib / "src" / "edgekit_model.h").read_text()
+    assert "#define EK_MODEL_WEIGHT_ONLY 1" in header and "float *ek_model_input(int32_t index);" in header
+    x = digits.x_test[:SAMPLES]
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float32)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "samples.h").write_text(_inputs_header({"x": nhwc}))
+    (app / "main.c").write_text(r"""
+#include <stdio.h>
+#include "edgekit_model.h"
+#include "samples.h"
+int main(void)
+{
+    static float scores[EK_MODEL_OUTPUT0_SIZE];
+    ek_model_init();
+    for (int s = 0; s < SAMPLES; ++s) {
+        if (ek_model_quantize_input(0, samples[s], SAMPLE_SIZE) != 0) return 2;
+        ek_model_invoke();
+        ek_model_dequantize_output(0, scores, EK_MODEL_OUTPUT0_SIZE);
+        for (int i = 0; i < EK_MODEL_OUTPUT0_SIZE; ++i) printf("%.9g ", (double)scores[i]);
+        printf("%d\n", (int)ek_model_output_argmax(0));
+    }
+    return 0;
+}
+""")
+    sources = [str(p) for p in sorted((lib / "src").rglob("*.c"))]
+    subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", *SANITIZE, f"-I{lib / 'src'}", "-o",
+                    str(app / "user_app"), str(app / "main.c"), *sources, "-lm"], check=True)
+    out = subprocess.run([str(app / "user_app")], capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = np.array([[float(v) for v in line.split()] for line in out.splitlines()])
+    want = api.reference_run(graph, x)
+    np.testing.assert_allclose(rows[:, :-1], want, rtol=1e-4, atol=1e-4)  # float kernels: as test_models_c
+    assert (rows[:, -1] == np.argmax(rows[:, :-1], axis=1)).all()
+
+
+@needs_cmake
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (make setup)")
+def test_cmake_raspberry_pi_5_application_equals_the_reference(cnn_graph, samples, tmp_path):
+    """The Pi 5 library (NEON + SDOT kernels) cross-built through CMake, run under qemu-aarch64."""
+    lib = tmp_path / "edgekit_model"
+    generate_library(cnn_graph, lib, "rpi5")
+    app = tmp_path / "app"
+    _write_app(app, samples, {"main.c": HOST_MAIN, "CMakeLists.txt": HOST_CMAKE.format(lib=lib)})
+    _cmake_build(app, tmp_path / "build", "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_SYSTEM_NAME=Linux",
+                 "-DCMAKE_SYSTEM_PROCESSOR=aarch64", "-DCMAKE_C_FLAGS=-std=c99 -Wall -Wextra -Werror")
+    proc = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a76", "-L", "/usr/aarch64-linux-gnu",
+                           str(tmp_path / "build" / "user_app")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == _expected_lines(samples)

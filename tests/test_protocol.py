@@ -96,3 +96,20 @@ def test_device_rejects_out_of_range_requests(host_runner):
         with pytest.raises(P.DeviceError, match="unknown message type"):
             link.request(0x55)
         assert link.identify().fingerprint == q.fingerprint()  # still serving
+
+
+def test_a_firmware_without_a_bootloader_says_so(host_runner, monkeypatch):
+    """The host runner has no bootloader to return to: it refuses BOOTLOADER, keeps serving, and
+    `edgekit flash` to it says that the firmware answered but cannot return by itself."""
+    from edgekit.boards import load_board
+    from edgekit.device import flash
+    from edgekit.device.stm32boot import BootloaderTimeout
+
+    out, url, q, x = host_runner
+    with P.DeviceLink(url) as link:
+        assert link.enter_bootloader() is False
+        assert link.identify().num_inputs == 1
+    monkeypatch.setattr(flash, "SYNC_ATTEMPTS", 2)
+    with pytest.raises(BootloaderTimeout, match="firmware answers, but this board cannot return"):
+        # a board whose bootloader is the chip's ROM: no RESET fallback (that is for edgekit's bootloader)
+        flash.flash_serial(load_board("nucleo-f446re"), b"\0" * 64, 0x08000000, url, show_progress=False)

@@ -24,6 +24,9 @@ from .render import TEMPLATES, render_to
 LIBRARY_NAME = "edgekit_model"  # the CMake target, the Arduino / PlatformIO / Zephyr library
 EXAMPLE_NAME = "classify"  # examples/classify/classify.ino
 API_VERSION = 1  # EK_MODEL_API_VERSION: raised only when edgekit_model.h changes incompatibly
+# library.properties must name a URL; edgekit has no public home yet, so this placeholder is the one
+# place to change when it has.
+PROJECT_URL = "https://github.com/edgekit/edgekit"
 EXAMPLE_MAX_VALUES = 1024  # a larger example input is left out of the sketch (it would not fit small boards)
 
 
@@ -71,7 +74,7 @@ def library_context(board: Board, record: dict, example_input=None) -> dict:
     weight_only = record["mode"] == "weight_only"
     kernels = record["kernels"]
     return dict(
-        name=LIBRARY_NAME, example=EXAMPLE_NAME, version=__version__, api_version=API_VERSION,
+        name=LIBRARY_NAME, example=EXAMPLE_NAME, url=PROJECT_URL, version=__version__, api_version=API_VERSION,
         fingerprint=record["fingerprint"], board=board, weight_only=weight_only,
         elem_type="float" if weight_only else "int8_t",
         arena_bytes=record["arena_bytes"], scratch_bytes=record["scratch_bytes"],

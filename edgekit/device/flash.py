@@ -18,9 +18,12 @@ from ..boards import Board, project_board
 from ..codegen.project import load_project
 from ..errors import EdgekitError
 from ..progress import Progress
-from .stm32boot import EXTENDED_ERASE, GO, READ_MEMORY, WRITE_MEMORY, BootloaderError, Stm32Bootloader
+from .stm32boot import (EXTENDED_ERASE, GO, READ_MEMORY, WRITE_MEMORY, BootloaderError, BootloaderTimeout,
+                        Stm32Bootloader)
 
 BLOCK = 256
+SYNC_ATTEMPTS = 20  # 0x7F tries (each up to ~1 s with the filler) before a bootloader counts as absent
+PROBE_ATTEMPTS = 2  # the short first probe, before asking a running firmware
 
 
 def _registry_path() -> Path:
@@ -72,14 +75,62 @@ def pages_for(board: Board, start: int, length: int) -> list[int]:
     return list(range(first, last + 1))
 
 
+def _ask_firmware_for_the_bootloader(serial, board: Board) -> str:
+    """An edgekit firmware running on the open port ``serial``: ask it over the framed protocol to
+    restart in its bootloader (as esptool and the Arduino tools do). Returns what happened, for the
+    error message when the bootloader still does not answer."""
+    from .protocol import DeviceError, DeviceLink
+
+    parity = getattr(serial, "parity", None)
+    try:
+        if parity is not None:
+            serial.parity = "N"  # the firmware's UART is 8N1, the STM32 bootloader's 8E1
+        link = DeviceLink(serial, timeout=0.5, retries=2)  # the same port object: not closed here
+        if link.enter_bootloader():
+            return "an edgekit firmware answered and restarted in its bootloader"
+        if (board.get("bootloader") or {}).get("kind") == "edgekit":
+            # A firmware from before the BOOTLOADER request: on these boards its RESET lands in the bootloader.
+            link.reset()
+            return "an edgekit firmware without the BOOTLOADER request was reset into the bootloader"
+        return ("an edgekit firmware answers, but this board cannot return to a bootloader by itself: "
+                "put it in its bootloader by hand")
+    except DeviceError:
+        return "no edgekit firmware answered over the protocol either"
+    finally:
+        if parity is not None:
+            serial.parity = parity
+
+
+def _synced_bootloader(port, timeout: float, board: Board, overall: float | None = None) -> Stm32Bootloader:
+    """The bootloader on ``port``, synchronised. A device running an edgekit firmware is first asked
+    to restart in its bootloader: a short probe of the bootloader (0x7F first: a real STM32's ROM
+    detects the baud rate from it), then the protocol, then the full synchronisation. All on one
+    open port: reconnecting to a socket between the steps races with the emulator's listener."""
+    bl = Stm32Bootloader(port, timeout=timeout, overall=overall)
+    try:
+        bl.sync(attempts=PROBE_ATTEMPTS, filler=False)
+        return bl
+    except BootloaderTimeout:
+        pass
+    firmware = _ask_firmware_for_the_bootloader(bl.serial, board)
+    try:
+        bl.sync(attempts=SYNC_ATTEMPTS)
+    except BootloaderTimeout as exc:
+        bl.close()
+        raise BootloaderTimeout(f"{exc} ({firmware})") from None
+    except BaseException:
+        bl.close()
+        raise
+    return bl
+
+
 def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
                  start: bool = True, timeout: float = 1.0, overall: float | None = None) -> dict:
     boot = board.get("bootloader") or {}
     # An overall deadline on top of each read's: a minute, plus time for the image at 115200 baud
     # (written and read back) with room for retries.
     overall = 60.0 + len(image) * 0.002 if overall is None else overall
-    with Stm32Bootloader(port, timeout=timeout, overall=overall) as bl:
-        bl.sync()
+    with _synced_bootloader(port, timeout, board, overall) as bl:
         version, commands = bl.get()
         missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),
                                            (EXTENDED_ERASE, "Extended Erase"), (GO, "Go")) if code not in commands]

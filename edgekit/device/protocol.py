@@ -21,7 +21,7 @@ from .port import PortUser, open_port
 VERSION = 1
 MAX_PAYLOAD = 512
 
-IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM = range(1, 9)
+IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM, BOOTLOADER = range(1, 10)
 PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: every early exit's threshold (int32, 1/256 units; 2**31 - 1: off)
 PARAM_EXIT_THRESHOLD_0 = 16  # SET_PARAM id 16 + k: early exit k's own threshold
 ERROR = 0x7F
@@ -280,6 +280,18 @@ class DeviceLink(PortUser):
                                       "early exits, or its firmware takes one threshold for all)") from None
                 raise DeviceError("the device's model has no early exits (it refused the exit threshold)") from None
             raise
+
+    def enter_bootloader(self) -> bool:
+        """Ask the firmware to restart in its bootloader, which then waits for `edgekit flash`. True
+        when it agreed; False when it answers but cannot (a board without edgekit's bootloader). Raises
+        DeviceError when nothing answers."""
+        try:
+            self.request(BOOTLOADER)
+        except DeviceError as exc:
+            if "unknown message type" in str(exc):
+                return False
+            raise
+        return True
 
     def reset(self) -> None:
         """Send the device back to its bootloader. Its answer may be lost as it resets: not an error."""

@@ -118,8 +118,9 @@ class Stm32Bootloader(PortUser):
         return bytes(got)
 
     # -- synchronisation -----------------------------------------------------
-    def sync(self, attempts: int = 20) -> None:
-        """0x7F: the bootloader answers ACK (or NACK when already synchronised, on a real ROM)."""
+    def sync(self, attempts: int = 20, filler: bool = True) -> None:
+        """0x7F: the bootloader answers ACK (or NACK when already synchronised, on a real ROM).
+        ``filler=False``: a bare probe, no filler after a silent 0x7F (kind to a running firmware)."""
         last = None
         for _ in range(attempts):
             self._drain(0.02)
@@ -128,7 +129,8 @@ class Stm32Bootloader(PortUser):
                 b = self._read(1, 0.3)[0]
             except BootloaderTimeout as exc:
                 last = exc
-                self.resync_filler()
+                if filler:
+                    self.resync_filler()
                 continue
             if b in (ACK, NACK):
                 self._drain(0.02)

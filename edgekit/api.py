@@ -27,11 +27,15 @@ def load(model, example_input=None, *, input_shape=None) -> Graph:
         return model
     if isinstance(model, (str, Path)):
         path = Path(model)
+        from .safety import check_graph_shapes
         if path.suffix == ".tflite":
             from .frontends.tflite import load_tflite
-            return load_tflite(path)
-        from .frontends.pytorch import from_torch, load_exported
-        return from_torch(load_exported(path))
+            graph = load_tflite(path)
+        else:
+            from .frontends.pytorch import from_torch, load_exported
+            graph = from_torch(load_exported(path))
+        check_graph_shapes(graph)  # a zero-size or negative dimension, named before anything is generated
+        return graph
     from .frontends.pytorch import from_torch
     if example_input is not None:
         example_input = np.asarray(example_input, dtype=np.float32)[:1]
@@ -72,11 +76,19 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     (top logit minus the runner-up), see ``passes/exits.py``."""
     from .passes.exits import CRITERIA, prepare_exits
 
+    from .safety import check_calibration, check_float_samples, check_percentile
+
     if exit_criterion not in CRITERIA:
         raise EdgekitError(f"unknown exit criterion {exit_criterion!r}: choose one of {', '.join(CRITERIA)}")
-    calibration = _check_samples("the calibration set", calibration)
+    if observer == "percentile":
+        check_percentile(percentile)
+    calibration = _check_samples("the calibration set", check_float_samples(calibration, "the calibration set"))
+    check_calibration(calibration)
     graph = model if isinstance(model, Graph) else load(model, example_input=calibration[:1])
     if graph.is_quantized() or graph.meta.get("weight_only"):
+        if weight_only and graph.is_quantized():
+            raise EdgekitError("weight-only quantization applies to float models; this model is already int8 "
+                               "(a quantized .tflite): generate it as it is, without --weight-only")
         return graph  # already quantized (an int8 .tflite): nothing to calibrate
     float_graph = prepare_float(graph)
     if weight_only:
@@ -184,7 +196,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
                                f"the model expects {sample_shape} (NHWC)")
         data = x
     else:
-        x = _check_samples("the inputs", inputs)
+        from .safety import check_float_samples
+        x = _check_samples("the inputs", check_float_samples(inputs, "the inputs"))
         x = layout.to_ir(x, inp["layout"], sample_shape)
         data = x if project["mode"] == "weight_only" else _quantize_io(x, inp)
     dtype = np.float32 if project["mode"] == "weight_only" else np.int8
@@ -193,6 +206,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
     args = []
     if exits:  # the runner takes the threshold and writes the answering exit after the outputs
         from .passes.exits import threshold_to_int
+        from .safety import check_exit_threshold
+        check_exit_threshold(exit_threshold, exits.get("criterion", "softmax"))
         args = [exits["threshold"] if exit_threshold == "project" else threshold_to_int(exit_threshold)]
         total += 1
     if board.kind == "linux-aarch64":

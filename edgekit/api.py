@@ -83,7 +83,6 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     if observer == "percentile":
         check_percentile(percentile)
     calibration = _check_samples("the calibration set", check_float_samples(calibration, "the calibration set"))
-    check_calibration(calibration)
     graph = model if isinstance(model, Graph) else load(model, example_input=calibration[:1])
     if graph.is_quantized() or graph.meta.get("weight_only"):
         if weight_only and graph.is_quantized():
@@ -96,7 +95,9 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
             raise EdgekitError("early-exit models are int8 only (the exit decisions are integer arithmetic); "
                                "quantize without weight_only")
         return quantize_weights_only(float_graph)
-    ranges = calibrate(float_graph, to_ir_inputs(float_graph, calibration), observer=observer,
+    samples = to_ir_inputs(float_graph, calibration)  # checks the shape first
+    check_calibration(samples)
+    ranges = calibrate(float_graph, samples, observer=observer,
                        percentile=percentile, show_progress=show_progress)
     return prepare_exits(quantize_graph(float_graph, ranges), exit_criterion)
 

@@ -532,6 +532,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
+    from .safety import guard_terminal
+    guard_terminal()  # names from model files are printed: no raw escape sequences to a terminal
     try:
         code = args.fn(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit

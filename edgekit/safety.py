@@ -166,3 +166,25 @@ def quiet_broken_pipe() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x0A, 0x09, 0x0D)}
+
+
+class TerminalSafe:
+    """A text stream for a terminal: control characters that could come from names in a model file
+    (ESC sequences that recolour, move the cursor or retitle the terminal) are written escaped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.translate(_CONTROL))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_terminal() -> None:
+    if getattr(sys.stdout, "isatty", lambda: False)() and not isinstance(sys.stdout, TerminalSafe):
+        sys.stdout = TerminalSafe(sys.stdout)

@@ -180,3 +180,17 @@ def test_a_pt2_with_a_bad_crc_is_refused(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(bytes(data))
     with pytest.raises(EdgekitError, match="damaged"):
         edgekit.load(tmp_path / "bad.pt2")
+
+
+def test_a_single_calibration_sample_is_a_warning(capsys, tmp_path):
+    from edgekit.safety import EdgekitWarning
+    x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
+    with pytest.warns(EdgekitWarning, match="one sample"):
+        edgekit.quantize(_float_fc(), x)
+    # on the command line: one line on stderr, and the work goes on
+    import torch
+    from torch import nn
+    torch.export.save(torch.export.export(nn.Linear(4, 3).eval(), (torch.randn(1, 4),)), tmp_path / "m.pt2")
+    np.save(tmp_path / "c.npy", x)
+    code, err = main(capsys, "generate", tmp_path / "m.pt2", "--calib", tmp_path / "c.npy", "-o", tmp_path / "o")
+    assert code == 0 and "edgekit: warning: the calibration set has one sample" in err

@@ -29,14 +29,18 @@ def load(model, example_input=None, *, input_shape=None) -> Graph:
         return load_onnx(model)
     if isinstance(model, (str, Path)):
         path = Path(model)
+        from .safety import check_graph_shapes
         if path.suffix == ".tflite":
             from .frontends.tflite import load_tflite
-            return load_tflite(path)
-        if path.suffix == ".onnx":
+            graph = load_tflite(path)
+        elif path.suffix == ".onnx":
             from .frontends.onnx import load_onnx
-            return load_onnx(path)
-        from .frontends.pytorch import from_torch, load_exported
-        return from_torch(load_exported(path))
+            graph = load_onnx(path)
+        else:
+            from .frontends.pytorch import from_torch, load_exported
+            graph = from_torch(load_exported(path))
+        check_graph_shapes(graph)  # a zero-size or negative dimension, named before anything is generated
+        return graph
     from .frontends.pytorch import from_torch
     if example_input is not None:
         example_input = np.asarray(example_input, dtype=np.float32)[:1]
@@ -77,11 +81,18 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
     (top logit minus the runner-up), see ``passes/exits.py``."""
     from .passes.exits import CRITERIA, prepare_exits
 
+    from .safety import check_calibration, check_float_samples, check_percentile
+
     if exit_criterion not in CRITERIA:
         raise EdgekitError(f"unknown exit criterion {exit_criterion!r}: choose one of {', '.join(CRITERIA)}")
-    calibration = _check_samples("the calibration set", calibration)
+    if observer == "percentile":
+        check_percentile(percentile)
+    calibration = _check_samples("the calibration set", check_float_samples(calibration, "the calibration set"))
     graph = model if isinstance(model, Graph) else load(model, example_input=calibration[:1])
     if graph.is_quantized() or graph.meta.get("weight_only"):
+        if weight_only and graph.is_quantized():
+            raise EdgekitError("weight-only quantization applies to float models; this model is already int8 "
+                               "(a quantized .tflite): generate it as it is, without --weight-only")
         return graph  # already quantized (an int8 .tflite): nothing to calibrate
     float_graph = prepare_float(graph)
     if weight_only:
@@ -89,7 +100,9 @@ def quantize(model, calibration, *, observer: str = "minmax", percentile: float 
             raise EdgekitError("early-exit models are int8 only (the exit decisions are integer arithmetic); "
                                "quantize without weight_only")
         return quantize_weights_only(float_graph)
-    ranges = calibrate(float_graph, to_ir_inputs(float_graph, calibration), observer=observer,
+    samples = to_ir_inputs(float_graph, calibration)  # checks the shape first
+    check_calibration(samples)
+    ranges = calibrate(float_graph, samples, observer=observer,
                        percentile=percentile, show_progress=show_progress)
     return prepare_exits(quantize_graph(float_graph, ranges), exit_criterion)
 
@@ -213,7 +226,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
                                f"the model expects {sample_shape} (NHWC)")
         data = x
     else:
-        x = _check_samples("the inputs", inputs)
+        from .safety import check_float_samples
+        x = _check_samples("the inputs", check_float_samples(inputs, "the inputs"))
         x = layout.to_ir(x, inp["layout"], sample_shape)
         data = x if project["mode"] == "weight_only" else _quantize_io(x, inp)
     dtype = np.float32 if project["mode"] == "weight_only" else np.int8
@@ -222,6 +236,8 @@ def run(out_dir, inputs, *, int8: bool = False, sanitize: bool = False, exit_thr
     args = []
     if exits:  # the runner takes the threshold and writes the answering exit after the outputs
         from .passes.exits import device_thresholds
+        from .safety import check_exit_threshold
+        check_exit_threshold(exit_threshold, exits.get("criterion", "softmax"))
         raw = exits["threshold"] if exit_threshold == "project" else \
             device_thresholds(exit_threshold, len(exits["names"]) - 1)
         args = [",".join(str(r) for r in raw) if isinstance(raw, list) else raw]

@@ -9,16 +9,22 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgekitError
+from .safety import percentile_arg, positive_float, positive_int, tcp_port
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise EdgekitError(f"{what} file not found: {p}")
+    if not p.is_file():
+        raise EdgekitError(f"{what} {p} is not a file")
     try:
-        return np.load(p, allow_pickle=False)
+        arr = np.load(p, allow_pickle=False)
     except Exception as exc:
-        raise EdgekitError(f"{what} file {p} is not a readable .npy array: {exc}") from None
+        raise EdgekitError(f"{what} file {p} is not a readable .npy array: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(arr, np.ndarray):
+        raise EdgekitError(f"{what} file {p} is an .npz archive; give one array (.npy)")
+    return arr
 
 
 def cmd_generate(args) -> int:
@@ -29,6 +35,8 @@ def cmd_generate(args) -> int:
 
     board = resolve_board(args.board)  # fail early on a typo
     check_output_dir(args.output, force=args.force)  # and on an output it must not write, before any work
+    from .safety import check_exit_threshold
+    check_exit_threshold(args.exit_threshold, args.exit_criterion)
     if board.source is not None:
         print(f"using a board file of your own: {board.source} (board {board.name!r}, kind {board.kind}); "
               "its compiler and flags are what the build runs")
@@ -36,6 +44,9 @@ def cmd_generate(args) -> int:
     if not model.exists():
         raise EdgekitError(f"model file not found: {model}")
     graph = api.load(model)
+    if graph.is_quantized() and args.weight_only:
+        raise EdgekitError(f"--weight-only applies to float models; {model} is already int8: generate it "
+                           "without --weight-only")
     if not (graph.is_quantized() or graph.meta.get("weight_only")):
         if args.calib is None and not args.weight_only:
             raise EdgekitError("a float model needs calibration data: --calib samples.npy "
@@ -82,6 +93,8 @@ def _model_in_and_out(args) -> tuple[Path, Path]:
         raise EdgekitError(f"the output model {out_path} must be a .pt2 file (torch.export)")
     if out_path.exists() and out_path.resolve() == model_path.resolve():
         raise EdgekitError(f"the output {out_path} is the input model; choose another path (the input stays untouched)")
+    from .safety import check_output_file
+    check_output_file(out_path, "the output model")
     return model_path, out_path
 
 
@@ -128,12 +141,15 @@ def cmd_thresholds(args) -> int:
     from .device.profile import (choose_threshold, describe_threshold, format_sweep, search_per_exit, sweep_device,
                                  sweep_path, sweep_reference)
 
+    from .safety import check_labels, check_output_file
     if not 0.0 < args.confidence < 1.0:
         raise EdgekitError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
     if not 0.0 < args.max_drop < 1.0:
         raise EdgekitError(f"--max-drop must be between 0 and 1 (e.g. 0.01 = 1 pp), got {args.max_drop}")
+    if args.json:
+        check_output_file(args.json, "--json")
     x = _load_npy(args.inputs, "inputs")
-    y = _load_npy(args.labels, "labels")
+    y = check_labels(_load_npy(args.labels, "labels"), len(x) if x.ndim else 0)
     if args.html:
         from . import report as html_report
         html_report.check_output(args.html)
@@ -207,6 +223,8 @@ def cmd_export(args) -> int:
         raise EdgekitError(f"model file not found: {model}")
     if Path(args.output).suffix != ".tflite":
         raise EdgekitError(f"the output must be a .tflite file, not {args.output}")
+    from .safety import check_output_file
+    check_output_file(args.output, "the output")
     graph = api.load(model)
     if not graph.is_quantized():
         if args.calib is None:
@@ -234,6 +252,9 @@ def cmd_compress(args) -> int:
     if args.html:
         from . import report as html_report
         html_report.check_output(args.html)  # before the training, not after
+    if args.report:
+        from .safety import check_output_file
+        check_output_file(args.report, "--report")
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
     if args.build_dir:
         from .codegen.output_dir import check_output_dir
@@ -282,6 +303,9 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     from . import api
 
+    if args.output:
+        from .safety import check_output_file
+        check_output_file(args.output, "--output")
     x = _load_npy(args.inputs, "inputs")
     y, exit_index = api.run(args.project, x, int8=args.int8, sanitize=args.sanitize,
                             exit_threshold="project" if args.exit_threshold is None else args.exit_threshold,
@@ -362,9 +386,14 @@ def cmd_profile(args) -> int:
     import json
 
     from .device.profile import format_report, profile
+    from .safety import check_labels, check_output_file
 
+    if args.json:
+        check_output_file(args.json, "--json")
     x = _load_npy(args.inputs, "inputs")
     labels = _load_npy(args.labels, "labels") if args.labels else None
+    if labels is not None:
+        labels = check_labels(labels, len(x) if x.ndim else 0)
     if args.html:
         from . import report as html_report
         html_report.check_output(args.html)
@@ -423,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "project (replaced; files edgekit did not generate are kept)")
     g.add_argument("--force", action="store_true", help="also overwrite generated files you edited in the project")
     g.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
-    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--percentile", type=percentile_arg, default=99.99)
     g.add_argument("--weight-only", action="store_true", help="int8 weights, float activations (FPU targets)")
     g.add_argument("--weights", default="dense", choices=["dense", "codebook", "huffman", "sparse", "auto"],
                    help="how int8 weights are stored in flash (decoded on the fly by the kernels; "
@@ -450,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", required=True, help="the multi-exit model (.pt2) to write")
     x.add_argument("--mode", default="frozen", choices=["frozen", "joint"], help="train the heads only, or the "
                    "whole network on a weighted sum of the exits' losses")
-    x.add_argument("--epochs", type=int, default=30)
-    x.add_argument("--pool", type=int, help="the grid a head averages a feature map to (default: the finest of "
+    x.add_argument("--epochs", type=positive_int, default=30)
+    x.add_argument("--pool", type=positive_int, help="the grid a head averages a feature map to (default: the finest of "
                    "4x4, 2x2, 1x1 with at most 256 features)")
     x.add_argument("--weights", help="joint mode: loss weights, the early exits then the final (e.g. 1,1,1)")
     x.add_argument("--no-distill", action="store_true", help="do not distil the final exit into the early heads")
@@ -480,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--int8", action="store_true", help="raw int8 NHWC inputs")
     th.add_argument("--json", help="also write the curve as JSON")
     th.add_argument("--html", help="also write the curve as a self-contained HTML page")
-    th.add_argument("--timeout", type=float, default=5.0)
+    th.add_argument("--timeout", type=positive_float, default=5.0)
     th.set_defaults(fn=cmd_thresholds)
 
     e = sub.add_parser("export", help="quantize a model and write it as an int8 .tflite (no TensorFlow needed)")
@@ -490,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (default: float, quantized "
                    "inside the model)")
     e.add_argument("--observer", default="minmax", choices=["minmax", "percentile"])
-    e.add_argument("--percentile", type=float, default=99.99)
+    e.add_argument("--percentile", type=percentile_arg, default=99.99)
     e.set_defaults(fn=cmd_export)
 
 
@@ -527,13 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train, quantize, generate, build, flash and profile a digits CNN")
     d.add_argument("--board", default="mps2-an386", help="default: the emulated Cortex-M4; `host` runs it here")
     d.add_argument("--port", help="a real board's serial port (emulated boards start their own)")
-    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--epochs", type=positive_int, default=30)
     d.add_argument("-o", "--output")
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("emulate", help="run an emulated board (QEMU) with edgekit's serial bootloader")
     e.add_argument("--board", default="mps2-an386")
-    e.add_argument("--port", type=int, default=4321, help="TCP port of its UART (default 4321)")
+    e.add_argument("--port", type=tcp_port, default=4321, help="TCP port of its UART (default 4321)")
     e.add_argument("--log", help="file for QEMU's own messages")
     e.set_defaults(fn=cmd_emulate)
 
@@ -551,13 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--inputs", required=True, help=".npy of float32 samples (the model's layout), or int8 NHWC "
                     "with --int8")
     pr.add_argument("--labels", help=".npy of class labels: on-device accuracy")
-    pr.add_argument("--runs", type=int, help="inferences to run (default: each sample once)")
+    pr.add_argument("--runs", type=positive_int, help="inferences to run (default: each sample once)")
     pr.add_argument("--project", help="the generated project (default: found from the device's model)")
     pr.add_argument("--int8", action="store_true")
     pr.add_argument("--json", help="also write the report as JSON")
     pr.add_argument("--html", help="also write the report as a self-contained HTML page (per-layer counts, the "
                     "memory plan, flash by section)")
-    pr.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    pr.add_argument("--timeout", type=positive_float, default=5.0, help="seconds to wait for each answer")
     pr.add_argument("--exit-threshold", help="early-exit models: the threshold to run at (default: the project's; "
                     "'off': the full network)")
     pr.add_argument("--no-full", action="store_true", help="early-exit models: skip the second pass with early "
@@ -576,23 +605,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from .safety import EdgekitWarning
+    text = f"edgekit: warning: {message}" if issubclass(category, EdgekitWarning) else \
+        f"{filename}:{lineno}: {category.__name__}: {message}"
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    from .safety import guard_terminal
+    guard_terminal()  # names from model files are printed: no raw escape sequences to a terminal
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except EdgekitError as exc:
         print(f"edgekit: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `edgekit ... | head`: the reader left; not an error of edgekit's
+        from .safety import quiet_broken_pipe
+        quiet_broken_pipe()
+        print("edgekit: error: the output was closed before everything was written (e.g. by `head`)",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.strerror is None:
+            return _internal_error(exc)
+        # A file system problem with a path the user gave (permissions, a directory where a file belongs, a
+        # full disk): the operating system's own words and the path, in one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"edgekit: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgekit: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in edgekit, not in the user's input
-        if os.environ.get("EDGEKIT_DEBUG"):
-            raise
-        print(f"edgekit: internal error: {type(exc).__name__}: {exc}\n"
-              "(this is a bug in edgekit; set EDGEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 70
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    if os.environ.get("EDGEKIT_DEBUG"):
+        raise exc
+    print(f"edgekit: internal error: {type(exc).__name__}: {exc}\n"
+          "(this is a bug in edgekit; set EDGEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 70
 
 
 if __name__ == "__main__":

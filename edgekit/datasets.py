@@ -52,14 +52,34 @@ def load_npz(path: str | Path) -> Split:
     path = Path(path)
     if not path.exists():
         raise EdgekitError(f"dataset file not found: {path}")
+    if not path.is_file():
+        raise EdgekitError(f"dataset {path} is not a file (an .npz with x_train, y_train, x_test, y_test)")
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise EdgekitError(f"{path} is not a readable .npz file: {exc}") from None
+    if not hasattr(data, "files"):
+        raise EdgekitError(f"{path} is a single array, not an .npz with x_train, y_train, x_test, y_test")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
     if missing:
         raise EdgekitError(f"{path} lacks arrays {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
-    split = Split(*(np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test")), name=path.stem)
+    arrays = []
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        try:
+            arrays.append(np.asarray(data[k]))
+        except Exception as exc:  # object arrays need pickle, which edgekit never loads
+            raise EdgekitError(f"{path}: {k} cannot be read as a numeric array ({exc})") from None
+    from .safety import check_labels
+    for k, a in zip(("x_train", "y_train", "x_test", "y_test"), arrays):
+        if a.dtype.kind not in "biuf":
+            raise EdgekitError(f"{path}: {k} has dtype {a.dtype}; give numeric arrays")
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise EdgekitError(f"{path}: {k} is empty; give at least one sample")
+    if arrays[0].ndim < 2 or arrays[2].ndim < 2:
+        raise EdgekitError(f"{path}: x_train / x_test must be samples batched on axis 0 (at least 2 dimensions)")
+    arrays[1] = check_labels(arrays[1], arrays[0].shape[0], f"labels y_train of {path}")
+    arrays[3] = check_labels(arrays[3], arrays[2].shape[0], f"labels y_test of {path}")
+    split = Split(*arrays, name=path.stem)
     if split.x_train.shape[0] != split.y_train.shape[0] or split.x_test.shape[0] != split.y_test.shape[0]:
         raise EdgekitError(f"{path}: x and y have different numbers of samples")
     if split.x_train.shape[1:] != split.x_test.shape[1:]:

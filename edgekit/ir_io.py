@@ -69,6 +69,16 @@ def load_graph(directory: str | Path, stem: str = "graph") -> Graph:
     path = directory / f"{stem}.json"
     if not path.exists():
         raise EdgekitError(f"{directory} holds no saved graph ({stem}.json); generate the project again")
+    try:
+        return _load_graph(directory, path, stem)
+    except EdgekitError:
+        raise
+    except Exception as exc:  # a damaged or partial file: any of json, zip, numpy or key errors
+        raise EdgekitError(f"the saved graph in {directory} ({stem}.json / {stem}.npz) is damaged "
+                           f"({type(exc).__name__}: {str(exc)[:120]}); generate the project again") from None
+
+
+def _load_graph(directory: Path, path: Path, stem: str) -> Graph:
     doc = json.loads(path.read_text())
     with np.load(directory / f"{stem}.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}

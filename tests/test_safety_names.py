@@ -205,3 +205,27 @@ def test_hostile_module_paths_through_a_pt2(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [l.strip() for l in (out / "model.c").read_text().splitlines() if "pwned=1" in l]
     assert lines and all(l.startswith('"') or (l.startswith("/* Layer") and "* /pwned=1/ *" in l) for l in lines)
+
+
+def test_names_printed_to_a_terminal_are_escaped(tmp_path):
+    """`edgekit inspect` on a terminal (a real pty): an ESC sequence in a name arrives escaped."""
+    import pty
+    g = _hostile_graph([f"\x1b]0;retitled\x07\x1b[31mred{i}" for i in range(9)])
+    path = edgekit.export_tflite(g, tmp_path / "esc.tflite", io="int8")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(EDGEKIT + ["inspect", str(path)], stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    os.close(master)
+    out = b"".join(chunks)
+    assert b"red" in out and b"\x1b" not in out and b"\x07" not in out
+    assert b"\\x1b[31m" in out

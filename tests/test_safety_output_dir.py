@@ -120,3 +120,12 @@ def test_generating_into_the_working_directory(tmp_path):
                            capture_output=True, text=True, cwd=work, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (work / "model.c").exists() and (work / MARKER).exists()
+
+
+def test_a_symlinked_project_directory_is_regenerated_where_it_points(tmp_path):
+    real = tmp_path / "real"
+    edgekit.generate(tiny_quantized_fc(), real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    edgekit.generate(_other_graph(), link)
+    assert link.is_symlink() and edgekit.api.load_project(real)["fingerprint"] == _other_graph().fingerprint()

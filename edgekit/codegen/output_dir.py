@@ -174,6 +174,8 @@ def _write_marker(stage: Path, generated_files: list[str]) -> None:
 def staged_output(out, force: bool = False):
     """Yield a fresh directory to generate into; on success it replaces ``out`` in one step."""
     out = Path(out)
+    if out.is_symlink():
+        out = out.resolve()  # replace the directory it points to, not the link
     check_output_dir(out, force)
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)

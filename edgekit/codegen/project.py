@@ -444,8 +444,12 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
                      exit_threshold=0.9, force: bool = False, memory_off=()) -> dict:
     """Write the C project for ``graph`` into ``out_dir``: a new or empty directory, or an edgekit project
     (replaced in one step; ``force`` also overwrites generated files the user edited), see output_dir.py."""
+    from ..safety import check_exit_threshold, check_graph_shapes
     from .output_dir import staged_output
 
+    check_graph_shapes(graph)
+    if graph.meta.get("exits"):
+        check_exit_threshold(exit_threshold, graph.meta["exits"].get("criterion", "softmax"))
     with staged_output(out_dir, force=force) as stage:
         return write_project(graph, stage, board, weights, exit_threshold, memory_off=memory_off)
 
@@ -582,7 +586,15 @@ def load_project(out_dir: str | Path) -> dict:
     path = Path(out_dir) / PROJECT_FILE
     if not path.exists():
         raise EdgekitError(f"{out_dir} is not an edgekit project (no {PROJECT_FILE}); run `edgekit generate` first")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise EdgekitError(f"{path} is damaged ({exc}); generate the project again") from None
+    missing = [k for k in ("board", "mode", "fingerprint", "inputs", "outputs", "layers", "kernels")
+               if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise EdgekitError(f"{path} is damaged: it lacks {', '.join(missing)}; generate the project again")
+    return record
 
 
 def clean_project(out_dir: str | Path) -> None:

@@ -154,7 +154,12 @@ def load_recipe(source) -> dict:
         if path is not None:
             if not path.exists():
                 raise EdgekitError(f"recipe file not found: {path}")
-            text, where = path.read_text(), str(path)
+            if not path.is_file():
+                raise EdgekitError(f"recipe {path} is not a file (a .toml with [[step]] entries)")
+            try:
+                text, where = path.read_text(encoding="utf-8"), str(path)
+            except UnicodeDecodeError:
+                raise EdgekitError(f"recipe {path} is not UTF-8 text (TOML files are UTF-8)") from None
         else:
             text, where = source, "the recipe"
         try:

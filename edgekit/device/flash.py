@@ -127,9 +127,9 @@ def _synced_bootloader(port, timeout: float, board: Board, overall: float | None
 def flash_serial(board: Board, image: bytes, base: int, port: str, *, show_progress: bool = True,
                  start: bool = True, timeout: float = 1.0, overall: float | None = None) -> dict:
     boot = board.get("bootloader") or {}
-    # An overall deadline on top of each read's: a minute, plus time for the image at 115200 baud
-    # (written and read back) with room for retries.
-    overall = 60.0 + len(image) * 0.002 if overall is None else overall
+    # An overall deadline on top of each read's: two minutes, plus 10 ms per image byte (50 times what
+    # writing and reading it back takes at 115200 baud: room for retries over a bad link and a busy host).
+    overall = 120.0 + len(image) * 0.010 if overall is None else overall
     with _synced_bootloader(port, timeout, board, overall) as bl:
         version, commands = bl.get()
         missing = [name for code, name in ((READ_MEMORY, "Read Memory"), (WRITE_MEMORY, "Write Memory"),

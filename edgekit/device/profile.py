@@ -43,9 +43,12 @@ def _prepare_inputs(project: dict, graph, inputs: np.ndarray, int8: bool) -> np.
         if x.dtype != np.int8 or list(x.shape[1:]) != list(sample_shape):
             raise EdgekitError(f"--int8 inputs must be int8 samples of shape {sample_shape} (NHWC)")
         return x
-    x = np.asarray(inputs, dtype=np.float32)
+    from ..safety import check_float_samples
+    x = np.asarray(check_float_samples(inputs, "the inputs"), dtype=np.float32)
     if x.ndim == 0 or x.shape[0] == 0:
         raise EdgekitError("the inputs are empty")
+    if not np.all(np.isfinite(x)):
+        raise EdgekitError("the inputs contain NaN or inf values")
     x = layout.to_ir(x, rec["layout"], sample_shape)
     if project["mode"] == "weight_only":
         return x
@@ -196,14 +199,15 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
         if runs < 1:
             raise EdgekitError("--runs must be at least 1")
         if labels is not None:
-            labels = np.asarray(labels).reshape(-1)
-            if labels.shape[0] != n:
-                raise EdgekitError(f"{labels.shape[0]} labels for {n} inputs")
+            from ..safety import check_labels
+            labels = check_labels(labels, n)
         weight_only = project["mode"] == "weight_only"
         exits_info = project.get("exits")
         unit, divisor = count_unit(board, info)
         raw = None
         if exits_info:
+            from ..safety import check_exit_threshold
+            check_exit_threshold(exit_threshold, exits_info.get("criterion", "softmax"))
             raw = exits_info["threshold"] if exit_threshold == "project" else \
                 device_thresholds(exit_threshold, len(exits_info["names"]) - 1)
             link.set_exit_threshold(raw)

@@ -58,7 +58,7 @@ class Stm32Bootloader(PortUser):
     def _check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             noise = " (the port kept sending bytes that are not the bootloader's answers)" if self.babbling else ""
-            raise BootloaderTimeout(f"gave up on {self.port_name} after {self.overall:.0f} s{noise}; "
+            raise BootloaderTimeout(f"timeout: gave up on {self.port_name} after {self.overall:.0f} s{noise}; "
                                     "the device was not started")
 
     # -- bytes -------------------------------------------------------------
@@ -108,7 +108,8 @@ class Stm32Bootloader(PortUser):
                 got += chunk
                 end = min(time.monotonic() + quiet, start + limit)
                 if time.monotonic() >= start + limit:
-                    self.babbling = True
+                    # More than a bootloader sends in one answer (it NACKs each filler byte at most).
+                    self.babbling = self.babbling or len(got) > 1024
                     break
             self._check_deadline()
         try:

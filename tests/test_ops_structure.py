@@ -376,3 +376,25 @@ def test_conv_transpose_everywhere(tmp_path, cbuild):
     g = float_matches_torch(Decoder(), x)
     assert [op.kind for op in g.ops].count("transpose_conv2d") == 2
     int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class Bilinear(nn.Module):
+    """Upsample bilinear (align_corners False: half-pixel centres; True), x2 and to an odd size."""
+
+    def forward(self, x):
+        up = nn.functional.interpolate
+        return (up(x, scale_factor=2, mode="bilinear", align_corners=False),
+                up(x, size=(7, 9), mode="bilinear", align_corners=True),
+                up(x, size=(5, 3), mode="bilinear", align_corners=False))
+
+
+def test_upsample_bilinear_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(8).normal(size=(24, 3, 4, 6)).astype(np.float32)
+    g = float_matches_torch(Bilinear(), x)
+    assert [op.kind for op in g.ops].count("resize_bilinear") == 3
+    q = int8_everywhere(g, x, tmp_path, cbuild)
+    # the int8 interpolation stays within a few steps of torch's float one (TFLite's 1/1024 weights)
+    with torch.no_grad():
+        wants = Bilinear()(torch.as_tensor(x))
+    for name, y_q, want in zip(q.outputs, edgekit.reference_run(q, x), wants):
+        assert np.abs(y_q - want.numpy()).max() <= 3 * q.tensors[name].quant.scale[0]

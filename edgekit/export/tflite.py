@@ -410,6 +410,13 @@ class _Exporter:
         for step in then:
             step()
 
+    def _resize_bilinear(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        a = op.attrs
+        self.m.op(S.RESIZE_BILINEAR, [self.t(op.inputs[0]), size], [self.t(op.outputs[0])], "ResizeBilinearOptions",
+                  {2: Scalar("?", bool(a.get("align_corners"))), 3: Scalar("?", bool(a.get("half_pixel_centers")))})
+
     def _log_softmax(self, op):
         self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 

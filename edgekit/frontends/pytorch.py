@@ -902,6 +902,14 @@ class _Converter:
     def _op__upsample_nearest_exact2d(self, node):
         self._op_upsample_nearest2d(node, half_pixel=True)
 
+    def _op_upsample_bilinear2d(self, node):
+        """Bilinear upsampling: RESIZE_BILINEAR, align_corners as torch's, half-pixel centres otherwise."""
+        v = self._spatial_input(node, node.args[0])
+        align = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+        _, _, OH, OW = (int(s) for s in node.meta["val"].shape)
+        self.add_op("resize_bilinear", node, [v.name], (1, OH, OW, self.shape(v)[3]), 4,
+                    dict(align_corners=bool(align), half_pixel_centers=not align))
+
     def _op_upsample_nearest1d(self, node, half_pixel=False):
         v = self._spatial_input(node, node.args[0], 3)
         OL = int(node.meta["val"].shape[2])

@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV"
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, RESIZE_BILINEAR"
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -479,6 +479,16 @@ class _Importer:
         pads = (top, (H - 1) * sh + kh - OH - top, left, (W - 1) * sw + kw - OW - left)
         self.add_op("transpose_conv2d", op, [x, w, b], dict(stride=(sh, sw), padding=pads, activation="none"))
 
+    def resize_bilinear(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (bool(o.scalar(2, "?", False)), bool(o.scalar(3, "?", False))) if o is not None else (False, False)
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_bilinear", op, [x], dict(align_corners=align, half_pixel_centers=half))
+
     def resize_nearest(self, op: _Operator):
         x = self.activation(op.inputs[0])
         size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
@@ -564,7 +574,8 @@ class _Importer:
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
                          S.LOG_SOFTMAX: lambda: self.log_softmax(op),
                          S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
-                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op)})
+                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op),
+                         S.RESIZE_BILINEAR: lambda: self.resize_bilinear(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

@@ -23,7 +23,8 @@ SUPPORTED_LAYERS = (
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
                      "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
-                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim")
+                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
+                     "Upsample nearest / bilinear, ConvTranspose2d")
 
 
 # The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).

@@ -398,3 +398,25 @@ def test_upsample_bilinear_everywhere(tmp_path, cbuild):
         wants = Bilinear()(torch.as_tensor(x))
     for name, y_q, want in zip(q.outputs, edgekit.reference_run(q, x), wants):
         assert np.abs(y_q - want.numpy()).max() <= 3 * q.tensors[name].quant.scale[0]
+
+
+class EdgePads(nn.Module):
+    """ReflectionPad2d / ReplicationPad2d / F.pad(reflect | replicate) on images and (N, C, L) signals."""
+
+    def __init__(self):
+        super().__init__()
+        self.reflect = nn.ReflectionPad2d((2, 1, 1, 2))
+        self.replicate = nn.ReplicationPad2d(1)
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.c(self.reflect(x))
+        line = nn.functional.pad(y.flatten(2), (3, 2), mode="replicate")
+        return self.replicate(y), nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), line
+
+
+def test_reflect_and_replicate_padding_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(9).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(EdgePads(), x)
+    int8_everywhere(g, x, tmp_path, cbuild)

@@ -1064,8 +1064,11 @@ class _Converter:
         pads = [int(p) for p in node.args[1]]
         if str(node.target).startswith("aten.pad"):  # pad(input, pad, mode, value)
             mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            if mode in ("reflect", "replicate"):
+                return self._edge_pad(node, v, pads, mode)
             if mode != "constant":
-                raise self.unsupported(node, f"padding mode {mode!r} is not supported (only constant)")
+                raise self.unsupported(node, f"padding mode {mode!r} is not supported (constant, reflect, "
+                                             "replicate)")
             value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
         else:
             value = node.args[2] if len(node.args) > 2 else 0.0
@@ -1081,3 +1084,45 @@ class _Converter:
                     dict(padding=(top, bottom, left, right), value=value))
 
     _op_pad = _op_constant_pad_nd
+
+    def _edge_pad(self, node, v: _Value, pads: list[int], mode: str):
+        """reflect / replicate padding, lowered to what every TFLite runtime has: single-row slices of the
+        border (STRIDED_SLICE) concatenated around the tensor, one axis at a time."""
+        if len(pads) % 2 or len(pads) // 2 > v.torch_rank - 2 or any(p < 0 for p in pads):
+            raise self.unsupported(node, f"{mode} padding {pads} (non-negative, spatial dims only)")
+        for k in range(len(pads) // 2):
+            before, after = pads[2 * k], pads[2 * k + 1]
+            if not before and not after:
+                continue
+            dim = v.torch_rank - 1 - k
+            axis = self.torch_axis_to_ir(v, dim, node)
+            n = self.shape(v)[axis]
+            if mode == "reflect" and max(before, after) >= n:
+                raise self.unsupported(node, f"reflect padding of {max(before, after)} on a dim of size {n}")
+            if mode == "reflect":
+                rows = list(range(before, 0, -1)) + [None] + list(range(n - 2, n - 2 - after, -1))
+            else:
+                rows = [0] * before + [None] + [n - 1] * after
+            pieces: dict[int, _Value] = {}
+            parts = []
+            for r in rows:
+                if r is None:
+                    parts.append(v)
+                    continue
+                if r not in pieces:
+                    pieces[r] = self._slice_axis(node, v, axis, r, r + 1, 1)
+                parts.append(pieces[r])
+            shape = list(self.shape(v))
+            shape[axis] = n + before + after
+            v = self.add_op("concat", node, [p.name for p in parts], tuple(shape), v.dims, dict(axis=axis))
+        self.values[node.name] = v
+
+    def _op_reflection_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "reflect")
+
+    _op_reflection_pad1d = _op_reflection_pad2d
+
+    def _op_replication_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "replicate")
+
+    _op_replication_pad1d = _op_replication_pad2d

@@ -35,6 +35,7 @@ transpose              x                                    perm (IR axes; perm[
 split                  x -> y0, y1, ...                     axis (piece sizes from the outputs)
 slice                  x                                    begin, end, strides (IR axes, end exclusive)
 transpose_conv2d       x, weight (O,KH,KW,I), bias?         stride, padding(t,b,l,r) cropped from the full output
+reduce_max             x                                    axes (neighbouring IR axes; kept as size 1)
 resize_bilinear        x                                    align_corners, half_pixel_centers
 resize_nearest         x                                    half_pixel_centers (size from the output)
 log_softmax            x                                    (over the last axis)

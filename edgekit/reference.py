@@ -297,6 +297,10 @@ def _q_resize_bilinear(op, graph, x):
     return (((q + 128) & 0xFF) - 128).astype(np.int8)
 
 
+def _reduce_max(op, graph, x):
+    return x.max(axis=tuple(op.attrs["axes"]), keepdims=True)
+
+
 def _slice(op, graph, x):
     """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
     index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
@@ -316,7 +320,7 @@ FLOAT_KERNELS = {
     "batch_norm": _f_batch_norm, "softmax": _f_softmax,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
-    "resize_bilinear": _f_resize_bilinear,
+    "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
 }
 
 
@@ -544,5 +548,5 @@ INT8_KERNELS = {
     "softmax": _q_softmax, "exit": _q_exit,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
-    "resize_bilinear": _q_resize_bilinear,
+    "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,
 }

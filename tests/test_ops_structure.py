@@ -420,3 +420,19 @@ def test_reflect_and_replicate_padding_everywhere(tmp_path, cbuild):
     x = np.random.default_rng(9).normal(size=(24, 3, 5, 6)).astype(np.float32)
     g = float_matches_torch(EdgePads(), x)
     int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class Maxes(nn.Module):
+    """amax over the channels (CBAM-style spatial attention), over one spatial dim, over an (N, L, C)
+    sequence's features."""
+
+    def forward(self, x):
+        seq = x.flatten(2).transpose(1, 2)  # (N, H * W, C)
+        return x.amax(dim=1, keepdim=True), x.amax(dim=3), seq.amax(-1)
+
+
+def test_reduce_max_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(10).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(Maxes(), x)
+    assert [op.kind for op in g.ops].count("reduce_max") == 3
+    int8_everywhere(g, x, tmp_path, cbuild)

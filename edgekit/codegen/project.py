@@ -371,6 +371,13 @@ class _Builder:
                             dilation_h=1, dilation_w=1, pad_top=a["padding"][0], pad_left=a["padding"][2],
                             depth_multiplier=1)
 
+    def _reduce_max(self, layer, op):
+        """The input as (outer, reduced, inner): the reduced axes are neighbours."""
+        layer.kernel = "ek_reduce_max_f32" if self.weight_only else "ek_reduce_max_s8"
+        shape, axes = self.graph.tensors[op.inputs[0]].shape, op.attrs["axes"]
+        layer.params.update(outer=int(np.prod(shape[:axes[0]])), reduce=int(np.prod(shape[axes[0]:axes[-1] + 1])),
+                            inner=int(np.prod(shape[axes[-1] + 1:])))
+
     def _resize_bilinear(self, layer, op):
         """Source rows / columns and their 1/1024 weights are tables (ir.bilinear_taps, TFLite's integers)."""
         from ..ir import bilinear_taps

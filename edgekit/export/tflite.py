@@ -417,6 +417,11 @@ class _Exporter:
         self.m.op(S.RESIZE_BILINEAR, [self.t(op.inputs[0]), size], [self.t(op.outputs[0])], "ResizeBilinearOptions",
                   {2: Scalar("?", bool(a.get("align_corners"))), 3: Scalar("?", bool(a.get("half_pixel_centers")))})
 
+    def _reduce_max(self, op):
+        axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
+        self.m.op(S.REDUCE_MAX, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", True)})
+
     def _log_softmax(self, op):
         self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 

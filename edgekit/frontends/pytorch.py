@@ -787,6 +787,15 @@ class _Converter:
         rank = v.torch_rank
         dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
         spatial = sorted(v.dims[1:-1])
+        axes = sorted(v.dims.index(d) for d in dims)
+        if what == "amax" and dims and 0 not in dims and (rank < 3 or dims != spatial) \
+                and axes == list(range(axes[0], axes[-1] + 1)):
+            # any other run of neighbouring IR axes (e.g. the channels): REDUCE_MAX
+            shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
+            out = self.add_op("reduce_max", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
+            if not keepdim:
+                self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
+            return
         if rank < 3 or not dims or dims != spatial:
             raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
                                          "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")

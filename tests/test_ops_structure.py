@@ -101,6 +101,23 @@ def test_signal_is_rank3_in_the_ir(tmp_path, cbuild):
     assert [op.kind for op in q.ops].count("reshape") == 1  # the flatten; no transpose anywhere
 
 
+def test_tflite_conv1d_as_keras_writes_it_imports_as_rank3(tmp_path):
+    """A Conv1D in .tflite is RESHAPE (1, L, C) -> (1, 1, L, C), CONV_2D, RESHAPE back: the importer keeps
+    the rank-3 tensors (free reshapes around the 2-D op) and computes what tflite-runtime does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU())
+    x = np.random.default_rng(11).normal(size=(12, 3, 10)).astype(np.float32)
+    q = edgekit.quantize(model, x)
+    path = edgekit.export_tflite(q, tmp_path / "conv1d.tflite", io="int8")
+    g = load_tflite(path)
+    assert g.tensors[g.inputs[0]].shape == (1, 10, 3) and g.source_layouts[g.inputs[0]] == "NLC"
+    assert [op.kind for op in g.ops] == ["reshape", "conv2d", "reshape"]
+    assert g.tensors[g.outputs[0]].shape == (1, 8, 5)
+    p = g.tensors[g.inputs[0]].quant
+    x_q = qm.quantize(x.transpose(0, 2, 1), p.scale[0], p.zero_point[0])
+    assert np.array_equal(reference.run(g, x_q)[0], tflite_run(path, [x_q])[0].reshape(12, 8, 5))
+
+
 def test_sequence_input_stays_nlc():
     """A batch_first (N, L, C) input that no (N, C, L) op reads is held as it is."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4, 3))

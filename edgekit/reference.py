@@ -162,7 +162,8 @@ def _transpose_conv_sum(op, graph, x, w, acc_dtype):
     wt = w.reshape(O, KH, KW, I).astype(acc_dtype)
     for ky in range(KH):
         for kx in range(KW):
-            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+            taps = x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += taps
     pad_h = max(top + OH - full.shape[1], 0)
     pad_w = max(left + OW - full.shape[2], 0)
     full = np.pad(full, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))

@@ -36,8 +36,9 @@ def float_matches_torch(model, x, atol=1e-4):
 
 
 def int8_everywhere(model, x, tmp_path, cbuild):
-    """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference, the .tflite export equals it in
-    tflite-runtime (BUILTIN_REF) and TFLite Micro, and the file imports back to the same outputs.
+    """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference,
+    the .tflite export equals it in tflite-runtime (BUILTIN_REF) and TFLite Micro (one-output models), and the
+    file imports back to the same outputs.
     Returns the int8 graph."""
     q = edgekit.quantize(model, x)
     x_ir = edgekit.api.to_ir_inputs(q, x)

@@ -427,8 +427,9 @@ class _Exporter:
 
     def _slice(self, op):
         a = op.attrs
-        ins = [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.begin", a["begin"]), self._i32(f"{op.outputs[0]}.end", a["end"]),
-               self._i32(f"{op.outputs[0]}.strides", a["strides"])]
+        y = op.outputs[0]
+        ins = [self.t(op.inputs[0]), self._i32(f"{y}.begin", a["begin"]), self._i32(f"{y}.end", a["end"]),
+               self._i32(f"{y}.strides", a["strides"])]
         self.m.op(S.STRIDED_SLICE, ins, [self.t(op.outputs[0])], "StridedSliceOptions", {})
 
 

@@ -308,7 +308,8 @@ class _Converter:
             x = self._plain_reshape(x, (1,) + in_merged, f"{base}.transpose_in", path or node.name)
         out_merged = (1,) + tuple(in_merged[p] for p in perm)
         y = self.new_tensor(f"{base}.transpose", out_merged)
-        self.graph.ops.append(Op("transpose", path or node.name, [x], [y], dict(perm=(0,) + tuple(p + 1 for p in perm))))
+        self.graph.ops.append(Op("transpose", path or node.name, [x], [y],
+                                 dict(perm=(0,) + tuple(p + 1 for p in perm))))
         if out_merged != out_shape:
             y = self._plain_reshape(y, out_shape, f"{base}.transposed", path or node.name)
         nv = _Value(y, dims)

@@ -24,7 +24,8 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, RESIZE_BILINEAR, REDUCE_MAX"
+SUPPORTED += (", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, "
+              "RESIZE_BILINEAR, REDUCE_MAX")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -483,7 +484,8 @@ class _Importer:
         x = self.activation(op.inputs[0])
         size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
         o = op.options
-        align, half = (bool(o.scalar(2, "?", False)), bool(o.scalar(3, "?", False))) if o is not None else (False, False)
+        align, half = (o.scalar(2, "?", False), o.scalar(3, "?", False)) if o is not None else (False, False)
+        align, half = bool(align), bool(half)
         if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
             raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
         self.same_params(op, [op.inputs[0]])
@@ -511,7 +513,8 @@ class _Importer:
         x = self.activation(op.inputs[0])
         size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
         o = op.options
-        align, half = (bool(o.scalar(0, "?", False)), bool(o.scalar(1, "?", False))) if o is not None else (False, False)
+        align, half = (o.scalar(0, "?", False), o.scalar(1, "?", False)) if o is not None else (False, False)
+        align, half = bool(align), bool(half)
         if align:
             raise _Unsupported("align_corners=true (edgekit resizes with align_corners off)")
         if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:

@@ -14,7 +14,7 @@ from edgekit import train
 from edgekit.errors import EdgekitError
 from test_ops_structure import int8_everywhere
 from zoo.imu_cnn import IMUCNN
-from zoo.m5 import M5
+from zoo.m5 import M5, m5_loss
 from zoo.shufflenet_v2 import ShuffleNetV2
 from zoo.signals import signals
 from zoo.tc_resnet import TCResNet
@@ -25,11 +25,11 @@ def digits16(digits):
     return up(digits.x_train), digits.y_train, up(digits.x_test), digits.y_test
 
 
-# name -> (model factory, data factory, epochs, ops the graph must contain)
+# name -> (model factory, data factory, epochs, ops the graph must contain[, training loss])
 ARCHITECTURES = {
     "tc_resnet": (TCResNet, lambda d: signals(8, 32), 12, {"conv2d", "max_pool2d", "avg_pool2d", "mean", "add"}),
     "imu_cnn": (IMUCNN, lambda d: signals(6, 64), 12, {"conv2d", "max_pool2d", "mean", "concat"}),
-    "m5": (M5, lambda d: signals(1, 256), 15, {"conv2d", "max_pool2d", "log_softmax"}),
+    "m5": (M5, lambda d: signals(1, 256), 15, {"conv2d", "max_pool2d", "log_softmax"}, m5_loss),
     "shufflenet_v2": (ShuffleNetV2, digits16, 10, {"split", "transpose", "depthwise_conv2d", "concat"}),
 }
 
@@ -40,10 +40,11 @@ def zoo(digits):
 
     def get(name):
         if name not in cache:
-            make, data, epochs, _ = ARCHITECTURES[name]
+            make, data, epochs, _, *loss = ARCHITECTURES[name]
             x_train, y_train, x_test, y_test = data(digits)
             train.seed_everything(0)
-            model = train.train_classifier(make(), x_train, y_train, epochs=epochs, show_progress=False).eval()
+            model = train.train_classifier(make(), x_train, y_train, epochs=epochs, show_progress=False,
+                                           loss_fn=loss[0] if loss else None).eval()
             cache[name] = (model, x_train, x_test, y_test)
         return cache[name]
     return get
@@ -56,12 +57,7 @@ def budget_or_refusal(q, board, out) -> str:
         return str(exc)
 
 
-# M5 and ShuffleNetV2 (in ARCHITECTURES, used by bench/bench_structure_architectures.py) are not yet
-# parametrized here: their whole-model run did not finish in time on the shared machine.
-VERIFIED = ["tc_resnet", "imu_cnn"]
-
-
-@pytest.mark.parametrize("name", VERIFIED)
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_architecture_bit_exact_accurate_and_sized(name, zoo, cbuild, tmp_path):
     model, x_train, x_test, y_test = zoo(name)
     g = edgekit.load(model, x_train[:1])

@@ -35,6 +35,8 @@ transpose              x                                    perm (IR axes; perm[
 split                  x -> y0, y1, ...                     axis (piece sizes from the outputs)
 slice                  x                                    begin, end, strides (IR axes, end exclusive)
 transpose_conv2d       x, weight (O,KH,KW,I), bias?         stride, padding(t,b,l,r) cropped from the full output
+reduce_max             x                                    axes (neighbouring IR axes; kept as size 1)
+resize_bilinear        x                                    align_corners, half_pixel_centers
 resize_nearest         x                                    half_pixel_centers (size from the output)
 log_softmax            x                                    (over the last axis)
 pad                    x                                    padding(t,b,l,r), value (real number)
@@ -218,6 +220,26 @@ def nearest_source_index(in_size: int, out_size: int, half_pixel_centers: bool =
     offset = np.float32(0.5 if half_pixel_centers else 0.0)
     index = np.floor((np.arange(out_size, dtype=np.float32) + offset) * scale).astype(np.int64)
     return np.clip(index, 0, in_size - 1)
+
+
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool):
+    """TFLite's integer RESIZE_BILINEAR along one axis: per output index the two source indices and the
+    weight of the second one in 1/1024 (the first gets 1024 - it), in its exact integer arithmetic."""
+    import numpy as np
+
+    if align_corners and out_size > 1:
+        scale = ((1 << 10) * (in_size - 1) + (out_size - 1) // 2) // (out_size - 1)
+    else:
+        scale = ((1 << 10) * in_size + out_size // 2) // out_size
+    lo, hi, weight = [], [], []
+    for o in range(out_size):
+        scaled = o * scale + (scale // 2 - (1 << 9) if half_pixel_centers else 0)
+        low = max(int(scaled / (1 << 10)), 0)  # C division: toward zero
+        high = min(int((scaled + (1 << 10) - 1) / (1 << 10)), in_size - 1)
+        lo.append(low)
+        hi.append(high)
+        weight.append(scaled - (1 << 10) * low)
+    return np.array(lo), np.array(hi), np.array(weight)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:

@@ -162,7 +162,8 @@ def _transpose_conv_sum(op, graph, x, w, acc_dtype):
     wt = w.reshape(O, KH, KW, I).astype(acc_dtype)
     for ky in range(KH):
         for kx in range(KW):
-            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+            taps = x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += taps
     pad_h = max(top + OH - full.shape[1], 0)
     pad_w = max(left + OW - full.shape[2], 0)
     full = np.pad(full, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
@@ -258,6 +259,49 @@ def _resize_nearest(op, graph, x):
     return x[:, nearest_source_index(H, OH, hp)][:, :, nearest_source_index(W, OW, hp)]
 
 
+def _f_resize_bilinear(op, graph, x):
+    """torch's bilinear interpolation (align_corners or half-pixel centres clamped at 0)."""
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    x = x.reshape((x.shape[0], H, W, -1)).astype(np.float64)
+
+    def taps(n, o):
+        if op.attrs.get("align_corners"):
+            src = np.arange(o) * ((n - 1) / (o - 1) if o > 1 else 0.0)
+        else:
+            src = np.maximum((np.arange(o) + 0.5) * n / o - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    y0, y1, wy = taps(H, OH)
+    x0, x1, wx = taps(W, OW)
+    rows = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
+    out = rows[:, :, x0] * (1 - wx)[None, None, :, None] + rows[:, :, x1] * wx[None, None, :, None]
+    return out.astype(np.float32)
+
+
+def _q_resize_bilinear(op, graph, x):
+    """TFLite's ResizeBilinearInteger: 10-bit fractional weights, an int64 sum, rounded half away from
+    zero over 2^20, then cast to int8 (wrapping, as the C++ static_cast does)."""
+    from .ir import bilinear_taps
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    ac, hp = bool(op.attrs.get("align_corners")), bool(op.attrs.get("half_pixel_centers"))
+    y0, y1, wy = bilinear_taps(H, OH, ac, hp)
+    x0, x1, wx = bilinear_taps(W, OW, ac, hp)
+    x = x.reshape((x.shape[0], H, W, -1)).astype(np.int64)
+    wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+    acc = (x[:, y0][:, :, x0] * ((1 << 10) - wy) * ((1 << 10) - wx) + x[:, y1][:, :, x0] * wy * ((1 << 10) - wx)
+           + x[:, y0][:, :, x1] * ((1 << 10) - wy) * wx + x[:, y1][:, :, x1] * wy * wx)
+    num = acc + np.where(acc > 0, 1 << 19, -(1 << 19))
+    q = np.where(num >= 0, num // (1 << 20), -((-num) // (1 << 20)))
+    return (((q + 128) & 0xFF) - 128).astype(np.int8)
+
+
+def _reduce_max(op, graph, x):
+    return x.max(axis=tuple(op.attrs["axes"]), keepdims=True)
+
+
 def _slice(op, graph, x):
     """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
     index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
@@ -277,6 +321,7 @@ FLOAT_KERNELS = {
     "batch_norm": _f_batch_norm, "softmax": _f_softmax,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
+    "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
 }
 
 
@@ -504,4 +549,5 @@ INT8_KERNELS = {
     "softmax": _q_softmax, "exit": _q_exit,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
+    "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,
 }

@@ -36,8 +36,9 @@ def float_matches_torch(model, x, atol=1e-4):
 
 
 def int8_everywhere(model, x, tmp_path, cbuild):
-    """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference, the .tflite export equals it in
-    tflite-runtime (BUILTIN_REF) and TFLite Micro, and the file imports back to the same outputs.
+    """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference,
+    the .tflite export equals it in tflite-runtime (BUILTIN_REF) and TFLite Micro (one-output models), and the
+    file imports back to the same outputs.
     Returns the int8 graph."""
     q = edgekit.quantize(model, x)
     x_ir = edgekit.api.to_ir_inputs(q, x)
@@ -99,6 +100,23 @@ def test_signal_is_rank3_in_the_ir(tmp_path, cbuild):
     assert conv_outs == [(1, 8, 8), (1, 4, 8)]
     q = int8_everywhere(g, x, tmp_path, cbuild)
     assert [op.kind for op in q.ops].count("reshape") == 1  # the flatten; no transpose anywhere
+
+
+def test_tflite_conv1d_as_keras_writes_it_imports_as_rank3(tmp_path):
+    """A Conv1D in .tflite is RESHAPE (1, L, C) -> (1, 1, L, C), CONV_2D, RESHAPE back: the importer keeps
+    the rank-3 tensors (free reshapes around the 2-D op) and computes what tflite-runtime does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU())
+    x = np.random.default_rng(11).normal(size=(12, 3, 10)).astype(np.float32)
+    q = edgekit.quantize(model, x)
+    path = edgekit.export_tflite(q, tmp_path / "conv1d.tflite", io="int8")
+    g = load_tflite(path)
+    assert g.tensors[g.inputs[0]].shape == (1, 10, 3) and g.source_layouts[g.inputs[0]] == "NLC"
+    assert [op.kind for op in g.ops] == ["reshape", "conv2d", "reshape"]
+    assert g.tensors[g.outputs[0]].shape == (1, 8, 5)
+    p = g.tensors[g.inputs[0]].quant
+    x_q = qm.quantize(x.transpose(0, 2, 1), p.scale[0], p.zero_point[0])
+    assert np.array_equal(reference.run(g, x_q)[0], tflite_run(path, [x_q])[0].reshape(12, 8, 5))
 
 
 def test_sequence_input_stays_nlc():
@@ -375,4 +393,64 @@ def test_conv_transpose_everywhere(tmp_path, cbuild):
     x = np.random.default_rng(6).normal(size=(24, 3, 8, 8)).astype(np.float32)
     g = float_matches_torch(Decoder(), x)
     assert [op.kind for op in g.ops].count("transpose_conv2d") == 2
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class Bilinear(nn.Module):
+    """Upsample bilinear (align_corners False: half-pixel centres; True), x2 and to an odd size."""
+
+    def forward(self, x):
+        up = nn.functional.interpolate
+        return (up(x, scale_factor=2, mode="bilinear", align_corners=False),
+                up(x, size=(7, 9), mode="bilinear", align_corners=True),
+                up(x, size=(5, 3), mode="bilinear", align_corners=False))
+
+
+def test_upsample_bilinear_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(8).normal(size=(24, 3, 4, 6)).astype(np.float32)
+    g = float_matches_torch(Bilinear(), x)
+    assert [op.kind for op in g.ops].count("resize_bilinear") == 3
+    q = int8_everywhere(g, x, tmp_path, cbuild)
+    # the int8 interpolation stays within a few steps of torch's float one (TFLite's 1/1024 weights)
+    with torch.no_grad():
+        wants = Bilinear()(torch.as_tensor(x))
+    for name, y_q, want in zip(q.outputs, edgekit.reference_run(q, x), wants):
+        assert np.abs(y_q - want.numpy()).max() <= 3 * q.tensors[name].quant.scale[0]
+
+
+class EdgePads(nn.Module):
+    """ReflectionPad2d / ReplicationPad2d / F.pad(reflect | replicate) on images and (N, C, L) signals."""
+
+    def __init__(self):
+        super().__init__()
+        self.reflect = nn.ReflectionPad2d((2, 1, 1, 2))
+        self.replicate = nn.ReplicationPad2d(1)
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.c(self.reflect(x))
+        line = nn.functional.pad(y.flatten(2), (3, 2), mode="replicate")
+        return self.replicate(y), nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), line
+
+
+def test_reflect_and_replicate_padding_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(9).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(EdgePads(), x)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class Maxes(nn.Module):
+    """amax over the channels (CBAM-style spatial attention), over one spatial dim, over an (N, L, C)
+    sequence's features."""
+
+    def forward(self, x):
+        seq = x.flatten(2).transpose(1, 2)  # (N, H * W, C)
+        return x.amax(dim=1, keepdim=True), x.amax(dim=3), seq.amax(-1)
+
+
+def test_reduce_max_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(10).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(Maxes(), x)
+    assert [op.kind for op in g.ops].count("reduce_max") == 3
     int8_everywhere(g, x, tmp_path, cbuild)

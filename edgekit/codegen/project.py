@@ -355,6 +355,26 @@ class _Builder:
                             dilation_h=1, dilation_w=1, pad_top=a["padding"][0], pad_left=a["padding"][2],
                             depth_multiplier=1)
 
+    def _reduce_max(self, layer, op):
+        """The input as (outer, reduced, inner): the reduced axes are neighbours."""
+        layer.kernel = "ek_reduce_max_f32" if self.weight_only else "ek_reduce_max_s8"
+        shape, axes = self.graph.tensors[op.inputs[0]].shape, op.attrs["axes"]
+        layer.params.update(outer=int(np.prod(shape[:axes[0]])), reduce=int(np.prod(shape[axes[0]:axes[-1] + 1])),
+                            inner=int(np.prod(shape[axes[-1] + 1:])))
+
+    def _resize_bilinear(self, layer, op):
+        """Source rows / columns and their 1/1024 weights are tables (ir.bilinear_taps, TFLite's integers)."""
+        from ..ir import bilinear_taps
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': bilinear resize has no weight-only kernel yet; quantize to int8")
+        layer.kernel = "ek_resize_bilinear_s8"
+        (_, H, W, _), (_, OH, OW, _) = layer.dims["input"], layer.dims["output"]
+        ac, hp = bool(op.attrs.get("align_corners")), bool(op.attrs.get("half_pixel_centers"))
+        for axis, (n, o) in (("y", (H, OH)), ("x", (W, OW))):
+            lo, hi, weight = bilinear_taps(n, o, ac, hp)
+            table = np.stack([lo, hi, weight], axis=1).reshape(-1).astype(np.int32)
+            layer.arrays[axis] = self.array(f"{layer.id}_{axis}_taps", table, "low, high, weight of high (1/1024)")
+
     def _resize_nearest(self, layer, op):
         """The source row and column of every output row and column are tables Python computes
         (ir.nearest_source_index, TFLite's float32 arithmetic); the kernel only copies pixels."""

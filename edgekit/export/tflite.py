@@ -410,13 +410,26 @@ class _Exporter:
         for step in then:
             step()
 
+    def _resize_bilinear(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        a = op.attrs
+        self.m.op(S.RESIZE_BILINEAR, [self.t(op.inputs[0]), size], [self.t(op.outputs[0])], "ResizeBilinearOptions",
+                  {2: Scalar("?", bool(a.get("align_corners"))), 3: Scalar("?", bool(a.get("half_pixel_centers")))})
+
+    def _reduce_max(self, op):
+        axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
+        self.m.op(S.REDUCE_MAX, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", True)})
+
     def _log_softmax(self, op):
         self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 
     def _slice(self, op):
         a = op.attrs
-        ins = [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.begin", a["begin"]), self._i32(f"{op.outputs[0]}.end", a["end"]),
-               self._i32(f"{op.outputs[0]}.strides", a["strides"])]
+        y = op.outputs[0]
+        ins = [self.t(op.inputs[0]), self._i32(f"{y}.begin", a["begin"]), self._i32(f"{y}.end", a["end"]),
+               self._i32(f"{y}.strides", a["strides"])]
         self.m.op(S.STRIDED_SLICE, ins, [self.t(op.outputs[0])], "StridedSliceOptions", {})
 
 

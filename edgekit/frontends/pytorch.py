@@ -23,7 +23,8 @@ SUPPORTED_LAYERS = (
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
                      "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
-                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim")
+                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
+                     "Upsample nearest / bilinear, ConvTranspose2d")
 
 
 # The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).
@@ -317,7 +318,8 @@ class _Converter:
             x = self._plain_reshape(x, (1,) + in_merged, f"{base}.transpose_in", path or node.name)
         out_merged = (1,) + tuple(in_merged[p] for p in perm)
         y = self.new_tensor(f"{base}.transpose", out_merged)
-        self.graph.ops.append(Op("transpose", path or node.name, [x], [y], dict(perm=(0,) + tuple(p + 1 for p in perm))))
+        self.graph.ops.append(Op("transpose", path or node.name, [x], [y],
+                                 dict(perm=(0,) + tuple(p + 1 for p in perm))))
         if out_merged != out_shape:
             y = self._plain_reshape(y, out_shape, f"{base}.transposed", path or node.name)
         nv = _Value(y, dims)
@@ -796,6 +798,15 @@ class _Converter:
         rank = v.torch_rank
         dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
         spatial = sorted(v.dims[1:-1])
+        axes = sorted(v.dims.index(d) for d in dims)
+        if what == "amax" and dims and 0 not in dims and (rank < 3 or dims != spatial) \
+                and axes == list(range(axes[0], axes[-1] + 1)):
+            # any other run of neighbouring IR axes (e.g. the channels): REDUCE_MAX
+            shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
+            out = self.add_op("reduce_max", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
+            if not keepdim:
+                self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
+            return
         if rank < 3 or not dims or dims != spatial:
             raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
                                          "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")
@@ -911,6 +922,14 @@ class _Converter:
 
     def _op__upsample_nearest_exact2d(self, node):
         self._op_upsample_nearest2d(node, half_pixel=True)
+
+    def _op_upsample_bilinear2d(self, node):
+        """Bilinear upsampling: RESIZE_BILINEAR, align_corners as torch's, half-pixel centres otherwise."""
+        v = self._spatial_input(node, node.args[0])
+        align = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+        _, _, OH, OW = (int(s) for s in node.meta["val"].shape)
+        self.add_op("resize_bilinear", node, [v.name], (1, OH, OW, self.shape(v)[3]), 4,
+                    dict(align_corners=bool(align), half_pixel_centers=not align))
 
     def _op_upsample_nearest1d(self, node, half_pixel=False):
         v = self._spatial_input(node, node.args[0], 3)
@@ -1065,8 +1084,11 @@ class _Converter:
         pads = [int(p) for p in node.args[1]]
         if str(node.target).startswith("aten.pad"):  # pad(input, pad, mode, value)
             mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            if mode in ("reflect", "replicate"):
+                return self._edge_pad(node, v, pads, mode)
             if mode != "constant":
-                raise self.unsupported(node, f"padding mode {mode!r} is not supported (only constant)")
+                raise self.unsupported(node, f"padding mode {mode!r} is not supported (constant, reflect, "
+                                             "replicate)")
             value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
         else:
             value = node.args[2] if len(node.args) > 2 else 0.0
@@ -1082,3 +1104,45 @@ class _Converter:
                     dict(padding=(top, bottom, left, right), value=value))
 
     _op_pad = _op_constant_pad_nd
+
+    def _edge_pad(self, node, v: _Value, pads: list[int], mode: str):
+        """reflect / replicate padding, lowered to what every TFLite runtime has: single-row slices of the
+        border (STRIDED_SLICE) concatenated around the tensor, one axis at a time."""
+        if len(pads) % 2 or len(pads) // 2 > v.torch_rank - 2 or any(p < 0 for p in pads):
+            raise self.unsupported(node, f"{mode} padding {pads} (non-negative, spatial dims only)")
+        for k in range(len(pads) // 2):
+            before, after = pads[2 * k], pads[2 * k + 1]
+            if not before and not after:
+                continue
+            dim = v.torch_rank - 1 - k
+            axis = self.torch_axis_to_ir(v, dim, node)
+            n = self.shape(v)[axis]
+            if mode == "reflect" and max(before, after) >= n:
+                raise self.unsupported(node, f"reflect padding of {max(before, after)} on a dim of size {n}")
+            if mode == "reflect":
+                rows = list(range(before, 0, -1)) + [None] + list(range(n - 2, n - 2 - after, -1))
+            else:
+                rows = [0] * before + [None] + [n - 1] * after
+            pieces: dict[int, _Value] = {}
+            parts = []
+            for r in rows:
+                if r is None:
+                    parts.append(v)
+                    continue
+                if r not in pieces:
+                    pieces[r] = self._slice_axis(node, v, axis, r, r + 1, 1)
+                parts.append(pieces[r])
+            shape = list(self.shape(v))
+            shape[axis] = n + before + after
+            v = self.add_op("concat", node, [p.name for p in parts], tuple(shape), v.dims, dict(axis=axis))
+        self.values[node.name] = v
+
+    def _op_reflection_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "reflect")
+
+    _op_reflection_pad1d = _op_reflection_pad2d
+
+    def _op_replication_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "replicate")
+
+    _op_replication_pad1d = _op_replication_pad2d

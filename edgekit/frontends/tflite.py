@@ -24,7 +24,8 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV"
+SUPPORTED += (", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, "
+              "RESIZE_BILINEAR, REDUCE_MAX")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -479,11 +480,41 @@ class _Importer:
         pads = (top, (H - 1) * sh + kh - OH - top, left, (W - 1) * sw + kw - OW - left)
         self.add_op("transpose_conv2d", op, [x, w, b], dict(stride=(sh, sw), padding=pads, activation="none"))
 
+    def resize_bilinear(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (o.scalar(2, "?", False), o.scalar(3, "?", False)) if o is not None else (False, False)
+        align, half = bool(align), bool(half)
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_bilinear", op, [x], dict(align_corners=align, half_pixel_centers=half))
+
+    def reduce_max(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        rank = len(self.t[op.inputs[0]].shape)
+        axes = sorted({int(a) % rank for a in self.constant(op.inputs[1], np.int32, "axes").reshape(-1)})
+        keep = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
+        if not axes or 0 in axes or axes != list(range(axes[0], axes[-1] + 1)):
+            raise _Unsupported(f"max over axes {axes} (edgekit reduces neighbouring non-batch axes)")
+        self.same_params(op, [op.inputs[0]])
+        kept = tuple(1 if a in axes else s for a, s in enumerate(self.t[op.inputs[0]].shape))
+        if keep:
+            self.add_op("reduce_max", op, [x], dict(axes=tuple(axes)))
+            return
+        out = self.g.unique_name(f"{self.t[op.outputs[0]].name}.kept")
+        self.g.add_tensor(Tensor(out, kept, "int8", quant=self.g.tensors[x].quant))
+        self.g.ops.append(Op("reduce_max", out, [x], [out], dict(axes=tuple(axes))))
+        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [out],
+                             [self.activation(op.outputs[0])], {}))
+
     def resize_nearest(self, op: _Operator):
         x = self.activation(op.inputs[0])
         size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
         o = op.options
-        align, half = (bool(o.scalar(0, "?", False)), bool(o.scalar(1, "?", False))) if o is not None else (False, False)
+        align, half = (o.scalar(0, "?", False), o.scalar(1, "?", False)) if o is not None else (False, False)
+        align, half = bool(align), bool(half)
         if align:
             raise _Unsupported("align_corners=true (edgekit resizes with align_corners off)")
         if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
@@ -564,7 +595,9 @@ class _Importer:
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
                          S.LOG_SOFTMAX: lambda: self.log_softmax(op),
                          S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
-                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op)})
+                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op),
+                         S.RESIZE_BILINEAR: lambda: self.resize_bilinear(op),
+                         S.REDUCE_MAX: lambda: self.reduce_max(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

@@ -24,7 +24,7 @@ from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
 SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
-               "resize_nearest")
+               "resize_nearest", "resize_bilinear", "reduce_max")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 

@@ -25,6 +25,7 @@ pad                    x                                    padding(t,b,l,r), va
 relu / relu6           x
 batch_norm             x, scale, offset                     (float graphs only; folded away)
 softmax                x                                    beta
+batch_matmul           a (1,..,M,K), b (1,..,K,N) (b const?) adj_x, adj_y (operands stored transposed)
 =====================  ===================================  =========================================
 """
 from __future__ import annotations

@@ -203,11 +203,25 @@ def _f_softmax(op, graph, x):
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def _matmul_operands(op, a, b):
+    """(.., M, K) and (.., K, N) views of a batch matmul's operands (adj_x / adj_y: stored transposed)."""
+    if op.attrs.get("adj_x", False):
+        a = np.swapaxes(a, -1, -2)
+    if op.attrs.get("adj_y", False):
+        b = np.swapaxes(b, -1, -2)
+    return a, b
+
+
+def _f_batch_matmul(op, graph, a, b):
+    a, b = _matmul_operands(op, a.astype(np.float32), b.astype(np.float32))
+    return np.matmul(a, b).astype(np.float32)
+
+
 FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
     "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
-    "batch_norm": _f_batch_norm, "softmax": _f_softmax,
+    "batch_norm": _f_batch_norm, "softmax": _f_softmax, "batch_matmul": _f_batch_matmul,
 }
 
 
@@ -362,9 +376,18 @@ def _q_exit(op, graph, x):
     return conf.reshape(-1, 1).astype(np.int32)
 
 
+def _q_batch_matmul(op, graph, a, b):
+    """TFLite's int8 BATCH_MATMUL: sum of (a - zp_a)(b - zp_b) in int32, one per-tensor multiplier."""
+    a, b = _matmul_operands(op, a.astype(np.int64) + op.attrs["input1_offset"],
+                            b.astype(np.int64) + op.attrs["input2_offset"])
+    acc = np.matmul(a, b)  # int64, exact; |acc| < 2**31 is proved at generate time
+    out = qm.multiply_by_quantized_multiplier(acc, op.attrs["output_multiplier"], op.attrs["output_shift"])
+    return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
 INT8_KERNELS = {
     "conv2d": _q_conv2d, "depthwise_conv2d": _q_depthwise_conv2d, "fully_connected": _q_fully_connected,
     "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
-    "softmax": _q_softmax, "exit": _q_exit,
+    "softmax": _q_softmax, "exit": _q_exit, "batch_matmul": _q_batch_matmul,
 }

@@ -70,6 +70,10 @@ def _dims(shape) -> tuple[int, int, int, int]:
         return shape
     if len(shape) == 2:
         return (shape[0], 1, 1, shape[1])
+    if len(shape) == 3:  # (N, L, C): a row of L positions
+        return (shape[0], 1, shape[1], shape[2])
+    if len(shape) > 4:
+        return (shape[0], int(np.prod(shape[1:-2])), shape[-2], shape[-1])
     raise EdgekitError(f"internal: no NHWC view of shape {shape}")
 
 
@@ -301,6 +305,39 @@ class _Builder:
         t, _, l, _ = op.attrs["padding"]
         value = float(op.attrs.get("value", 0.0)) if self.weight_only else op.attrs["pad_value"]
         layer.params.update(pad_top=t, pad_left=l, value=value)
+
+    def _batch_matmul(self, layer, op):
+        """Python works out the walk: per operand a batch stride (0 when it broadcasts), a stride
+        along the output's rows or columns and one along the reduction (adj_x / adj_y swap them)."""
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': batch_matmul has no weight-only kernel")
+        g, a = self.graph, op.attrs
+        sa, sb, so = (tuple(g.tensors[n].shape) for n in (*op.inputs, op.outputs[0]))
+        batch = so[:-2]
+        rows, cols = so[-2], so[-1]
+        depth = sa[-2] if a.get("adj_x", False) else sa[-1]
+
+        def batch_stride(shape):
+            dims = (1,) * (len(batch) - len(shape[:-2])) + tuple(shape[:-2])
+            if dims == batch:
+                return shape[-1] * shape[-2]
+            if int(np.prod(dims)) == 1:
+                return 0
+            raise EdgekitError(f"layer '{op.name}' (batch_matmul): operand batch dimensions {list(dims)} broadcast "
+                               f"only in part against {list(batch)}; give both the same batch dimensions")
+
+        layer.kernel = "ek_batch_matmul_s8"
+        layer.params.update(
+            batches=int(np.prod(batch)), rows=rows, cols=cols, depth=depth,
+            a_batch_stride=batch_stride(sa), b_batch_stride=batch_stride(sb),
+            a_row_stride=1 if a.get("adj_x", False) else depth, a_depth_stride=rows if a.get("adj_x", False) else 1,
+            b_col_stride=depth if a.get("adj_y", False) else 1, b_depth_stride=1 if a.get("adj_y", False) else cols,
+            **{k: a[k] for k in ("input1_offset", "input2_offset", "output_offset", "output_multiplier",
+                                 "output_shift", "act_min", "act_max")})
+        for role, name in (("input1", op.inputs[0]), ("input2", op.inputs[1])):
+            if g.tensors[name].is_constant:
+                layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
+        layer.macs = int(np.prod(batch)) * rows * cols * depth
 
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy

@@ -25,7 +25,7 @@ _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
 # Operator versions as TensorFlow's converter writes them for int8 models.
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
-             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
+             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2, S.BATCH_MATMUL: 2}
 
 
 def _quant_table(q: QuantParams | None):
@@ -286,6 +286,11 @@ class _Exporter:
 
     def _relu6(self, op):
         self.m.op(S.RELU6, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
+
+    def _batch_matmul(self, op):
+        self.m.op(S.BATCH_MATMUL, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "BatchMatMulOptions",
+                  {0: Scalar("?", bool(op.attrs.get("adj_x", False))),
+                   1: Scalar("?", bool(op.attrs.get("adj_y", False)))})
 
     def _softmax(self, op):
         self.m.op(S.SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "SoftmaxOptions",

@@ -22,7 +22,7 @@ from ..passes.quantize import derive_kernel_params
 from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
-             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, BATCH_MATMUL, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -168,7 +168,7 @@ class _Importer:
                                "int8 models (convert with full-integer quantization)")
         if tt.data is not None:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
-        if len(tt.shape) not in (2, 4) or tt.shape[0] != 1:
+        if len(tt.shape) not in (2, 3, 4) or tt.shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
                                "rank 2 (N, C) or 4 (N, H, W, C)")
         self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
@@ -432,6 +432,24 @@ class _Importer:
             raise _Unsupported("int8 softmax needs output scale 1/256 and zero point -128")
         self.add_op("softmax", op, [x], dict(beta=float(o.scalar(0, "f", 1.0))))
 
+    def batch_matmul(self, op: _Operator):
+        o = self.options(op, "BatchMatMulOptions")
+        names = []
+        for i in op.inputs[:2]:
+            tt = self.t[i]
+            if tt.data is None:
+                names.append(self.activation(i))
+                continue
+            data = self.constant(i, np.int8, "constant operand")
+            name = self._name(i)
+            if name not in self.g.tensors:
+                self.g.add_tensor(Tensor(name, data.shape, "int8", data, self._per_tensor(tt, "operand")))
+            names.append(name)
+        if self.t[op.inputs[0]].data is not None:
+            raise _Unsupported("a constant left operand")
+        self.add_op("batch_matmul", op, names, dict(adj_x=bool(o.scalar(0, "?", False)),
+                                                    adj_y=bool(o.scalar(1, "?", False))))
+
     def relu(self, op: _Operator, kind: str):
         x = self.activation(op.inputs[0])
         self.same_params(op, [op.inputs[0]])
@@ -449,7 +467,7 @@ class _Importer:
                     S.PAD: lambda: self.pad(op, False), S.PADV2: lambda: self.pad(op, True),
                     S.RESHAPE: lambda: self.reshape(op), S.CONCATENATION: lambda: self.concat(op),
                     S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
-                    S.RELU6: lambda: self.relu(op, "relu6")}
+                    S.RELU6: lambda: self.relu(op, "relu6"), S.BATCH_MATMUL: lambda: self.batch_matmul(op)}
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

@@ -239,6 +239,14 @@ def derive_kernel_params(graph: Graph) -> None:
             mo, sho = qm.quantize_multiplier(real)
             op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp,
                             output_multiplier=mo, output_shift=sho)
+        elif op.kind == "batch_matmul":
+            s1, zp1 = _scalar(t[op.inputs[0]].quant)
+            s2, zp2 = _scalar(t[op.inputs[1]].quant)
+            # TFLite's GetQuantizedConvolutionMultipler: the input product in float, then double.
+            real = float(np.float32(np.float32(s1) * np.float32(s2))) / float(np.float32(out_s))
+            mo, sho = qm.quantize_multiplier(real)
+            op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp,
+                            output_multiplier=mo, output_shift=sho)
         elif op.kind == "softmax":
             in_s, _ = _scalar(t[op.inputs[0]].quant)
             beta = float(op.attrs.get("beta", 1.0))
@@ -269,7 +277,7 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
         t = g.tensors[name]
         t.dtype, t.quant = "int8", p
     for op in g.ops:
-        for name in op.inputs if op.kind == "mul" else ():
+        for name in op.inputs if op.kind in ("mul", "batch_matmul") else ():
             c = g.tensors[name]
             if c.is_constant and c.dtype == "float32":  # a constant factor: per-tensor asymmetric int8
                 scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))

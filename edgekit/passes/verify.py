@@ -71,6 +71,15 @@ def check_int8_arithmetic(graph: Graph) -> None:
             if worst > ACCUMULATOR_LIMIT:
                 raise EdgekitError(f"{where}: the product can overflow int32 after the requantization shift "
                                    f"({op.attrs['output_shift']}); the output scale is too small for its inputs")
+        elif op.kind == "batch_matmul":
+            a, b = (graph.tensors[n] for n in op.inputs)
+            depth = a.shape[-2] if op.attrs.get("adj_x", False) else a.shape[-1]
+            worst = (depth * _max_abs_input(op.attrs["input1_offset"]) * _max_abs_input(op.attrs["input2_offset"])
+                     << max(op.attrs["output_shift"], 0))
+            if worst > ACCUMULATOR_LIMIT:
+                raise EdgekitError(f"{where}: a dot product over {depth} terms can reach an int32 accumulator of "
+                                   f"{worst:,} (limit {ACCUMULATOR_LIMIT:,}); the output scale is too small for "
+                                   "its inputs or the reduction too long")
         elif op.kind == "exit" and op.attrs["criterion"] == "margin":
             if 255 << max(op.attrs["shift"], 0) > LIMIT:
                 raise EdgekitError(f"{where}: the logit margin times 256 x the logits' scale can overflow int32; "

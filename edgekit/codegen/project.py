@@ -339,6 +339,24 @@ class _Builder:
                 layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
         layer.macs = int(np.prod(batch)) * rows * cols * depth
 
+    def _lstm(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': lstm has no weight-only kernel; quantize it to int8")
+        g, a = self.graph, op.attrs
+        _, steps, depth = g.tensors[op.inputs[0]].shape
+        hidden = g.tensors[op.inputs[2]].shape[1]
+        layer.kernel = "ek_lstm_s8"
+        layer.params.update(steps=steps, input_size=depth, hidden=hidden, cell_scale=a["cell_scale"],
+                            hidden_multiplier=a["hidden_multiplier"], hidden_shift=a["hidden_shift"],
+                            output_offset=a["output_offset"],
+                            **{k: [int(v) for v in a[k]] for k in ("input_multiplier", "input_shift",
+                                                                   "recurrent_multiplier", "recurrent_shift")})
+        for role, data in (("input_weights", g.tensors[op.inputs[1]].data),
+                           ("recurrent_weights", g.tensors[op.inputs[2]].data),
+                           ("input_bias", a["input_effective_bias"]), ("recurrent_bias", a["recurrent_effective_bias"])):
+            layer.arrays[role] = self.array(f"{layer.id}_{role}", data)
+        layer.macs = steps * 4 * hidden * (depth + hidden)
+
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy
 

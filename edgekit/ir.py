@@ -1,7 +1,17 @@
 """The graph every frontend produces and every backend consumes.
 
-One flat structure: named tensors (NHWC for images, (N, features) for vectors,
-batch 1) and a topologically ordered list of ops. Constant tensors carry their
+One flat structure: named tensors and a topologically ordered list of ops.
+Activation tensors have batch 1 and one of three ranks, channels always last:
+
+- rank 4, (1, H, W, C): images (NHWC);
+- rank 3, (1, L, C): 1-D signals and sequences (a torch (N, C, L) signal and a
+  batch_first (N, L, C) sequence both become (1, L, C));
+- rank 2, (1, C): feature vectors.
+
+Spatial kernels (convolution, pooling, padding, mean) see a rank-3 tensor as
+NHWC (1, 1, L, C) and a rank-2 one as (1, 1, 1, C): ``nhwc(shape)`` is that
+view, shared by the reference, the quantizer and code generation, so a 1-D op
+is the 2-D op with a height of 1 (weights (O, 1, K, I)) and costs no copy. Constant tensors carry their
 data. Quantized tensors carry their quantization parameters; an op's
 precomputed integer parameters (multipliers, shifts, clamps) live in its
 ``attrs`` so the numpy reference and the generated C read the same numbers.
@@ -100,7 +110,7 @@ class Graph:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     # How the source framework lays out each graph input / output ("NCHW",
-    # "NCL", "NC" or "NHWC"), so callers can feed and read data their own way.
+    # "NCL", "NLC", "NC" or "NHWC"), so callers can feed and read data their own way.
     source_layouts: dict[str, str] = field(default_factory=dict)
     # The float model's weight bytes, kept through quantization for reports.
     meta: dict = field(default_factory=dict)
@@ -180,6 +190,19 @@ class Graph:
             outs = ", ".join(f"{o}{list(self.tensors[o].shape)}" for o in op.outputs)
             lines.append(f"{op.kind:18s} {op.name:24s} -> {outs}")
         return "\n".join(lines)
+
+
+def nhwc(shape) -> tuple[int, int, int, int]:
+    """The 4-D (N, H, W, C) view spatial kernels take of an activation shape:
+    (N, L, C) is (N, 1, L, C), (N, C) is (N, 1, 1, C)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 4:
+        return shape
+    if len(shape) == 3:
+        return (shape[0], 1, shape[1], shape[2])
+    if len(shape) == 2:
+        return (shape[0], 1, 1, shape[1])
+    raise ValueError(f"no NHWC view of a rank-{len(shape)} shape {list(shape)}")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import quant_math as qm
 from .errors import EdgekitError
-from .ir import Graph, Op
+from .ir import Graph, Op, nhwc
 
 
 def run(graph: Graph, inputs, *, keep: bool = False):
@@ -38,12 +38,18 @@ def run(graph: Graph, inputs, *, keep: bool = False):
         if fn is None:
             raise EdgekitError(f"layer '{op.name}': no {'int8' if quantized else 'float'} reference for {op.kind}")
         args = [values[n] if n in values else graph.tensors[n].data for n in op.inputs]
+        if op.kind in _SPATIAL:  # a (N, L, C) signal is an image of height 1 to these kernels
+            args[0] = args[0].reshape((args[0].shape[0],) + nhwc(graph.tensors[op.inputs[0]].shape)[1:])
         out = fn(op, graph, *args)
         out_name = op.outputs[0]
         values[out_name] = out.reshape((out.shape[0],) + tuple(graph.tensors[out_name].shape[1:]))
     if keep:
         return values
     return [values[n] for n in graph.outputs]
+
+
+# Kernels that read their input as NHWC (rank-3 / rank-2 tensors through ir.nhwc).
+_SPATIAL = ("conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d", "mean", "pad")
 
 
 # ---------------------------------------------------------------------------
@@ -62,8 +68,8 @@ def _windows(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int, dh: int, dw: in
 
 
 def _conv_geometry(op: Op, graph: Graph, kh: int, kw: int):
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs.get("stride", (1, 1))
     dh, dw = op.attrs.get("dilation", (1, 1))
     top, _, left, _ = op.attrs.get("padding", (0, 0, 0, 0))

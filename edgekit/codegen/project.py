@@ -15,7 +15,7 @@ import numpy as np
 
 from ..boards import Board, load_board
 from ..errors import EdgekitError
-from ..ir import Graph, Op
+from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import exit_names, head_only_ops, threshold_to_int, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
@@ -65,20 +65,12 @@ def c_identifier(text: str) -> str:
 
 
 def _dims(shape) -> tuple[int, int, int, int]:
-    shape = tuple(shape)
-    if len(shape) == 4:
-        return shape
-    if len(shape) == 2:
-        return (shape[0], 1, 1, shape[1])
-    if len(shape) == 3:  # (N, L, C): a row of L positions
-        return (shape[0], 1, shape[1], shape[2])
-    if len(shape) > 4:
-        return (shape[0], int(np.prod(shape[1:-2])), shape[-2], shape[-1])
-    raise EdgekitError(f"internal: no NHWC view of shape {shape}")
+    """What a kernel sees: every activation as NHWC; (1, L, C) is (1, 1, L, C) (ir.nhwc)."""
+    return nhwc(shape)
 
 
 def layer_macs(graph: Graph, op: Op) -> int:
-    out = graph.tensors[op.outputs[0]].shape
+    out = nhwc(graph.tensors[op.outputs[0]].shape)
     if op.kind == "conv2d":
         O, KH, KW, I = graph.tensors[op.inputs[1]].shape
         return out[1] * out[2] * O * KH * KW * I

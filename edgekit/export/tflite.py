@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import EdgekitError
 from ..frontends import tflite_schema as S
 from ..frontends.tflite_schema import Scalar, String, Vector, WTable
-from ..ir import Graph, Op, QuantParams
+from ..ir import Graph, Op, QuantParams, nhwc
 
 _ACTIVATION = {"none": S.ACT_NONE, "relu": S.ACT_RELU, "relu6": S.ACT_RELU6}
 _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32, "int16": S.INT16}
@@ -112,8 +112,8 @@ def _valid_ok(size: int, out: int, k: int, s: int, d: int) -> bool:
 
 def _padding_mode(graph: Graph, op: Op, kh: int, kw: int, dh: int = 1, dw: int = 1):
     """"SAME", "VALID", or (top, bottom, left, right) to pad explicitly before a VALID op."""
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs.get("stride", (1, 1))
     top, _, left, _ = op.attrs.get("padding", (0, 0, 0, 0))
     if top == 0 and left == 0 and _valid_ok(H, OH, kh, sh, dh) and _valid_ok(W, OW, kw, sw, dw):
@@ -132,6 +132,7 @@ class _Exporter:
     def __init__(self, graph: Graph):
         self.g = graph
         self.m = _Model()
+        self.nhwc_views: dict[str, int] = {}  # rank-3 tensor -> its RESHAPE to rank 4
 
     def t(self, name: str) -> int:
         t = self.g.tensors[name]
@@ -150,18 +151,45 @@ class _Exporter:
     def explicit_pad(self, op: Op, pads, value: int | None) -> int:
         """PAD (zero point) or PADV2 (``value``) of the op's input; returns the padded tensor."""
         x = op.inputs[0]
-        n, h, w, c = self.g.tensors[x].shape
+        xi = self.spatial_in(x)
+        n, h, w, c = nhwc(self.g.tensors[x].shape)
         t, b, l, r = pads
         out = self.fresh(f"{op.name}.pad", (n, h + t + b, w + l + r, c), x)
         paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
         if value is None:
-            self.m.op(S.PAD, [self.t(x), paddings], [out], "PadOptions")
+            self.m.op(S.PAD, [xi, paddings], [out], "PadOptions")
         else:
             cv = self.m.constant(f"{op.name}.pad_value", np.array([value], np.int8), "int8",
                                  self.g.tensors[x].quant)
-            self.m.op(S.PADV2, [self.t(x), paddings, cv], [out], "PadV2Options")
+            self.m.op(S.PADV2, [xi, paddings, cv], [out], "PadV2Options")
         return out
+
+    # TFLite's spatial ops take rank-4 tensors: a rank-3 (1, L, C) one goes in and out through RESHAPE to
+    # (1, 1, L, C), as Keras writes a Conv1D.
+    def spatial_in(self, name: str) -> int:
+        shape = self.g.tensors[name].shape
+        if len(shape) != 3:
+            return self.t(name)
+        if name not in self.nhwc_views:
+            out = self.fresh(f"{name}.nhwc", nhwc(shape), name)
+            self._reshape_tensors(self.t(name), out, nhwc(shape), f"{name}.nhwc")
+            self.nhwc_views[name] = out
+        return self.nhwc_views[name]
+
+    def spatial_out(self, name: str, then: list) -> int:
+        """The rank-4 tensor a spatial op writes; ``then`` collects the RESHAPE back to rank 3."""
+        shape = self.g.tensors[name].shape
+        if len(shape) != 3:
+            return self.t(name)
+        out = self.fresh(f"{name}.nhwc", nhwc(shape), name)
+        then.append(lambda: self._reshape_tensors(out, self.t(name), shape, f"{name}.rank3"))
+        return out
+
+    def _reshape_tensors(self, src: int, dst: int, shape, base: str) -> None:
+        shape = np.array(shape, np.int32)
+        st = self.m.constant(f"{base}.shape", shape, "int32")
+        self.m.op(S.RESHAPE, [src, st], [dst], "ReshapeOptions", {0: Vector("i", shape)})
 
     def _exit(self, op):
         """An early exit's decision has no TFLite form: the exported model computes every exit's output."""
@@ -194,14 +222,15 @@ class _Exporter:
         kh, kw = (w.shape[1], w.shape[2])
         dh, dw = a.get("dilation", (1, 1))
         mode = _padding_mode(self.g, op, kh, kw, dh, dw)
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         if isinstance(mode, tuple):
             x, mode = self.explicit_pad(op, mode, None), "VALID"
         pad = S.SAME if mode == "SAME" else S.VALID
         sh, sw = a.get("stride", (1, 1))
         act = _ACTIVATION[a.get("activation", "none")]
         ins = [x, self.t(op.inputs[1]), self.t(op.inputs[2])]
-        out = [self.t(op.outputs[0])]
+        then: list = []
+        out = [self.spatial_out(op.outputs[0], then)]
         if depthwise:
             self.m.op(S.DEPTHWISE_CONV_2D, ins, out, "DepthwiseConv2DOptions",
                       {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh),
@@ -211,6 +240,8 @@ class _Exporter:
             self.m.op(S.CONV_2D, ins, out, "Conv2DOptions",
                       {0: Scalar("b", pad), 1: Scalar("i", sw), 2: Scalar("i", sh), 3: Scalar("b", act),
                        4: Scalar("i", dw), 5: Scalar("i", dh)})
+        for step in then:
+            step()
 
     def _conv2d(self, op):
         self._conv(op, depthwise=False)
@@ -228,7 +259,7 @@ class _Exporter:
         a = op.attrs
         kh, kw = a["kernel"]
         mode = _padding_mode(self.g, op, kh, kw)
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         if op.kind == "avg_pool2d" and a.get("count_include_pad", False) and mode == "SAME" \
                 and _needs_padding(self.g, op, kh, kw):
             mode = _explicit(self.g, op, kh, kw)  # SAME averages only real values; this op counts the padding
@@ -237,9 +268,12 @@ class _Exporter:
                 _check_avg_explicit(op, mode)
             x, mode = self.explicit_pad(op, mode, pad_value), "VALID"
         act = _ACTIVATION[a.get("activation", "none")]
-        self.m.op(code, [x], [self.t(op.outputs[0])], "Pool2DOptions",
+        then: list = []
+        self.m.op(code, [x], [self.spatial_out(op.outputs[0], then)], "Pool2DOptions",
                   {0: Scalar("b", S.SAME if mode == "SAME" else S.VALID), 1: Scalar("i", a["stride"][1]),
                    2: Scalar("i", a["stride"][0]), 3: Scalar("i", kw), 4: Scalar("i", kh), 5: Scalar("b", act)})
+        for step in then:
+            step()
 
     def _max_pool2d(self, op):
         self._pool(op, S.MAX_POOL_2D, -128)  # -128 never wins a max: every window holds a real value
@@ -250,9 +284,12 @@ class _Exporter:
     # the rest --------------------------------------------------------------
     def _mean(self, op):
         axes = self.m.constant(f"{op.name}.axes", np.array([1, 2], np.int32), "int32")
-        keep = len(self.g.tensors[op.outputs[0]].shape) == 4
-        self.m.op(S.MEAN, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
-                  {0: Scalar("?", keep)})
+        then: list = []
+        out = self.spatial_out(op.outputs[0], then)
+        keep = len(self.g.tensors[op.outputs[0]].shape) >= 3
+        self.m.op(S.MEAN, [self.spatial_in(op.inputs[0]), axes], [out], "ReducerOptions", {0: Scalar("?", keep)})
+        for step in then:
+            step()
 
     def _add(self, op):
         self.m.op(S.ADD, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "AddOptions",
@@ -273,18 +310,21 @@ class _Exporter:
                   {0: Vector("i", shape)})
 
     def _pad(self, op):
-        x = self.t(op.inputs[0])
+        x = self.spatial_in(op.inputs[0])
         zp = int(self.g.tensors[op.inputs[0]].quant.zero_point[0])
         t, b, l, r = op.attrs["padding"]
         paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
-        out = self.t(op.outputs[0])
+        then: list = []
+        out = self.spatial_out(op.outputs[0], then)
         if op.attrs["pad_value"] == zp:
             self.m.op(S.PAD, [x, paddings], [out], "PadOptions")
         else:
             cv = self.m.constant(f"{op.name}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
                                  self.g.tensors[op.inputs[0]].quant)
             self.m.op(S.PADV2, [x, paddings, cv], [out], "PadV2Options")
+        for step in then:
+            step()
 
     def _relu(self, op):
         self.m.op(S.RELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
@@ -338,15 +378,15 @@ class _Exporter:
 
 def _needs_padding(graph: Graph, op: Op, kh: int, kw: int) -> bool:
     """Whether SAME padding pads anything for this op (then count_include_pad matters)."""
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs["stride"]
     return max((OH - 1) * sh + kh - H, 0) > 0 or max((OW - 1) * sw + kw - W, 0) > 0
 
 
 def _explicit(graph: Graph, op: Op, kh: int, kw: int):
-    _, H, W, _ = graph.tensors[op.inputs[0]].shape
-    _, OH, OW, _ = graph.tensors[op.outputs[0]].shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
     sh, sw = op.attrs["stride"]
     top, _, left, _ = op.attrs["padding"]
     return (top, max((OH - 1) * sh + kh - H - top, 0), left, max((OW - 1) * sw + kw - W - left, 0))

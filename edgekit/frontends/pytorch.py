@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgekitError
-from ..ir import Graph, Op, Tensor, conv_output_size
+from ..ir import Graph, Op, Tensor, conv_output_size, nhwc
 
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
@@ -116,13 +116,35 @@ def _pair(v, n=2) -> tuple[int, ...]:
     return (int(v),) * n
 
 
+# A value's layout is the tuple ``dims``: IR axis i holds torch dimension dims[i]. The IR is channels
+# last, so a torch NCHW image is (0, 2, 3, 1), an (N, C, L) signal (0, 2, 1), a batch_first (N, L, C)
+# sequence or an (N, C) vector the identity. A permute / transpose only relabels (no op, no copy); a
+# consumer that needs another order (a convolution: channels last; a Linear: the torch last dimension last)
+# gets one TRANSPOSE op, made once per value and order (see docs/DESIGN-NOTES.md, "Layouts").
+CHANNELS_FIRST = {4: (0, 2, 3, 1), 3: (0, 2, 1), 2: (0, 1)}
+LAYOUT_NAMES = {(0, 2, 3, 1): "NCHW", (0, 2, 1): "NCL", (0, 1, 2): "NLC", (0, 1): "NC", (0, 1, 2, 3): "NHWC"}
+# ATen ops that read a rank-3 input as (N, C, L): a rank-3 model input they read is a signal, else a sequence.
+_READS_NCL = ("conv1d", "convolution", "batch_norm", "_native_batch_norm_legit_no_training", "max_pool1d",
+              "max_pool1d_with_indices", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")
+
+
 class _Value:
     """What the converter knows about one torch value."""
 
-    def __init__(self, name: str, torch_rank: int, perm: np.ndarray | None = None):
+    def __init__(self, name: str, layout, perm: np.ndarray | None = None):
         self.name = name  # IR tensor name
-        self.torch_rank = torch_rank  # rank of the torch tensor (4: NCHW, 3: NCL, 2: NC)
+        # IR axis -> torch dimension; an int is a rank in its channels-first layout (NCHW, NCL, NC)
+        self.dims = CHANNELS_FIRST[layout] if isinstance(layout, int) else tuple(int(d) for d in layout)
         self.perm = perm  # set on a flattened spatial tensor: IR position -> torch position
+
+    @property
+    def torch_rank(self) -> int:
+        return len(self.dims)
+
+    @property
+    def channels_first(self) -> bool:
+        """Laid out as a convolution reads it: torch dim 1 (channels) last, the rest in order."""
+        return self.dims == CHANNELS_FIRST.get(self.torch_rank)
 
 
 class _Converter:
@@ -196,15 +218,20 @@ class _Converter:
                                          "edgekit keeps NHWC order and can remap it only into a Linear layer")
 
     def torch_axis_to_ir(self, v: _Value, dim: int, node) -> int:
-        rank = v.torch_rank
-        dim = dim % rank
-        if rank == 4:
-            return {0: 0, 1: 3, 2: 1, 3: 2}[dim]
-        if rank == 3:
-            return {0: 0, 1: 3, 2: 2}[dim]
-        if rank == 2:
-            return dim
-        raise self.unsupported(node, f"tensors of rank {rank} are not supported")
+        if v.torch_rank not in (2, 3, 4):
+            raise self.unsupported(node, f"tensors of rank {v.torch_rank} are not supported")
+        return v.dims.index(dim % v.torch_rank)
+
+    def require_channels_first(self, v: _Value, node, what: str) -> _Value:
+        """The value in the layout a convolution / pooling reads (channels last in the IR)."""
+        if v.channels_first:
+            return v
+        return self.transposed(v, CHANNELS_FIRST[v.torch_rank], node, what)
+
+    def transposed(self, v: _Value, dims, node, what: str) -> _Value:
+        """``v`` laid out as ``dims`` in the IR: a TRANSPOSE op (none yet: refused clearly)."""
+        raise self.unsupported(node, f"{what} reads its input in another memory order than the permuted tensor "
+                                     "it is given, and transposes are not supported yet")
 
     # -- the walk ----------------------------------------------------------
     def run(self) -> Graph:
@@ -228,19 +255,17 @@ class _Converter:
         if val is None:
             raise EdgekitError(f"model input {node.name!r} has no recorded shape")
         shape = tuple(int(s) for s in val.shape)
-        if len(shape) == 4:
-            ir_shape, layout = (1, shape[2], shape[3], shape[1]), "NCHW"
-        elif len(shape) == 3:
-            ir_shape, layout = (1, 1, shape[2], shape[1]), "NCL"
-        elif len(shape) == 2:
-            ir_shape, layout = (1, shape[1]), "NC"
-        else:
+        if len(shape) not in (2, 3, 4):
             raise EdgekitError(f"model input {node.name!r} has shape {list(shape)}; "
-                               "edgekit takes (N, C, H, W), (N, C, L) or (N, features)")
-        name = self.new_tensor(node.name, ir_shape)
+                               "edgekit takes (N, C, H, W), (N, C, L), (N, L, C) or (N, features)")
+        dims = CHANNELS_FIRST[len(shape)]
+        if len(shape) == 3 and not any(getattr(u.target, "__name__", "").split(".")[0] in _READS_NCL
+                                       for u in node.users):
+            dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM(batch_first) / Linear read it
+        name = self.new_tensor(node.name, (1,) + tuple(shape[d] for d in dims[1:]))
         self.graph.inputs.append(name)
-        self.graph.source_layouts[name] = layout
-        self.values[node.name] = _Value(name, len(shape))
+        self.graph.source_layouts[name] = LAYOUT_NAMES[dims]
+        self.values[node.name] = _Value(name, dims)
 
     def _output(self, node):
         outs = node.args[0]
@@ -249,8 +274,10 @@ class _Converter:
             v = self.value(arg)
             if v.perm is not None:
                 raise self.unsupported(node, "the model returns a flattened spatial tensor")
+            if v.dims not in LAYOUT_NAMES:
+                v = self.transposed(v, tuple(range(v.torch_rank)), node, "the model output")
             self.graph.outputs.append(v.name)
-            self.graph.source_layouts[v.name] = {4: "NCHW", 3: "NCL", 2: "NC"}[v.torch_rank]
+            self.graph.source_layouts[v.name] = LAYOUT_NAMES[v.dims]
 
     def _call(self, node):
         target = node.target
@@ -330,9 +357,10 @@ class _Converter:
         self.require_plain(v, node)
         if v.torch_rank != torch_rank:
             raise self.unsupported(node, f"expected a rank-{torch_rank} input, got rank {v.torch_rank}")
+        v = self.require_channels_first(v, node, "a convolution")
         weight = w if isinstance(w, np.ndarray) else self.const(w, "weight", node)
         bias = self.const(b, "bias", node)
-        _, H, W, C = self.shape(v)
+        _, H, W, C = nhwc(self.shape(v))
         O, I, KH, KW = weight.shape
         if isinstance(padding, str):
             if padding == "valid":
@@ -366,7 +394,8 @@ class _Converter:
         inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
-        self.add_op(kind, node, inputs, (1, OH, OW, O), torch_rank, attrs)
+        out_shape = (1, OH, OW, O) if torch_rank == 4 else (1, OW, O)  # Conv1d: height 1, kept rank 3
+        self.add_op(kind, node, inputs, out_shape, torch_rank, attrs)
 
     def _op_linear(self, node):
         x, w = node.args[0], node.args[1]
@@ -374,6 +403,8 @@ class _Converter:
         v = self.value(x)
         if v.torch_rank != 2:
             raise self.unsupported(node, "Linear on a tensor of rank other than 2 is not supported; flatten first")
+        if v.dims != (0, 1):
+            v = self.transposed(v, (0, 1), node, "a Linear layer")
         weight = self.const(w, "weight", node)
         bias = self.const(b, "bias", node)
         if v.perm is not None:
@@ -389,6 +420,8 @@ class _Converter:
     def _batch_norm(self, node, x, gamma, beta, mean, var, eps):
         v = self.value(x)
         self.require_plain(v, node)
+        if v.torch_rank > 2:
+            v = self.require_channels_first(v, node, "a BatchNorm")
         mean = self.const(mean, "running mean", node)
         var = self.const(var, "running variance", node)
         C = mean.shape[0]
@@ -400,7 +433,7 @@ class _Converter:
         base = path or node.name
         inputs = [v.name, self.new_tensor(f"{base}.scale", scale.shape, scale),
                   self.new_tensor(f"{base}.offset", offset.shape, offset)]
-        return self.add_op("batch_norm", node, inputs, self.shape(v), v.torch_rank)
+        return self.add_op("batch_norm", node, inputs, self.shape(v), v.dims)
 
     def _op_batch_norm(self, node):
         x, gamma, beta, mean, var, training, _, eps = node.args[:8]
@@ -416,7 +449,7 @@ class _Converter:
     # activations
     def _activation(self, node, kind):
         v = self.value(node.args[0])
-        self.add_op(kind, node, [v.name], self.shape(v), v.torch_rank, perm=v.perm)
+        self.add_op(kind, node, [v.name], self.shape(v), v.dims, perm=v.perm)
 
     def _op_relu(self, node):
         self._activation(node, "relu")
@@ -441,7 +474,7 @@ class _Converter:
         axis = self.torch_axis_to_ir(v, int(node.args[1]), node)
         if axis != len(self.shape(v)) - 1:
             raise self.unsupported(node, "Softmax is supported over the channel / feature dimension only")
-        self.add_op("softmax", node, [v.name], self.shape(v), v.torch_rank, dict(beta=1.0))
+        self.add_op("softmax", node, [v.name], self.shape(v), v.dims, dict(beta=1.0))
 
     _op__softmax = _op_softmax
 
@@ -466,10 +499,18 @@ class _Converter:
             raise self.unsupported(node, f"the {kh}x{kw} window does not fit the {H}x{W} input")
         return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, ph, pw, pw), activation="none")
 
+    def _spatial_input(self, node, arg, rank: int = 4) -> _Value:
+        """The input of a pooling / padding / mean op: rank ``rank``, channels last in the IR."""
+        v = self.value(arg)
+        self.require_plain(v, node)
+        if v.torch_rank != rank:
+            layout = {4: "(N, C, H, W)", 3: "(N, C, L)"}[rank]
+            raise self.unsupported(node, f"expected an {layout} input, got a rank-{v.torch_rank} tensor")
+        return self.require_channels_first(v, node, "this operation")
+
     def _op_max_pool2d(self, node):
         a = list(node.args) + [None] * 6
-        v = self.value(a[0])
-        self.require_plain(v, node)
+        v = self._spatial_input(node, a[0])
         kernel = _pair(a[1])
         stride = _pair(a[2]) if a[2] else kernel
         padding = _pair(a[3] if a[3] is not None else 0)
@@ -484,8 +525,7 @@ class _Converter:
 
     def _op_avg_pool2d(self, node):
         a = list(node.args) + [None] * 7
-        v = self.value(a[0])
-        self.require_plain(v, node)
+        v = self._spatial_input(node, a[0])
         kernel = _pair(a[1])
         stride = _pair(a[2]) if a[2] else kernel
         padding = _pair(a[3] if a[3] is not None else 0)
@@ -498,8 +538,7 @@ class _Converter:
         self.add_op("avg_pool2d", node, [v.name], shape, 4, attrs)
 
     def _op_adaptive_avg_pool2d(self, node):
-        v = self.value(node.args[0])
-        self.require_plain(v, node)
+        v = self._spatial_input(node, node.args[0])
         _, H, W, C = self.shape(v)
         oh, ow = _pair(node.args[1])
         if (oh, ow) == (1, 1):
@@ -519,10 +558,10 @@ class _Converter:
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         if v.torch_rank != 4 or dims is None or sorted(d % 4 for d in dims) != [2, 3]:
             raise self.unsupported(node, "mean is supported over the spatial dimensions (2, 3) of an NCHW tensor")
+        v = self.require_channels_first(v, node, "mean")
         C = self.shape(v)[3]
         out = self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
         if not keepdim:
-            out.torch_rank = 2
             self._reshape_to(node, out, (1, C), 2)
 
     # shape ops
@@ -535,20 +574,15 @@ class _Converter:
         return nv
 
     def _flatten_spatial(self, node, v: _Value):
-        shape = self.shape(v)
-        if v.torch_rank == 2:
+        if v.torch_rank == 2 and v.dims == (0, 1):
             self.values[node.name] = v
             return
-        if v.torch_rank == 4:
-            _, H, W, C = shape
-        else:  # NCL held as (1, 1, L, C)
-            _, H, W, C = shape
-        n = H * W * C
-        perm = None
-        if H * W > 1 and C > 1:
-            h, w, c = np.meshgrid(np.arange(H), np.arange(W), np.arange(C), indexing="ij")
-            perm = (c * H * W + h * W + w).reshape(-1)
-        self._reshape_to(node, v, (1, n), 2, perm)
+        self.require_plain(v, node)
+        torch_shape = self._torch_shape(v)
+        n = int(np.prod(torch_shape))
+        # IR memory order -> torch flat index: the Linear that reads it permutes its columns instead
+        perm = np.arange(n).reshape(torch_shape).transpose(v.dims).reshape(-1)
+        self._reshape_to(node, v, (1, n), 2, None if np.array_equal(perm, np.arange(n)) else perm)
 
     def _op_flatten(self, node):
         v = self.value(node.args[0])
@@ -576,11 +610,10 @@ class _Converter:
 
     def _torch_shape(self, v: _Value) -> list[int]:
         s = self.shape(v)
-        if v.torch_rank == 4:
-            return [1, s[3], s[1], s[2]]
-        if v.torch_rank == 3:
-            return [1, s[3], s[2]]
-        return list(s)
+        out = [0] * v.torch_rank
+        for axis, dim in enumerate(v.dims):
+            out[dim] = int(s[axis])
+        return out
 
     # elementwise
     def _op_add(self, node):
@@ -591,10 +624,12 @@ class _Converter:
         va, vb = self.value(a), self.value(b)
         self.require_plain(va, node)
         self.require_plain(vb, node)
-        if self.shape(va) != self.shape(vb):
+        if self._torch_shape(va) != self._torch_shape(vb):
             raise self.unsupported(node, f"adding shapes {self._torch_shape(va)} and {self._torch_shape(vb)} "
                                          "(broadcasting) is not supported")
-        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.torch_rank, dict(activation="none"))
+        if vb.dims != va.dims:
+            vb = self.transposed(vb, va.dims, node, "this addition")
+        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.dims, dict(activation="none"))
 
     _op_add_ = _op_add
 
@@ -603,6 +638,8 @@ class _Converter:
         dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
         for p in parts:
             self.require_plain(p, node)
+        parts = [parts[0]] + [p if p.dims == parts[0].dims else self.transposed(p, parts[0].dims, node, "torch.cat")
+                              for p in parts[1:]]
         axis = self.torch_axis_to_ir(parts[0], dim, node)
         if axis == 0:
             raise self.unsupported(node, "concatenation along the batch dimension is not supported")
@@ -612,7 +649,7 @@ class _Converter:
             if len(s) != len(shape) or any(s[i] != shape[i] for i in range(len(s)) if i != axis):
                 raise self.unsupported(node, "concatenated tensors differ in a dimension other than the joined one")
         shape[axis] = sum(self.shape(p)[axis] for p in parts)
-        self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].torch_rank, dict(axis=axis))
+        self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].dims, dict(axis=axis))
 
     _op_concat = _op_cat
 
@@ -631,6 +668,7 @@ class _Converter:
         if v.torch_rank != 4 or len(pads) not in (2, 4) or any(p < 0 for p in pads):
             raise self.unsupported(node, "only non-negative padding of the height and width of an NCHW tensor "
                                          "is supported")
+        v = self.require_channels_first(v, node, "padding")
         left, right = pads[0], pads[1]
         top, bottom = (pads[2], pads[3]) if len(pads) == 4 else (0, 0)
         _, H, W, C = self.shape(v)

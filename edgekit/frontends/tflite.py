@@ -171,7 +171,7 @@ class _Importer:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
         if len(tt.shape) not in (2, 3, 4) or tt.shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
-                               "rank 2 (N, C) or 4 (N, H, W, C)")
+                               "rank 2 (N, C), 3 (N, L, C) or 4 (N, H, W, C)")
         self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
         return name
 
@@ -585,7 +585,7 @@ def load_tflite(path) -> Graph:
             raise EdgekitError(f"{path}: graph output '{tensors[idx].name}' is not produced by any operator")
         g.outputs.append(name)
     for name in g.inputs + g.outputs:
-        g.source_layouts[name] = "NHWC" if len(g.tensors[name].shape) == 4 else "NC"
+        g.source_layouts[name] = {4: "NHWC", 3: "NLC"}.get(len(g.tensors[name].shape), "NC")
     g.meta["source"] = "tflite"
     try:
         derive_kernel_params(g)

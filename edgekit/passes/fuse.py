@@ -68,10 +68,10 @@ def fold_batch_norm(graph: Graph) -> Graph:
             _rewire(g, op.outputs[0], x)
             continue
         shape = g.tensors[x].shape
-        if len(shape) != 4:
+        if len(shape) not in (3, 4):
             raise EdgekitError(f"layer '{op.name}': a BatchNorm on a vector that does not follow a Linear layer "
                                "cannot be folded; put it right after a Linear layer")
-        C = shape[3]
+        C = shape[-1]  # channels last at rank 4 and 3: a 1x1 depthwise conv on the NHWC view
         w_name = g.unique_name(f"{op.name}.weight")
         g.add_tensor(Tensor(w_name, (1, 1, 1, C), "float32", scale.reshape(1, 1, 1, C).astype(np.float32)))
         new_ops.append(Op("depthwise_conv2d", op.name, [x, w_name, offset_name], op.outputs,

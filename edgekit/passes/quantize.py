@@ -19,7 +19,7 @@ import numpy as np
 from .. import quant_math as qm
 from .. import reference
 from ..errors import EdgekitError
-from ..ir import Graph, Op, QuantParams, Tensor
+from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
@@ -242,7 +242,7 @@ def derive_kernel_params(graph: Graph) -> None:
         elif op.kind == "mean":
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
-            _, h, w, _ = t[op.inputs[0]].shape
+            _, h, w, _ = nhwc(t[op.inputs[0]].shape)
             m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
         elif op.kind == "add":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgekitError
-from ..ir import Graph
+from ..ir import Graph, nhwc
 
 LIMIT = (1 << 31) - 1
 # The requantized value is at most |acc << left| (multiplier < 2^31), and the kernels add the output
@@ -58,7 +58,7 @@ def check_int8_arithmetic(graph: Graph) -> None:
                     f"(limit {ACCUMULATOR_LIMIT:,}); its reduction is too long or its weights/bias too large for int8 "
                     "inference. Split the layer, or retrain with weight decay.")
         elif op.kind == "mean":
-            shape = graph.tensors[op.inputs[0]].shape
+            shape = nhwc(graph.tensors[op.inputs[0]].shape)
             bound = shape[1] * shape[2] * _max_abs_input(op.attrs["input_offset"])
             if bound << max(op.attrs["shift"], 0) > ACCUMULATOR_LIMIT:  # then requantized, offset added
                 raise EdgekitError(f"{where}: the sum over {shape[1]}x{shape[2]} positions can overflow int32")

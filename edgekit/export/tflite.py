@@ -352,7 +352,7 @@ class _Exporter:
             data = tensor.data[rows]
             scale = float(tensor.quant.scale[gate * hidden])
             dtype = "int8" if tensor.dtype == "int8" else "int32"
-            return self.m.constant(f"{op.name}.{suffix}", data, dtype, QuantParams.per_tensor(scale, 0))
+            return self.m.constant(f"{op.outputs[0]}.{suffix}", data, dtype, QuantParams.per_tensor(scale, 0))
 
         names = ("input_gate", "forget_gate", "cell_gate", "output_gate")
         ins = [self.t(op.inputs[0])]
@@ -361,13 +361,13 @@ class _Exporter:
         ins += [-1, -1, -1]
         ins += [part(bias, k, f"{n}_bias") for k, n in enumerate(names)]
         ins += [-1, -1]
-        ins.append(self.m.tensor(f"{op.name}.output_state", (1, hidden), "int8", out.quant, variable=True))
-        ins.append(self.m.tensor(f"{op.name}.cell_state", (1, hidden), "int16",
+        ins.append(self.m.tensor(f"{op.outputs[0]}.output_state", (1, hidden), "int8", out.quant, variable=True))
+        ins.append(self.m.tensor(f"{op.outputs[0]}.cell_state", (1, hidden), "int16",
                                  QuantParams.per_tensor(2.0 ** a["cell_scale"], 0), variable=True))
         ins += [-1, -1, -1, -1]
-        inter = [self.m.tensor(f"{op.name}.intermediate_{k}", (0,), "int16", QuantParams.per_tensor(2.0 ** -12, 0))
+        inter = [self.m.tensor(f"{op.outputs[0]}.intermediate_{k}", (0,), "int16", QuantParams.per_tensor(2.0 ** -12, 0))
                  for k in range(4)]
-        inter.append(self.m.tensor(f"{op.name}.intermediate_hidden", (0,), "int8", out.quant))
+        inter.append(self.m.tensor(f"{op.outputs[0]}.intermediate_hidden", (0,), "int8", out.quant))
         self.m.op(S.UNIDIRECTIONAL_SEQUENCE_LSTM, ins, [self.t(op.outputs[0])], "UnidirectionalSequenceLSTMOptions",
                   {0: Scalar("b", S.ACT_TANH), 3: Scalar("?", False)}, intermediates=inter)
 

@@ -19,7 +19,8 @@ from ..ir import Graph, Op, Tensor, conv_output_size, nhwc
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
-    "torch.cat, Dropout, Identity, a final Softmax, and int8 fake quantization (from edgekit.qat)"
+    "torch.cat, Dropout, Identity, a final Softmax, LSTM (batch_first, zero initial state), "
+    "and int8 fake quantization (from edgekit.qat)"
 )
 
 
@@ -145,6 +146,9 @@ class _Value:
     def channels_first(self) -> bool:
         """Laid out as a convolution reads it: torch dim 1 (channels) last, the rest in order."""
         return self.dims == CHANNELS_FIRST.get(self.torch_rank)
+
+
+_ZERO_STATE = object()  # the value of aten.zeros: only an RNN's initial state may read it
 
 
 class _Converter:
@@ -415,6 +419,47 @@ class _Converter:
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
         self.add_op("fully_connected", node, inputs, (1, weight.shape[0]), 2, dict(activation="none"))
+
+    # recurrent layers
+    def _op_zeros(self, node):
+        """A constant zero tensor: what nn.LSTM / nn.GRU start their state from (checked by the layer)."""
+        self.values[node.name] = _ZERO_STATE
+
+    def _op_lstm(self, node):
+        """aten.lstm.input(x, (h0, c0), params, has_biases, num_layers, dropout, train, bidirectional,
+        batch_first): one IR lstm op per layer, zero initial state, every step's output."""
+        x, hx, params, has_biases, num_layers, _, _, bidirectional, batch_first = node.args[:9]
+        if bidirectional:
+            raise self.unsupported(node, "a bidirectional LSTM is not supported (TFLite's integer LSTM is one-way)")
+        if not batch_first:
+            raise self.unsupported(node, "a time-major LSTM is not supported; use batch_first=True")
+        if any(self.values.get(getattr(h, "name", None)) is not _ZERO_STATE for h in hx):
+            raise self.unsupported(node, "an initial state other than zeros is not supported")
+        for user in node.users:
+            if user.target is operator.getitem and user.args[1] != 0 and user.users:
+                raise self.unsupported(node, "the final states (h_n, c_n) are not supported as outputs; "
+                                             "use the output sequence (output[:, -1] is the last step)")
+        v = self.value(x)
+        if v.torch_rank != 3:
+            raise self.unsupported(node, f"an LSTM input of rank {v.torch_rank} (expected (N, L, C))")
+        if v.dims != (0, 1, 2):
+            v = self.transposed(v, (0, 1, 2), node, "an LSTM")
+        per_layer = 4 if has_biases else 2
+        path, _ = _layer_of(node)
+        base = path or node.name
+        steps = self.shape(v)[1]
+        for layer in range(int(num_layers)):
+            w_ih, w_hh = (self.const(a, "weights", node) for a in params[per_layer * layer:per_layer * layer + 2])
+            hidden = w_hh.shape[1]
+            bias = np.zeros(4 * hidden, np.float32)
+            if has_biases:
+                bias = sum(self.const(a, "bias", node) for a in params[per_layer * layer + 2:per_layer * layer + 4])
+            suffix = f"_l{layer}"
+            inputs = [v.name, self.new_tensor(f"{base}.weight_ih{suffix}", w_ih.shape, w_ih),
+                      self.new_tensor(f"{base}.weight_hh{suffix}", w_hh.shape, w_hh),
+                      self.new_tensor(f"{base}.bias{suffix}", bias.shape, bias.astype(np.float32))]
+            v = self.add_op("lstm", node, inputs, (1, steps, hidden), (0, 1, 2), dict(hidden=hidden))
+        self.values[node.name] = (v, None, None)
 
     # normalisation
     def _batch_norm(self, node, x, gamma, beta, mean, var, eps):

@@ -31,6 +31,9 @@ add                    a, b                                 activation
 mul                    a, b (b may broadcast or be const)   activation
 concat                 x0, x1, ...                          axis
 reshape                x                                    (shape from the output tensor)
+transpose              x                                    perm (IR axes; perm[0] == 0)
+split                  x -> y0, y1, ...                     axis (piece sizes from the outputs)
+slice                  x                                    begin, end, strides (IR axes, end exclusive)
 pad                    x                                    padding(t,b,l,r), value (real number)
 relu / relu6           x
 batch_norm             x, scale, offset                     (float graphs only; folded away)

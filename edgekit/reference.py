@@ -40,9 +40,9 @@ def run(graph: Graph, inputs, *, keep: bool = False):
         args = [values[n] if n in values else graph.tensors[n].data for n in op.inputs]
         if op.kind in _SPATIAL:  # a (N, L, C) signal is an image of height 1 to these kernels
             args[0] = args[0].reshape((args[0].shape[0],) + nhwc(graph.tensors[op.inputs[0]].shape)[1:])
-        out = fn(op, graph, *args)
-        out_name = op.outputs[0]
-        values[out_name] = out.reshape((out.shape[0],) + tuple(graph.tensors[out_name].shape[1:]))
+        outs = fn(op, graph, *args)
+        for out_name, out in zip(op.outputs, outs if isinstance(outs, tuple) else (outs,)):  # split: several
+            values[out_name] = out.reshape((out.shape[0],) + tuple(graph.tensors[out_name].shape[1:]))
     if keep:
         return values
     return [values[n] for n in graph.outputs]
@@ -249,11 +249,32 @@ def _f_lstm(op, graph, x, w_ih, w_hh, bias):
     return lstm_float_states(op, graph, x, w_ih, w_hh, bias)[0].astype(np.float32)
 
 
+# Data movement (the same in float and int8: the output shares the input's parameters) --------------
+
+def _transpose(op, graph, x):
+    return np.ascontiguousarray(np.transpose(x, op.attrs["perm"]))  # perm[0] == 0: the batch stays first
+
+
+def _split(op, graph, x):
+    """Consecutive pieces along ``axis`` (torch.chunk / split, TFLite SPLIT / SPLIT_V)."""
+    axis = op.attrs["axis"]
+    sizes = [graph.tensors[n].shape[axis] for n in op.outputs]
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+def _slice(op, graph, x):
+    """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
+    index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
+                                   zip(op.attrs["begin"][1:], op.attrs["end"][1:], op.attrs["strides"][1:]))
+    return np.ascontiguousarray(x[index])
+
+
 FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
     "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
     "batch_norm": _f_batch_norm, "softmax": _f_softmax, "batch_matmul": _f_batch_matmul, "lstm": _f_lstm,
+    "transpose": _transpose, "split": _split, "slice": _slice,
 }
 
 
@@ -461,4 +482,5 @@ INT8_KERNELS = {
     "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
     "softmax": _q_softmax, "exit": _q_exit, "batch_matmul": _q_batch_matmul, "lstm": _q_lstm,
+    "transpose": _transpose, "split": _split, "slice": _slice,
 }

@@ -36,7 +36,7 @@ def float_matches_torch(model, x, atol=1e-4):
 
 
 def int8_everywhere(model, x, tmp_path, cbuild):
-    """Quantize on ``x``; the C (ASan + UBSan) equals the reference, the .tflite export equals it in
+    """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference, the .tflite export equals it in
     tflite-runtime (BUILTIN_REF) and TFLite Micro, and the file imports back to the same outputs.
     Returns the int8 graph."""
     q = edgekit.quantize(model, x)
@@ -97,7 +97,7 @@ def test_signal_is_rank3_in_the_ir(tmp_path, cbuild):
     assert g.tensors[g.inputs[0]].shape == (1, 16, 3)
     conv_outs = [g.tensors[op.outputs[0]].shape for op in g.ops if op.kind in ("conv2d", "depthwise_conv2d")]
     assert conv_outs == [(1, 8, 8), (1, 4, 8)]
-    q = int8_everywhere(model, x, tmp_path, cbuild)
+    q = int8_everywhere(g, x, tmp_path, cbuild)
     assert [op.kind for op in q.ops].count("reshape") == 1  # the flatten; no transpose anywhere
 
 
@@ -117,3 +117,57 @@ def test_rank3_layouts_round_trip():
     assert ir.shape == (2, 5, 3) and ir[1, 4, 2] == x[1, 2, 4]
     np.testing.assert_array_equal(from_ir(ir, "NCL"), x)
     np.testing.assert_array_equal(to_ir(x, "NLC", (3, 5)), x)
+
+
+# ---------------------------------------------------------------------------
+# permute / transpose / reshape: relabelled when possible, one TRANSPOSE otherwise
+# ---------------------------------------------------------------------------
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's shuffle: a 5-D view, transpose(1, 2), view back."""
+
+    def __init__(self, groups=2):
+        super().__init__()
+        self.groups = groups
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        n, c, h, w = y.shape
+        y = y.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.b(y)
+
+
+class PermuteZoo(nn.Module):
+    """unsqueeze -> Conv2d (1, k) -> squeeze; permute back and forth; a real transpose before the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 5, (1, 3))
+
+    def forward(self, x):
+        y = self.c(x.unsqueeze(2)).squeeze(2)  # (N, 5, L')
+        y = y.permute(0, 2, 1).permute(0, 2, 1)  # relabelled twice: back to (N, C, L)
+        return y.transpose(1, 2).reshape(y.shape[0], -1, 10)  # (N, L', C), then a reshape across L and C
+
+
+def test_channel_shuffle_is_one_transpose(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(2).normal(size=(16, 3, 5, 5)).astype(np.float32)
+    g = float_matches_torch(ChannelShuffle(), x)
+    kinds = [op.kind for op in g.ops]
+    assert kinds.count("transpose") == 1
+    t = next(op for op in g.ops if op.kind == "transpose")
+    assert g.tensors[t.inputs[0]].shape == (1, 25, 2, 4) and t.attrs["perm"] == (0, 1, 3, 2)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+def test_permutes_relabel_and_reshapes_transpose_once(tmp_path, cbuild):
+    torch.manual_seed(0)
+    model = PermuteZoo()
+    x = np.random.default_rng(3).normal(size=(16, 3, 12)).astype(np.float32)
+    g = float_matches_torch(model, x)
+    assert g.source_layouts[g.inputs[0]] == "NCL"
+    assert [op.kind for op in g.ops].count("transpose") == 0  # (N, L', C) is the IR order: reshape is free
+    int8_everywhere(g, x, tmp_path, cbuild)

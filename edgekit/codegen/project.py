@@ -131,8 +131,9 @@ class _Builder:
         act_inputs = [n for n in op.inputs if not g.tensors[n].is_constant]
         layer = Layer(index, ident, op.name, op.kind, None, [self.buffer(n) for n in act_inputs],
                       [self.buffer(n) for n in op.outputs], macs=layer_macs(g, op))
-        layer.dims["input"] = _dims(g.tensors[op.inputs[0]].shape)
-        layer.dims["output"] = _dims(g.tensors[op.outputs[0]].shape)
+        for role, name in (("input", op.inputs[0]), ("output", op.outputs[0])):
+            if len(g.tensors[name].shape) <= 4:  # layout ops may pass higher-rank views through
+                layer.dims[role] = _dims(g.tensors[name].shape)
         getattr(self, f"_{op.kind}")(layer, op)
         return layer
 
@@ -352,6 +353,42 @@ class _Builder:
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy
 
+    # transpose / split / slice: strided copies ---------------------------------
+    def _copies(self, layer, op, pieces):
+        """``pieces``: (output name, offset, output shape, input strides) -> one ek_strided_copy call each."""
+        layer.kernel = "ek_strided_copy_f32" if self.weight_only else "ek_strided_copy_s8"
+        layer.params["copies"] = []
+        for name, offset, shape, strides in pieces:
+            dims, steps = _merge_copy_axes(shape, strides)
+            if len(dims) > 6:
+                raise EdgekitError(f"layer '{op.name}': {op.kind} over more than 6 non-mergeable axes")
+            pad = 6 - len(dims)
+            layer.params["copies"].append({"output": self.buffer(name), "offset": int(offset),
+                                           "dims": [1] * pad + dims, "strides": [0] * pad + steps})
+
+    def _transpose(self, layer, op):
+        shape = self.graph.tensors[op.inputs[0]].shape
+        strides = _c_strides(shape)
+        perm = op.attrs["perm"]
+        self._copies(layer, op, [(op.outputs[0], 0, [shape[p] for p in perm], [strides[p] for p in perm])])
+
+    def _split(self, layer, op):
+        shape = self.graph.tensors[op.inputs[0]].shape
+        strides = _c_strides(shape)
+        axis, start, pieces = op.attrs["axis"], 0, []
+        for name in op.outputs:
+            out_shape = self.graph.tensors[name].shape
+            pieces.append((name, start * strides[axis], list(out_shape), strides))
+            start += out_shape[axis]
+        self._copies(layer, op, pieces)
+
+    def _slice(self, layer, op):
+        strides = _c_strides(self.graph.tensors[op.inputs[0]].shape)
+        a = op.attrs
+        offset = sum(b * s for b, s in zip(a["begin"], strides))
+        steps = [st * s for st, s in zip(a["strides"], strides)]
+        self._copies(layer, op, [(op.outputs[0], offset, list(self.graph.tensors[op.outputs[0]].shape), steps)])
+
     def _exit(self, layer, op):
         """An early exit's decision: the kernel returns the confidence, model.c compares it with the
         threshold and, when it is reached, fills the outputs of the exits not reached and returns."""
@@ -365,6 +402,30 @@ class _Builder:
         else:
             layer.params.update(multiplier=a["multiplier"], shift=a["shift"])
         layer.params["fills"] = [_fill(g, self.buffer(n), n) for n in g.outputs[a["exit"] + 1:]]
+
+
+def _c_strides(shape) -> list[int]:
+    """Row-major element strides of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= int(size)
+    return strides[::-1]
+
+
+def _merge_copy_axes(shape, strides) -> tuple[list[int], list[int]]:
+    """Drop size-1 axes and merge neighbours that are contiguous in the input: fewer, longer loops."""
+    dims, steps = [], []
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if dims and steps[-1] == stride * size:
+            dims[-1] *= size
+            steps[-1] = stride
+        else:
+            dims.append(int(size))
+            steps.append(int(stride))
+    return dims or [1], steps or [0]
 
 
 def _fill(graph: Graph, buffer: Buffer, name: str) -> dict:

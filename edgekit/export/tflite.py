@@ -25,7 +25,10 @@ _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32, "int16": S.INT
 # Operator versions as TensorFlow's converter writes them for int8 models.
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
-             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2, S.BATCH_MATMUL: 2}
+             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
+_VERSIONS.update({S.TRANSPOSE: 2, S.STRIDED_SLICE: 2, S.SPLIT: 2, S.SPLIT_V: 2, S.LOG_SOFTMAX: 2, S.SUM: 2,
+                  S.REDUCE_MAX: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
+                  S.MIRROR_PAD: 2, S.BATCH_MATMUL: 2})
 
 
 def _quant_table(q: QuantParams | None):
@@ -155,12 +158,12 @@ class _Exporter:
         n, h, w, c = nhwc(self.g.tensors[x].shape)
         t, b, l, r = pads
         out = self.fresh(f"{op.name}.pad", (n, h + t + b, w + l + r, c), x)
-        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+        paddings = self.m.constant(f"{op.outputs[0]}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
         if value is None:
             self.m.op(S.PAD, [xi, paddings], [out], "PadOptions")
         else:
-            cv = self.m.constant(f"{op.name}.pad_value", np.array([value], np.int8), "int8",
+            cv = self.m.constant(f"{op.outputs[0]}.pad_value", np.array([value], np.int8), "int8",
                                  self.g.tensors[x].quant)
             self.m.op(S.PADV2, [xi, paddings, cv], [out], "PadV2Options")
         return out
@@ -305,7 +308,7 @@ class _Exporter:
 
     def _reshape(self, op):
         shape = np.array(self.g.tensors[op.outputs[0]].shape, np.int32)
-        st = self.m.constant(f"{op.name}.shape", shape, "int32")
+        st = self.m.constant(f"{op.outputs[0]}.shape", shape, "int32")
         self.m.op(S.RESHAPE, [self.t(op.inputs[0]), st], [self.t(op.outputs[0])], "ReshapeOptions",
                   {0: Vector("i", shape)})
 
@@ -313,14 +316,14 @@ class _Exporter:
         x = self.spatial_in(op.inputs[0])
         zp = int(self.g.tensors[op.inputs[0]].quant.zero_point[0])
         t, b, l, r = op.attrs["padding"]
-        paddings = self.m.constant(f"{op.name}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
+        paddings = self.m.constant(f"{op.outputs[0]}.paddings", np.array([[0, 0], [t, b], [l, r], [0, 0]], np.int32),
                                    "int32")
         then: list = []
         out = self.spatial_out(op.outputs[0], then)
         if op.attrs["pad_value"] == zp:
             self.m.op(S.PAD, [x, paddings], [out], "PadOptions")
         else:
-            cv = self.m.constant(f"{op.name}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
+            cv = self.m.constant(f"{op.outputs[0]}.pad_value", np.array([op.attrs["pad_value"]], np.int8), "int8",
                                  self.g.tensors[op.inputs[0]].quant)
             self.m.op(S.PADV2, [x, paddings, cv], [out], "PadV2Options")
         for step in then:
@@ -374,6 +377,32 @@ class _Exporter:
     def _softmax(self, op):
         self.m.op(S.SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "SoftmaxOptions",
                   {0: Scalar("f", float(op.attrs.get("beta", 1.0)))})
+
+
+    # layout ops (issue 10, ops-structure) ------------------------------------
+    def _i32(self, name: str, values) -> int:
+        return self.m.constant(name, np.asarray(values, np.int32), "int32")
+
+    def _transpose(self, op):
+        perm = self._i32(f"{op.outputs[0]}.perm", op.attrs["perm"])
+        self.m.op(S.TRANSPOSE, [self.t(op.inputs[0]), perm], [self.t(op.outputs[0])], "TransposeOptions", {})
+
+    def _split(self, op):
+        axis = op.attrs["axis"]
+        sizes = [self.g.tensors[n].shape[axis] for n in op.outputs]
+        outs = [self.t(n) for n in op.outputs]
+        axis_t = self._i32(f"{op.outputs[0]}.axis", [axis])
+        if len(set(sizes)) == 1:
+            self.m.op(S.SPLIT, [axis_t, self.t(op.inputs[0])], outs, "SplitOptions", {0: Scalar("i", len(outs))})
+        else:
+            self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
+                      "SplitVOptions", {0: Scalar("i", len(outs))})
+
+    def _slice(self, op):
+        a = op.attrs
+        ins = [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.begin", a["begin"]), self._i32(f"{op.outputs[0]}.end", a["end"]),
+               self._i32(f"{op.outputs[0]}.strides", a["strides"])]
+        self.m.op(S.STRIDED_SLICE, ins, [self.t(op.outputs[0])], "StridedSliceOptions", {})
 
 
 def _needs_padding(graph: Graph, op: Op, kh: int, kw: int) -> bool:

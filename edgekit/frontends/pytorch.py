@@ -108,6 +108,35 @@ def _layer_of(node) -> tuple[str, str]:
     return path, type_name
 
 
+def _reshape_blocks(a: list[int], b: list[int]):
+    """Split a reshape of shape ``a`` into ``b`` (batch dims removed) into blocks: ([a dims], [b dims]) with
+    equal products, dims numbered from 1 like torch's without the batch; size-1 dims belong to no block."""
+    ia = [i for i, s in enumerate(a) if s != 1]
+    ib = [j for j, s in enumerate(b) if s != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ia) or j < len(ib):
+        if i >= len(ia) or j >= len(ib):
+            return None
+        ins, outs = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(ia):
+                    return None
+                ins.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                if j >= len(ib):
+                    return None
+                outs.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        blocks.append(([d + 1 for d in ins], [d + 1 for d in outs]))
+    return blocks
+
+
 def _pair(v, n=2) -> tuple[int, ...]:
     if isinstance(v, (list, tuple)):
         v = list(v)
@@ -124,9 +153,21 @@ def _pair(v, n=2) -> tuple[int, ...]:
 # gets one TRANSPOSE op, made once per value and order (see docs/DESIGN-NOTES.md, "Layouts").
 CHANNELS_FIRST = {4: (0, 2, 3, 1), 3: (0, 2, 1), 2: (0, 1)}
 LAYOUT_NAMES = {(0, 2, 3, 1): "NCHW", (0, 2, 1): "NCL", (0, 1, 2): "NLC", (0, 1): "NC", (0, 1, 2, 3): "NHWC"}
-# ATen ops that read a rank-3 input as (N, C, L): a rank-3 model input they read is a signal, else a sequence.
-_READS_NCL = ("conv1d", "convolution", "batch_norm", "_native_batch_norm_legit_no_training", "max_pool1d",
-              "max_pool1d_with_indices", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")
+# ATen ops that read their input channels first: a rank-3 model input they read (directly or through a
+# view) is an (N, C, L) signal, else an (N, L, C) sequence.
+_READS_NCL = ("conv1d", "conv2d", "convolution", "batch_norm", "_native_batch_norm_legit_no_training",
+              "max_pool1d", "max_pool1d_with_indices", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+              "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "pad",
+              "constant_pad_nd", "upsample_nearest2d", "upsample_bilinear2d", "conv_transpose1d")
+_VIEWS = ("unsqueeze", "squeeze", "view", "reshape", "_unsafe_view", "dropout", "clone", "contiguous")
+
+
+def _read_channels_first(node, depth: int = 0) -> bool:
+    for user in node.users:
+        name = getattr(user.target, "__name__", "").split(".")[0]
+        if name in _READS_NCL or (name in _VIEWS and depth < 4 and _read_channels_first(user, depth + 1)):
+            return True
+    return False
 
 
 class _Value:
@@ -158,6 +199,8 @@ class _Converter:
         self.values: dict[str, object] = {}
         self.consts: dict[str, np.ndarray] = {}
         self.node_name: dict[str, str] = {}
+        self.transposes: dict[tuple, _Value] = {}  # (IR tensor, dims) -> its transposed value
+        self.reshape_source: dict[str, str] = {}  # reshape output -> the tensor it views
         self._load_constants()
 
     # -- constants ---------------------------------------------------------
@@ -233,9 +276,54 @@ class _Converter:
         return self.transposed(v, CHANNELS_FIRST[v.torch_rank], node, what)
 
     def transposed(self, v: _Value, dims, node, what: str) -> _Value:
-        """``v`` laid out as ``dims`` in the IR: a TRANSPOSE op (none yet: refused clearly)."""
-        raise self.unsupported(node, f"{what} reads its input in another memory order than the permuted tensor "
-                                     "it is given, and transposes are not supported yet")
+        """``v`` laid out as ``dims`` in the IR: one TRANSPOSE op (made once per value and order), over the
+        fewest axes (neighbours that stay neighbours are merged, free reshapes around it)."""
+        self.require_plain(v, node)
+        dims = tuple(dims)
+        key = (v.name, dims)
+        if key in self.transposes:
+            return self.transposes[key]
+        shape = self.shape(v)
+        src = [v.dims.index(d) for d in dims]  # new IR axis i reads old IR axis src[i]
+        out_shape = tuple(shape[a] for a in src)
+        # Merge runs of old axes that stay consecutive, and drop size-1 axes: the smallest transpose.
+        kept = [a for a in src if shape[a] != 1]
+        groups: list[list[int]] = []
+        for a in kept:
+            if groups and groups[-1][-1] + 1 == a:
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        order = sorted(range(len(groups)), key=lambda g: groups[g][0])  # groups in old memory order
+        in_merged = tuple(int(np.prod([shape[a] for a in groups[g]])) for g in order)
+        perm = tuple(order.index(g) for g in range(len(groups)))
+        path, _ = _layer_of(node)
+        base = path or node.name
+        if perm == tuple(range(len(perm))):  # only size-1 axes move: a free reshape
+            nv = _Value(self._plain_reshape(v.name, out_shape, f"{base}.relaid", path or node.name), dims)
+            self.transposes[key] = nv
+            return nv
+        x = v.name
+        if tuple(in_merged) != tuple(shape[1:]):
+            x = self._plain_reshape(x, (1,) + in_merged, f"{base}.transpose_in", path or node.name)
+        out_merged = (1,) + tuple(in_merged[p] for p in perm)
+        y = self.new_tensor(f"{base}.transpose", out_merged)
+        self.graph.ops.append(Op("transpose", path or node.name, [x], [y], dict(perm=(0,) + tuple(p + 1 for p in perm))))
+        if out_merged != out_shape:
+            y = self._plain_reshape(y, out_shape, f"{base}.transposed", path or node.name)
+        nv = _Value(y, dims)
+        self.transposes[key] = nv
+        return nv
+
+    def _plain_reshape(self, x: str, shape, base: str, layer: str) -> str:
+        """A free reshape of IR tensor ``x`` (a reshape of a reshape reads the first one's input)."""
+        x = self.reshape_source.get(x, x)
+        if tuple(self.graph.tensors[x].shape) == tuple(shape):
+            return x
+        y = self.new_tensor(base, shape)
+        self.graph.ops.append(Op("reshape", layer, [x], [y], {}))
+        self.reshape_source[y] = x
+        return y
 
     # -- the walk ----------------------------------------------------------
     def run(self) -> Graph:
@@ -252,7 +340,19 @@ class _Converter:
                 self._call(node)
             elif node.op == "output":
                 self._output(node)
+        self._drop_dead_reshapes()
         return self.graph
+
+    def _drop_dead_reshapes(self):
+        """Views nothing reads any more (a reshape a later reshape looked through)."""
+        while True:
+            used = set(self.graph.outputs) | {n for op in self.graph.ops for n in op.inputs}
+            dead = [op for op in self.graph.ops if op.kind == "reshape" and op.outputs[0] not in used]
+            if not dead:
+                return
+            for op in dead:
+                self.graph.ops.remove(op)
+                del self.graph.tensors[op.outputs[0]]
 
     def _input(self, node):
         val = node.meta.get("val")
@@ -263,8 +363,7 @@ class _Converter:
             raise EdgekitError(f"model input {node.name!r} has shape {list(shape)}; "
                                "edgekit takes (N, C, H, W), (N, C, L), (N, L, C) or (N, features)")
         dims = CHANNELS_FIRST[len(shape)]
-        if len(shape) == 3 and not any(getattr(u.target, "__name__", "").split(".")[0] in _READS_NCL
-                                       for u in node.users):
+        if len(shape) == 3 and not _read_channels_first(node):
             dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM(batch_first) / Linear read it
         name = self.new_tensor(node.name, (1,) + tuple(shape[d] for d in dims[1:]))
         self.graph.inputs.append(name)
@@ -639,19 +738,85 @@ class _Converter:
 
     def _op_view(self, node):
         v = self.value(node.args[0])
-        target = [int(s) for s in node.args[1]]
         val = node.meta.get("val")
-        out_shape = tuple(int(s) for s in val.shape) if val is not None else tuple(target)
-        if len(out_shape) == 2:
+        if val is None:
+            raise self.unsupported(node, "the exported graph does not record the reshaped shape")
+        out_shape = tuple(int(s) for s in val.shape)
+        if len(out_shape) == 2 and v.torch_rank > 2:
             self._flatten_spatial(node, v)
-        elif len(out_shape) == v.torch_rank and list(out_shape[1:]) == self._torch_shape(v)[1:]:
-            self.values[node.name] = v
         else:
-            raise self.unsupported(node, f"reshape to {list(out_shape)} is not supported (only flattening to "
-                                         "(N, features))")
+            self._reshape(node, v, out_shape)
 
     _op_reshape = _op_view
     _op__unsafe_view = _op_view
+
+    def _op_squeeze(self, node):
+        self._op_view(node)
+
+    _op_unsqueeze = _op_squeeze
+
+    def _reshape(self, node, v: _Value, out_shape):
+        """torch reshape / view / squeeze / unsqueeze / flatten(a, b): a relabelling when the merged or split
+        torch dimensions sit next to each other in the IR in torch order, else one TRANSPOSE first."""
+        in_shape = self._torch_shape(v)
+        if tuple(out_shape) == tuple(in_shape):
+            self.values[node.name] = v
+            return
+        if out_shape[0] != in_shape[0] or not 2 <= len(out_shape) <= 6:
+            raise self.unsupported(node, f"reshape of {in_shape} to {list(out_shape)} (edgekit keeps the batch "
+                                         "dimension first and tensors of rank 2 to 6)")
+        self.require_plain(v, node)
+        blocks = _reshape_blocks(in_shape[1:], list(out_shape[1:]))
+        if blocks is None:
+            raise self.unsupported(node, f"reshape of {in_shape} to {list(out_shape)}")
+        # Each block's torch dims must be IR neighbours in increasing order; else transpose once so they are.
+        shape = self.shape(v)
+
+        def in_ir_order(ins):  # IR positions increasing, only size-1 axes between them
+            pos = [v.dims.index(d) for d in ins]
+            return pos == sorted(pos) and all(shape[a] == 1 for a in range(pos[0], pos[-1] + 1) if a not in pos)
+
+        if not all(in_ir_order(ins) for ins, _ in blocks):
+            block_of = {d: ins for ins, _ in blocks for d in ins}
+            order, seen = [], set()
+            for d in v.dims:
+                group = block_of.get(d, [d])
+                if group[0] not in seen:
+                    seen.add(group[0])
+                    order.extend(group)
+            v = self.transposed(v, order, node, "this reshape")
+        # New IR axes: the batch, size-1 torch dims (kept right after it), then each block where it sat.
+        shape = self.shape(v)
+        new_axes: list[int] = [0] + [1 + j for j, size in enumerate(out_shape[1:]) if size == 1]
+        for d in v.dims[1:]:
+            block = next(((ins, outs) for ins, outs in blocks if ins and ins[0] == d), None)
+            if block is not None:
+                new_axes.extend(block[1])
+            # size-1 torch dims (not in any block) and later members of a block vanish here
+        ir_shape = tuple(1 if a == 0 else out_shape[a] for a in new_axes)
+        assert int(np.prod(ir_shape)) == int(np.prod(shape))
+        path, _ = _layer_of(node)
+        name = self._plain_reshape(v.name, ir_shape, node.name, path or node.name)
+        self.values[node.name] = _Value(name, new_axes)
+
+    # permute / transpose: a new torch order over the same IR memory
+    def _op_permute(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        perm = [int(p) % v.torch_rank for p in node.args[1]]
+        self.values[node.name] = _Value(v.name, tuple(perm.index(d) for d in v.dims))
+
+    def _op_transpose(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        a, b = int(node.args[1]) % v.torch_rank, int(node.args[2]) % v.torch_rank
+        swap = {a: b, b: a}
+        self.values[node.name] = _Value(v.name, tuple(swap.get(d, d) for d in v.dims))
+
+    def _op_t(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        self.values[node.name] = _Value(v.name, tuple(1 - d for d in v.dims))
 
     def _torch_shape(self, v: _Value) -> list[int]:
         s = self.shape(v)

@@ -10,6 +10,7 @@ corrupted file is a clear error, never a crash.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from ..passes.quantize import derive_kernel_params
 from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
-             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, "
-             "no peephole / projection / layer norm), QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE"
+SUPPORTED += (", BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, no peephole / projection / "
+              "layer norm)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -156,8 +159,9 @@ class _Importer:
             raise _Unsupported(f"{what} '{tt.name}' has scale {tt.scale[0]} and zero point {tt.zero_point[0]}")
         return QuantParams.per_tensor(float(tt.scale[0]), int(tt.zero_point[0]))
 
-    def activation(self, idx: int) -> str:
-        """The IR name of an int8 activation tensor, added on first use."""
+    def activation(self, idx: int, max_rank: int = 4) -> str:
+        """The IR name of an int8 activation tensor, added on first use (layout ops pass views of
+        rank up to 6 between them)."""
         if idx < 0:
             raise _Unsupported("a required input is missing")
         tt = self.t[idx]
@@ -169,7 +173,7 @@ class _Importer:
                                "int8 models (convert with full-integer quantization)")
         if tt.data is not None:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
-        if len(tt.shape) not in (2, 3, 4) or tt.shape[0] != 1:
+        if not 2 <= len(tt.shape) <= max_rank or tt.shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
                                "rank 2 (N, C), 3 (N, L, C) or 4 (N, H, W, C)")
         self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
@@ -406,11 +410,62 @@ class _Importer:
             self.pad_values[self.g.ops[-1].outputs[0]] = q
 
     def reshape(self, op: _Operator):
-        x = self.activation(op.inputs[0])
+        x = self.activation(op.inputs[0], 6)
         self.same_params(op, [op.inputs[0]])
         if int(np.prod(self.t[op.inputs[0]].shape)) != int(np.prod(self.t[op.outputs[0]].shape)):
             raise _Unsupported("input and output sizes differ")
-        self.add_op("reshape", op, [x], {})
+        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)], {}))
+
+    # layout ops (issue 10, ops-structure) ----------------------------------------
+    def transpose(self, op: _Operator):
+        x = self.activation(op.inputs[0], 6)
+        perm = [int(p) for p in self.constant(op.inputs[1], np.int32, "permutation").reshape(-1)]
+        rank = len(self.t[op.inputs[0]].shape)
+        if sorted(perm) != list(range(rank)) or perm[0] != 0:
+            raise _Unsupported(f"permutation {perm} (edgekit keeps the batch axis first)")
+        self.same_params(op, [op.inputs[0]])
+        self.g.ops.append(Op("transpose", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)], dict(perm=tuple(perm))))
+
+    def split(self, op: _Operator, sizes_given: bool):
+        x_idx, axis_idx = (op.inputs[0], op.inputs[2]) if sizes_given else (op.inputs[1], op.inputs[0])
+        x = self.activation(x_idx, 6)
+        rank = len(self.t[x_idx].shape)
+        axis = int(self.constant(axis_idx, np.int32, "axis").reshape(-1)[0])
+        axis = axis + rank if axis < 0 else axis
+        if not 0 < axis < rank:
+            raise _Unsupported(f"split along axis {axis}")
+        outs = []
+        for o in op.outputs:
+            self.same_params(dataclasses.replace(op, outputs=[o]), [x_idx])
+            outs.append(self.activation(o, 6))
+        if sum(self.t[o].shape[axis] for o in op.outputs) != self.t[x_idx].shape[axis]:
+            raise _Unsupported("the pieces do not add up to the input")
+        self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
+
+    def strided_slice(self, op: _Operator):
+        x = self.activation(op.inputs[0], 6)
+        shape = self.t[op.inputs[0]].shape
+        begin, end, strides = (self.constant(i, np.int32, w).reshape(-1).astype(int).tolist()
+                               for i, w in zip(op.inputs[1:4], ("begin", "end", "strides")))
+        o = op.options
+        masks = [o.scalar(i, "i", 0) if o is not None else 0 for i in range(5)]
+        if any(masks[2:]) or (o is not None and o.scalar(5, "?", False)):
+            raise _Unsupported("ellipsis, new-axis, shrink-axis masks or offset (edgekit slices with begin / end "
+                               "masks)")
+        if not len(begin) == len(end) == len(strides) == len(shape) or min(strides) < 1:
+            raise _Unsupported(f"begin {begin}, end {end}, strides {strides} (positive strides, every axis)")
+        for k, size in enumerate(shape):
+            b = 0 if masks[0] >> k & 1 else (begin[k] + size if begin[k] < 0 else begin[k])
+            e = size if masks[1] >> k & 1 else (end[k] + size if end[k] < 0 else end[k])
+            begin[k], end[k] = min(max(b, 0), size), min(max(e, 0), size)
+        if (begin[0], end[0], strides[0]) != (0, 1, 1):
+            raise _Unsupported("slicing the batch axis")
+        self.same_params(op, [op.inputs[0]])
+        self.g.ops.append(Op("slice", self.t[op.outputs[0]].name or f"op{op.index}", [x],
+                             [self.activation(op.outputs[0], 6)],
+                             dict(begin=tuple(begin), end=tuple(end), strides=tuple(strides))))
 
     def concat(self, op: _Operator):
         o = self.options(op, "ConcatenationOptions")
@@ -515,8 +570,11 @@ class _Importer:
                     S.PAD: lambda: self.pad(op, False), S.PADV2: lambda: self.pad(op, True),
                     S.RESHAPE: lambda: self.reshape(op), S.CONCATENATION: lambda: self.concat(op),
                     S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
-                    S.RELU6: lambda: self.relu(op, "relu6"), S.BATCH_MATMUL: lambda: self.batch_matmul(op),
-                    S.UNIDIRECTIONAL_SEQUENCE_LSTM: lambda: self.lstm(op)}
+                    S.RELU6: lambda: self.relu(op, "relu6")}
+        handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
+                         S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
+                         S.BATCH_MATMUL: lambda: self.batch_matmul(op),
+                         S.UNIDIRECTIONAL_SEQUENCE_LSTM: lambda: self.lstm(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

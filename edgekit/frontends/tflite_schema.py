@@ -43,6 +43,9 @@ ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4
 DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, MUL, RELU, RELU6, RESHAPE, SOFTMAX = 6, 9, 17, 18, 19, 21, 22, 25
 PAD, MEAN, PADV2, QUANTIZE = 34, 40, 60, 114
 UNIDIRECTIONAL_SEQUENCE_LSTM, BATCH_MATMUL = 44, 126
+# structure ops (issue 10)
+RESIZE_BILINEAR, TRANSPOSE, STRIDED_SLICE, SPLIT, LOG_SOFTMAX, TRANSPOSE_CONV = 23, 39, 45, 49, 50, 67
+SUM, REDUCE_MAX, RESIZE_NEAREST_NEIGHBOR, MIRROR_PAD, SPLIT_V = 74, 82, 97, 100, 102
 
 _OPERATOR_NAMES = (
     "ADD AVERAGE_POOL_2D CONCATENATION CONV_2D DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE EMBEDDING_LOOKUP "
@@ -68,8 +71,11 @@ def operator_name(code: int) -> str:
 # BuiltinOptions union: the type tag of each options table edgekit writes.
 OPTIONS_TYPE = {"Conv2DOptions": 1, "DepthwiseConv2DOptions": 2, "Pool2DOptions": 5, "FullyConnectedOptions": 8,
                 "SoftmaxOptions": 9, "ConcatenationOptions": 10, "AddOptions": 11, "ReshapeOptions": 17,
-                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43,
-                "UnidirectionalSequenceLSTMOptions": 71, "BatchMatMulOptions": 101}
+                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43}
+OPTIONS_TYPE.update({"ResizeBilinearOptions": 15, "TransposeOptions": 26, "StridedSliceOptions": 32,
+                     "SplitOptions": 35, "LogSoftmaxOptions": 36, "TransposeConvOptions": 49,
+                     "ResizeNearestNeighborOptions": 74, "MirrorPadOptions": 77, "SplitVOptions": 79,
+                     "UnidirectionalSequenceLSTMOptions": 71, "BatchMatMulOptions": 101})
 
 
 class FlatBufferError(ValueError):

@@ -23,7 +23,7 @@ from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
-SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad")
+SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 
@@ -170,7 +170,7 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
     groups = _Groups()
     for op in graph.ops:
         if op.kind in SAME_PARAMS:
-            for name in op.inputs:
+            for name in op.inputs + op.outputs[1:]:  # split: every piece
                 groups.union(name, op.outputs[0])
     fixed: dict[str, QuantParams] = {}
     for op in graph.ops:

@@ -137,3 +137,44 @@ def test_lstm_kws_on_emulated_m4(trained_lstm, sequences, tmp_path):
         report = profile(emu.url, sequences[2][:12], project_dir=out, labels=sequences[3][:12], show_progress=False)
     assert report["bit_exact"], report["mismatches"]
     assert report["unit"] == "emulated instructions"
+
+
+class _DotAttention(torch.nn.Module):
+    """Self-attention's core on (N, L, C): softmax(x x^T) x with bmm, or F.scaled_dot_product_attention."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        if self.fused:
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        return torch.bmm(torch.softmax(torch.bmm(x, x.transpose(1, 2)), -1), x)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_core_torch_c_tflite(fused, tmp_path):
+    """x.transpose(1, 2) costs nothing: the product reads it through BATCH_MATMUL's adj_y. The scale of
+    scaled_dot_product_attention becomes the softmax's beta. Float IR == torch; int8 C == reference ==
+    tflite-runtime == TFLite Micro; imported back."""
+    model = _DotAttention(fused).eval()
+    x = np.random.default_rng(0).normal(0, 1, (40, 6, 4)).astype(np.float32)
+    g = edgekit.load(model, example_input=x[:1])
+    assert [op.kind for op in g.ops] == ["batch_matmul", "softmax", "batch_matmul"]
+    assert g.ops[0].attrs["adj_y"] and not g.ops[0].attrs["adj_x"]
+    from edgekit import reference
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    assert np.abs(reference.run(g, x)[0] - want).max() < 1e-5
+
+    q = edgekit.quantize(model, x[:32])
+    x_q = _int8_inputs(q, x[32:])
+    ref = edgekit.reference_run(q, x_q, int8=True)
+    edgekit.generate(q, tmp_path / "c", board="host")
+    edgekit.build(tmp_path / "c", sanitize=True)
+    assert np.array_equal(edgekit.run(tmp_path / "c", x_q, int8=True, sanitize=True), ref)
+    path = edgekit.export_tflite(q, tmp_path / "attention.tflite", io="int8")
+    assert np.array_equal(run_stateful("tflite", path, x_q).reshape(ref.shape), ref)
+    assert np.array_equal(run_stateful("tflm", path, x_q).reshape(ref.shape), ref)
+    back = load_tflite(path)
+    assert np.array_equal(edgekit.reference_run(back, x_q, int8=True), ref)

@@ -192,6 +192,13 @@ class _Value:
 _ZERO_STATE = object()  # the value of aten.zeros: only an RNN's initial state may read it
 
 
+class _Named:
+    """A stand-in fx argument: the converter looks values up by ``.name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 class _Converter:
     def __init__(self, program):
         self.program = program
@@ -559,6 +566,71 @@ class _Converter:
                       self.new_tensor(f"{base}.bias{suffix}", bias.shape, bias.astype(np.float32))]
             v = self.add_op("lstm", node, inputs, (1, steps, hidden), (0, 1, 2), dict(hidden=hidden))
         self.values[node.name] = (v, None, None)
+
+    # matrix products and attention
+    def _matmul_operand(self, arg, node) -> tuple[str, bool, tuple]:
+        """(IR tensor, stored transposed?, torch shape) of a batched matmul operand. A permute that only
+        swapped the last two dimensions is read through BATCH_MATMUL's adj flag: no TRANSPOSE op."""
+        if hasattr(arg, "name") and arg.name in self.consts:
+            data = self.const(arg, "operand", node)
+            if data.ndim < 2:
+                raise self.unsupported(node, "a matrix product with a vector operand is not supported")
+            data = data.reshape((1,) * max(0, 3 - data.ndim) + data.shape)
+            return self.new_tensor(f"{node.name}.operand", data.shape, np.ascontiguousarray(data)), False, data.shape
+        v = self.value(arg)
+        self.require_plain(v, node)
+        rank = v.torch_rank
+        if rank not in (3, 4):
+            raise self.unsupported(node, f"a matrix product of rank-{rank} tensors is not supported (use (N, L, C) "
+                                         "or (N, heads, L, C))")
+        plain = tuple(range(rank))
+        swapped = plain[:-2] + (rank - 1, rank - 2)
+        if v.dims not in (plain, swapped):
+            v = self.transposed(v, plain, node, "a matrix product")
+        return v.name, v.dims == swapped, tuple(self._torch_shape(v))
+
+    def _batch_matmul(self, node, a_arg, b_arg, beta=None):
+        a, adj_x, sa = self._matmul_operand(a_arg, node)
+        b, adj_y, sb = self._matmul_operand(b_arg, node)
+        if len(sa) != len(sb):
+            raise self.unsupported(node, f"a matrix product of shapes {list(sa)} and {list(sb)} (ranks differ)")
+        if sa[-1] != sb[-2]:
+            raise self.unsupported(node, f"shapes {list(sa)} and {list(sb)} do not multiply")
+        batch = tuple(max(x, y) for x, y in zip(sa[:-2], sb[:-2]))
+        return self.add_op("batch_matmul", node, [a, b], batch + (sa[-2], sb[-1]), tuple(range(len(sa))),
+                           dict(adj_x=adj_x, adj_y=adj_y))
+
+    def _op_bmm(self, node):
+        self._batch_matmul(node, node.args[0], node.args[1])
+
+    _op_matmul = _op_bmm
+
+    def _op__scaled_dot_product_flash_attention_for_cpu(self, node):
+        """softmax(q k^T x scale) v as BATCH_MATMUL (k read transposed through adj_y), SOFTMAX with the
+        scale as its beta, BATCH_MATMUL: exactly what TFLite's int8 kernels run."""
+        q, k, v = node.args[:3]
+        fused = getattr(node.target, "__name__", "").startswith("_scaled_dot_product_flash")
+        names = ("dropout_p", "is_causal") if fused else ("attn_mask", "dropout_p", "is_causal")
+        given = dict(zip(names, node.args[3:]), **node.kwargs)
+        dropout, causal, mask = given.get("dropout_p", 0.0), given.get("is_causal", False), given.get("attn_mask")
+        if dropout or causal or mask is not None:
+            raise self.unsupported(node, "attention with dropout, a causal flag or a mask is not supported")
+        scale = node.kwargs.get("scale")
+        depth = self._torch_shape(self.value(q))[-1]
+        scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(depth))
+        kv = self.value(k)
+        rank = kv.torch_rank
+        swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+        transposed_name = f"{node.name}_key_transposed"
+        self.values[transposed_name] = _Value(kv.name, tuple(swap[d] for d in kv.dims))
+        scores = self._batch_matmul(node, q, _Named(transposed_name))
+        probs = self.add_op("softmax", node, [scores.name], self.shape(scores), scores.dims, dict(beta=scale))
+        self.values[f"{node.name}_probs"] = probs
+        out = self._batch_matmul(node, _Named(f"{node.name}_probs"), v)
+        # the flash variant also returns the log-sum-exp, which nothing in inference reads
+        self.values[node.name] = (out, None) if fused else out
+
+    _op_scaled_dot_product_attention = _op__scaled_dot_product_flash_attention_for_cpu
 
     # normalisation
     def _batch_norm(self, node, x, gamma, beta, mean, var, eps):

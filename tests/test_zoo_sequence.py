@@ -178,3 +178,54 @@ def test_attention_core_torch_c_tflite(fused, tmp_path):
     assert np.array_equal(run_stateful("tflm", path, x_q).reshape(ref.shape), ref)
     back = load_tflite(path)
     assert np.array_equal(edgekit.reference_run(back, x_q, int8=True), ref)
+
+
+# ---------------------------------------------------------------------------
+# GRU: unrolled into FULLY_CONNECTED / LOGISTIC / TANH / MUL / SUB / ADD (ops-pointwise's ops)
+# ---------------------------------------------------------------------------
+
+def _needs_pointwise():
+    from edgekit import reference
+    if not {"logistic", "tanh", "sub"} <= set(reference.INT8_KERNELS):
+        pytest.skip("the GRU lowering needs LOGISTIC / TANH / SUB from ops-pointwise (not merged here yet)")
+
+
+def test_gru_frontend_matches_torch():
+    _needs_pointwise()
+    from zoo.gru_kws import GRUKWS
+    torch.manual_seed(0)
+    model = GRUKWS(channels=5, hidden=7, steps=6, layers=2, head="sequence").eval()
+    x = np.random.default_rng(0).normal(0, 1, (6, 6, 5)).astype(np.float32)
+    g = edgekit.load(model, example_input=x[:1])
+    assert {op.kind for op in g.ops} == {"slice", "reshape", "fully_connected", "add", "logistic", "tanh", "mul",
+                                         "sub", "concat"}
+    from edgekit import reference
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    assert np.abs(reference.run(g, x)[0] - want).max() < 1e-5
+
+
+def test_gru_kws_trained_int8_c_tflite(sequences, tmp_path):
+    _needs_pointwise()
+    from zoo.gru_kws import GRUKWS
+    xtr, ytr, xte, yte = sequences
+    train.seed_everything(0)
+    model = train.train_classifier(GRUKWS(head="all"), xtr, ytr, epochs=12, show_progress=False)
+    acc_float = train.accuracy(train.predict(model, xte), yte)
+    q = edgekit.quantize(model, xtr[:200])
+    acc_int8 = train.accuracy(edgekit.reference_run(q, xte), yte)
+    assert acc_float > 0.85 and acc_int8 >= acc_float - 0.01, (acc_float, acc_int8)
+
+    x_q = _int8_inputs(q, xte[:24])
+    record = edgekit.generate(q, tmp_path / "c", board="host")
+    w = {op.inputs[1] for op in q.ops if op.kind == "fully_connected"}
+    # each gate matrix is stored once although every step's FULLY_CONNECTED reads it
+    assert record["weight_bytes"] < 2 * sum(q.tensors[n].nbytes for n in w) + 64 * 1024
+    edgekit.build(tmp_path / "c", sanitize=True)
+    y_c = edgekit.run(tmp_path / "c", x_q, int8=True, sanitize=True)
+    assert np.array_equal(y_c, edgekit.reference_run(q, x_q, int8=True))
+    path = edgekit.export_tflite(q, tmp_path / "gru_kws.tflite", io="int8")
+    assert np.array_equal(run_stateful("tflite", path, x_q).reshape(y_c.shape), y_c)
+    assert np.array_equal(run_stateful("tflm", path, x_q).reshape(y_c.shape), y_c)
+    for board in ("mps2-an386", "nucleo-f446re"):
+        assert edgekit.generate(q, tmp_path / board, board=board)["budget_before_build"]

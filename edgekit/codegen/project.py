@@ -116,6 +116,7 @@ class _Builder:
         self.elem = 4 if weight_only else 1
         self.arrays: list[CArray] = []
         self.weights = weights  # an encoding for every layer, or {layer name: encoding}
+        self.shared_filters: dict[str, str] = {}  # weight tensor -> its C array (dense int8 layers)
 
     def buffer(self, name: str) -> Buffer:
         return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
@@ -161,7 +162,11 @@ class _Builder:
                                                                       (-FLT_MAX, FLT_MAX))
             layer.params.update(act_min=lo, act_max=hi)
         else:
-            layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+            # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
+            if op.inputs[1] not in self.shared_filters:
+                self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
+                                                               f"{op.name}: weights {list(w.shape)}")
+            layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),

@@ -373,8 +373,11 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
             continue
         w = g.tensors[op.inputs[1]]
         axis = _channel_axis(op.kind)
-        data, w_scales = quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
-        w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
+        if w.dtype == "int8":  # shared with an op quantized before (an unrolled GRU's steps): quantized once
+            w_scales = w.quant.scale
+        else:
+            data, w_scales = quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
+            w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
         in_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
         bias_scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scales])
         if len(op.inputs) > 2:

@@ -34,6 +34,9 @@ from zoo.sequence_data import keyword_sequences, split  # noqa: E402
 ARCHITECTURES = {
     "LSTM KWS (16 steps x 8 -> LSTM 16 -> all steps -> 4)": lambda: LSTMKWS(hidden=16, head="all"),
 }
+if {"logistic", "tanh", "sub"} <= set(__import__("edgekit.reference").reference.INT8_KERNELS):  # ops-pointwise
+    from zoo.gru_kws import GRUKWS  # noqa: E402
+    ARCHITECTURES["GRU KWS (16 steps x 8 -> GRU 16, unrolled -> all steps -> 4)"] = lambda: GRUKWS(head="all")
 
 
 def measure(name, make, data, epochs, work: Path, board: str) -> dict:

@@ -227,5 +227,6 @@ def test_gru_kws_trained_int8_c_tflite(sequences, tmp_path):
     path = edgekit.export_tflite(q, tmp_path / "gru_kws.tflite", io="int8")
     assert np.array_equal(run_stateful("tflite", path, x_q).reshape(y_c.shape), y_c)
     assert np.array_equal(run_stateful("tflm", path, x_q).reshape(y_c.shape), y_c)
+    assert np.array_equal(edgekit.reference_run(load_tflite(path), x_q, int8=True), y_c)
     for board in ("mps2-an386", "nucleo-f446re"):
         assert edgekit.generate(q, tmp_path / board, board=board)["budget_before_build"]

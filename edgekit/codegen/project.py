@@ -117,13 +117,21 @@ class _Builder:
         self.arrays: list[CArray] = []
         self.weights = weights  # an encoding for every layer, or {layer name: encoding}
         self.shared_filters: dict[str, str] = {}  # weight tensor -> its C array (dense int8 layers)
+        self.by_content: dict[tuple, str] = {}  # (dtype, shape, bytes) -> the C array holding them
 
     def buffer(self, name: str) -> Buffer:
         return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
 
     def array(self, name: str, data: np.ndarray, comment: str = "") -> str:
+        """A const C array for ``data``; an array with the same type, shape and bytes as one already
+        emitted is that one (an unrolled GRU's steps share tables, biases and multipliers)."""
+        data = np.ascontiguousarray(data)
+        key = (data.dtype.str, data.shape, data.tobytes())
+        if key in self.by_content:
+            return self.by_content[key]
         for arr in encode(name, data, "dense", comment):
             self.arrays.append(arr)
+        self.by_content[key] = name
         return name
 
     def layer(self, index: int, op: Op) -> Layer:

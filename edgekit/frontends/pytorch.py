@@ -621,9 +621,15 @@ class _Converter:
         consts.update({f"w_h{g}": self.new_tensor(f"{base}.weight_h{g}", (hidden, hidden),
                                                   np.ascontiguousarray(w_hh[s])) for g, s in gate.items()})
 
+        alike: dict[str, list[str]] = {}  # the same tensor of every step (tag without the step)
+
         def op(kind, inputs, shape, attrs=None, tag=""):
             out = self.new_tensor(f"{base}.{tag}", shape)
             self.graph.ops.append(Op(kind, name, list(inputs), [out], dict(attrs or {})))
+            step, _, role = tag.partition(".")
+            # step 0 has no recurrent term; LOGISTIC / TANH outputs have fixed parameters anyway
+            if step.startswith("t") and step[1:].isdigit() and step != "t0" and kind not in ("logistic", "tanh"):
+                alike.setdefault(role, []).append(out)
             return out
 
         def fc(x_name, w_key, bias, tag):
@@ -671,6 +677,7 @@ class _Converter:
                     for k, (g, n) in enumerate(groups)]
             lengths = [n for _, n in groups]
         seq = outs[0]
+        self.graph.meta.setdefault("shared_quantization", []).extend(g for g in alike.values() if len(g) > 1)
         value = _Value(seq, (0, 1, 2))
         self.values[node.name] = value
         return value

@@ -172,6 +172,11 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
         if op.kind in SAME_PARAMS:
             for name in op.inputs + op.outputs[1:]:  # split: every piece
                 groups.union(name, op.outputs[0])
+    # Tensors a frontend declared alike (an unrolled GRU's steps: the same gate at every step) share
+    # one set of parameters, calibrated over all of them, so their kernels share tables and multipliers.
+    for group in graph.meta.get("shared_quantization", []):
+        for name in group[1:]:
+            groups.union(group[0], name)
     fixed: dict[str, QuantParams] = {}
     for op in graph.ops:
         if op.kind == "softmax":

@@ -34,6 +34,11 @@ reshape                x                                    (shape from the outp
 transpose              x                                    perm (IR axes; perm[0] == 0)
 split                  x -> y0, y1, ...                     axis (piece sizes from the outputs)
 slice                  x                                    begin, end, strides (IR axes, end exclusive)
+transpose_conv2d       x, weight (O,KH,KW,I), bias?         stride, padding(t,b,l,r) cropped from the full output
+reduce_max             x                                    axes (neighbouring IR axes; kept as size 1)
+resize_bilinear        x                                    align_corners, half_pixel_centers
+resize_nearest         x                                    half_pixel_centers (size from the output)
+log_softmax            x                                    (over the last axis)
 pad                    x                                    padding(t,b,l,r), value (real number)
 relu / relu6           x
 batch_norm             x, scale, offset                     (float graphs only; folded away)
@@ -206,6 +211,38 @@ def nhwc(shape) -> tuple[int, int, int, int]:
     if len(shape) == 2:
         return (shape[0], 1, 1, shape[1])
     raise ValueError(f"no NHWC view of a rank-{len(shape)} shape {list(shape)}")
+
+
+def nearest_source_index(in_size: int, out_size: int, half_pixel_centers: bool = False):
+    """The input row / column each output row / column copies in a nearest-neighbour resize, computed in
+    float32 as TFLite's RESIZE_NEAREST_NEIGHBOR does (align_corners off); torch's "nearest" is the
+    plain one, "nearest-exact" the half-pixel one."""
+    import numpy as np
+
+    scale = np.float32(in_size) / np.float32(out_size)
+    offset = np.float32(0.5 if half_pixel_centers else 0.0)
+    index = np.floor((np.arange(out_size, dtype=np.float32) + offset) * scale).astype(np.int64)
+    return np.clip(index, 0, in_size - 1)
+
+
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool):
+    """TFLite's integer RESIZE_BILINEAR along one axis: per output index the two source indices and the
+    weight of the second one in 1/1024 (the first gets 1024 - it), in its exact integer arithmetic."""
+    import numpy as np
+
+    if align_corners and out_size > 1:
+        scale = ((1 << 10) * (in_size - 1) + (out_size - 1) // 2) // (out_size - 1)
+    else:
+        scale = ((1 << 10) * in_size + out_size // 2) // out_size
+    lo, hi, weight = [], [], []
+    for o in range(out_size):
+        scaled = o * scale + (scale // 2 - (1 << 9) if half_pixel_centers else 0)
+        low = max(int(scaled / (1 << 10)), 0)  # C division: toward zero
+        high = min(int((scaled + (1 << 10) - 1) / (1 << 10)), in_size - 1)
+        lo.append(low)
+        hi.append(high)
+        weight.append(scaled - (1 << 10) * low)
+    return np.array(lo), np.array(hi), np.array(weight)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:

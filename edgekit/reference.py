@@ -33,6 +33,7 @@ def run(graph: Graph, inputs, *, keep: bool = False):
             raise EdgekitError(f"input {name!r}: expected samples of shape {list(expected)}, got {list(x.shape[1:])}")
         values[name] = x.astype(np.int8 if quantized else np.float32)
     table = INT8_KERNELS if quantized else FLOAT_KERNELS
+    batch = values[graph.inputs[0]].shape[0]
     for op in graph.ops:
         fn = table.get(op.kind)
         if fn is None:
@@ -42,14 +43,14 @@ def run(graph: Graph, inputs, *, keep: bool = False):
             args[0] = args[0].reshape((args[0].shape[0],) + nhwc(graph.tensors[op.inputs[0]].shape)[1:])
         outs = fn(op, graph, *args)
         for out_name, out in zip(op.outputs, outs if isinstance(outs, tuple) else (outs,)):  # split: several
-            values[out_name] = out.reshape((out.shape[0],) + tuple(graph.tensors[out_name].shape[1:]))
+            values[out_name] = out.reshape((batch,) + tuple(graph.tensors[out_name].shape[1:]))
     if keep:
         return values
     return [values[n] for n in graph.outputs]
 
 
 # Kernels that read their input as NHWC (rank-3 / rank-2 tensors through ir.nhwc).
-_SPATIAL = ("conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d", "mean", "pad")
+_SPATIAL = ("conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d", "mean", "pad", "transpose_conv2d")
 
 
 # ---------------------------------------------------------------------------
@@ -143,7 +144,33 @@ def _f_depthwise_conv2d(op, graph, x, w, b=None):
 
 
 def _f_fully_connected(op, graph, x, w, b=None):
-    y = x.reshape(x.shape[0], -1).astype(np.float32) @ w.T
+    y = x.reshape(-1, w.shape[1]).astype(np.float32) @ w.T  # rank 3: every row of (L, I)
+    if b is not None:
+        y = y + b
+    return _apply_activation(y.astype(np.float32), op.attrs.get("activation", "none"))
+
+
+def _transpose_conv_sum(op, graph, x, w, acc_dtype):
+    """Every input pixel scatters its taps into the output (torch / TFLite TRANSPOSE_CONV), padding
+    cropped from the front: out[y * s - pad + ky] += x[y] * w[ky]."""
+    O, KH, KW, I = w.shape
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    sh, sw = op.attrs["stride"]
+    top, _, left, _ = op.attrs["padding"]
+    full = np.zeros((x.shape[0], (H - 1) * sh + KH, (W - 1) * sw + KW, O), acc_dtype)
+    wt = w.reshape(O, KH, KW, I).astype(acc_dtype)
+    for ky in range(KH):
+        for kx in range(KW):
+            full[:, ky:ky + (H - 1) * sh + 1:sh, kx:kx + (W - 1) * sw + 1:sw, :] += x.astype(acc_dtype) @ wt[:, ky, kx, :].T
+    pad_h = max(top + OH - full.shape[1], 0)
+    pad_w = max(left + OW - full.shape[2], 0)
+    full = np.pad(full, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return full[:, top:top + OH, left:left + OW, :]
+
+
+def _f_transpose_conv2d(op, graph, x, w, b=None):
+    y = _transpose_conv_sum(op, graph, x, w, np.float64)
     if b is not None:
         y = y + b
     return _apply_activation(y.astype(np.float32), op.attrs.get("activation", "none"))
@@ -262,6 +289,58 @@ def _split(op, graph, x):
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
+def _resize_nearest(op, graph, x):
+    from .ir import nearest_source_index
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    hp = op.attrs.get("half_pixel_centers", False)
+    x = x.reshape((x.shape[0], H, W, -1))
+    return x[:, nearest_source_index(H, OH, hp)][:, :, nearest_source_index(W, OW, hp)]
+
+
+def _f_resize_bilinear(op, graph, x):
+    """torch's bilinear interpolation (align_corners or half-pixel centres clamped at 0)."""
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    x = x.reshape((x.shape[0], H, W, -1)).astype(np.float64)
+
+    def taps(n, o):
+        if op.attrs.get("align_corners"):
+            src = np.arange(o) * ((n - 1) / (o - 1) if o > 1 else 0.0)
+        else:
+            src = np.maximum((np.arange(o) + 0.5) * n / o - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    y0, y1, wy = taps(H, OH)
+    x0, x1, wx = taps(W, OW)
+    rows = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
+    out = rows[:, :, x0] * (1 - wx)[None, None, :, None] + rows[:, :, x1] * wx[None, None, :, None]
+    return out.astype(np.float32)
+
+
+def _q_resize_bilinear(op, graph, x):
+    """TFLite's ResizeBilinearInteger: 10-bit fractional weights, an int64 sum, rounded half away from
+    zero over 2^20, then cast to int8 (wrapping, as the C++ static_cast does)."""
+    from .ir import bilinear_taps
+    _, H, W, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, OH, OW, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    ac, hp = bool(op.attrs.get("align_corners")), bool(op.attrs.get("half_pixel_centers"))
+    y0, y1, wy = bilinear_taps(H, OH, ac, hp)
+    x0, x1, wx = bilinear_taps(W, OW, ac, hp)
+    x = x.reshape((x.shape[0], H, W, -1)).astype(np.int64)
+    wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+    acc = (x[:, y0][:, :, x0] * ((1 << 10) - wy) * ((1 << 10) - wx) + x[:, y1][:, :, x0] * wy * ((1 << 10) - wx)
+           + x[:, y0][:, :, x1] * ((1 << 10) - wy) * wx + x[:, y1][:, :, x1] * wy * wx)
+    num = acc + np.where(acc > 0, 1 << 19, -(1 << 19))
+    q = np.where(num >= 0, num // (1 << 20), -((-num) // (1 << 20)))
+    return (((q + 128) & 0xFF) - 128).astype(np.int8)
+
+
+def _reduce_max(op, graph, x):
+    return x.max(axis=tuple(op.attrs["axes"]), keepdims=True)
+
+
 def _slice(op, graph, x):
     """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
     index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
@@ -269,12 +348,19 @@ def _slice(op, graph, x):
     return np.ascontiguousarray(x[index])
 
 
+def _f_log_softmax(op, graph, x):
+    z = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
 FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
     "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
     "batch_norm": _f_batch_norm, "softmax": _f_softmax, "batch_matmul": _f_batch_matmul, "lstm": _f_lstm,
-    "transpose": _transpose, "split": _split, "slice": _slice,
+    "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
+    "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
+    "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
 }
 
 
@@ -321,8 +407,17 @@ def _q_depthwise_conv2d(op, graph, x, w, b=None):
 
 
 def _q_fully_connected(op, graph, x, w, b=None):
-    xs = x.reshape(x.shape[0], -1).astype(np.float64) + op.attrs["input_offset"]
+    xs = x.reshape(-1, w.shape[1]).astype(np.float64) + op.attrs["input_offset"]  # rank 3: every row
     acc = (xs @ w.T.astype(np.float64)).astype(np.int64)
+    if b is not None:
+        acc = acc + b.astype(np.int64)
+    return _requantize_per_channel(acc, op)
+
+
+def _q_transpose_conv2d(op, graph, x, w, b=None):
+    """TFLite's reference int8 TRANSPOSE_CONV: (x + input_offset) * w scattered in int32, then the bias,
+    then per-channel requantization."""
+    acc = _transpose_conv_sum(op, graph, x.astype(np.int64) + op.attrs["input_offset"], w, np.int64)
     if b is not None:
         acc = acc + b.astype(np.int64)
     return _requantize_per_channel(acc, op)
@@ -416,6 +511,63 @@ def _q_softmax(op, graph, x):
     return out.astype(np.int8)
 
 
+def _wrap32(x):
+    """int32 addition as the fixed-point code does it (gemmlowp adds raw values)."""
+    return ((np.asarray(x, np.int64) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def _sat_pot(x, exponent):
+    """gemmlowp's SaturatingRoundingMultiplyByPOT with a per-element exponent."""
+    x, e = np.broadcast_arrays(np.asarray(x, np.int64), np.asarray(exponent, np.int64))
+    pos = np.minimum(np.maximum(e, 0), 31)
+    threshold = (np.int64(1) << (31 - pos)) - 1
+    left = np.where(x > threshold, qm.INT32_MAX, np.where(x < -threshold, qm.INT32_MIN, x << pos))
+    right = qm.rounding_divide_by_pot(x, np.maximum(-e, 0))
+    return np.where(e > 0, left, np.where(e < 0, right, x))
+
+
+def _log_q12_to_q5(z):
+    """gemmlowp-style log(x) for x >= 1: Q12.19 in, Q5.26 out (TFLite's log_x_for_x_greater_than_or_equal_to_1
+    with 5 output integer bits and a 6-bit accumulator)."""
+    srdhm = qm.saturating_rounding_doubling_high_mul
+    log_2, sqrt_sqrt_half, sqrt_half = 1488522236, 1805811301, 1518500250
+    alpha_n, alpha_d, alpha_i, alpha_f = 117049297, 127690142, 1057819769, 638450708
+    shifted_quarter = int(_sat_pot(536870912, -6))
+    clz_a = qm.count_leading_zeros_u32(z)
+    r_a = _sat_pot(srdhm(_sat_pot(z, clz_a - 1), sqrt_half), 1)
+    z_a_adj = np.clip(_sat_pot(12 - clz_a, 25) + shifted_quarter, qm.INT32_MIN, qm.INT32_MAX)
+    z_b_headroom = qm.count_leading_zeros_u32(srdhm(z, sqrt_half)) - 1
+    r_b = _sat_pot(z, z_b_headroom)
+    z_b_adj = np.clip(_sat_pot(12 - z_b_headroom, 25) - shifted_quarter, qm.INT32_MIN, qm.INT32_MAX)
+    r = np.minimum(r_a, r_b)
+    z_adj = np.maximum(z_a_adj, z_b_adj)
+    p = qm.rounding_half_sum(r, sqrt_sqrt_half)
+    q = _wrap32(2 * _wrap32(r - sqrt_sqrt_half))
+    common_sq = srdhm(q, q)
+    num = _wrap32(srdhm(q, r) + srdhm(srdhm(q, common_sq), alpha_n))
+    denom_minus_one = _wrap32(srdhm(p, _wrap32(alpha_i + q + srdhm(alpha_d, common_sq))) + srdhm(alpha_f, q))
+    recip = qm.one_over_one_plus_x_for_x_in_0_1(denom_minus_one)
+    total = _wrap32(srdhm(z_adj, log_2) + srdhm(_sat_pot(num, -6), recip))
+    return _sat_pot(total, 1)
+
+
+def _q_log_softmax(op, graph, x):
+    """TFLite's reference int8 log-softmax over the last axis: output scale 16/256, zero point 127."""
+    a = op.attrs
+    x = x.astype(np.int64)
+    diff = x - x.max(axis=-1, keepdims=True)
+    scaled = qm.multiply_by_quantized_multiplier(diff, a["input_multiplier"], a["input_left_shift"])
+    exps = qm.rounding_divide_by_pot(qm.exp_on_negative_values(scaled, 5), 12)
+    sum_of_exps = np.sum(np.where(diff >= a["diff_min"], exps, 0), axis=-1, keepdims=True)
+    log_sum = _log_q12_to_q5(sum_of_exps)
+    reach = qm.rounding_divide_by_pot(qm.saturating_rounding_doubling_high_mul(log_sum + qm.INT32_MIN,
+                                                                                a["reverse_multiplier"]),
+                                      -a["reverse_shift"])
+    adjusted_diff_min = np.maximum(a["diff_min"] - 1, reach)
+    out = qm.rounding_divide_by_pot(_wrap32(scaled - log_sum), 22) + 127
+    return np.where(diff > adjusted_diff_min, np.clip(out, -128, 127), -128).astype(np.int8)
+
+
 def _q_exit(op, graph, x):
     """An early exit's confidence (see passes/exits.py), in units of 1/256: the top int8 softmax
     probability + 128, or the top-two logit margin scaled by an integer multiplier."""
@@ -482,5 +634,7 @@ INT8_KERNELS = {
     "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
     "softmax": _q_softmax, "exit": _q_exit, "batch_matmul": _q_batch_matmul, "lstm": _q_lstm,
-    "transpose": _transpose, "split": _split, "slice": _slice,
+    "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
+    "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
+    "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,
 }

@@ -107,10 +107,11 @@ def test_unsupported_layer_names_the_module():
     assert "layer '1'" in msg and "Sigmoid" in msg and "sigmoid" in msg and "edgekit supports" in msg
 
 
-def test_grouped_convolution_is_refused_clearly():
+def test_grouped_convolution_is_split_into_groups():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
-    with pytest.raises(EdgekitError, match=r"layer '0'.*groups=2"):
-        edgekit.load(model, np.zeros((1, 4, 6, 6), np.float32))
+    g = _float_matches_torch(model, np.random.default_rng(0).normal(size=(2, 4, 6, 6)).astype(np.float32))
+    assert [op.kind for op in g.ops] == ["split", "conv2d", "conv2d", "concat"]
 
 
 def test_nan_weights_are_refused():

@@ -77,9 +77,12 @@ def layer_macs(graph: Graph, op: Op) -> int:
     if op.kind == "depthwise_conv2d":
         _, KH, KW, O = graph.tensors[op.inputs[1]].shape
         return out[1] * out[2] * O * KH * KW
+    if op.kind == "transpose_conv2d":
+        O, KH, KW, I = graph.tensors[op.inputs[1]].shape
+        return graph.tensors[op.inputs[0]].size * O * KH * KW
     if op.kind == "fully_connected":
         O, I = graph.tensors[op.inputs[1]].shape
-        return O * I
+        return O * I * (graph.tensors[op.inputs[0]].size // I)
     return 0
 
 
@@ -228,6 +231,9 @@ class _Builder:
 
     def _fully_connected(self, layer, op):
         self._weighted(layer, op, conv=False)
+        # A rank-3 input (1, L, I): the kernel runs once per row (TFLite's keep_num_dims).
+        g = self.graph
+        layer.params["rows"] = g.tensors[op.inputs[0]].size // g.tensors[op.inputs[1]].shape[1]
 
     # data movement and the rest ------------------------------------------
     def _activation_params(self, layer, op, kind=None):
@@ -305,6 +311,15 @@ class _Builder:
         layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])), beta=float(op.attrs.get("beta", 1.0)))
         if not self.weight_only:
             layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "diff_min")})
+
+    def _log_softmax(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': log_softmax has no weight-only kernel yet; quantize to int8")
+        layer.kernel = "ek_log_softmax_s8"
+        shape = self.graph.tensors[op.inputs[0]].shape
+        layer.params.update(depth=shape[-1], rows=int(np.prod(shape[:-1])))
+        layer.params.update({k: op.attrs[k] for k in ("input_multiplier", "input_left_shift", "reverse_multiplier",
+                                                      "reverse_shift", "diff_min")})
 
     def _pad(self, layer, op):
         layer.kernel = "ek_pad_f32" if self.weight_only else "ek_pad_s8"
@@ -401,6 +416,54 @@ class _Builder:
         offset = sum(b * s for b, s in zip(a["begin"], strides))
         steps = [st * s for st, s in zip(a["strides"], strides)]
         self._copies(layer, op, [(op.outputs[0], offset, list(self.graph.tensors[op.outputs[0]].shape), steps)])
+
+    def _transpose_conv2d(self, layer, op):
+        """TRANSPOSE_CONV as a gather: each output pixel sums the taps that land on it (the same integer
+        sum as TFLite's scatter). The raw bias: how many taps reach a pixel varies, so no folded offset."""
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': ConvTranspose2d has no weight-only kernel yet; quantize to int8")
+        g, a = self.graph, op.attrs
+        w = g.tensors[op.inputs[1]]
+        layer.kernel = "ek_transpose_conv2d_s8"
+        layer.dims["filter"] = tuple(w.shape)
+        layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+        layer.arrays["bias"] = self.array(f"{layer.id}_bias", g.tensors[op.inputs[2]].data.astype(np.int32))
+        layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+        layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+        layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"], act_min=a["act_min"],
+                            act_max=a["act_max"], stride_h=a["stride"][0], stride_w=a["stride"][1],
+                            dilation_h=1, dilation_w=1, pad_top=a["padding"][0], pad_left=a["padding"][2],
+                            depth_multiplier=1)
+
+    def _reduce_max(self, layer, op):
+        """The input as (outer, reduced, inner): the reduced axes are neighbours."""
+        layer.kernel = "ek_reduce_max_f32" if self.weight_only else "ek_reduce_max_s8"
+        shape, axes = self.graph.tensors[op.inputs[0]].shape, op.attrs["axes"]
+        layer.params.update(outer=int(np.prod(shape[:axes[0]])), reduce=int(np.prod(shape[axes[0]:axes[-1] + 1])),
+                            inner=int(np.prod(shape[axes[-1] + 1:])))
+
+    def _resize_bilinear(self, layer, op):
+        """Source rows / columns and their 1/1024 weights are tables (ir.bilinear_taps, TFLite's integers)."""
+        from ..ir import bilinear_taps
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': bilinear resize has no weight-only kernel yet; quantize to int8")
+        layer.kernel = "ek_resize_bilinear_s8"
+        (_, H, W, _), (_, OH, OW, _) = layer.dims["input"], layer.dims["output"]
+        ac, hp = bool(op.attrs.get("align_corners")), bool(op.attrs.get("half_pixel_centers"))
+        for axis, (n, o) in (("y", (H, OH)), ("x", (W, OW))):
+            lo, hi, weight = bilinear_taps(n, o, ac, hp)
+            table = np.stack([lo, hi, weight], axis=1).reshape(-1).astype(np.int32)
+            layer.arrays[axis] = self.array(f"{layer.id}_{axis}_taps", table, "low, high, weight of high (1/1024)")
+
+    def _resize_nearest(self, layer, op):
+        """The source row and column of every output row and column are tables Python computes
+        (ir.nearest_source_index, TFLite's float32 arithmetic); the kernel only copies pixels."""
+        from ..ir import nearest_source_index
+        layer.kernel = "ek_resize_nearest_f32" if self.weight_only else "ek_resize_nearest_s8"
+        (_, H, W, _), (_, OH, OW, _) = layer.dims["input"], layer.dims["output"]
+        hp = bool(op.attrs.get("half_pixel_centers", False))
+        layer.arrays["rows"] = self.array(f"{layer.id}_rows", nearest_source_index(H, OH, hp).astype(np.int32))
+        layer.arrays["cols"] = self.array(f"{layer.id}_cols", nearest_source_index(W, OW, hp).astype(np.int32))
 
     def _exit(self, layer, op):
         """An early exit's decision: the kernel returns the confidence, model.c compares it with the

@@ -254,6 +254,18 @@ class _Exporter:
 
     def _fully_connected(self, op):
         act = _ACTIVATION[op.attrs.get("activation", "none")]
+        x, y = op.inputs[0], op.outputs[0]
+        if len(self.g.tensors[x].shape) == 3:
+            # (1, L, I): rows as a batch, through RESHAPE to (L, I) and back, as TensorFlow's converter writes a
+            # Dense on a sequence (tflite-runtime 2.14's per-channel reference kernel ignores keep_num_dims).
+            _, rows, depth = self.g.tensors[x].shape
+            x2 = self.fresh(f"{x}.rows", (rows, depth), x)
+            self._reshape_tensors(self.t(x), x2, (rows, depth), f"{x}.rows")
+            y2 = self.fresh(f"{y}.rows", (rows, self.g.tensors[y].shape[-1]), y)
+            self.m.op(S.FULLY_CONNECTED, [x2] + [self.t(n) for n in op.inputs[1:]], [y2],
+                      "FullyConnectedOptions", {0: Scalar("b", act)})
+            self._reshape_tensors(y2, self.t(y), self.g.tensors[y].shape, f"{y}.rank3")
+            return
         self.m.op(S.FULLY_CONNECTED, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])],
                   "FullyConnectedOptions", {0: Scalar("b", act)})
 
@@ -397,6 +409,65 @@ class _Exporter:
         else:
             self.m.op(S.SPLIT_V, [self.t(op.inputs[0]), self._i32(f"{op.outputs[0]}.sizes", sizes), axis_t], outs,
                       "SplitVOptions", {0: Scalar("i", len(outs))})
+
+    def _transpose_conv2d(self, op):
+        """TRANSPOSE_CONV with TFLite's own padding (SAME or VALID) when it crops what the op crops; else the
+        VALID full output, then STRIDED_SLICE (torch's padding=1, output_padding=1 has no TFLite padding)."""
+        a = op.attrs
+        _, H, W, _ = self.g.tensors[op.inputs[0]].shape
+        out_shape = self.g.tensors[op.outputs[0]].shape
+        _, OH, OW, O = out_shape
+        O_, KH, KW, _ = self.g.tensors[op.inputs[1]].shape
+        sh, sw = a["stride"]
+        top, _, left, _ = a["padding"]
+
+        def tflite_pad(out_size, k, s, same):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        mode = next((m for m in (S.VALID, S.SAME) if tflite_pad(OH, KH, sh, m == S.SAME) == top
+                     and tflite_pad(OW, KW, sw, m == S.SAME) == left), None)
+        full = ((H - 1) * sh + KH, (W - 1) * sw + KW)
+        if mode is None and (top + OH > full[0] or left + OW > full[1]):
+            raise EdgekitError(f"layer '{op.name}' (transpose_conv2d): output_padding larger than padding has no "
+                               "TFLite equivalent")
+        y = op.outputs[0]
+        target = (1,) + (full if mode is None else (OH, OW)) + (O,)
+        conv_out = self.t(y) if mode is not None else self.fresh(f"{y}.full", target, y)
+        shape_t = self._i32(f"{y}.output_shape", target)
+        ins = [shape_t, self.t(op.inputs[1]), self.t(op.inputs[0])] + [self.t(n) for n in op.inputs[2:]]
+        self.m.op(S.TRANSPOSE_CONV, ins, [conv_out], "TransposeConvOptions",
+                  {0: Scalar("b", S.VALID if mode is None else mode), 1: Scalar("i", sw), 2: Scalar("i", sh)})
+        if mode is None:
+            begin = self._i32(f"{y}.begin", [0, top, left, 0])
+            end = self._i32(f"{y}.end", [1, top + OH, left + OW, O])
+            strides = self._i32(f"{y}.strides", [1, 1, 1, 1])
+            self.m.op(S.STRIDED_SLICE, [conv_out, begin, end, strides], [self.t(y)], "StridedSliceOptions", {})
+
+    def _resize_nearest(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        then: list = []
+        self.m.op(S.RESIZE_NEAREST_NEIGHBOR, [self.spatial_in(op.inputs[0]), size],
+                  [self.spatial_out(op.outputs[0], then)], "ResizeNearestNeighborOptions",
+                  {0: Scalar("?", False), 1: Scalar("?", bool(op.attrs.get("half_pixel_centers", False)))})
+        for step in then:
+            step()
+
+    def _resize_bilinear(self, op):
+        _, OH, OW, _ = nhwc(self.g.tensors[op.outputs[0]].shape)
+        size = self._i32(f"{op.outputs[0]}.size", [OH, OW])
+        a = op.attrs
+        self.m.op(S.RESIZE_BILINEAR, [self.t(op.inputs[0]), size], [self.t(op.outputs[0])], "ResizeBilinearOptions",
+                  {2: Scalar("?", bool(a.get("align_corners"))), 3: Scalar("?", bool(a.get("half_pixel_centers")))})
+
+    def _reduce_max(self, op):
+        axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
+        self.m.op(S.REDUCE_MAX, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", True)})
+
+    def _log_softmax(self, op):
+        self.m.op(S.LOG_SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LogSoftmaxOptions", {})
 
     def _slice(self, op):
         a = op.attrs

@@ -22,6 +22,10 @@ SUPPORTED_LAYERS = (
     "torch.cat, Dropout, Identity, a final Softmax, LSTM and GRU (batch_first, zero initial state), "
     "and int8 fake quantization (from edgekit.qat)"
 )
+SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
+                     "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+                     "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
+                     "Upsample nearest / bilinear, ConvTranspose2d")
 
 
 # The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).
@@ -496,9 +500,11 @@ class _Converter:
             kind = "depthwise_conv2d"
             ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # 1HWO
             attrs["depth_multiplier"] = O // C
+        elif groups > 1 and C % groups == 0 and O % groups == 0 and I == C // groups:
+            return self._grouped_conv(node, v, weight, bias, groups, (OH, OW), torch_rank, attrs)
         else:
-            raise self.unsupported(node, f"grouped convolution with groups={groups} "
-                                         f"(only 1 or depthwise groups={C}) is not supported")
+            raise self.unsupported(node, f"convolution with groups={groups}, {C} input channels and weights "
+                                         f"{list(weight.shape)}")
         path, _ = _layer_of(node)
         base = path or node.name
         inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
@@ -507,14 +513,70 @@ class _Converter:
         out_shape = (1, OH, OW, O) if torch_rank == 4 else (1, OW, O)  # Conv1d: height 1, kept rank 3
         self.add_op(kind, node, inputs, out_shape, torch_rank, attrs)
 
+    def _grouped_conv(self, node, v: _Value, weight, bias, groups: int, out_hw, torch_rank, attrs):
+        """groups not 1 and not depthwise: split the channels, one convolution per group, concatenate
+        (what TensorFlow's converter did before CONV_2D took groups; every piece keeps the fast kernels)."""
+        path, _ = _layer_of(node)
+        base = path or node.name
+        per_out = weight.shape[0] // groups
+        split_node_name = f"{node.name}_groups"
+        pieces = [self.new_tensor(f"{split_node_name}.{g}", self.shape(v)[:-1] + (self.shape(v)[-1] // groups,))
+                  for g in range(groups)]
+        self.graph.ops.append(Op("split", base, [v.name], pieces, dict(axis=len(self.shape(v)) - 1)))
+        outs = []
+        OH, OW = out_hw
+        for g, piece in enumerate(pieces):
+            w = np.ascontiguousarray(weight[g * per_out:(g + 1) * per_out].transpose(0, 2, 3, 1))  # OHWI
+            inputs = [piece, self.new_tensor(f"{base}.group{g}.weight", w.shape, w)]
+            if bias is not None:
+                b = np.ascontiguousarray(bias[g * per_out:(g + 1) * per_out])
+                inputs.append(self.new_tensor(f"{base}.group{g}.bias", b.shape, b))
+            shape = (1, OH, OW, per_out) if torch_rank == 4 else (1, OW, per_out)
+            outs.append(self.new_tensor(f"{node.name}.group{g}", shape))
+            self.graph.ops.append(Op("conv2d", base, inputs, [outs[-1]], dict(attrs)))
+        shape = (1, OH, OW, weight.shape[0]) if torch_rank == 4 else (1, OW, weight.shape[0])
+        return self.add_op("concat", node, outs, shape, torch_rank, dict(axis=len(shape) - 1))
+
+    def _op_conv_transpose2d(self, node):
+        """ConvTranspose2d (groups 1, no dilation): TRANSPOSE_CONV; output_padding grows the far side."""
+        a = list(node.args) + [None] * 8
+        x, w, b = a[0], a[1], a[2]
+        stride = _pair(a[3] if a[3] is not None else 1)
+        padding = _pair(a[4] if a[4] is not None else 0)
+        output_padding = _pair(a[5] if a[5] is not None else 0)
+        groups = int(a[6]) if a[6] is not None else 1
+        dilation = _pair(a[7] if a[7] is not None else 1)
+        if groups != 1 or dilation != (1, 1):
+            raise self.unsupported(node, f"ConvTranspose2d with groups={groups}, dilation={dilation} "
+                                         "(edgekit takes groups 1 without dilation)")
+        v = self._spatial_input(node, x)
+        weight = self.const(w, "weight", node)  # (I, O, KH, KW)
+        bias = self.const(b, "bias", node)
+        _, H, W, C = self.shape(v)
+        _, O, KH, KW = weight.shape
+        OH = (H - 1) * stride[0] - 2 * padding[0] + KH + output_padding[0]
+        OW = (W - 1) * stride[1] - 2 * padding[1] + KW + output_padding[1]
+        ir_weight = np.ascontiguousarray(weight.transpose(1, 2, 3, 0))  # OHWI
+        path, _ = _layer_of(node)
+        base = path or node.name
+        inputs = [v.name, self.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)]
+        if bias is not None:
+            inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
+        pads = (padding[0], padding[0] - output_padding[0], padding[1], padding[1] - output_padding[1])
+        self.add_op("transpose_conv2d", node, inputs, (1, OH, OW, O), 4,
+                    dict(stride=stride, padding=pads, activation="none"))
+
+    _op_conv_transpose2d_input = _op_conv_transpose2d
+
     def _op_linear(self, node):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         v = self.value(x)
-        if v.torch_rank != 2:
-            raise self.unsupported(node, "Linear on a tensor of rank other than 2 is not supported; flatten first")
-        if v.dims != (0, 1):
-            v = self.transposed(v, (0, 1), node, "a Linear layer")
+        if v.torch_rank not in (2, 3):
+            raise self.unsupported(node, f"Linear on a rank-{v.torch_rank} tensor (edgekit takes (N, features) and "
+                                         "(N, L, features))")
+        if v.dims != tuple(range(v.torch_rank)):  # the features (torch's last dim) last in the IR
+            v = self.transposed(v, tuple(range(v.torch_rank)), node, "a Linear layer")
         weight = self.const(w, "weight", node)
         bias = self.const(b, "bias", node)
         if v.perm is not None:
@@ -524,7 +586,8 @@ class _Converter:
         inputs = [v.name, self.new_tensor(f"{base}.weight", weight.shape, np.ascontiguousarray(weight))]
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
-        self.add_op("fully_connected", node, inputs, (1, weight.shape[0]), 2, dict(activation="none"))
+        out_shape = self.shape(v)[:-1] + (weight.shape[0],)  # rank 3: every row (TFLite keep_num_dims)
+        self.add_op("fully_connected", node, inputs, out_shape, v.dims, dict(activation="none"))
 
     # recurrent layers
     def _op_zeros(self, node):
@@ -802,18 +865,28 @@ class _Converter:
     def _op_softmax(self, node):
         v = self.value(node.args[0])
         self.require_plain(v, node)
-        axis = self.torch_axis_to_ir(v, int(node.args[1]), node)
-        if axis != len(self.shape(v)) - 1:
-            raise self.unsupported(node, "Softmax is supported over the channel / feature dimension only")
+        dim = int(node.args[1]) % v.torch_rank
+        if v.dims[-1] != dim:  # softmax runs along the IR's last axis: bring the torch dim there (a TRANSPOSE)
+            v = self.transposed(v, tuple(d for d in v.dims if d != dim) + (dim,), node, "this softmax")
         self.add_op("softmax", node, [v.name], self.shape(v), v.dims, dict(beta=1.0))
 
     _op__softmax = _op_softmax
+
+    def _op_log_softmax(self, node):
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        dim = int(node.args[1]) % v.torch_rank
+        if v.dims[-1] != dim:
+            v = self.transposed(v, tuple(d for d in v.dims if d != dim) + (dim,), node, "this log_softmax")
+        self.add_op("log_softmax", node, [v.name], self.shape(v), v.dims)
+
+    _op__log_softmax = _op_log_softmax
 
     # pooling
     def _pool_common(self, node, v, kernel, stride, padding, ceil_mode, dilation=(1, 1)):
         if dilation != (1, 1):
             raise self.unsupported(node, "dilated pooling is not supported")
-        _, H, W, C = self.shape(v)
+        _, H, W, C = nhwc(self.shape(v))
         kh, kw = kernel
         sh, sw = stride
         ph, pw = padding
@@ -869,31 +942,104 @@ class _Converter:
         self.add_op("avg_pool2d", node, [v.name], shape, 4, attrs)
 
     def _op_adaptive_avg_pool2d(self, node):
-        v = self._spatial_input(node, node.args[0])
-        _, H, W, C = self.shape(v)
-        oh, ow = _pair(node.args[1])
-        if (oh, ow) == (1, 1):
-            self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
-        elif H % oh == 0 and W % ow == 0:
-            k = (H // oh, W // ow)
-            attrs = dict(kernel=k, stride=k, padding=(0, 0, 0, 0), activation="none", count_include_pad=True)
-            self.add_op("avg_pool2d", node, [v.name], (1, oh, ow, C), 4, attrs)
-        else:
-            raise self.unsupported(node, f"AdaptiveAvgPool2d to {oh}x{ow} from {H}x{W} (not a whole-window "
-                                         "division) is not supported")
+        self._adaptive_pool(node, "avg_pool2d", 4)
+
+    def _op_adaptive_max_pool2d(self, node):
+        v = self._adaptive_pool(node, "max_pool2d", 4)
+        self.values[node.name] = (v, None)
+
+    def _op_adaptive_avg_pool1d(self, node):
+        self._adaptive_pool(node, "avg_pool2d", 3)
+
+    def _op_adaptive_max_pool1d(self, node):
+        v = self._adaptive_pool(node, "max_pool2d", 3)
+        self.values[node.name] = (v, None)
+
+    def _adaptive_pool(self, node, kind: str, rank: int) -> _Value:
+        """torch's adaptive bins [floor(i * n / o), ceil((i + 1) * n / o)): one pooling window when every bin
+        of an axis has the same size and the bins start at a fixed stride (always when o divides n)."""
+        v = self._spatial_input(node, node.args[0], rank)
+        _, H, W, C = nhwc(self.shape(v))
+        oh, ow = (1,) + _pair(node.args[1], 1) if rank == 3 else _pair(node.args[1])
+        if kind == "avg_pool2d" and (oh, ow) == (1, 1):
+            return self.add_op("mean", node, [v.name], (1,) * (rank - 1) + (C,), rank)
+        window = []
+        for n, o in ((H, oh), (W, ow)):
+            starts = [i * n // o for i in range(o)]
+            sizes = [-(-(i + 1) * n // o) - start for i, start in enumerate(starts)]
+            steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
+            if len(set(sizes)) != 1 or len(steps) != 1:
+                what = "AdaptiveAvgPool" if kind == "avg_pool2d" else "AdaptiveMaxPool"
+                raise self.unsupported(node, f"{what} from {n} to {o}: the bins differ in size "
+                                             f"({sorted(set(sizes))}), which no single pooling window computes")
+            window.append((sizes[0], steps.pop()))
+        (kh, sh), (kw, sw) = window
+        attrs = dict(kernel=(kh, kw), stride=(sh, sw), padding=(0, 0, 0, 0), activation="none",
+                     count_include_pad=True)
+        out_shape = (1, oh, ow, C) if rank == 4 else (1, ow, C)
+        return self.add_op(kind, node, [v.name], out_shape, rank, attrs)
+
+    # 1-D pooling: the 2-D window with a height of 1 over the (1, L, C) signal
+    def _op_max_pool1d(self, node):
+        a = list(node.args) + [None] * 6
+        v = self._spatial_input(node, a[0], 3)
+        k = _pair(a[1], 1)[0]
+        stride = _pair(a[2], 1)[0] if a[2] else k
+        dilation = (1, _pair(a[4], 1)[0] if a[4] is not None else 1)
+        shape, attrs = self._pool_common(node, v, (1, k), (1, stride), (0, _pair(a[3] or 0, 1)[0]),
+                                         bool(a[5]), dilation)
+        return self.add_op("max_pool2d", node, [v.name], (1,) + shape[2:], 3, attrs)
+
+    def _op_max_pool1d_with_indices(self, node):
+        self.values[node.name] = (self._op_max_pool1d(node), None)
+
+    def _op_avg_pool1d(self, node):
+        a = list(node.args) + [None] * 6
+        v = self._spatial_input(node, a[0], 3)
+        k = _pair(a[1], 1)[0]
+        stride = _pair(a[2], 1)[0] if a[2] else k
+        shape, attrs = self._pool_common(node, v, (1, k), (1, stride), (0, _pair(a[3] or 0, 1)[0]), bool(a[4]))
+        attrs["count_include_pad"] = bool(a[5]) if a[5] is not None else True
+        self.add_op("avg_pool2d", node, [v.name], (1,) + shape[2:], 3, attrs)
 
     def _op_mean(self, node):
+        self._reduce(node, "mean")
+
+    def _op_amax(self, node):
+        self._reduce(node, "amax")
+
+    def _reduce(self, node, what: str):
+        """mean / amax over the spatial axes of a value whose torch channels sit last in the IR (NCHW over
+        (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a max pool over the whole
+        map, on the NHWC view."""
         v = self.value(node.args[0])
         self.require_plain(v, node)
         dims = node.args[1] if len(node.args) > 1 else None
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-        if v.torch_rank != 4 or dims is None or sorted(d % 4 for d in dims) != [2, 3]:
-            raise self.unsupported(node, "mean is supported over the spatial dimensions (2, 3) of an NCHW tensor")
-        v = self.require_channels_first(v, node, "mean")
-        C = self.shape(v)[3]
-        out = self.add_op("mean", node, [v.name], (1, 1, 1, C), 4)
+        rank = v.torch_rank
+        dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
+        spatial = sorted(v.dims[1:-1])
+        axes = sorted(v.dims.index(d) for d in dims)
+        if what == "amax" and dims and 0 not in dims and (rank < 3 or dims != spatial) \
+                and axes == list(range(axes[0], axes[-1] + 1)):
+            # any other run of neighbouring IR axes (e.g. the channels): REDUCE_MAX
+            shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
+            out = self.add_op("reduce_max", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
+            if not keepdim:
+                self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
+            return
+        if rank < 3 or not dims or dims != spatial:
+            raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
+                                         "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")
+        _, H, W, C = nhwc(self.shape(v))
+        kept = tuple(1 for _ in v.dims[1:-1]) + (C,)
+        if what == "mean":
+            out = self.add_op("mean", node, [v.name], (1,) + kept, v.dims)
+        else:
+            attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
+            out = self.add_op("max_pool2d", node, [v.name], (1,) + kept, v.dims, attrs)
         if not keepdim:
-            self._reshape_to(node, out, (1, C), 2)
+            self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
 
     # shape ops
     def _reshape_to(self, node, v: _Value, ir_shape, torch_rank, perm=None):
@@ -919,9 +1065,10 @@ class _Converter:
         v = self.value(node.args[0])
         start = int(node.args[1]) if len(node.args) > 1 else 0
         end = int(node.args[2]) if len(node.args) > 2 else -1
-        if start % v.torch_rank not in (0, 1) or end % v.torch_rank != v.torch_rank - 1:
-            raise self.unsupported(node, f"flatten({start}, {end}) is supported only as flatten(1) / flatten(0)")
-        self._flatten_spatial(node, v)
+        if start % v.torch_rank in (0, 1) and end % v.torch_rank == v.torch_rank - 1:
+            self._flatten_spatial(node, v)
+        else:  # e.g. flatten(2): (N, C, H, W) -> (N, C, H * W), a reshape
+            self._reshape(node, v, tuple(int(s) for s in node.meta["val"].shape))
 
     def _op_view(self, node):
         v = self.value(node.args[0])
@@ -985,6 +1132,108 @@ class _Converter:
         path, _ = _layer_of(node)
         name = self._plain_reshape(v.name, ir_shape, node.name, path or node.name)
         self.values[node.name] = _Value(name, new_axes)
+
+    # upsampling
+    def _op_upsample_nearest2d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0])
+        val = node.meta.get("val")
+        _, _, OH, OW = (int(s) for s in val.shape)
+        C = self.shape(v)[3]
+        self.add_op("resize_nearest", node, [v.name], (1, OH, OW, C), 4, dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact2d(self, node):
+        self._op_upsample_nearest2d(node, half_pixel=True)
+
+    def _op_upsample_bilinear2d(self, node):
+        """Bilinear upsampling: RESIZE_BILINEAR, align_corners as torch's, half-pixel centres otherwise."""
+        v = self._spatial_input(node, node.args[0])
+        align = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+        _, _, OH, OW = (int(s) for s in node.meta["val"].shape)
+        self.add_op("resize_bilinear", node, [v.name], (1, OH, OW, self.shape(v)[3]), 4,
+                    dict(align_corners=bool(align), half_pixel_centers=not align))
+
+    def _op_upsample_nearest1d(self, node, half_pixel=False):
+        v = self._spatial_input(node, node.args[0], 3)
+        OL = int(node.meta["val"].shape[2])
+        self.add_op("resize_nearest", node, [v.name], (1, OL, self.shape(v)[2]), 3,
+                    dict(half_pixel_centers=half_pixel))
+
+    def _op__upsample_nearest_exact1d(self, node):
+        self._op_upsample_nearest1d(node, half_pixel=True)
+
+    # chunk / split / slicing
+    def _pieces(self, node, v: _Value, dim: int, sizes: list[int]):
+        """Consecutive pieces of ``sizes`` along torch dim ``dim``: one split op, a tuple of values."""
+        self.require_plain(v, node)
+        axis = self.torch_axis_to_ir(v, dim, node)
+        if axis == 0:
+            raise self.unsupported(node, "splitting the batch dimension is not supported")
+        if len(sizes) == 1:
+            self.values[node.name] = (v,)
+            return
+        path, _ = _layer_of(node)
+        outs, values = [], []
+        for i, size in enumerate(sizes):
+            shape = list(self.shape(v))
+            shape[axis] = size
+            outs.append(self.new_tensor(f"{node.name}.{i}", shape))
+            values.append(_Value(outs[-1], v.dims))
+        self.graph.ops.append(Op("split", path or node.name, [v.name], outs, dict(axis=axis)))
+        self.values[node.name] = tuple(values)
+
+    def _op_chunk(self, node):
+        v = self.value(node.args[0])
+        dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim", 0))
+        sizes = [int(t.shape[dim]) for t in node.meta["val"]]
+        self._pieces(node, v, dim, sizes)
+
+    def _op_split(self, node):
+        v = self.value(node.args[0])
+        dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim", 0))
+        sizes = [int(t.shape[dim]) for t in node.meta["val"]]
+        self._pieces(node, v, dim, sizes)
+
+    _op_split_with_sizes = _op_split
+
+    def _op_slice(self, node):
+        """x[..., start:end:step, ...] on one dim (STRIDED_SLICE); a full slice is the same value."""
+        v = self.value(node.args[0])
+        a = list(node.args) + [None] * 5
+        dim = int(a[1] if a[1] is not None else 0) % v.torch_rank
+        size = self._torch_shape(v)[dim]
+        start, end, step = a[2], a[3], a[4] if a[4] is not None else 1
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        start, end = min(max(int(start), 0), size), min(max(int(end), 0), size)
+        if start == 0 and end == size and step == 1:
+            self.values[node.name] = v
+            return
+        self.require_plain(v, node)
+        if dim == 0:
+            raise self.unsupported(node, "slicing the batch dimension is not supported")
+        if end <= start:
+            raise self.unsupported(node, f"the slice {start}:{end} is empty")
+        self._slice_axis(node, v, self.torch_axis_to_ir(v, dim, node), start, end, int(step))
+
+    def _slice_axis(self, node, v: _Value, axis: int, start: int, end: int, step: int) -> _Value:
+        shape = list(self.shape(v))
+        begin, stop, strides = [0] * len(shape), list(shape), [1] * len(shape)
+        begin[axis], stop[axis], strides[axis] = start, end, step
+        shape[axis] = -(-(end - start) // step)
+        return self.add_op("slice", node, [v.name], shape, v.dims,
+                           dict(begin=tuple(begin), end=tuple(stop), strides=tuple(strides)))
+
+    def _op_select(self, node):
+        """x[:, i] (e.g. an RNN's last step, a class token): a slice of one, then that dim dropped."""
+        v = self.value(node.args[0])
+        self.require_plain(v, node)
+        dim = int(node.args[1]) % v.torch_rank
+        size = self._torch_shape(v)[dim]
+        index = int(node.args[2]) + (size if int(node.args[2]) < 0 else 0)
+        if dim == 0:
+            raise self.unsupported(node, "indexing the batch dimension is not supported")
+        one = self._slice_axis(node, v, self.torch_axis_to_ir(v, dim, node), index, index + 1, 1)
+        self._reshape(node, one, [s for d, s in enumerate(self._torch_shape(one)) if d != dim])
 
     # permute / transpose: a new torch order over the same IR memory
     def _op_permute(self, node):
@@ -1056,8 +1305,11 @@ class _Converter:
         pads = [int(p) for p in node.args[1]]
         if str(node.target).startswith("aten.pad"):  # pad(input, pad, mode, value)
             mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            if mode in ("reflect", "replicate"):
+                return self._edge_pad(node, v, pads, mode)
             if mode != "constant":
-                raise self.unsupported(node, f"padding mode {mode!r} is not supported (only constant)")
+                raise self.unsupported(node, f"padding mode {mode!r} is not supported (constant, reflect, "
+                                             "replicate)")
             value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
         else:
             value = node.args[2] if len(node.args) > 2 else 0.0
@@ -1073,3 +1325,45 @@ class _Converter:
                     dict(padding=(top, bottom, left, right), value=value))
 
     _op_pad = _op_constant_pad_nd
+
+    def _edge_pad(self, node, v: _Value, pads: list[int], mode: str):
+        """reflect / replicate padding, lowered to what every TFLite runtime has: single-row slices of the
+        border (STRIDED_SLICE) concatenated around the tensor, one axis at a time."""
+        if len(pads) % 2 or len(pads) // 2 > v.torch_rank - 2 or any(p < 0 for p in pads):
+            raise self.unsupported(node, f"{mode} padding {pads} (non-negative, spatial dims only)")
+        for k in range(len(pads) // 2):
+            before, after = pads[2 * k], pads[2 * k + 1]
+            if not before and not after:
+                continue
+            dim = v.torch_rank - 1 - k
+            axis = self.torch_axis_to_ir(v, dim, node)
+            n = self.shape(v)[axis]
+            if mode == "reflect" and max(before, after) >= n:
+                raise self.unsupported(node, f"reflect padding of {max(before, after)} on a dim of size {n}")
+            if mode == "reflect":
+                rows = list(range(before, 0, -1)) + [None] + list(range(n - 2, n - 2 - after, -1))
+            else:
+                rows = [0] * before + [None] + [n - 1] * after
+            pieces: dict[int, _Value] = {}
+            parts = []
+            for r in rows:
+                if r is None:
+                    parts.append(v)
+                    continue
+                if r not in pieces:
+                    pieces[r] = self._slice_axis(node, v, axis, r, r + 1, 1)
+                parts.append(pieces[r])
+            shape = list(self.shape(v))
+            shape[axis] = n + before + after
+            v = self.add_op("concat", node, [p.name for p in parts], tuple(shape), v.dims, dict(axis=axis))
+        self.values[node.name] = v
+
+    def _op_reflection_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "reflect")
+
+    _op_reflection_pad1d = _op_reflection_pad2d
+
+    def _op_replication_pad2d(self, node):
+        self._edge_pad(node, self.value(node.args[0]), [int(p) for p in node.args[1]], "replicate")
+
+    _op_replication_pad1d = _op_replication_pad2d

@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
-SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE"
+SUPPORTED += ", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, RESIZE_BILINEAR, REDUCE_MAX"
 SUPPORTED += (", BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, no peephole / projection / "
               "layer norm)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
@@ -173,10 +173,13 @@ class _Importer:
                                "int8 models (convert with full-integer quantization)")
         if tt.data is not None:
             raise _Unsupported(f"tensor '{tt.name}' is a constant where edgekit expects an activation")
-        if not 2 <= len(tt.shape) <= max_rank or tt.shape[0] != 1:
+        shape = tuple(tt.shape)
+        if len(shape) == 2 and shape[0] != 1:  # (rows, features), e.g. a Dense on a sequence: IR (1, rows, C)
+            shape = (1,) + shape
+        if not 2 <= len(shape) <= max_rank or shape[0] != 1:
             raise _Unsupported(f"tensor '{tt.name}' has shape {list(tt.shape)}; edgekit takes batch-1 tensors of "
                                "rank 2 (N, C), 3 (N, L, C) or 4 (N, H, W, C)")
-        self.g.add_tensor(Tensor(name, tt.shape, "int8", quant=self._per_tensor(tt, "tensor")))
+        self.g.add_tensor(Tensor(name, shape, "int8", quant=self._per_tensor(tt, "tensor")))
         return name
 
     def constant(self, idx: int, dtype, what: str) -> np.ndarray:
@@ -313,11 +316,16 @@ class _Importer:
         if len(wt.shape) != 2:
             raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
         channels, depth = wt.shape
-        if int(np.prod(self.t[op.inputs[0]].shape)) != depth:
-            raise _Unsupported(f"the input has {int(np.prod(self.t[op.inputs[0]].shape))} values per sample, "
+        in_shape, out_shape = self.g.tensors[x].shape, self.g.tensors[self.activation(op.outputs[0])].shape
+        rows = int(np.prod(in_shape)) // depth if depth else 0
+        if len(in_shape) == 3 and len(out_shape) == 3 and in_shape[-1] == depth:  # keep_num_dims: every row
+            if tuple(out_shape) != (1, in_shape[1], channels):
+                raise _Unsupported(f"the output shape {list(out_shape)} is not (1, {in_shape[1]}, {channels})")
+        elif int(np.prod(in_shape)) != depth:
+            raise _Unsupported(f"the input has {int(np.prod(in_shape))} values per sample, "
                                f"the weights take {depth} (batched fully connected)")
-        if int(np.prod(self.t[op.outputs[0]].shape)) != channels:
-            raise _Unsupported(f"the output shape {list(self.t[op.outputs[0]].shape)} does not hold {channels} values")
+        elif int(np.prod(out_shape)) != channels * max(rows, 1):
+            raise _Unsupported(f"the output shape {list(out_shape)} does not hold {channels} values")
         w = self.weight(op.inputs[1], 0, channels)
         b = self.bias(op.inputs[2] if len(op.inputs) > 2 else -1, channels, f"op{op.index}",
                       float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
@@ -443,6 +451,82 @@ class _Importer:
         if sum(self.t[o].shape[axis] for o in op.outputs) != self.t[x_idx].shape[axis]:
             raise _Unsupported("the pieces do not add up to the input")
         self.g.ops.append(Op("split", self.t[op.outputs[0]].name or f"op{op.index}", [x], outs, dict(axis=axis)))
+
+    def transpose_conv(self, op: _Operator):
+        o = self.options(op, "TransposeConvOptions")
+        if len(op.inputs) < 3:
+            raise _Unsupported("it needs output_shape, weights and input")
+        x = self.activation(op.inputs[2])
+        wt = self.t[op.inputs[1]]
+        if len(wt.shape) != 4:
+            raise _Unsupported(f"the weights '{wt.name}' have shape {list(wt.shape)}")
+        channels, kh, kw, depth = wt.shape
+        _, H, W, C = self.t[op.inputs[2]].shape
+        _, OH, OW, OC = self.t[op.outputs[0]].shape
+        if depth != C or OC != channels:
+            raise _Unsupported(f"weights {list(wt.shape)} for {C} input and {OC} output channels")
+        w = self.weight(op.inputs[1], 0, channels)
+        sw, sh = o.scalar(1, "i", 1), o.scalar(2, "i", 1)
+        if min(sh, sw) < 1 or (len(op.inputs) > 4 and op.inputs[4] >= 0) or o.scalar(3, "b", 0) != S.ACT_NONE:
+            raise _Unsupported(f"stride {sh}x{sw}, or a fused activation")
+        same = o.scalar(0, "b", 0) == S.SAME
+
+        def pad(out_size, k, s):
+            computed = (out_size + s - 1) // s if same else (out_size - k + s) // s
+            return max((computed - 1) * s + k - out_size, 0) // 2
+
+        top, left = pad(OH, kh, sh), pad(OW, kw, sw)
+        b = self.bias(op.inputs[3] if len(op.inputs) > 3 else -1, channels, f"op{op.index}",
+                      float(self.g.tensors[x].quant.scale[0]), self.g.tensors[w].quant.scale)
+        pads = (top, (H - 1) * sh + kh - OH - top, left, (W - 1) * sw + kw - OW - left)
+        self.add_op("transpose_conv2d", op, [x, w, b], dict(stride=(sh, sw), padding=pads, activation="none"))
+
+    def resize_bilinear(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (bool(o.scalar(2, "?", False)), bool(o.scalar(3, "?", False))) if o is not None else (False, False)
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_bilinear", op, [x], dict(align_corners=align, half_pixel_centers=half))
+
+    def reduce_max(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        rank = len(self.t[op.inputs[0]].shape)
+        axes = sorted({int(a) % rank for a in self.constant(op.inputs[1], np.int32, "axes").reshape(-1)})
+        keep = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
+        if not axes or 0 in axes or axes != list(range(axes[0], axes[-1] + 1)):
+            raise _Unsupported(f"max over axes {axes} (edgekit reduces neighbouring non-batch axes)")
+        self.same_params(op, [op.inputs[0]])
+        kept = tuple(1 if a in axes else s for a, s in enumerate(self.t[op.inputs[0]].shape))
+        if keep:
+            self.add_op("reduce_max", op, [x], dict(axes=tuple(axes)))
+            return
+        out = self.g.unique_name(f"{self.t[op.outputs[0]].name}.kept")
+        self.g.add_tensor(Tensor(out, kept, "int8", quant=self.g.tensors[x].quant))
+        self.g.ops.append(Op("reduce_max", out, [x], [out], dict(axes=tuple(axes))))
+        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [out],
+                             [self.activation(op.outputs[0])], {}))
+
+    def resize_nearest(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        size = self.constant(op.inputs[1], np.int32, "size").reshape(-1).tolist()
+        o = op.options
+        align, half = (bool(o.scalar(0, "?", False)), bool(o.scalar(1, "?", False))) if o is not None else (False, False)
+        if align:
+            raise _Unsupported("align_corners=true (edgekit resizes with align_corners off)")
+        if len(self.t[op.inputs[0]].shape) != 4 or list(self.t[op.outputs[0]].shape[1:3]) != size:
+            raise _Unsupported(f"resize of {list(self.t[op.inputs[0]].shape)} to {size}")
+        self.same_params(op, [op.inputs[0]])
+        self.add_op("resize_nearest", op, [x], dict(half_pixel_centers=half))
+
+    def log_softmax(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        out = self._per_tensor(self.t[op.outputs[0]], "output")
+        if abs(float(out.scale[0]) - 16.0 / 256) > 1e-8 or int(out.zero_point[0]) != 127:
+            raise _Unsupported("int8 log_softmax needs output scale 16/256 and zero point 127")
+        self.add_op("log_softmax", op, [x], {})
 
     def strided_slice(self, op: _Operator):
         x = self.activation(op.inputs[0], 6)
@@ -573,6 +657,11 @@ class _Importer:
                     S.RELU6: lambda: self.relu(op, "relu6")}
         handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
+                         S.LOG_SOFTMAX: lambda: self.log_softmax(op),
+                         S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
+                         S.TRANSPOSE_CONV: lambda: self.transpose_conv(op),
+                         S.RESIZE_BILINEAR: lambda: self.resize_bilinear(op),
+                         S.REDUCE_MAX: lambda: self.reduce_max(op),
                          S.BATCH_MATMUL: lambda: self.batch_matmul(op),
                          S.UNIDIRECTIONAL_SEQUENCE_LSTM: lambda: self.lstm(op)})
         if c not in handlers:

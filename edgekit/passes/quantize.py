@@ -22,8 +22,9 @@ from ..errors import EdgekitError
 from ..ir import Graph, Op, QuantParams, Tensor, nhwc
 from ..progress import progress
 
-WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
-SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice")
+WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
+SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
+               "resize_nearest", "resize_bilinear", "reduce_max")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 
@@ -181,6 +182,8 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
     for op in graph.ops:
         if op.kind == "softmax":
             fixed[op.outputs[0]] = QuantParams.per_tensor(1.0 / 256.0, -128)
+        elif op.kind == "log_softmax":  # TFLite's int8 LOG_SOFTMAX: [-16, 0) in 1/16 steps
+            fixed[op.outputs[0]] = QuantParams.per_tensor(16.0 / 256.0, 127)
     merged: dict[str, tuple[float, float]] = {}
     names = [n for n in graph.tensors if not graph.tensors[n].is_constant]
     for name in names:
@@ -288,6 +291,18 @@ def derive_kernel_params(graph: Graph) -> None:
             m, left_shift = qm.quantize_multiplier_greater_than_one(real)
             max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
             op.attrs.update(input_multiplier=m, input_left_shift=left_shift, diff_min=-int(np.floor(max_rescaled)))
+        elif op.kind == "log_softmax":
+            in_s, _ = _scalar(t[op.inputs[0]].quant)
+            integer_bits = 5
+            real = min(float(np.float32(in_s)) * (1 << (31 - integer_bits)), float((1 << 31) - 1))
+            m, left_shift = qm.quantize_multiplier_greater_than_one(real)
+            # TFLite's PreprocessLogSoftmaxScalingExp: the reverse of the input scaling, for the cut-off
+            rm, rs = qm.quantize_multiplier((1 << (31 - left_shift)) / float(m))
+            if rs > 0:
+                raise EdgekitError(f"layer '{op.name}': the input scale {in_s:g} is too small for int8 log_softmax")
+            max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
+            op.attrs.update(input_multiplier=m, input_left_shift=left_shift, reverse_multiplier=rm, reverse_shift=rs,
+                            diff_min=-int(np.floor(max_rescaled)))
 
 
 def lstm_kernel_params(graph: Graph, op: Op) -> dict:

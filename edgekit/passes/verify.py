@@ -47,7 +47,7 @@ def accumulator_bounds(graph: Graph, op) -> np.ndarray:
 def check_int8_arithmetic(graph: Graph) -> None:
     for op in graph.ops:
         where = f"layer '{op.name}' ({op.kind})"
-        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d"):
             bound = accumulator_bounds(graph, op)
             left = np.maximum(op.attrs["shift"].astype(np.int64), 0)
             worst = bound << left

@@ -83,7 +83,7 @@ def test_lstm_kws_budget(trained_lstm, sequences, tmp_path, board):
     assert record["budget_before_build"] and record["scratch_bytes"] >= 2 * 5 * 16
 
 
-def test_lstm_kws_last_step(sequences):
+def test_lstm_kws_last_step(sequences, tmp_path):
     """The usual head, output[:, -1]: needs the slicing of ops-structure (aten.select)."""
     model = LSTMKWS(head="last").eval()
     try:
@@ -93,7 +93,13 @@ def test_lstm_kws_last_step(sequences):
             pytest.xfail("output[:, -1] (aten.select) comes with ops-structure's slicing")
         raise
     x_q = _int8_inputs(q, sequences[2][:8])
-    assert edgekit.reference_run(q, x_q, int8=True).shape == (8, 4)
+    ref = edgekit.reference_run(q, x_q, int8=True)
+    assert ref.shape == (8, 4)
+    edgekit.generate(q, tmp_path / "c", board="host")
+    edgekit.build(tmp_path / "c", sanitize=True)
+    assert np.array_equal(edgekit.run(tmp_path / "c", x_q, int8=True, sanitize=True), ref)
+    path = edgekit.export_tflite(q, tmp_path / "last.tflite", io="int8")
+    assert np.array_equal(run_stateful("tflite", path, x_q).reshape(ref.shape), ref)
 
 
 def test_lstm_refusals():

@@ -43,6 +43,9 @@ pad                    x                                    padding(t,b,l,r), va
 relu / relu6           x
 batch_norm             x, scale, offset                     (float graphs only; folded away)
 softmax                x                                    beta
+lstm                   x (1,L,I), w_ih (4H,I), w_hh (4H,H), bias (4H)   hidden; gates i,f,g,o (torch order);
+                                                                       out (1,L,H) every step's h; cell_scale (int8)
+batch_matmul           a (1,..,M,K), b (1,..,K,N) (b const?) adj_x, adj_y (operands stored transposed)
 =====================  ===================================  =========================================
 """
 from __future__ import annotations

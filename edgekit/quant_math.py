@@ -207,3 +207,114 @@ def quantize(x: np.ndarray, scale, zero_point, qmin: int = -128, qmax: int = 127
 
 def dequantize(q: np.ndarray, scale, zero_point) -> np.ndarray:
     return ((np.asarray(q, np.float64) - np.asarray(zero_point)) * np.asarray(scale, np.float64)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# 16-bit fixed point (gemmlowp's FixedPoint<int16_t, IntegerBits>), as TFLite's
+# integer LSTM uses it for its gates: Q3.12 in, Q0.15 out. Raw int16 adds and
+# negations wrap as C's int16 casts do; multiplies round and saturate.
+# ---------------------------------------------------------------------------
+
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+
+
+def _wrap16(x) -> np.ndarray:
+    return ((_i64(x) + (1 << 15)) & 0xFFFF) - (1 << 15)
+
+
+def srdhm16(a, b) -> np.ndarray:
+    """SaturatingRoundingDoublingHighMul for int16."""
+    a, b = _i64(a), _i64(b)
+    ab = a * b
+    nudged = ab + np.where(ab >= 0, 1 << 14, 1 - (1 << 14))
+    high = np.where(nudged >= 0, nudged >> 15, -((-nudged) >> 15))  # C division truncates
+    return np.where((a == b) & (a == INT16_MIN), INT16_MAX, high)
+
+
+def saturating_rounding_multiply_by_pot16(x, exponent: int) -> np.ndarray:
+    x = _i64(x)
+    if exponent == 0:
+        return x
+    if exponent < 0:
+        return rounding_divide_by_pot(x, -exponent)
+    threshold = (1 << (15 - exponent)) - 1
+    result = _wrap16(x << exponent)
+    result = np.where(x > threshold, INT16_MAX, result)
+    return np.where(x < -threshold, INT16_MIN, result)
+
+
+def _constant16(raw32: int) -> int:
+    """gemmlowp's int32 constant rescaled to int16 (RescaleConstantInitializer)."""
+    return int(rounding_divide_by_pot(raw32, 16))
+
+
+def _exp_quarter16(a) -> np.ndarray:
+    """exp(a) for a in [-1/4, 0), Q0.15 in and out."""
+    constant_term = _constant16(1895147668)
+    one_third = _constant16(715827883)
+    x = _wrap16(_i64(a) + (1 << 12))
+    x2 = srdhm16(x, x)
+    x3 = srdhm16(x2, x)
+    x4 = srdhm16(x2, x2)
+    x4_over_4 = saturating_rounding_multiply_by_pot16(x4, -2)
+    poly = saturating_rounding_multiply_by_pot16(_wrap16(srdhm16(_wrap16(x4_over_4 + x3), one_third) + x2), -1)
+    return np.clip(constant_term + srdhm16(constant_term, _wrap16(x + poly)), INT16_MIN, INT16_MAX)
+
+
+def exp_on_negative_values16(a, integer_bits: int) -> np.ndarray:
+    """exp(a) for a <= 0 in Q(integer_bits).(15 - integer_bits); result Q0.15."""
+    a = _i64(a)
+    fractional_bits = 15 - integer_bits
+    one_quarter = 1 << (fractional_bits - 2)
+    a_mod_quarter_minus_one_quarter = _wrap16((a & (one_quarter - 1)) - one_quarter)
+    result = _exp_quarter16(saturating_rounding_multiply_by_pot16(a_mod_quarter_minus_one_quarter, integer_bits))
+    remainder = _wrap16(a_mod_quarter_minus_one_quarter - a)
+    for exponent, multiplier in _EXP_BARREL:
+        if integer_bits > exponent:
+            bit = 1 << (fractional_bits + exponent)
+            result = np.where((remainder & bit) != 0, srdhm16(result, _constant16(multiplier)), result)
+    if integer_bits > 5:
+        clamp = _constant16(-(1 << (36 - integer_bits)))
+        result = np.where(a < clamp, 0, result)
+    return np.where(a == 0, INT16_MAX, result)
+
+
+def _newton_reciprocal16(half_denominator) -> np.ndarray:
+    """x ~ 1 / half_denominator... as gemmlowp's two 16-bit divisions: Q2.13."""
+    x = _wrap16(_constant16(1515870810) + srdhm16(half_denominator, _constant16(-1010580540)))
+    for _ in range(3):
+        one_minus = _wrap16((1 << 13) - srdhm16(half_denominator, x))
+        x = _wrap16(x + saturating_rounding_multiply_by_pot16(srdhm16(x, one_minus), 2))
+    return x
+
+
+def _rounding_half_sum16(a, b) -> np.ndarray:
+    total = _i64(a) + _i64(b)
+    total = total + np.where(total >= 0, 1, -1)
+    return _wrap16(np.where(total >= 0, total // 2, -((-total) // 2)))
+
+
+def logistic16(a, integer_bits: int = 3) -> np.ndarray:
+    """gemmlowp::logistic on FixedPoint<int16_t, integer_bits>; Q0.15 out."""
+    a = _i64(a)
+    positive = a > 0
+    abs_input = np.where(positive, a, _wrap16(-a))
+    exp = exp_on_negative_values16(_wrap16(-abs_input), integer_bits)
+    half_denominator = _rounding_half_sum16(exp, INT16_MAX)
+    result_if_positive = saturating_rounding_multiply_by_pot16(_newton_reciprocal16(half_denominator), 1)
+    result_if_negative = _wrap16(INT16_MAX - result_if_positive)
+    out = np.where(positive, result_if_positive, result_if_negative)
+    return np.where(a == 0, _constant16(1 << 30), out)
+
+
+def tanh16(a, integer_bits: int) -> np.ndarray:
+    """gemmlowp::tanh on FixedPoint<int16_t, integer_bits>; Q0.15 out."""
+    a = _i64(a)
+    negative = a < 0
+    n = np.where(negative, a, _wrap16(-a))
+    exp = exp_on_negative_values16(n, integer_bits + 1)  # ExactMulByPot<1>: the same raw, one more integer bit
+    half_denominator = _rounding_half_sum16(exp, INT16_MAX)
+    x = _newton_reciprocal16(half_denominator)
+    t = saturating_rounding_multiply_by_pot16(_wrap16(x - (1 << 13)), 2)
+    out = np.where(negative, _wrap16(-t), t)
+    return np.where(a == 0, 0, out)

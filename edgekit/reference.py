@@ -237,6 +237,46 @@ def _f_softmax(op, graph, x):
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def _matmul_operands(op, a, b):
+    """(.., M, K) and (.., K, N) views of a batch matmul's operands (adj_x / adj_y: stored transposed)."""
+    if op.attrs.get("adj_x", False):
+        a = np.swapaxes(a, -1, -2)
+    if op.attrs.get("adj_y", False):
+        b = np.swapaxes(b, -1, -2)
+    return a, b
+
+
+def _f_batch_matmul(op, graph, a, b):
+    a, b = _matmul_operands(op, a.astype(np.float32), b.astype(np.float32))
+    return np.matmul(a, b).astype(np.float32)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def lstm_float_states(op, graph, x, w_ih, w_hh, bias):
+    """The float LSTM (zero initial state, gates i, f, g, o as torch orders them): every step's
+    hidden state and cell state, each (N, L, H), in float64."""
+    n, steps, _ = x.shape
+    hidden = w_hh.shape[1]
+    h = np.zeros((n, hidden))
+    c = np.zeros((n, hidden))
+    hs, cs = [], []
+    for t in range(steps):
+        z = x[:, t].astype(np.float64) @ w_ih.T.astype(np.float64) + h @ w_hh.T.astype(np.float64) + bias
+        i, f, g, o = np.split(z, 4, axis=1)
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = _sigmoid(o) * np.tanh(c)
+        hs.append(h)
+        cs.append(c)
+    return np.stack(hs, axis=1), np.stack(cs, axis=1)
+
+
+def _f_lstm(op, graph, x, w_ih, w_hh, bias):
+    return lstm_float_states(op, graph, x, w_ih, w_hh, bias)[0].astype(np.float32)
+
+
 # Data movement (the same in float and int8: the output shares the input's parameters) --------------
 
 def _transpose(op, graph, x):
@@ -318,7 +358,7 @@ FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
     "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
     "concat": _f_concat, "reshape": _f_reshape, "pad": _f_pad, "relu": _f_relu, "relu6": _f_relu6,
-    "batch_norm": _f_batch_norm, "softmax": _f_softmax,
+    "batch_norm": _f_batch_norm, "softmax": _f_softmax, "batch_matmul": _f_batch_matmul, "lstm": _f_lstm,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
     "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
@@ -542,11 +582,59 @@ def _q_exit(op, graph, x):
     return conf.reshape(-1, 1).astype(np.int32)
 
 
+def _q_batch_matmul(op, graph, a, b):
+    """TFLite's int8 BATCH_MATMUL: sum of (a - zp_a)(b - zp_b) in int32, one per-tensor multiplier."""
+    a, b = _matmul_operands(op, a.astype(np.int64) + op.attrs["input1_offset"],
+                            b.astype(np.int64) + op.attrs["input2_offset"])
+    acc = np.matmul(a, b)  # int64, exact; |acc| < 2**31 is proved at generate time
+    out = qm.multiply_by_quantized_multiplier(acc, op.attrs["output_multiplier"], op.attrs["output_shift"])
+    return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
+def _lstm_gate(op, g, x_t, h, w_ih, w_hh):
+    """One gate's int16 pre-activation in Q3.12, as TFLite's integer LSTM sums it: the input
+    product requantized and saturated to int16, then the recurrent one added and saturated again."""
+    a = op.attrs
+    rows = slice(g * w_hh.shape[1], (g + 1) * w_hh.shape[1])
+    acc = x_t @ w_ih[rows].T.astype(np.int64) + a["input_effective_bias"][rows]
+    gate = np.clip(qm.multiply_by_quantized_multiplier(acc, a["input_multiplier"][g], a["input_shift"][g]),
+                   qm.INT16_MIN, qm.INT16_MAX)
+    acc = h @ w_hh[rows].T.astype(np.int64) + a["recurrent_effective_bias"][rows]
+    gate = qm.multiply_by_quantized_multiplier(acc, a["recurrent_multiplier"][g], a["recurrent_shift"][g]) + gate
+    return np.clip(gate, qm.INT16_MIN, qm.INT16_MAX)
+
+
+def _q_lstm(op, graph, x, w_ih, w_hh, bias):
+    """TFLite's UNIDIRECTIONAL_SEQUENCE_LSTM, integer 8x8->16 (lstm_eval's EvalInteger8x8_16): int8
+    input and hidden state, int16 cell state with a power-of-two scale, gates in Q3.12 -> Q0.15
+    through gemmlowp's 16-bit logistic and tanh. The bias is folded into the effective biases."""
+    a = op.attrs
+    n, steps, _ = x.shape
+    hidden = w_hh.shape[1]
+    cell_scale = a["cell_scale"]
+    h = np.full((n, hidden), a["output_offset"], np.int64)  # the state starts at real 0
+    c = np.zeros((n, hidden), np.int64)
+    out = np.zeros((n, steps, hidden), np.int8)
+    for t in range(steps):
+        x_t = x[:, t].astype(np.int64)
+        i = qm.logistic16(_lstm_gate(op, 0, x_t, h, w_ih, w_hh), 3)
+        f = qm.logistic16(_lstm_gate(op, 1, x_t, h, w_ih, w_hh), 3)
+        g = qm.tanh16(_lstm_gate(op, 2, x_t, h, w_ih, w_hh), 3)
+        o = qm.logistic16(_lstm_gate(op, 3, x_t, h, w_ih, w_hh), 3)
+        c = qm.rounding_divide_by_pot(f * c, 15) + qm.rounding_divide_by_pot(i * g, 30 + cell_scale)
+        c = np.clip(c, qm.INT16_MIN, qm.INT16_MAX)
+        prod = o * qm.tanh16(c, 15 + cell_scale)
+        hid = qm.multiply_by_quantized_multiplier(prod, a["hidden_multiplier"], a["hidden_shift"])
+        h = np.clip(hid + a["output_offset"], -128, 127)
+        out[:, t] = h
+    return out
+
+
 INT8_KERNELS = {
     "conv2d": _q_conv2d, "depthwise_conv2d": _q_depthwise_conv2d, "fully_connected": _q_fully_connected,
     "max_pool2d": _q_max_pool2d, "avg_pool2d": _q_avg_pool2d, "mean": _q_mean, "add": _q_add, "mul": _q_mul,
     "concat": _q_concat, "reshape": _q_reshape, "pad": _q_pad, "relu": _q_clamp, "relu6": _q_clamp,
-    "softmax": _q_softmax, "exit": _q_exit,
+    "softmax": _q_softmax, "exit": _q_exit, "batch_matmul": _q_batch_matmul, "lstm": _q_lstm,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
     "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,

@@ -103,13 +103,22 @@ class _Builder:
         self.elem = 4 if weight_only else 1
         self.arrays: list[CArray] = []
         self.weights = weights  # an encoding for every layer, or {layer name: encoding}
+        self.shared_filters: dict[str, str] = {}  # weight tensor -> its C array (dense int8 layers)
+        self.by_content: dict[tuple, str] = {}  # (dtype, shape, bytes) -> the C array holding them
 
     def buffer(self, name: str) -> Buffer:
         return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
 
     def array(self, name: str, data: np.ndarray, comment: str = "") -> str:
+        """A const C array for ``data``; an array with the same type, shape and bytes as one already
+        emitted is that one (an unrolled GRU's steps share tables, biases and multipliers)."""
+        data = np.ascontiguousarray(data)
+        key = (data.dtype.str, data.shape, data.tobytes())
+        if key in self.by_content:
+            return self.by_content[key]
         for arr in encode(name, data, "dense", comment):
             self.arrays.append(arr)
+        self.by_content[key] = name
         return name
 
     def layer(self, index: int, op: Op) -> Layer:
@@ -148,7 +157,11 @@ class _Builder:
                                                                       (-FLT_MAX, FLT_MAX))
             layer.params.update(act_min=lo, act_max=hi)
         else:
-            layer.arrays["filter"] = self.array(f"{layer.id}_filter", w.data, f"{op.name}: weights {list(w.shape)}")
+            # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
+            if op.inputs[1] not in self.shared_filters:
+                self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
+                                                               f"{op.name}: weights {list(w.shape)}")
+            layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
@@ -297,6 +310,57 @@ class _Builder:
         t, _, l, _ = op.attrs["padding"]
         value = float(op.attrs.get("value", 0.0)) if self.weight_only else op.attrs["pad_value"]
         layer.params.update(pad_top=t, pad_left=l, value=value)
+
+    def _batch_matmul(self, layer, op):
+        """Python works out the walk: per operand a batch stride (0 when it broadcasts), a stride
+        along the output's rows or columns and one along the reduction (adj_x / adj_y swap them)."""
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': batch_matmul has no weight-only kernel")
+        g, a = self.graph, op.attrs
+        sa, sb, so = (tuple(g.tensors[n].shape) for n in (*op.inputs, op.outputs[0]))
+        batch = so[:-2]
+        rows, cols = so[-2], so[-1]
+        depth = sa[-2] if a.get("adj_x", False) else sa[-1]
+
+        def batch_stride(shape):
+            dims = (1,) * (len(batch) - len(shape[:-2])) + tuple(shape[:-2])
+            if dims == batch:
+                return shape[-1] * shape[-2]
+            if int(np.prod(dims)) == 1:
+                return 0
+            raise EdgekitError(f"layer '{op.name}' (batch_matmul): operand batch dimensions {list(dims)} broadcast "
+                               f"only in part against {list(batch)}; give both the same batch dimensions")
+
+        layer.kernel = "ek_batch_matmul_s8"
+        layer.params.update(
+            batches=int(np.prod(batch)), rows=rows, cols=cols, depth=depth,
+            a_batch_stride=batch_stride(sa), b_batch_stride=batch_stride(sb),
+            a_row_stride=1 if a.get("adj_x", False) else depth, a_depth_stride=rows if a.get("adj_x", False) else 1,
+            b_col_stride=depth if a.get("adj_y", False) else 1, b_depth_stride=1 if a.get("adj_y", False) else cols,
+            **{k: a[k] for k in ("input1_offset", "input2_offset", "output_offset", "output_multiplier",
+                                 "output_shift", "act_min", "act_max")})
+        for role, name in (("input1", op.inputs[0]), ("input2", op.inputs[1])):
+            if g.tensors[name].is_constant:
+                layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
+        layer.macs = int(np.prod(batch)) * rows * cols * depth
+
+    def _lstm(self, layer, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': lstm has no weight-only kernel; quantize it to int8")
+        g, a = self.graph, op.attrs
+        _, steps, depth = g.tensors[op.inputs[0]].shape
+        hidden = g.tensors[op.inputs[2]].shape[1]
+        layer.kernel = "ek_lstm_s8"
+        layer.params.update(steps=steps, input_size=depth, hidden=hidden, cell_scale=a["cell_scale"],
+                            hidden_multiplier=a["hidden_multiplier"], hidden_shift=a["hidden_shift"],
+                            output_offset=a["output_offset"],
+                            **{k: [int(v) for v in a[k]] for k in ("input_multiplier", "input_shift",
+                                                                   "recurrent_multiplier", "recurrent_shift")})
+        for role, data in (("input_weights", g.tensors[op.inputs[1]].data),
+                           ("recurrent_weights", g.tensors[op.inputs[2]].data),
+                           ("input_bias", a["input_effective_bias"]), ("recurrent_bias", a["recurrent_effective_bias"])):
+            layer.arrays[role] = self.array(f"{layer.id}_{role}", data)
+        layer.macs = steps * 4 * hidden * (depth + hidden)
 
     def _reshape(self, layer, op):
         layer.kernel = None  # the planner aliases it: no code, no copy

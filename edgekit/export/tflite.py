@@ -21,14 +21,14 @@ from ..frontends.tflite_schema import Scalar, String, Vector, WTable
 from ..ir import Graph, Op, QuantParams, nhwc
 
 _ACTIVATION = {"none": S.ACT_NONE, "relu": S.ACT_RELU, "relu6": S.ACT_RELU6}
-_TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
+_TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32, "int16": S.INT16}
 # Operator versions as TensorFlow's converter writes them for int8 models.
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
              S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
 _VERSIONS.update({S.TRANSPOSE: 2, S.STRIDED_SLICE: 2, S.SPLIT: 2, S.SPLIT_V: 2, S.LOG_SOFTMAX: 2, S.SUM: 2,
                   S.REDUCE_MAX: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
-                  S.MIRROR_PAD: 2})
+                  S.MIRROR_PAD: 2, S.BATCH_MATMUL: 2})
 
 
 def _quant_table(q: QuantParams | None):
@@ -49,7 +49,8 @@ class _Model:
         self.codes: dict[int, int] = {}
         self.operators: list[WTable] = []
 
-    def tensor(self, name: str, shape, dtype: str, quant: QuantParams | None = None, data=None) -> int:
+    def tensor(self, name: str, shape, dtype: str, quant: QuantParams | None = None, data=None,
+               variable: bool = False) -> int:
         if name in self.index:
             return self.index[name]
         buffer = 0
@@ -62,6 +63,8 @@ class _Model:
         qt = _quant_table(quant)
         if qt is not None:
             fields[4] = qt
+        if variable:  # a state the interpreter keeps between invocations (an LSTM's h and c)
+            fields[5] = Scalar("?", True)
         self.index[name] = len(self.tensors)
         self.tensors.append(WTable(fields))
         return self.index[name]
@@ -70,7 +73,7 @@ class _Model:
         return self.tensor(name, data.shape, dtype, quant, data)
 
     def op(self, code: int, inputs: list[int], outputs: list[int], options: str | None = None,
-           fields: dict | None = None) -> None:
+           fields: dict | None = None, intermediates: list[int] | None = None) -> None:
         if code not in self.codes:
             self.codes[code] = len(self.codes)
         f = {0: Scalar("I", self.codes[code]), 1: Vector("i", np.asarray(inputs, np.int32)),
@@ -78,6 +81,8 @@ class _Model:
         if options is not None:
             f[3] = Scalar("B", S.OPTIONS_TYPE[options])
             f[4] = WTable(fields or {})
+        if intermediates:
+            f[8] = Vector("i", np.asarray(intermediates, np.int32))
         self.operators.append(WTable(f))
 
     def serialize(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
@@ -341,6 +346,45 @@ class _Exporter:
 
     def _relu6(self, op):
         self.m.op(S.RELU6, [self.t(op.inputs[0])], [self.t(op.outputs[0])])
+
+    def _batch_matmul(self, op):
+        self.m.op(S.BATCH_MATMUL, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "BatchMatMulOptions",
+                  {0: Scalar("?", bool(op.attrs.get("adj_x", False))),
+                   1: Scalar("?", bool(op.attrs.get("adj_y", False)))})
+
+    def _lstm(self, op):
+        """UNIDIRECTIONAL_SEQUENCE_LSTM, integer 8x8->16 as TFLite's quantizer writes it: 24 inputs
+        (per-gate weight matrices and biases; no peephole, projection or layer norm), the int8 hidden
+        and int16 cell states as variable tensors, and the 5 intermediates the kernel reads (gate
+        scales 2**-12 and the hidden state's parameters, here the output's)."""
+        g, a = self.g, op.attrs
+        x, w_ih, w_hh, bias = (g.tensors[n] for n in op.inputs)
+        out = g.tensors[op.outputs[0]]
+        hidden = w_hh.shape[1]
+
+        def part(tensor, gate, suffix):
+            rows = slice(gate * hidden, (gate + 1) * hidden)
+            data = tensor.data[rows]
+            scale = float(tensor.quant.scale[gate * hidden])
+            dtype = "int8" if tensor.dtype == "int8" else "int32"
+            return self.m.constant(f"{op.outputs[0]}.{suffix}", data, dtype, QuantParams.per_tensor(scale, 0))
+
+        names = ("input_gate", "forget_gate", "cell_gate", "output_gate")
+        ins = [self.t(op.inputs[0])]
+        ins += [part(w_ih, k, f"input_to_{n}_weights") for k, n in enumerate(names)]
+        ins += [part(w_hh, k, f"recurrent_to_{n}_weights") for k, n in enumerate(names)]
+        ins += [-1, -1, -1]
+        ins += [part(bias, k, f"{n}_bias") for k, n in enumerate(names)]
+        ins += [-1, -1]
+        ins.append(self.m.tensor(f"{op.outputs[0]}.output_state", (1, hidden), "int8", out.quant, variable=True))
+        ins.append(self.m.tensor(f"{op.outputs[0]}.cell_state", (1, hidden), "int16",
+                                 QuantParams.per_tensor(2.0 ** a["cell_scale"], 0), variable=True))
+        ins += [-1, -1, -1, -1]
+        inter = [self.m.tensor(f"{op.outputs[0]}.intermediate_{k}", (0,), "int16", QuantParams.per_tensor(2.0 ** -12, 0))
+                 for k in range(4)]
+        inter.append(self.m.tensor(f"{op.outputs[0]}.intermediate_hidden", (0,), "int8", out.quant))
+        self.m.op(S.UNIDIRECTIONAL_SEQUENCE_LSTM, ins, [self.t(op.outputs[0])], "UnidirectionalSequenceLSTMOptions",
+                  {0: Scalar("b", S.ACT_TANH), 3: Scalar("?", False)}, intermediates=inter)
 
     def _softmax(self, op):
         self.m.op(S.SOFTMAX, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "SoftmaxOptions",

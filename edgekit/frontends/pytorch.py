@@ -19,7 +19,8 @@ from ..ir import Graph, Op, Tensor, conv_output_size, nhwc
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
-    "torch.cat, Dropout, Identity, a final Softmax, and int8 fake quantization (from edgekit.qat)"
+    "torch.cat, Dropout, Identity, a final Softmax, LSTM and GRU (batch_first, zero initial state), "
+    "and int8 fake quantization (from edgekit.qat)"
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
                      "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
@@ -200,6 +201,16 @@ class _Value:
     def channels_first(self) -> bool:
         """Laid out as a convolution reads it: torch dim 1 (channels) last, the rest in order."""
         return self.dims == CHANNELS_FIRST.get(self.torch_rank)
+
+
+_ZERO_STATE = object()  # the value of aten.zeros: only an RNN's initial state may read it
+
+
+class _Named:
+    """A stand-in fx argument: the converter looks values up by ``.name``."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 class _Converter:
@@ -588,6 +599,227 @@ class _Converter:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
         out_shape = self.shape(v)[:-1] + (weight.shape[0],)  # rank 3: every row (TFLite keep_num_dims)
         self.add_op("fully_connected", node, inputs, out_shape, v.dims, dict(activation="none"))
+
+    # recurrent layers
+    def _op_zeros(self, node):
+        """A constant zero tensor: what nn.LSTM / nn.GRU start their state from (checked by the layer)."""
+        self.values[node.name] = _ZERO_STATE
+
+    def _zero_state(self, arg) -> bool:
+        """Whether an RNN's initial state is zeros (aten.zeros, or a folded all-zero constant)."""
+        name = getattr(arg, "name", None)
+        if self.values.get(name) is _ZERO_STATE:
+            return True
+        return name in self.consts and not np.any(self.consts[name])
+
+    def _op_lstm(self, node):
+        """aten.lstm.input(x, (h0, c0), params, has_biases, num_layers, dropout, train, bidirectional,
+        batch_first): one IR lstm op per layer, zero initial state, every step's output."""
+        x, hx, params, has_biases, num_layers, _, _, bidirectional, batch_first = node.args[:9]
+        if bidirectional:
+            raise self.unsupported(node, "a bidirectional LSTM is not supported (TFLite's integer LSTM is one-way)")
+        if not batch_first:
+            raise self.unsupported(node, "a time-major LSTM is not supported; use batch_first=True")
+        if not all(self._zero_state(h) for h in hx):
+            raise self.unsupported(node, "an initial state other than zeros is not supported")
+        for user in node.users:
+            if user.target is operator.getitem and user.args[1] != 0 and user.users:
+                raise self.unsupported(node, "the final states (h_n, c_n) are not supported as outputs; "
+                                             "use the output sequence (output[:, -1] is the last step)")
+        v = self.value(x)
+        if v.torch_rank != 3:
+            raise self.unsupported(node, f"an LSTM input of rank {v.torch_rank} (expected (N, L, C))")
+        if v.dims != (0, 1, 2):
+            v = self.transposed(v, (0, 1, 2), node, "an LSTM")
+        per_layer = 4 if has_biases else 2
+        path, _ = _layer_of(node)
+        base = path or node.name
+        steps = self.shape(v)[1]
+        for layer in range(int(num_layers)):
+            w_ih, w_hh = (self.const(a, "weights", node) for a in params[per_layer * layer:per_layer * layer + 2])
+            hidden = w_hh.shape[1]
+            bias = np.zeros(4 * hidden, np.float32)
+            if has_biases:
+                bias = sum(self.const(a, "bias", node) for a in params[per_layer * layer + 2:per_layer * layer + 4])
+            suffix = f"_l{layer}"
+            inputs = [v.name, self.new_tensor(f"{base}.weight_ih{suffix}", w_ih.shape, w_ih),
+                      self.new_tensor(f"{base}.weight_hh{suffix}", w_hh.shape, w_hh),
+                      self.new_tensor(f"{base}.bias{suffix}", bias.shape, bias.astype(np.float32))]
+            v = self.add_op("lstm", node, inputs, (1, steps, hidden), (0, 1, 2), dict(hidden=hidden))
+        self.values[node.name] = (v, None, None)
+
+    def _op_gru(self, node):
+        """aten.gru.input(x, h0, params, has_biases, num_layers, dropout, train, bidirectional,
+        batch_first), lowered as TFLite's converter unrolls a GRU (TFLite has no int8 GRU kernel): per
+        step r, z = LOGISTIC(FC(x_t) + FC(h)), n = TANH(FC(x_t) + r * FC(h)), h = n + z * (h - n),
+        x_t a STRIDED_SLICE of the input; every step's h concatenated into the output sequence. The
+        step's weights are shared constants (stored once); at t = 0 the state is zero, so the
+        recurrent products are their biases."""
+        x, h0, params, has_biases, num_layers, _, _, bidirectional, batch_first = node.args[:9]
+        if bidirectional:
+            raise self.unsupported(node, "a bidirectional GRU is not supported")
+        if not batch_first:
+            raise self.unsupported(node, "a time-major GRU is not supported; use batch_first=True")
+        if not self._zero_state(h0):
+            raise self.unsupported(node, "an initial state other than zeros is not supported")
+        for user in node.users:
+            if user.target is operator.getitem and user.args[1] != 0 and user.users:
+                raise self.unsupported(node, "the final state h_n is not supported as an output; "
+                                             "use the output sequence (output[:, -1] is the last step)")
+        v = self.value(x)
+        if v.torch_rank != 3:
+            raise self.unsupported(node, f"a GRU input of rank {v.torch_rank} (expected (N, L, C))")
+        if v.dims != (0, 1, 2):
+            v = self.transposed(v, (0, 1, 2), node, "a GRU")
+        path, _ = _layer_of(node)
+        base = path or node.name
+        per_layer = 4 if has_biases else 2
+        for layer in range(int(num_layers)):
+            w_ih, w_hh = (self.const(a, "weights", node) for a in params[per_layer * layer:per_layer * layer + 2])
+            hidden = w_hh.shape[1]
+            if has_biases:
+                b_ih, b_hh = (self.const(a, "bias", node) for a in params[per_layer * layer + 2:per_layer * layer + 4])
+            else:
+                b_ih = b_hh = np.zeros(3 * hidden, np.float32)
+            v = self._gru_layer(node, f"{base}.l{layer}", v, w_ih, w_hh, b_ih, b_hh)
+        self.values[node.name] = (v, None)
+
+    def _gru_layer(self, node, base, v, w_ih, w_hh, b_ih, b_hh) -> _Value:
+        hidden = w_hh.shape[1]
+        steps, depth = self.shape(v)[1], self.shape(v)[2]
+        path, _ = _layer_of(node)
+        name = path or node.name
+        gate = {g: slice(k * hidden, (k + 1) * hidden) for k, g in enumerate("rzn")}
+        consts = {f"w_i{g}": self.new_tensor(f"{base}.weight_i{g}", (hidden, depth), np.ascontiguousarray(w_ih[s]))
+                  for g, s in gate.items()}
+        consts.update({f"w_h{g}": self.new_tensor(f"{base}.weight_h{g}", (hidden, hidden),
+                                                  np.ascontiguousarray(w_hh[s])) for g, s in gate.items()})
+
+        alike: dict[str, list[str]] = {}  # the same tensor of every step (tag without the step)
+
+        def op(kind, inputs, shape, attrs=None, tag=""):
+            out = self.new_tensor(f"{base}.{tag}", shape)
+            self.graph.ops.append(Op(kind, name, list(inputs), [out], dict(attrs or {})))
+            step, _, role = tag.partition(".")
+            # step 0 has no recurrent term; LOGISTIC / TANH outputs have fixed parameters anyway
+            if step.startswith("t") and step[1:].isdigit() and step != "t0" and kind not in ("logistic", "tanh"):
+                alike.setdefault(role, []).append(out)
+            return out
+
+        def fc(x_name, w_key, bias, tag):
+            b = self.new_tensor(f"{base}.{tag}.bias", (hidden,), bias.astype(np.float32))
+            return op("fully_connected", [x_name, consts[w_key], b], (1, hidden), dict(activation="none"), tag)
+
+        h = None
+        outs = []
+        for t in range(steps):
+            xt = op("slice", [v.name], (1, 1, depth), dict(begin=(0, t, 0), end=(1, t + 1, depth), strides=(1, 1, 1)),
+                    f"t{t}.x")
+            xt = op("reshape", [xt], (1, depth), {}, f"t{t}.x_row")
+            pre = {}
+            for g in "rz":
+                if h is None:  # zero state: the recurrent product is its bias
+                    pre[g] = fc(xt, f"w_i{g}", b_ih[gate[g]] + b_hh[gate[g]], f"t{t}.{g}_in")
+                else:
+                    gx = fc(xt, f"w_i{g}", b_ih[gate[g]] + b_hh[gate[g]], f"t{t}.{g}_in")
+                    gh = fc(h, f"w_h{g}", np.zeros(hidden, np.float32), f"t{t}.{g}_rec")
+                    pre[g] = op("add", [gx, gh], (1, hidden), dict(activation="none"), f"t{t}.{g}_sum")
+            r = op("logistic", [pre["r"]], (1, hidden), {}, f"t{t}.r")
+            z = op("logistic", [pre["z"]], (1, hidden), {}, f"t{t}.z")
+            gx = fc(xt, "w_in", b_ih[gate["n"]], f"t{t}.n_in")
+            if h is None:
+                b_hn = self.new_tensor(f"{base}.t{t}.n_rec_bias", (1, hidden), b_hh[gate["n"]].reshape(1, hidden))
+                gh = op("mul", [r, b_hn], (1, hidden), dict(activation="none"), f"t{t}.r_n_rec")
+            else:
+                gh = op("mul", [r, fc(h, "w_hn", b_hh[gate["n"]], f"t{t}.n_rec")], (1, hidden),
+                        dict(activation="none"), f"t{t}.r_n_rec")
+            n = op("tanh", [op("add", [gx, gh], (1, hidden), dict(activation="none"), f"t{t}.n_sum")], (1, hidden),
+                   {}, f"t{t}.n")
+            if h is None:  # h = n - z * n
+                h = op("sub", [n, op("mul", [z, n], (1, hidden), dict(activation="none"), f"t{t}.z_n")], (1, hidden),
+                       dict(activation="none"), f"t{t}.h")
+            else:  # h = n + z * (h - n)
+                d = op("sub", [h, n], (1, hidden), dict(activation="none"), f"t{t}.h_minus_n")
+                h = op("add", [n, op("mul", [z, d], (1, hidden), dict(activation="none"), f"t{t}.z_d")],
+                       (1, hidden), dict(activation="none"), f"t{t}.h")
+            outs.append(op("reshape", [h], (1, 1, hidden), {}, f"t{t}.h_step"))
+        # TFLite Micro's CONCATENATION takes at most 10 inputs: longer sequences concatenate in groups.
+        lengths = [1] * len(outs)
+        while len(outs) > 1:
+            groups = [(outs[i:i + 10], sum(lengths[i:i + 10])) for i in range(0, len(outs), 10)]
+            outs = [g[0] if len(g) == 1 else op("concat", g, (1, n, hidden), dict(axis=1), f"steps{k}_{n}")
+                    for k, (g, n) in enumerate(groups)]
+            lengths = [n for _, n in groups]
+        seq = outs[0]
+        self.graph.meta.setdefault("shared_quantization", []).extend(g for g in alike.values() if len(g) > 1)
+        value = _Value(seq, (0, 1, 2))
+        self.values[node.name] = value
+        return value
+
+    # matrix products and attention
+    def _matmul_operand(self, arg, node) -> tuple[str, bool, tuple]:
+        """(IR tensor, stored transposed?, torch shape) of a batched matmul operand. A permute that only
+        swapped the last two dimensions is read through BATCH_MATMUL's adj flag: no TRANSPOSE op."""
+        if hasattr(arg, "name") and arg.name in self.consts:
+            data = self.const(arg, "operand", node)
+            if data.ndim < 2:
+                raise self.unsupported(node, "a matrix product with a vector operand is not supported")
+            data = data.reshape((1,) * max(0, 3 - data.ndim) + data.shape)
+            return self.new_tensor(f"{node.name}.operand", data.shape, np.ascontiguousarray(data)), False, data.shape
+        v = self.value(arg)
+        self.require_plain(v, node)
+        rank = v.torch_rank
+        if rank not in (3, 4):
+            raise self.unsupported(node, f"a matrix product of rank-{rank} tensors is not supported (use (N, L, C) "
+                                         "or (N, heads, L, C))")
+        plain = tuple(range(rank))
+        swapped = plain[:-2] + (rank - 1, rank - 2)
+        if v.dims not in (plain, swapped):
+            v = self.transposed(v, plain, node, "a matrix product")
+        return v.name, v.dims == swapped, tuple(self._torch_shape(v))
+
+    def _batch_matmul(self, node, a_arg, b_arg, beta=None):
+        a, adj_x, sa = self._matmul_operand(a_arg, node)
+        b, adj_y, sb = self._matmul_operand(b_arg, node)
+        if len(sa) != len(sb):
+            raise self.unsupported(node, f"a matrix product of shapes {list(sa)} and {list(sb)} (ranks differ)")
+        if sa[-1] != sb[-2]:
+            raise self.unsupported(node, f"shapes {list(sa)} and {list(sb)} do not multiply")
+        batch = tuple(max(x, y) for x, y in zip(sa[:-2], sb[:-2]))
+        return self.add_op("batch_matmul", node, [a, b], batch + (sa[-2], sb[-1]), tuple(range(len(sa))),
+                           dict(adj_x=adj_x, adj_y=adj_y))
+
+    def _op_bmm(self, node):
+        self._batch_matmul(node, node.args[0], node.args[1])
+
+    _op_matmul = _op_bmm
+
+    def _op__scaled_dot_product_flash_attention_for_cpu(self, node):
+        """softmax(q k^T x scale) v as BATCH_MATMUL (k read transposed through adj_y), SOFTMAX with the
+        scale as its beta, BATCH_MATMUL: exactly what TFLite's int8 kernels run."""
+        q, k, v = node.args[:3]
+        fused = getattr(node.target, "__name__", "").startswith("_scaled_dot_product_flash")
+        names = ("dropout_p", "is_causal") if fused else ("attn_mask", "dropout_p", "is_causal")
+        given = dict(zip(names, node.args[3:]), **node.kwargs)
+        dropout, causal, mask = given.get("dropout_p", 0.0), given.get("is_causal", False), given.get("attn_mask")
+        if dropout or causal or mask is not None:
+            raise self.unsupported(node, "attention with dropout, a causal flag or a mask is not supported")
+        scale = node.kwargs.get("scale")
+        depth = self._torch_shape(self.value(q))[-1]
+        scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(depth))
+        kv = self.value(k)
+        rank = kv.torch_rank
+        swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+        transposed_name = f"{node.name}_key_transposed"
+        self.values[transposed_name] = _Value(kv.name, tuple(swap[d] for d in kv.dims))
+        scores = self._batch_matmul(node, q, _Named(transposed_name))
+        probs = self.add_op("softmax", node, [scores.name], self.shape(scores), scores.dims, dict(beta=scale))
+        self.values[f"{node.name}_probs"] = probs
+        out = self._batch_matmul(node, _Named(f"{node.name}_probs"), v)
+        # the flash variant also returns the log-sum-exp, which nothing in inference reads
+        self.values[node.name] = (out, None) if fused else out
+
+    _op_scaled_dot_product_attention = _op__scaled_dot_product_flash_attention_for_cpu
 
     # normalisation
     def _batch_norm(self, node, x, gamma, beta, mean, var, eps):

@@ -26,6 +26,8 @@ SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
 SUPPORTED += (", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, "
               "RESIZE_BILINEAR, REDUCE_MAX")
+SUPPORTED += (", BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, no peephole / projection / "
+              "layer norm)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
 
@@ -573,6 +575,71 @@ class _Importer:
             raise _Unsupported("int8 softmax needs output scale 1/256 and zero point -128")
         self.add_op("softmax", op, [x], dict(beta=float(o.scalar(0, "f", 1.0))))
 
+    def batch_matmul(self, op: _Operator):
+        o = self.options(op, "BatchMatMulOptions")
+        names = []
+        for i in op.inputs[:2]:
+            tt = self.t[i]
+            if tt.data is None:
+                names.append(self.activation(i))
+                continue
+            data = self.constant(i, np.int8, "constant operand")
+            name = self._name(i)
+            if name not in self.g.tensors:
+                self.g.add_tensor(Tensor(name, data.shape, "int8", data, self._per_tensor(tt, "operand")))
+            names.append(name)
+        if self.t[op.inputs[0]].data is not None:
+            raise _Unsupported("a constant left operand")
+        self.add_op("batch_matmul", op, names, dict(adj_x=bool(o.scalar(0, "?", False)),
+                                                    adj_y=bool(o.scalar(1, "?", False))))
+
+    def lstm(self, op: _Operator):
+        """UNIDIRECTIONAL_SEQUENCE_LSTM, integer 8x8->16: the gate matrices and biases gathered into
+        the IR's (4H, .) tensors in torch's gate order, one weight scale per gate matrix."""
+        o = self.options(op, "UnidirectionalSequenceLSTMOptions")
+        ins = list(op.inputs) + [-1] * (24 - len(op.inputs))
+        if o.scalar(0, "b", 0) != S.ACT_TANH or o.scalar(1, "f", 0.0) or o.scalar(2, "f", 0.0) or o.scalar(3, "?", 0):
+            raise _Unsupported("only tanh cells without clipping, batch-major, are supported")
+        if any(ins[k] >= 0 for k in (9, 10, 11, 16, 17, 20, 21, 22, 23)):
+            raise _Unsupported("peephole, projection or layer-norm LSTMs are not supported")
+        if any(ins[k] < 0 for k in range(1, 9)):
+            raise _Unsupported("a CIFG LSTM (no input gate) is not supported")
+        x = self.activation(ins[0])
+        in_q = self.g.tensors[x].quant
+        hidden = self.t[ins[5]].shape[0]
+
+        def gathered(positions, what):
+            datas, scales = [], []
+            for k in (ins[p] for p in positions):
+                tt = self.t[k]
+                datas.append(self.constant(k, np.int8, what))
+                scales.append(np.repeat(self._per_tensor(tt, what).scale, tt.shape[0]))
+                if tt.zero_point is not None and np.any(tt.zero_point != 0):
+                    raise _Unsupported(f"the {what} '{tt.name}' are asymmetric")
+            scale = np.concatenate(scales)
+            data = np.concatenate(datas)
+            name = self.g.unique_name(f"{self.t[op.outputs[0]].name}.{what.replace(' ', '_')}")
+            self.g.add_tensor(Tensor(name, data.shape, "int8", data, QuantParams(scale, np.zeros(scale.size, np.int64))))
+            return name, scale
+
+        w_ih, x_scales = gathered(range(1, 5), "input weights")
+        w_hh, _ = gathered(range(5, 9), "recurrent weights")
+        bias = np.concatenate([self.constant(ins[p], np.int32, "gate bias").reshape(-1) for p in range(12, 16)])
+        b_scales = np.array([float(np.float32(float(in_q.scale[0]) * float(np.float32(s)))) for s in x_scales])
+        b_name = self.g.unique_name(f"{self.t[op.outputs[0]].name}.bias")
+        self.g.add_tensor(Tensor(b_name, bias.shape, "int32", bias, QuantParams(b_scales, np.zeros(bias.size, np.int64))))
+        cell = self.t[ins[19]]
+        if cell.type != S.INT16 or cell.scale is None or cell.scale.size != 1:
+            raise _Unsupported("the cell state is not an int16 tensor with one scale")
+        cell_scale = int(round(float(np.log2(cell.scale[0]))))
+        if abs(2.0 ** cell_scale - float(cell.scale[0])) > 1e-9 * float(cell.scale[0]) or not -15 <= cell_scale <= -9:
+            raise _Unsupported(f"the cell state's scale {cell.scale[0]} is not a power of two in [2^-15, 2^-9]")
+        out_q = self._per_tensor(self.t[op.outputs[0]], "output")
+        state_q = self._per_tensor(self.t[ins[18]], "output state")
+        if (float(state_q.scale[0]), int(state_q.zero_point[0])) != (float(out_q.scale[0]), int(out_q.zero_point[0])):
+            raise _Unsupported("the output state and the output have different quantization parameters")
+        self.add_op("lstm", op, [x, w_ih, w_hh, b_name], dict(hidden=hidden, cell_scale=cell_scale))
+
     def relu(self, op: _Operator, kind: str):
         x = self.activation(op.inputs[0])
         self.same_params(op, [op.inputs[0]])
@@ -597,7 +664,9 @@ class _Importer:
                          S.RESIZE_NEAREST_NEIGHBOR: lambda: self.resize_nearest(op),
                          S.TRANSPOSE_CONV: lambda: self.transpose_conv(op),
                          S.RESIZE_BILINEAR: lambda: self.resize_bilinear(op),
-                         S.REDUCE_MAX: lambda: self.reduce_max(op)})
+                         S.REDUCE_MAX: lambda: self.reduce_max(op),
+                         S.BATCH_MATMUL: lambda: self.batch_matmul(op),
+                         S.UNIDIRECTIONAL_SEQUENCE_LSTM: lambda: self.lstm(op)})
         if c not in handlers:
             raise _Unsupported("edgekit has no kernel for it")
         handlers[c]()

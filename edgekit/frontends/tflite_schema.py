@@ -42,6 +42,7 @@ ACT_NONE, ACT_RELU, ACT_RELU_N1_TO_1, ACT_RELU6, ACT_TANH, ACT_SIGN_BIT = range(
 ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4
 DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, MUL, RELU, RELU6, RESHAPE, SOFTMAX = 6, 9, 17, 18, 19, 21, 22, 25
 PAD, MEAN, PADV2, QUANTIZE = 34, 40, 60, 114
+UNIDIRECTIONAL_SEQUENCE_LSTM, BATCH_MATMUL = 44, 126
 # structure ops (issue 10)
 RESIZE_BILINEAR, TRANSPOSE, STRIDED_SLICE, SPLIT, LOG_SOFTMAX, TRANSPOSE_CONV = 23, 39, 45, 49, 50, 67
 SUM, REDUCE_MAX, RESIZE_NEAREST_NEIGHBOR, MIRROR_PAD, SPLIT_V = 74, 82, 97, 100, 102
@@ -73,7 +74,8 @@ OPTIONS_TYPE = {"Conv2DOptions": 1, "DepthwiseConv2DOptions": 2, "Pool2DOptions"
                 "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43}
 OPTIONS_TYPE.update({"ResizeBilinearOptions": 15, "TransposeOptions": 26, "StridedSliceOptions": 32,
                      "SplitOptions": 35, "LogSoftmaxOptions": 36, "TransposeConvOptions": 49,
-                     "ResizeNearestNeighborOptions": 74, "MirrorPadOptions": 77, "SplitVOptions": 79})
+                     "ResizeNearestNeighborOptions": 74, "MirrorPadOptions": 77, "SplitVOptions": 79,
+                     "UnidirectionalSequenceLSTMOptions": 71, "BatchMatMulOptions": 101})
 
 
 class FlatBufferError(ValueError):

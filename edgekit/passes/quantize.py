@@ -54,6 +54,7 @@ def calibrate(graph: Graph, samples: np.ndarray, observer: str = "minmax", perce
     batches = range(0, samples.shape[0], batch_size)
     for start in progress(batches, "calibrating", enabled=show_progress):
         values = reference.run(graph, samples[start:start + batch_size], keep=True)
+        _observe_lstm_cells(graph, values, lo, hi)
         for name, v in values.items():
             lo[name] = min(lo.get(name, np.inf), float(v.min()))
             hi[name] = max(hi.get(name, -np.inf), float(v.max()))
@@ -69,6 +70,31 @@ def calibrate(graph: Graph, samples: np.ndarray, observer: str = "minmax", perce
             lo[name] = float(np.percentile(allv, 100.0 - percentile))
             hi[name] = float(np.percentile(allv, percentile))
     return {name: (lo[name], hi[name]) for name in lo}
+
+
+def lstm_cell_key(op: Op) -> str:
+    """The calibration range key of an LSTM's cell state (not a graph tensor: the op keeps it inside)."""
+    return f"{op.outputs[0]}::cell_state"
+
+
+def _observe_lstm_cells(graph: Graph, values: dict, lo: dict, hi: dict) -> None:
+    for op in graph.ops:
+        if op.kind == "lstm":
+            consts = [graph.tensors[n].data for n in op.inputs[1:]]
+            _, cells = reference.lstm_float_states(op, graph, values[op.inputs[0]], *consts)
+            key = lstm_cell_key(op)
+            lo[key] = min(lo.get(key, np.inf), float(cells.min()))
+            hi[key] = max(hi.get(key, -np.inf), float(cells.max()))
+
+
+def lstm_cell_scale(lo: float, hi: float) -> int:
+    """The int16 cell state's scale 2**cell_scale: the smallest power-of-two range 2**p >= max|c|,
+    p in [0, 6] (TFLite's quantizer starts at a range of 1; its kernel needs cell_scale <= -9)."""
+    extent = max(abs(lo), abs(hi))
+    p = 0
+    while p < 6 and 2.0 ** p < extent:
+        p += 1
+    return p - 15
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +190,11 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
         if op.kind in SAME_PARAMS:
             for name in op.inputs + op.outputs[1:]:  # split: every piece
                 groups.union(name, op.outputs[0])
+    # Tensors a frontend declared alike (an unrolled GRU's steps: the same gate at every step) share
+    # one set of parameters, calibrated over all of them, so their kernels share tables and multipliers.
+    for group in graph.meta.get("shared_quantization", []):
+        for name in group[1:]:
+            groups.union(group[0], name)
     fixed: dict[str, QuantParams] = {}
     for op in graph.ops:
         if op.kind == "softmax":
@@ -259,6 +290,16 @@ def derive_kernel_params(graph: Graph) -> None:
             mo, sho = qm.quantize_multiplier(real)
             op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp,
                             output_multiplier=mo, output_shift=sho)
+        elif op.kind == "batch_matmul":
+            s1, zp1 = _scalar(t[op.inputs[0]].quant)
+            s2, zp2 = _scalar(t[op.inputs[1]].quant)
+            # TFLite's GetQuantizedConvolutionMultipler: the input product in float, then double.
+            real = float(np.float32(np.float32(s1) * np.float32(s2))) / float(np.float32(out_s))
+            mo, sho = qm.quantize_multiplier(real)
+            op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp,
+                            output_multiplier=mo, output_shift=sho)
+        elif op.kind == "lstm":
+            op.attrs.update(lstm_kernel_params(graph, op))
         elif op.kind == "softmax":
             in_s, _ = _scalar(t[op.inputs[0]].quant)
             beta = float(op.attrs.get("beta", 1.0))
@@ -281,6 +322,62 @@ def derive_kernel_params(graph: Graph) -> None:
                             diff_min=-int(np.floor(max_rescaled)))
 
 
+def lstm_kernel_params(graph: Graph, op: Op) -> dict:
+    """TFLite's PopulateQuantizedLstmParams8x8_16 (no peephole, projection or layer norm): per gate
+    the input and recurrent effective scales (weight scale x input or state scale / 2**-12, in float
+    as TFLite computes them), the hidden scale 2**-15 x 2**-15 / output scale, and the zero points
+    folded into the biases (input: bias - zp_x * row sums; recurrent: - zp_h * row sums)."""
+    t = graph.tensors
+    in_s, in_zp = _scalar(t[op.inputs[0]].quant)
+    out_s, out_zp = _scalar(t[op.outputs[0]].quant)
+    w_ih, w_hh, bias = (t[n] for n in op.inputs[1:4])
+    hidden = w_hh.shape[1]
+    f32 = np.float32
+    gate_scale = f32(2.0 ** -12)
+    params = {"input_multiplier": [], "input_shift": [], "recurrent_multiplier": [], "recurrent_shift": []}
+    for g in range(4):
+        for prefix, w, s in (("input", w_ih, in_s), ("recurrent", w_hh, out_s)):
+            effective = f32(f32(f32(w.quant.scale[g * hidden]) * f32(s)) / gate_scale)
+            m, sh = qm.quantize_multiplier(float(effective))
+            params[f"{prefix}_multiplier"].append(m)
+            params[f"{prefix}_shift"].append(sh)
+    params = {k: np.array(v, np.int32) for k, v in params.items()}
+    hidden_scale = f32(2.0 ** -15 / float(f32(out_s)) * 2.0 ** -15)
+    params["hidden_multiplier"], params["hidden_shift"] = qm.quantize_multiplier(float(hidden_scale))
+    row_sums_x = w_ih.data.astype(np.int64).sum(axis=1)
+    row_sums_h = w_hh.data.astype(np.int64).sum(axis=1)
+    params["input_effective_bias"] = (bias.data.astype(np.int64) - in_zp * row_sums_x).astype(np.int32)
+    params["recurrent_effective_bias"] = (-out_zp * row_sums_h).astype(np.int32)
+    params.update(input_offset=-in_zp, output_offset=out_zp)
+    return params
+
+
+def _quantize_lstm(g: Graph, op: Op, ranges: dict) -> None:
+    """Weights symmetric int8 with one scale per gate matrix (TFLite's integer LSTM takes per-tensor
+    weights: 8 matrices), the bias int32 in units of input scale x input weight scale, the cell
+    state's power-of-two scale from its calibrated range."""
+    x_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
+    hidden = g.tensors[op.inputs[2]].shape[1]
+    scales = {}
+    for name in op.inputs[1:3]:
+        w = g.tensors[name]
+        per_gate = w.data.reshape(4, -1)
+        data, gate_scales = quantize_weight(per_gate, 0)
+        rows = np.repeat(gate_scales, hidden)
+        w.data, w.dtype = data.reshape(w.shape), "int8"
+        w.quant = QuantParams(rows, np.zeros(rows.size, np.int64), 0)
+        scales[name] = rows
+    b = g.tensors[op.inputs[3]]
+    bias_scales = np.array([float(np.float32(x_scale * float(np.float32(s)))) for s in scales[op.inputs[1]]])
+    b.data = np.clip(np.round(b.data.astype(np.float64) / bias_scales), qm.INT32_MIN, qm.INT32_MAX).astype(np.int32)
+    b.dtype, b.quant = "int32", QuantParams(bias_scales, np.zeros(bias_scales.size, np.int64), 0)
+    key = lstm_cell_key(op)
+    if key not in ranges:
+        raise EdgekitError(f"layer '{op.name}' (lstm): its cell state was not calibrated; calibrate with "
+                           "passes.quantize.calibrate")
+    op.attrs["cell_scale"] = lstm_cell_scale(*ranges[key])
+
+
 # ---------------------------------------------------------------------------
 # The quantizer
 # ---------------------------------------------------------------------------
@@ -301,19 +398,25 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
         t = g.tensors[name]
         t.dtype, t.quant = "int8", p
     for op in g.ops:
-        for name in op.inputs if op.kind == "mul" else ():
+        for name in op.inputs if op.kind in ("mul", "batch_matmul") else ():
             c = g.tensors[name]
             if c.is_constant and c.dtype == "float32":  # a constant factor: per-tensor asymmetric int8
                 scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))
                 c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
                 c.quant = QuantParams.per_tensor(scale, zp)
+        if op.kind == "lstm":
+            _quantize_lstm(g, op, ranges)
         if op.kind not in WEIGHTED:
             continue
         w = g.tensors[op.inputs[1]]
         axis = _channel_axis(op.kind)
-        recorded = _recorded_weight(w.data, axis, g.meta.get("weight_params", {}).get(op.inputs[1]))
-        data, w_scales = recorded or quantize_weight(w.data, axis, one_scale_when_clustered and shares_values(w.data))
-        w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
+        if w.dtype == "int8":  # shared with an op quantized before (an unrolled GRU's steps): quantized once
+            w_scales = w.quant.scale
+        else:
+            recorded = _recorded_weight(w.data, axis, g.meta.get("weight_params", {}).get(op.inputs[1]))
+            data, w_scales = recorded or quantize_weight(w.data, axis,
+                                                         one_scale_when_clustered and shares_values(w.data))
+            w.data, w.dtype, w.quant = data, "int8", QuantParams(w_scales, np.zeros_like(w_scales, np.int64), axis)
         in_scale = float(np.float32(g.tensors[op.inputs[0]].quant.scale[0]))
         bias_scales = np.array([float(np.float32(in_scale * float(np.float32(s)))) for s in w_scales])
         if len(op.inputs) > 2:

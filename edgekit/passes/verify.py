@@ -71,6 +71,31 @@ def check_int8_arithmetic(graph: Graph) -> None:
             if worst > ACCUMULATOR_LIMIT:
                 raise EdgekitError(f"{where}: the product can overflow int32 after the requantization shift "
                                    f"({op.attrs['output_shift']}); the output scale is too small for its inputs")
+        elif op.kind == "batch_matmul":
+            a, b = (graph.tensors[n] for n in op.inputs)
+            depth = a.shape[-2] if op.attrs.get("adj_x", False) else a.shape[-1]
+            worst = (depth * _max_abs_input(op.attrs["input1_offset"]) * _max_abs_input(op.attrs["input2_offset"])
+                     << max(op.attrs["output_shift"], 0))
+            if worst > ACCUMULATOR_LIMIT:
+                raise EdgekitError(f"{where}: a dot product over {depth} terms can reach an int32 accumulator of "
+                                   f"{worst:,} (limit {ACCUMULATOR_LIMIT:,}); the output scale is too small for "
+                                   "its inputs or the reduction too long")
+        elif op.kind == "lstm":
+            # TFLite's integer LSTM sums raw int8 values (|q| <= 128) times the weights onto the
+            # zero-point-folded bias, in int32, then requantizes with a possible left shift.
+            for prefix, w in (("input", op.inputs[1]), ("recurrent", op.inputs[2])):
+                rows = np.abs(graph.tensors[w].data.astype(np.int64)).sum(axis=1) * 128 + \
+                    np.abs(op.attrs[f"{prefix}_effective_bias"].astype(np.int64))
+                hidden = graph.tensors[op.inputs[2]].shape[1]
+                left = np.repeat(np.maximum(op.attrs[f"{prefix}_shift"].astype(np.int64), 0), hidden)
+                worst = rows << left
+                if np.any(worst > LIMIT):
+                    r = int(np.argmax(worst))
+                    raise EdgekitError(f"{where}: the {prefix} product of gate row {r} can reach an int32 "
+                                       f"accumulator of {int(worst[r]):,} (limit {LIMIT:,}); its weights or bias "
+                                       "are too large for int8 inference")
+            if (1 << 30) << max(op.attrs["hidden_shift"], 0) > LIMIT:
+                raise EdgekitError(f"{where}: the output scale is too small for the hidden state's requantization")
         elif op.kind == "exit" and op.attrs["criterion"] == "margin":
             if 255 << max(op.attrs["shift"], 0) > LIMIT:
                 raise EdgekitError(f"{where}: the logit margin times 256 x the logits' scale can overflow int32; "

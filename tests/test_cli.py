@@ -70,7 +70,7 @@ def test_missing_calibration_file(saved_cnn, tmp_path):
 def test_calibration_of_the_wrong_shape(saved_cnn, tmp_path):
     np.save(tmp_path / "c.npy", np.zeros((10, 1, 9, 9), np.float32))
     assert_clean_failure(edgekit("generate", saved_cnn / "model.pt2", "--calib", tmp_path / "c.npy",
-                                 "-o", tmp_path / "o"), "[9, 9, 1]", "[1, 8, 8]")
+                                 "-o", tmp_path / "o"), "[1, 9, 9]", "[1, 8, 8]")
 
 
 def test_empty_calibration_set(saved_cnn, tmp_path):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..ir import Graph, Op
+from ..ir import Graph, Op, nhwc
 
 ALIAS_OPS = ("reshape",)
 ELEMENTWISE_OPS = ("add", "relu", "relu6", "clamp")
@@ -105,8 +105,8 @@ def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, p
     """The smallest input offset minus output offset (bytes, int8 NHWC) at which a convolution
     kernel that writes output pixels in raster order, each after reading its window, may write its
     output over its input (see the module's doc)."""
-    _, in_h, in_w, in_c = in_shape
-    _, out_h, out_w, out_c = out_shape
+    _, in_h, in_w, in_c = nhwc(in_shape)  # a rank-3 (1, L, C) signal is (1, 1, L, C)
+    _, out_h, out_w, out_c = nhwc(out_shape)
     kh, kw = kernel
     oy = np.arange(out_h)[:, None]
     ox = np.arange(out_w)[None, :]
@@ -129,7 +129,10 @@ def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, p
 def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] | None:
     """(technique, delta) when this op's kernel may write its output over its first input."""
     if op.kind in ELEMENTWISE_OPS:
-        return "inplace-elementwise", 0
+        # element i is read before it is written, so only over an input of the output's own shape
+        # (a broadcast operand is read at other positions)
+        same = graph.tensors[op.inputs[0]].shape == graph.tensors[op.outputs[0]].shape
+        return ("inplace-elementwise", 0) if same else None
     if op.kind in ("conv2d", "depthwise_conv2d"):
         a = op.attrs
         w = graph.tensors[op.inputs[1]].shape

@@ -301,10 +301,12 @@ def thresholds_page(sweep: dict, chosen: dict, project_dir=None, rows: int = 24)
     points = sweep["points"]
     if len(points) > rows:  # an even spread, always with the chosen point
         keep = set(np.linspace(0, len(points) - 1, rows).round().astype(int).tolist())
-        points = [p for i, p in enumerate(points) if i in keep or p is chosen or p == chosen]
-    table = [["off (full network)" if p["threshold"] is None else threshold_text(p["threshold"])
-              + ("  (operating point)" if p == chosen else ""), _pct(p.get("accuracy")), _count(p["work"]),
-              f"{p['work_fraction']:.3f}", *[_pct(r) for r in p["hit_rates"]]] for p in points + [full]]
+        points = [p for i, p in enumerate(points) if i in keep or p.get("threshold") == chosen["threshold"]]
+    rows_shown = points + [full] if all(p.get("threshold") is not None for p in points) else points
+    marked = next((p for p in rows_shown if p.get("threshold") == chosen["threshold"]), None)
+    table = [[("off (full network)" if p.get("threshold") is None else threshold_text(p["threshold"]))
+              + ("  (operating point)" if p is marked else ""), _pct(p.get("accuracy")), _count(p["work"]),
+              f"{p['work_fraction']:.3f}", *[_pct(r) for r in p["hit_rates"]]] for p in rows_shown]
     intro = ("Each point is one threshold: the higher it is, the fewer inputs an early exit answers, the more "
              "work and (usually) the better the accuracy.")
     sections = [_section("Accuracy and work over thresholds", intro, image,

@@ -48,7 +48,7 @@ def record_build(out: Path, binaries) -> None:
         kept = old["binaries"] if old.get("sources") == now else {}
     except (OSError, ValueError, KeyError, TypeError):
         kept = {}
-    kept.update({Path(b).name: _digest(Path(b)) for b in binaries if Path(b).is_file()})
+    kept.update({Path(b).name: _digest(Path(b)) for b in binaries if b is not None and Path(b).is_file()})
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"sources": now, "binaries": kept}, indent=1) + "\n")
     tmp.replace(path)

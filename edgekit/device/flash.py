@@ -82,9 +82,12 @@ def _ask_firmware_for_the_bootloader(serial, board: Board) -> str:
     from .protocol import DeviceError, DeviceLink
 
     parity = getattr(serial, "parity", None)
-    try:
-        if parity is not None:
+    if parity is not None:
+        try:
             serial.parity = "N"  # the firmware's UART is 8N1, the STM32 bootloader's 8E1
+        except Exception:  # a port that cannot change its framing (some ptys): termios.error, ValueError
+            return "the port could not switch to 8N1 to ask an edgekit firmware"
+    try:
         link = DeviceLink(serial, timeout=0.5, retries=2)  # the same port object: not closed here
         if link.enter_bootloader():
             return "an edgekit firmware answered and restarted in its bootloader"
@@ -98,7 +101,10 @@ def _ask_firmware_for_the_bootloader(serial, board: Board) -> str:
         return "no edgekit firmware answered over the protocol either"
     finally:
         if parity is not None:
-            serial.parity = parity
+            try:
+                serial.parity = parity
+            except Exception:
+                pass  # the sync that follows reports a port that no longer works
 
 
 def _synced_bootloader(port, timeout: float, board: Board, overall: float | None = None) -> Stm32Bootloader:

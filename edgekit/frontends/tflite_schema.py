@@ -42,6 +42,8 @@ ACT_NONE, ACT_RELU, ACT_RELU_N1_TO_1, ACT_RELU6, ACT_TANH, ACT_SIGN_BIT = range(
 ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4
 DEQUANTIZE, FULLY_CONNECTED, MAX_POOL_2D, MUL, RELU, RELU6, RESHAPE, SOFTMAX = 6, 9, 17, 18, 19, 21, 22, 25
 PAD, MEAN, PADV2, QUANTIZE = 34, 40, 60, 114
+LOGISTIC, TANH, SUB, PRELU, MAXIMUM, MINIMUM, RSQRT = 14, 28, 41, 54, 55, 57, 76
+LEAKY_RELU, SQUARED_DIFFERENCE, ELU, HARD_SWISH, GELU = 98, 99, 111, 117, 150
 
 _OPERATOR_NAMES = (
     "ADD AVERAGE_POOL_2D CONCATENATION CONV_2D DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE EMBEDDING_LOOKUP "
@@ -67,7 +69,9 @@ def operator_name(code: int) -> str:
 # BuiltinOptions union: the type tag of each options table edgekit writes.
 OPTIONS_TYPE = {"Conv2DOptions": 1, "DepthwiseConv2DOptions": 2, "Pool2DOptions": 5, "FullyConnectedOptions": 8,
                 "SoftmaxOptions": 9, "ConcatenationOptions": 10, "AddOptions": 11, "ReshapeOptions": 17,
-                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43}
+                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43, "SubOptions": 28,
+                "MaximumMinimumOptions": 39, "LeakyReluOptions": 75, "SquaredDifferenceOptions": 76,
+                "HardSwishOptions": 91, "GeluOptions": 116}
 
 
 class FlatBufferError(ValueError):

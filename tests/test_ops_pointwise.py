@@ -117,6 +117,29 @@ def test_prelu(cbuild, shape, per_channel, in_range, slope, seed):
     _all_checks(g, rng, cbuild, {"x0": in_range})
 
 
+@pytest.mark.parametrize("kind, attrs", [k for k in UNARY if k[0] != "gelu"] + [("prelu", {}), ("sub", {}),
+                                                                            ("squared_difference", {})])
+def test_tflite_micro_agrees(kind, attrs, tmp_path):
+    """TFLite Micro computes LOGISTIC / TANH in fixed point, not from a float table: on every int8 input,
+    at several input scales, it still gives our outputs (its interpreter has no GELU)."""
+    from test_tflite_models import tflm_run
+
+    rng = np.random.default_rng(7)
+    x = np.arange(-128, 128).astype(np.int8).reshape(256, 1)
+    for lo, hi in [(-4.0, 4.0), (-8.0, 2.0), (-1.0, 1.0), (-12.0, 12.0), (-0.3, 5.0)]:
+        if kind == "prelu":
+            g = float_graph(kind, [(1, 1)], {}, {"a": np.array([[0.25]])}, (1, 1))
+        elif kind in ("sub", "squared_difference"):
+            g = float_graph(kind, [(1, 1)], attrs, {"k": np.array([[0.7]])}, (1, 1))
+        else:
+            g = float_graph(kind, [(1, 1)], attrs, None, (1, 1))
+        q = quantize_with_random_data(g, rng, {"x0": (lo, hi)})
+        path = export_tflite(q, tmp_path / f"{kind}.tflite", io="int8")
+        ref = reference.run(q, x)[0].reshape(-1)
+        got = tflm_run(path, x).reshape(-1)
+        assert np.array_equal(got, ref), f"{kind} at range {(lo, hi)}: {int(np.sum(got != ref))} of 256 differ"
+
+
 # ---------------------------------------------------------------------------
 # From PyTorch
 # ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Each table is computed the way tflite-runtime 2.14's reference kernels compute t
   function evaluated in float32 (``PopulateLookupTable``); so do we.
 - HARD_SWISH: TFLite's 16-bit fixed-point reference arithmetic, element by element.
 - LEAKY_RELU: two requantizations (identity for x >= 0, alpha for x < 0).
+- RSQRT: TFLite's fixed-point Newton-Raphson inverse square root, then two requantizations
+  (TFLite refuses inputs below the zero point at run time; the table gives them the maximum).
 
 TensorFlow Lite Micro computes LOGISTIC and TANH in fixed point instead of a float
 table; the two can differ by one step on a few inputs (docs/DESIGN-NOTES.md).
@@ -21,7 +23,7 @@ import numpy as np
 
 from . import quant_math as qm
 
-UNARY = ("logistic", "tanh", "hard_swish", "leaky_relu", "elu", "gelu")
+UNARY = ("logistic", "tanh", "hard_swish", "leaky_relu", "elu", "gelu", "rsqrt")
 # Output parameters TFLite requires (int8): LOGISTIC 1/256 zero point -128, TANH 1/128 zero point 0.
 FIXED_OUTPUT = {"logistic": (1.0 / 256.0, -128), "tanh": (1.0 / 128.0, 0)}
 
@@ -70,6 +72,8 @@ def float_function(kind: str, attrs: dict):
         return lambda x: _f32(np.where(x < 0, np.expm1(x.astype(np.float64)), x))
     if kind == "gelu":
         return _float_transform("gelu", attrs)
+    if kind == "rsqrt":
+        return lambda x: _f32(1.0 / np.sqrt(x.astype(np.float64)))
     raise ValueError(kind)
 
 
@@ -154,11 +158,59 @@ def _leaky_relu(q: np.ndarray, p: dict) -> np.ndarray:
     return np.clip(np.where(x >= 0, pos, neg) + p["output_zero_point"], -128, 127).astype(np.int8)
 
 
+def _inv_sqrt_multiplier(value: int) -> tuple[int, int]:
+    """TFLite's GetInvSqrtQuantizedMultiplierExp(value, kReverseShift): 1/sqrt(value) as a Q0.31
+    multiplier and a left shift, by five Newton-Raphson steps in Q3.28."""
+    srdhm = lambda a, b: int(qm.saturating_rounding_doubling_high_mul(a, b))  # noqa: E731
+    pot = lambda x, e: int(qm.saturating_rounding_multiply_by_pot(x, e))  # noqa: E731
+    if value <= 1:
+        return qm.INT32_MAX, 0
+    shift = 11
+    while value >= (1 << 29):
+        value //= 4
+        shift += 1
+    max_left_shift_bits = int(qm.count_leading_zeros_u32(value)) - 1
+    left_shift_bit_pairs = max_left_shift_bits // 2 - 1
+    shift -= left_shift_bit_pairs
+    value <<= 2 * left_shift_bit_pairs
+    x_input = value >> 1                       # Q3.28
+    half_input = pot(x_input, -1)
+    half_three = (1 << 28) + (1 << 27)         # 1.5 in Q3.28
+    x = 1 << 28                                # 1.0
+    for _ in range(5):
+        x3 = pot(srdhm(srdhm(x, x), x), 6)     # Q9 -> Q3
+        x = pot(srdhm(half_three, x) - srdhm(half_input, x3), 3)  # Q6 -> Q3
+    x = srdhm(x, 1518500250)                   # * sqrt(2) / 2
+    if shift < 0:
+        x <<= -shift
+        shift = 0
+    return x, -shift
+
+
+def _rsqrt(q: np.ndarray, in_scale: float, in_zp: int, out_scale: float, out_zp: int) -> np.ndarray:
+    """TFLite's RsqrtEvalQuantized (int8), element by element."""
+    real = 1.0 / float(np.float32(np.sqrt(np.float32(in_scale)) * np.float32(out_scale)))
+    multiplier, shift = qm.quantize_multiplier(real)
+    out = []
+    for v in q.astype(np.int64) - in_zp:
+        if v <= 0:  # zero: TFLite's maximum; negative: TFLite refuses the input
+            out.append(127)
+            continue
+        m, s = _inv_sqrt_multiplier(int(v))
+        data = int(qm.multiply_by_quantized_multiplier(1, m, s + 20))
+        out.append(int(qm.multiply_by_quantized_multiplier(data, multiplier, shift - 20)) + out_zp)
+    return np.clip(np.array(out), -128, 127).astype(np.int8)
+
+
 def int8_table(kind: str, attrs: dict, in_scale: float, in_zp: int, out_scale: float, out_zp: int) -> np.ndarray:
     """The op's output for every int8 input, indexed by input + 128."""
     q = np.arange(-128, 128)
     if kind == "hard_swish":
         return _hard_swish(q, hard_swish_params(in_scale, in_zp, out_scale, out_zp))
+    if kind == "rsqrt":
+        return _rsqrt(q, in_scale, in_zp, out_scale, out_zp)
+    if kind == "rsqrt":
+        return _rsqrt(q, in_scale, in_zp, out_scale, out_zp)
     if kind == "leaky_relu":
         alpha = float(attrs["alpha"])
         if alpha < 0:

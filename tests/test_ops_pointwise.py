@@ -1,4 +1,4 @@
-"""Pointwise ops (issue 10): unary activations (LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU),
+"""Pointwise ops (issue 10): unary activations (LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU, RSQRT),
 clamp to any bounds, PRELU, and broadcasting binary ops (ADD, SUB, MUL, SQUARED_DIFFERENCE, with
 tensors or constants). Each int8 op: the numpy reference equals tflite-runtime's reference kernels
 bit for bit (ELU: the builtin kernels, BUILTIN_REF has no ELU), the generated C (ASan + UBSan)
@@ -45,10 +45,12 @@ def tflite_outputs(path, inputs: list[np.ndarray], builtin_ref: bool = True) -> 
     return [np.concatenate(r) for r in results]
 
 
-def _all_checks(g, rng, cbuild, ranges, n=12):
-    """int8 graph: reference == tflite-runtime == C, and export -> import gives the same outputs."""
+def _all_checks(g, rng, cbuild, ranges, n=12, lowest=None):
+    """int8 graph: reference == tflite-runtime == C, and export -> import gives the same outputs.
+    ``lowest(q)``: the smallest int8 input the op accepts (RSQRT: the zero point)."""
     q = quantize_with_random_data(g, rng, ranges)
-    inputs = {name: rng.integers(-128, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8)
+    low = lowest(q) if lowest else -128
+    inputs = {name: rng.integers(low, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8)
               for name in q.inputs}
     ref = reference.run(q, inputs if len(q.inputs) > 1 else inputs[q.inputs[0]])
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +77,16 @@ def test_unary_ops(cbuild, kind_attrs, shape, in_range, spread, seed):
     rng = np.random.default_rng(seed)
     g = float_graph(kind, [shape], attrs, None, shape)
     _all_checks(g, rng, cbuild, {"x0": (in_range[0] * spread, in_range[1] * spread)})
+
+
+@given(st.sampled_from(SHAPES), st.floats(0.0, 2.0), st.floats(0.05, 30.0), st.integers(0, 2 ** 31))
+@SETTINGS
+def test_rsqrt(cbuild, shape, lo, width, seed):
+    """RSQRT on positive inputs (TFLite refuses an input below the zero point at run time)."""
+    rng = np.random.default_rng(seed)
+    g = float_graph("rsqrt", [shape], {}, None, shape)
+    _all_checks(g, rng, cbuild, {"x0": (lo + 1e-3, lo + 1e-3 + width)},
+                lowest=lambda q: int(q.tensors["x0"].quant.zero_point[0]))
 
 
 @st.composite
@@ -166,7 +178,7 @@ class EverydayOps(nn.Module):
         c = self.prelu(c) * self.layer_scale.view(1, -1, 1, 1) + self.bias
         d = torch.clamp(self.conv2(c), min=-1.0) - torch.clamp(c, -0.25, 0.75)
         d = self.act(d * nn.functional.hardsigmoid(c)) + (c - d) ** 2
-        d = nn.functional.gelu(1 - d) * d.mean((2, 3), keepdim=True)
+        d = nn.functional.gelu(1 - d) * torch.rsqrt(d.pow(2).mean((2, 3), keepdim=True) + 1e-2)
         return self.fc(torch.flatten(d.mean((2, 3)), 1))
 
 
@@ -177,7 +189,7 @@ def test_pytorch_everyday_ops_bit_exact(cbuild, rng, tmp_path):
     g = edgekit.load(model, x[:1])
     kinds = {op.kind for op in g.ops}
     assert {"logistic", "tanh", "hard_swish", "leaky_relu", "gelu", "prelu", "clamp", "sub", "mul",
-            "squared_difference", "add"} <= kinds, kinds
+            "squared_difference", "add", "rsqrt"} <= kinds, kinds
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     # The float graph computes what PyTorch computes.

@@ -307,7 +307,7 @@ class _Builder:
         layer.arrays["table"] = self.array(f"{layer.id}_table", op.attrs["table"].astype(np.int8),
                                            f"{op.name}: {op.kind} of every int8 input")
 
-    _logistic = _tanh = _hard_swish = _leaky_relu = _elu = _gelu = _lut
+    _logistic = _tanh = _hard_swish = _leaky_relu = _elu = _gelu = _rsqrt = _lut
 
     def _mul(self, layer, op):
         if self.weight_only:

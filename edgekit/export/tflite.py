@@ -26,8 +26,8 @@ _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32}
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
              S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2, S.SUB: 2, S.SQUARED_DIFFERENCE: 2,
-             S.LOGISTIC: 2, S.TANH: 2, S.LEAKY_RELU: 2, S.MAXIMUM: 2, S.MINIMUM: 2}
-_UNARY_CODES = {"logistic": S.LOGISTIC, "tanh": S.TANH, "hard_swish": S.HARD_SWISH, "elu": S.ELU}
+             S.LOGISTIC: 2, S.TANH: 2, S.LEAKY_RELU: 2, S.MAXIMUM: 2, S.MINIMUM: 2, S.RSQRT: 2}
+_UNARY_CODES = {"logistic": S.LOGISTIC, "tanh": S.TANH, "hard_swish": S.HARD_SWISH, "elu": S.ELU, "rsqrt": S.RSQRT}
 
 
 def _quant_table(q: QuantParams | None):
@@ -272,7 +272,7 @@ class _Exporter:
     def _unary(self, op):
         self.m.op(_UNARY_CODES[op.kind], [self.t(op.inputs[0])], [self.t(op.outputs[0])])
 
-    _logistic = _tanh = _hard_swish = _elu = _unary
+    _logistic = _tanh = _hard_swish = _elu = _rsqrt = _unary
 
     def _leaky_relu(self, op):
         self.m.op(S.LEAKY_RELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LeakyReluOptions",

@@ -20,7 +20,7 @@ SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
     "torch.cat, Dropout, Identity, a final Softmax, int8 fake quantization (from edgekit.qat), "
-    "Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU, LeakyReLU, PReLU, clamp / Hardtanh, "
+    "Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU, LeakyReLU, PReLU, clamp / Hardtanh, torch.rsqrt, "
     "x + y, x - y, x * y (broadcasting (N,C,1,1) with (N,C,H,W)), x + c, x * c, x / c with constants or "
     "parameter tensors, (x - y) ** 2"
 )
@@ -565,6 +565,9 @@ class _Converter:
 
     def _op_tanh(self, node):
         self._unary(node, "tanh")
+
+    def _op_rsqrt(self, node):
+        self._unary(node, "rsqrt")
 
     def _op_hardswish(self, node):
         self._unary(node, "hard_swish")

@@ -24,7 +24,7 @@ from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
              "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs), "
-             "SUB, SQUARED_DIFFERENCE, LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU, PRELU, "
+             "SUB, SQUARED_DIFFERENCE, LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU, RSQRT, PRELU, "
              "MAXIMUM / MINIMUM with a constant (clamp)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
 
@@ -501,7 +501,7 @@ class _Importer:
                     S.SQUARED_DIFFERENCE: lambda: self.binary(op, "squared_difference"),
                     S.LOGISTIC: lambda: self.unary(op, "logistic"), S.TANH: lambda: self.unary(op, "tanh"),
                     S.HARD_SWISH: lambda: self.unary(op, "hard_swish"), S.ELU: lambda: self.unary(op, "elu"),
-                    S.GELU: lambda: self.unary(op, "gelu"), S.LEAKY_RELU: lambda: self.unary(op, "leaky_relu"),
+                    S.GELU: lambda: self.unary(op, "gelu"), S.RSQRT: lambda: self.unary(op, "rsqrt"), S.LEAKY_RELU: lambda: self.unary(op, "leaky_relu"),
                     S.PRELU: lambda: self.prelu(op), S.MAXIMUM: lambda: self.bound(op, "max"),
                     S.MINIMUM: lambda: self.bound(op, "min")}
         if c not in handlers:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -20,7 +20,9 @@ from edgekit.errors import EdgekitError
 from edgekit.export.tflite import export_tflite
 from edgekit.frontends.tflite import load_tflite
 from helpers import c_matches_reference, float_graph, quantize_with_random_data
-from test_kernels_c import SETTINGS, input_range
+from test_kernels_c import EXAMPLES, SETTINGS, input_range
+
+FEWER = settings(SETTINGS, max_examples=max(5, EXAMPLES // 2))  # one op each: half the examples
 from test_tflite_reference import tflite_runtime
 
 UNARY = [("logistic", {}), ("tanh", {}), ("hard_swish", {}), ("leaky_relu", {"alpha": 0.1}),
@@ -80,7 +82,7 @@ def test_unary_ops(cbuild, kind_attrs, shape, in_range, spread, seed):
 
 
 @given(st.sampled_from(SHAPES), st.floats(0.0, 2.0), st.floats(0.05, 30.0), st.integers(0, 2 ** 31))
-@SETTINGS
+@FEWER
 def test_rsqrt(cbuild, shape, lo, width, seed):
     """RSQRT on positive inputs (TFLite refuses an input below the zero point at run time)."""
     rng = np.random.default_rng(seed)
@@ -120,7 +122,7 @@ def test_binary_ops(cbuild, case):
 
 
 @given(st.sampled_from(SHAPES), st.booleans(), input_range(), st.floats(-0.5, 1.5), st.integers(0, 2 ** 31))
-@SETTINGS
+@FEWER
 def test_prelu(cbuild, shape, per_channel, in_range, slope, seed):
     rng = np.random.default_rng(seed)
     alpha_shape = (1,) * (len(shape) - 1) + ((shape[-1],) if per_channel else (1,))

@@ -531,6 +531,9 @@ class _Converter:
         """clamp / Hardtanh: ReLU and ReLU6 where the bounds are theirs, else a clamp to any bounds."""
         if lo is not None and hi is not None and lo > hi:
             raise self.unsupported(node, f"clamp bounds min={lo} > max={hi}")
+        if lo is None and hi is None:
+            self.values[node.name] = self.value(node.args[0])
+            return None
         if (lo, hi) == (0.0, 6.0):
             return self._activation(node, "relu6")
         if (lo, hi) == (0.0, None):

@@ -105,6 +105,7 @@ def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
 
 
 _POISON = object()  # the value of a node that could not be converted
+_NO_HANDLER = "this operation is not supported"
 # Layers refused as a whole: their first ATen op (an LSTM's zeros, an attention's linear) says nothing.
 _UNSUPPORTED_MODULES = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention",
                         "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "Transformer")
@@ -178,7 +179,7 @@ class _Converter:
         path, type_ = _layer_of(node)
         target = getattr(node.target, "__name__", str(node.target))
         where = f"layer '{path}' ({type_})" if path else f"operation '{node.name}'"
-        if type_ in _UNSUPPORTED_MODULES:  # name the layer, not the first tensor op inside it
+        if type_ in _UNSUPPORTED_MODULES and why == _NO_HANDLER:  # name the layer, not an op inside it
             return EdgekitError(f"{where}: {type_} layers are not supported yet.\nedgekit supports: {SUPPORTED_LAYERS}.")
         return EdgekitError(f"{where} uses {target}: {why}.\nedgekit supports: {SUPPORTED_LAYERS}.")
 
@@ -310,7 +311,7 @@ class _Converter:
         if self._reads_poisoned(node):
             raise _Poisoned()
         if handler is None:
-            raise self.unsupported(node, "this operation is not supported")
+            raise self.unsupported(node, _NO_HANDLER)
         handler(node)
 
     def _stand_in(self, node):

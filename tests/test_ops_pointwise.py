@@ -233,6 +233,15 @@ def test_every_unsupported_layer_in_one_message():
     assert msg.count("\n  ") >= 3  # one line per unsupported layer, listed together
 
 
+def test_weight_only_clamp_runs(cbuild, rng, tmp_path):
+    """Weight-only (float activations) runs a clamp to any bounds with the float clamp kernel."""
+    from edgekit.passes.quantize import quantize_weights_only
+    g = float_graph("clamp", [(1, 3, 4, 5)], {"lo": -0.5, "hi": 0.75}, None, (1, 3, 4, 5))
+    x = rng.uniform(-2, 2, (6, 3, 4, 5)).astype(np.float32)
+    got, ref = c_matches_reference(quantize_weights_only(g), tmp_path / "w", cbuild, {"x0": x})
+    assert np.array_equal(got, ref) and ref.min() == -0.5 and ref.max() == 0.75
+
+
 def test_weight_only_refuses_lut_ops_clearly(tmp_path):
     g = float_graph("logistic", [(1, 4)], {}, None, (1, 4))
     from edgekit.passes.quantize import quantize_weights_only

@@ -336,7 +336,8 @@ class _Builder:
         self._activation_params(layer, op, kind=op.kind)
         if self.weight_only and op.kind == "clamp":
             lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
-            layer.params.update(act_min=-FLT_MAX if lo is None else float(lo), act_max=FLT_MAX if hi is None else float(hi))
+            layer.params.update(act_min=-FLT_MAX if lo is None else float(lo),
+                                act_max=FLT_MAX if hi is None else float(hi))
 
     _relu = _clamp
     _relu6 = _clamp

@@ -603,11 +603,11 @@ class _Converter:
         """Hardsigmoid as relu6(x + 3) / 6: an ADD with a fused ReLU6, then a MUL by 1/6 (TFLite has no
         HARD_SIGMOID)."""
         v = self.value(node.args[0])
-        three = self.new_tensor(f"{node.name}.three", (1,) * len(self.shape(v)), np.full((1,) * len(self.shape(v)), 3.0, np.float32))
+        scalar = (1,) * len(self.shape(v))
+        three = self.new_tensor(f"{node.name}.three", scalar, np.full(scalar, 3.0, np.float32))
         shifted = self.add_op("add", node, [v.name, three], self.shape(v), v.torch_rank, dict(activation="relu6"),
                               perm=v.perm)
-        sixth = self.new_tensor(f"{node.name}.sixth", (1,) * len(self.shape(v)),
-                                np.full((1,) * len(self.shape(v)), 1.0 / 6.0, np.float32))
+        sixth = self.new_tensor(f"{node.name}.sixth", scalar, np.full(scalar, 1.0 / 6.0, np.float32))
         self.add_op("mul", node, [shifted.name, sixth], self.shape(v), v.torch_rank, dict(activation="none"),
                     perm=v.perm)
 

@@ -52,7 +52,7 @@ def check_before_build(board: Board, weight_bytes: int, arena_bytes: int, code_b
     """Refuse a model that cannot fit, naming the part and by how many bytes. Returns report lines."""
     region = board.get("app")
     if not region:  # a board with an OS (host, Pi): no budget, but a sane cap (safety.MAX_ARENA_BYTES_OS)
-        from ..safety import MAX_ARENA_BYTES_OS
+        from .safety import MAX_ARENA_BYTES_OS
         for what, n in (("arena", arena_bytes), ("weights", weight_bytes)):
             if n > MAX_ARENA_BYTES_OS:
                 raise EdgekitError(f"the model's {what} would take {_fmt(n)}, more than the {_fmt(MAX_ARENA_BYTES_OS)} "

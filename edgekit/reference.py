@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import pointwise
 from . import quant_math as qm
 from .errors import EdgekitError
 from .ir import Graph, Op, nhwc
@@ -354,6 +355,27 @@ def _f_log_softmax(op, graph, x):
     return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
+def _f_sub(op, graph, a, b):
+    return _apply_activation((a - b).astype(np.float32), op.attrs.get("activation", "none"))
+
+
+def _f_squared_difference(op, graph, a, b):
+    return np.square(a - b).astype(np.float32)
+
+
+def _f_prelu(op, graph, x, alpha):
+    return np.where(x >= 0, x, x * alpha).astype(np.float32)
+
+
+def _f_clamp(op, graph, x):
+    lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+    return np.clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi).astype(np.float32)
+
+
+def _f_unary(op, graph, x):
+    return pointwise.float_function(op.kind, op.attrs)(x)
+
+
 FLOAT_KERNELS = {
     "conv2d": _f_conv2d, "depthwise_conv2d": _f_depthwise_conv2d, "fully_connected": _f_fully_connected,
     "max_pool2d": _f_max_pool2d, "avg_pool2d": _f_avg_pool2d, "mean": _f_mean, "add": _f_add, "mul": _f_mul,
@@ -362,6 +384,8 @@ FLOAT_KERNELS = {
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
     "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
+    "sub": _f_sub, "squared_difference": _f_squared_difference, "prelu": _f_prelu, "clamp": _f_clamp,
+    **{kind: _f_unary for kind in pointwise.UNARY},
 }
 
 
@@ -472,6 +496,41 @@ def _q_mul(op, graph, a, b):
     prod = (a.astype(np.int64) + op.attrs["input1_offset"]) * (b.astype(np.int64) + op.attrs["input2_offset"])
     out = qm.multiply_by_quantized_multiplier(prod, op.attrs["output_multiplier"], op.attrs["output_shift"])
     return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
+def _q_sub(op, graph, a, b):
+    """TFLite's int8 SUB: ADD's arithmetic with the rescaled second input subtracted."""
+    a_ = (a.astype(np.int64) + op.attrs["input1_offset"]) << op.attrs["left_shift"]
+    b_ = (b.astype(np.int64) + op.attrs["input2_offset"]) << op.attrs["left_shift"]
+    a_ = qm.multiply_by_quantized_multiplier(a_, op.attrs["input1_multiplier"], op.attrs["input1_shift"])
+    b_ = qm.multiply_by_quantized_multiplier(b_, op.attrs["input2_multiplier"], op.attrs["input2_shift"])
+    out = qm.multiply_by_quantized_multiplier(a_ - b_, op.attrs["output_multiplier"], op.attrs["output_shift"])
+    return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
+def _q_squared_difference(op, graph, a, b):
+    """TFLite's int8 SQUARED_DIFFERENCE: inputs rescaled with 7 bits of headroom, the difference squared."""
+    a_ = (a.astype(np.int64) + op.attrs["input1_offset"]) << op.attrs["left_shift"]
+    b_ = (b.astype(np.int64) + op.attrs["input2_offset"]) << op.attrs["left_shift"]
+    a_ = qm.multiply_by_quantized_multiplier(a_, op.attrs["input1_multiplier"], op.attrs["input1_shift"])
+    b_ = qm.multiply_by_quantized_multiplier(b_, op.attrs["input2_multiplier"], op.attrs["input2_shift"])
+    d = a_ - b_
+    out = qm.multiply_by_quantized_multiplier(d * d, op.attrs["output_multiplier"], op.attrs["output_shift"])
+    return _clamp_s8(out + op.attrs["output_offset"], op)
+
+
+def _q_prelu(op, graph, x, alpha):
+    """TFLite's int8 PRELU: x >= 0 rescaled, x < 0 times the int8 alpha (broadcast) rescaled."""
+    xs = x.astype(np.int64) + op.attrs["input_offset"]
+    al = alpha.astype(np.int64) + op.attrs["alpha_offset"]
+    pos = qm.multiply_by_quantized_multiplier(xs, op.attrs["identity_multiplier"], op.attrs["identity_shift"])
+    neg = qm.multiply_by_quantized_multiplier(xs * al, op.attrs["alpha_multiplier"], op.attrs["alpha_shift"])
+    return _clamp_s8(np.where(xs >= 0, pos, neg) + op.attrs["output_offset"], op)
+
+
+def _q_lut(op, graph, x):
+    """A unary activation: its 256-entry table (edgekit/pointwise.py), indexed by input + 128."""
+    return op.attrs["table"][x.astype(np.int64) + 128]
 
 
 def _q_concat(op, graph, *xs):
@@ -638,4 +697,6 @@ INT8_KERNELS = {
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
     "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,
+    "sub": _q_sub, "squared_difference": _q_squared_difference, "prelu": _q_prelu, "clamp": _q_clamp,
+    **{kind: _q_lut for kind in pointwise.UNARY},
 }

@@ -190,14 +190,7 @@ def test_attention_core_torch_c_tflite(fused, tmp_path):
 # GRU: unrolled into FULLY_CONNECTED / LOGISTIC / TANH / MUL / SUB / ADD (ops-pointwise's ops)
 # ---------------------------------------------------------------------------
 
-def _needs_pointwise():
-    from edgekit import reference
-    if not {"logistic", "tanh", "sub"} <= set(reference.INT8_KERNELS):
-        pytest.skip("the GRU lowering needs LOGISTIC / TANH / SUB from ops-pointwise (not merged here yet)")
-
-
 def test_gru_frontend_matches_torch():
-    _needs_pointwise()
     from zoo.gru_kws import GRUKWS
     torch.manual_seed(0)
     model = GRUKWS(channels=5, hidden=7, steps=6, layers=2, head="sequence").eval()
@@ -212,7 +205,6 @@ def test_gru_frontend_matches_torch():
 
 
 def test_gru_kws_trained_int8_c_tflite(sequences, tmp_path):
-    _needs_pointwise()
     from zoo.gru_kws import GRUKWS
     xtr, ytr, xte, yte = sequences
     train.seed_everything(0)

@@ -135,10 +135,10 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
         return ("inplace-elementwise", 0) if same else None
     if op.kind in ("conv2d", "depthwise_conv2d"):
         a = op.attrs
-        w = graph.tensors[op.inputs[1]].shape
+        w = nhwc(graph.tensors[op.inputs[1]].shape)  # a Conv1d's rank-3 tensors: height 1
         kernel = (w[1], w[2])
-        delta = conv_inplace_delta(graph.tensors[op.inputs[0]].shape, graph.tensors[op.outputs[0]].shape, kernel,
-                                   a["stride"], a["dilation"], a["padding"][0], a["padding"][2])
+        delta = conv_inplace_delta(nhwc(graph.tensors[op.inputs[0]].shape), nhwc(graph.tensors[op.outputs[0]].shape),
+                                   kernel, a["stride"], a["dilation"], a["padding"][0], a["padding"][2])
         return ("inplace-depthwise" if op.kind == "depthwise_conv2d" else "inplace-conv"), delta
     return None
 

@@ -251,15 +251,63 @@ class _Builder:
                                 act_max=a["act_max"])
 
     def _add(self, layer, op):
-        layer.kernel = "ek_add_f32" if self.weight_only else "ek_add_s8"
-        layer.params["size"] = self.graph.tensors[op.outputs[0]].size
+        g = self.graph
         if self.weight_only:
+            if any(g.tensors[n].is_constant or g.tensors[n].shape != g.tensors[op.outputs[0]].shape
+                   for n in op.inputs):
+                raise EdgekitError(f"layer '{op.name}': a broadcasting or constant add has no weight-only kernel; "
+                                   "generate an int8 model")
+            layer.kernel = "ek_add_f32"
+            layer.params["size"] = g.tensors[op.outputs[0]].size
             self._activation_params(layer, op)
-        else:
-            keys = ("input1_offset", "input2_offset", "output_offset", "left_shift", "input1_multiplier",
-                    "input1_shift", "input2_multiplier", "input2_shift", "output_multiplier", "output_shift",
-                    "act_min", "act_max")
-            layer.params.update({k: op.attrs[k] for k in keys})
+            return
+        self._binary(layer, op, "ek_add_s8")
+
+    def _binary(self, layer, op, kernel):
+        """ADD, SUB, SQUARED_DIFFERENCE: two int8 operands (one may be a constant) that may broadcast."""
+        layer.kernel = kernel
+        self._operands(layer, op)
+        keys = ("input1_offset", "input2_offset", "output_offset", "left_shift", "input1_multiplier",
+                "input1_shift", "input2_multiplier", "input2_shift", "output_multiplier", "output_shift",
+                "act_min", "act_max")
+        layer.params.update({k: op.attrs[k] for k in keys})
+
+    def _operands(self, layer, op):
+        g = self.graph
+        for role, name in (("input1", op.inputs[0]), ("input2", op.inputs[1])):
+            layer.dims[role] = _dims(g.tensors[name].shape)
+            if g.tensors[name].is_constant:
+                layer.arrays[role] = self.array(f"{layer.id}_{role}", g.tensors[name].data.astype(np.int8))
+
+    def _refuse_weight_only(self, op):
+        if self.weight_only:
+            raise EdgekitError(f"layer '{op.name}': {op.kind} has no weight-only (float) kernel yet; "
+                               "generate an int8 model")
+
+    def _sub(self, layer, op):
+        self._refuse_weight_only(op)
+        self._binary(layer, op, "ek_sub_s8")
+
+    def _squared_difference(self, layer, op):
+        self._refuse_weight_only(op)
+        self._binary(layer, op, "ek_squared_difference_s8")
+
+    def _prelu(self, layer, op):
+        self._refuse_weight_only(op)
+        layer.kernel = "ek_prelu_s8"
+        self._operands(layer, op)
+        keys = ("input_offset", "alpha_offset", "output_offset", "identity_multiplier", "identity_shift",
+                "alpha_multiplier", "alpha_shift")
+        layer.params.update({k: op.attrs[k] for k in keys})
+
+    def _lut(self, layer, op):
+        self._refuse_weight_only(op)
+        layer.kernel = "ek_lut_s8"
+        layer.params["size"] = self.graph.tensors[op.outputs[0]].size
+        layer.arrays["table"] = self.array(f"{layer.id}_table", op.attrs["table"].astype(np.int8),
+                                           f"{op.name}: {op.kind} of every int8 input")
+
+    _logistic = _tanh = _hard_swish = _leaky_relu = _elu = _gelu = _rsqrt = _lut
 
     def _mul(self, layer, op):
         if self.weight_only:
@@ -282,9 +330,14 @@ class _Builder:
         layer.params["chunks"] = [int(np.prod(self.graph.tensors[n].shape[axis:])) for n in op.inputs]
 
     def _clamp(self, layer, op):
+        """ReLU, ReLU6, and clamp / Hardtanh with any bounds (int8 keeps the parameters: a clamp of raw values)."""
         layer.kernel = "ek_clamp_f32" if self.weight_only else "ek_clamp_s8"
         layer.params["size"] = self.graph.tensors[op.outputs[0]].size
         self._activation_params(layer, op, kind=op.kind)
+        if self.weight_only and op.kind == "clamp":
+            lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+            layer.params.update(act_min=-FLT_MAX if lo is None else float(lo),
+                                act_max=FLT_MAX if hi is None else float(hi))
 
     _relu = _clamp
     _relu6 = _clamp

@@ -25,10 +25,12 @@ _TYPES = {"int8": S.INT8, "int32": S.INT32, "float32": S.FLOAT32, "int16": S.INT
 # Operator versions as TensorFlow's converter writes them for int8 models.
 _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERAGE_POOL_2D: 2, S.MAX_POOL_2D: 2,
              S.ADD: 2, S.MUL: 2, S.CONCATENATION: 2, S.SOFTMAX: 2, S.PAD: 2, S.PADV2: 2, S.RESHAPE: 1, S.MEAN: 2,
-             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2}
+             S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2, S.SUB: 2, S.SQUARED_DIFFERENCE: 2,
+             S.LOGISTIC: 2, S.TANH: 2, S.LEAKY_RELU: 2, S.MAXIMUM: 2, S.MINIMUM: 2, S.RSQRT: 2}
 _VERSIONS.update({S.TRANSPOSE: 2, S.STRIDED_SLICE: 2, S.SPLIT: 2, S.SPLIT_V: 2, S.LOG_SOFTMAX: 2, S.SUM: 2,
                   S.REDUCE_MAX: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
                   S.MIRROR_PAD: 2, S.BATCH_MATMUL: 2})
+_UNARY_CODES = {"logistic": S.LOGISTIC, "tanh": S.TANH, "hard_swish": S.HARD_SWISH, "elu": S.ELU, "rsqrt": S.RSQRT}
 
 
 def _quant_table(q: QuantParams | None):
@@ -313,6 +315,44 @@ class _Exporter:
     def _mul(self, op):
         self.m.op(S.MUL, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "MulOptions",
                   {0: Scalar("b", _ACTIVATION[op.attrs.get("activation", "none")])})
+
+    def _sub(self, op):
+        self.m.op(S.SUB, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "SubOptions",
+                  {0: Scalar("b", _ACTIVATION[op.attrs.get("activation", "none")])})
+
+    def _squared_difference(self, op):
+        self.m.op(S.SQUARED_DIFFERENCE, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])])
+
+    def _prelu(self, op):
+        self.m.op(S.PRELU, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])])
+
+    def _unary(self, op):
+        self.m.op(_UNARY_CODES[op.kind], [self.t(op.inputs[0])], [self.t(op.outputs[0])])
+
+    _logistic = _tanh = _hard_swish = _elu = _rsqrt = _unary
+
+    def _leaky_relu(self, op):
+        self.m.op(S.LEAKY_RELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "LeakyReluOptions",
+                  {0: Scalar("f", float(op.attrs["alpha"]))})
+
+    def _gelu(self, op):
+        self.m.op(S.GELU, [self.t(op.inputs[0])], [self.t(op.outputs[0])], "GeluOptions",
+                  {0: Scalar("?", op.attrs.get("approximate", "none") == "tanh")})
+
+    def _clamp(self, op):
+        """clamp(lo, hi): MAXIMUM with lo, then MINIMUM with hi, the bounds as int8 constants on the
+        tensor's own parameters (input and output share them)."""
+        x = op.inputs[0]
+        t = self.g.tensors[x]
+        steps = [(S.MAXIMUM, "act_min", op.attrs.get("lo")), (S.MINIMUM, "act_max", op.attrs.get("hi"))]
+        steps = [s for s in steps if s[2] is not None]
+        current = self.t(x)
+        for i, (code, key, _) in enumerate(steps):
+            bound = self.m.constant(f"{op.name}.{key}", np.full((1,) * len(t.shape), op.attrs[key], np.int8),
+                                    "int8", t.quant)
+            out = self.t(op.outputs[0]) if i == len(steps) - 1 else self.fresh(f"{op.name}.max", t.shape, x)
+            self.m.op(code, [current, bound], [out], "MaximumMinimumOptions", {})
+            current = out
 
     def _concat(self, op):
         self.m.op(S.CONCATENATION, [self.t(n) for n in op.inputs], [self.t(op.outputs[0])], "ConcatenationOptions",

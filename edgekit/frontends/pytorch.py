@@ -20,12 +20,19 @@ SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise), Conv1d, Linear, BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, "
     "AvgPool2d, AdaptiveAvgPool2d, ZeroPad2d / F.pad, Flatten / view / reshape, residual add (+), "
     "torch.cat, Dropout, Identity, a final Softmax, LSTM and GRU (batch_first, zero initial state), "
-    "and int8 fake quantization (from edgekit.qat)"
+    "int8 fake quantization (from edgekit.qat), "
+    "Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU, LeakyReLU, PReLU, clamp / Hardtanh, torch.rsqrt, "
+    "x + y, x - y, x * y (broadcasting (N,C,1,1) with (N,C,H,W)), x + c, x * c, x / c with constants or "
+    "parameter tensors, (x - y) ** 2"
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
                      "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
                      "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
                      "Upsample nearest / bilinear, ConvTranspose2d")
+
+
+class _Poisoned(Exception):
+    """A node reads the result of a node that could not be converted: reported once, at the source."""
 
 
 # The extra file of a .pt2 that names a multi-exit model's outputs (early exits in order, final last).
@@ -112,6 +119,13 @@ def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
     return graph
 
 
+_POISON = object()  # the value of a node that could not be converted
+_NO_HANDLER = "this operation is not supported"
+# Layers refused as a whole: their first ATen op (an LSTM's zeros, an attention's linear) says nothing.
+_UNSUPPORTED_MODULES = ("RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention",
+                        "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "Transformer")
+
+
 def _layer_of(node) -> tuple[str, str]:
     """(module path, module type) of the layer a node came from."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -119,7 +133,7 @@ def _layer_of(node) -> tuple[str, str]:
         return "", ""
     path, type_ = list(stack.values())[-1]
     type_name = type_ if isinstance(type_, str) else getattr(type_, "__qualname__", str(type_))
-    return path, type_name
+    return path, type_name.rsplit(".", 1)[-1]  # "torch.nn.modules.rnn.LSTM" -> "LSTM"
 
 
 def _reshape_blocks(a: list[int], b: list[int]):
@@ -255,13 +269,17 @@ class _Converter:
         path, type_ = _layer_of(node)
         target = getattr(node.target, "__name__", str(node.target))
         where = f"layer '{path}' ({type_})" if path else f"operation '{node.name}'"
+        if type_ in _UNSUPPORTED_MODULES and why == _NO_HANDLER:  # name the layer, not an op inside it
+            return EdgekitError(f"{where}: {type_} layers are not supported yet.\nedgekit supports: {SUPPORTED_LAYERS}.")
         return EdgekitError(f"{where} uses {target}: {why}.\nedgekit supports: {SUPPORTED_LAYERS}.")
 
     # -- IR helpers --------------------------------------------------------
     def value(self, arg) -> _Value:
         v = self.values.get(arg.name) if hasattr(arg, "name") else None
+        if v is _POISON:
+            raise _Poisoned()
         if not isinstance(v, _Value):
-            raise EdgekitError(f"internal: value {arg} is not a tensor the converter knows")
+            raise EdgekitError(f"it reads {arg}, which is not a tensor edgekit can convert")
         return v
 
     def shape(self, v: _Value) -> tuple[int, ...]:
@@ -349,8 +367,11 @@ class _Converter:
 
     # -- the walk ----------------------------------------------------------
     def run(self) -> Graph:
+        """Convert every node; a node that cannot be converted is recorded and the walk goes on, so one
+        error lists every unsupported layer (nodes that only read its result are not listed again)."""
         sig = self.program.graph_signature
         user_inputs = list(sig.user_inputs)
+        problems: dict[str, str] = {}  # one line per layer (module path), or per top-level operation
         for node in self.program.graph.nodes:
             if node.op == "placeholder":
                 if node.name in self.consts:
@@ -359,9 +380,27 @@ class _Converter:
                     raise EdgekitError(f"model input {node.name!r} is neither a parameter nor a user input")
                 self._input(node)
             elif node.op == "call_function":
-                self._call(node)
+                try:
+                    self._call(node)
+                except _Poisoned:
+                    self.values[node.name] = _POISON
+                except EdgekitError as exc:
+                    self.values[node.name] = self._stand_in(node)
+                    path, type_ = _layer_of(node)
+                    key = path or node.name
+                    if key not in problems:
+                        problems[key] = str(exc).split("\nedgekit supports:")[0]
             elif node.op == "output":
-                self._output(node)
+                try:
+                    self._output(node)
+                except _Poisoned:
+                    pass
+        if len(problems) == 1:
+            raise EdgekitError(f"{next(iter(problems.values()))}\nedgekit supports: {SUPPORTED_LAYERS}.")
+        if problems:
+            lines = "\n  ".join(problems.values())
+            raise EdgekitError(f"{len(problems)} layers of this model are not supported:\n  {lines}"
+                               f"\nedgekit supports: {SUPPORTED_LAYERS}.")
         self._drop_dead_reshapes()
         return self.graph
 
@@ -408,16 +447,70 @@ class _Converter:
         target = node.target
         if target is operator.getitem:
             src = self.values.get(node.args[0].name)
+            if src is _POISON:
+                raise _Poisoned()
             if isinstance(src, tuple):
                 self.values[node.name] = src[node.args[1]]
+                if self.values[node.name] is _POISON:
+                    raise _Poisoned()
                 return
             raise self.unsupported(node, "indexing into a tensor is not supported")
         name = getattr(target, "__name__", str(target))  # e.g. "conv2d.default"
         op_name = name.split(".")[0]
         handler = getattr(self, f"_op_{op_name}", None)
+        if self._fold_constant(node):
+            return
+        if self._reads_poisoned(node):
+            raise _Poisoned()
         if handler is None:
-            raise self.unsupported(node, "this operation is not supported")
+            raise self.unsupported(node, _NO_HANDLER)
         handler(node)
+
+    def _stand_in(self, node):
+        """After a node failed: a tensor of its output shape, so the walk can still judge the nodes
+        after it (the graph is never used: the conversion fails with the list of problems)."""
+        def one(val):
+            shape = tuple(int(d) for d in getattr(val, "shape", ()))
+            if len(shape) not in (2, 3, 4):
+                return _POISON
+            dims = CHANNELS_FIRST[len(shape)]
+            ir = (1,) + tuple(shape[d] for d in dims[1:])
+            return _Value(self.new_tensor(f"{node.name}_unconverted", ir), dims)
+        val = node.meta.get("val")
+        try:
+            if isinstance(val, (list, tuple)):
+                return tuple(one(v) for v in val)
+            return one(val)
+        except (TypeError, ValueError):
+            return _POISON
+
+    def _reads_poisoned(self, node) -> bool:
+        from torch.fx.node import map_arg
+
+        reads = []
+        map_arg((node.args, node.kwargs), reads.append)
+        return any(self.values.get(n.name) is _POISON for n in reads)
+
+    def _fold_constant(self, node) -> bool:
+        """Evaluate an op whose tensor inputs are all parameters / constants (a layer scale reshaped
+        to (C, 1, 1), a parameter times 2): its result is one more constant, no device code."""
+        import torch
+        from torch.fx.node import map_arg
+
+        reads = []
+        map_arg((node.args, node.kwargs), reads.append)
+        if any(n.name not in self.consts for n in reads):
+            return False
+        args, kwargs = map_arg((node.args, node.kwargs), lambda n: torch.as_tensor(self.consts[n.name]))
+        try:
+            with torch.no_grad():
+                result = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - not foldable: the handler decides
+            return False
+        if not isinstance(result, torch.Tensor):
+            return False
+        self.consts[node.name] = result.detach().cpu().numpy()
+        return True
 
     # identity-like ops
     def _identity(self, node):
@@ -865,11 +958,119 @@ class _Converter:
         self._activation(node, "relu6")
 
     def _op_hardtanh(self, node):
-        lo = float(node.args[1]) if len(node.args) > 1 else -1.0
-        hi = float(node.args[2]) if len(node.args) > 2 else 1.0
-        if (lo, hi) != (0.0, 6.0):
-            raise self.unsupported(node, f"Hardtanh({lo}, {hi}) is not supported (only ReLU6 = Hardtanh(0, 6))")
-        self._activation(node, "relu6")
+        lo = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("min_val", -1.0))
+        hi = float(node.args[2]) if len(node.args) > 2 else float(node.kwargs.get("max_val", 1.0))
+        self._clamp_to(node, lo, hi)
+
+    def _clamp_to(self, node, lo, hi):
+        """clamp / Hardtanh: ReLU and ReLU6 where the bounds are theirs, else a clamp to any bounds."""
+        if lo is not None and hi is not None and lo > hi:
+            raise self.unsupported(node, f"clamp bounds min={lo} > max={hi}")
+        if lo is None and hi is None:
+            self.values[node.name] = self.value(node.args[0])
+            return None
+        if (lo, hi) == (0.0, 6.0):
+            return self._activation(node, "relu6")
+        if (lo, hi) == (0.0, None):
+            return self._activation(node, "relu")
+        v = self.value(node.args[0])
+        self.add_op("clamp", node, [v.name], self.shape(v), v.dims,
+                    dict(lo=None if lo is None else float(lo), hi=None if hi is None else float(hi)), perm=v.perm)
+
+    def _op_clamp(self, node):
+        a = list(node.args) + [None, None]
+        lo = a[1] if a[1] is not None else node.kwargs.get("min")
+        hi = a[2] if a[2] is not None else node.kwargs.get("max")
+        if hasattr(lo, "name") or hasattr(hi, "name"):
+            raise self.unsupported(node, "clamp to tensor bounds is not supported (only numbers)")
+        self._clamp_to(node, None if lo is None else float(lo), None if hi is None else float(hi))
+
+    _op_clamp_ = _op_clip = _op_clamp
+
+    def _op_clamp_min(self, node):
+        self._clamp_to(node, float(node.args[1]), None)
+
+    def _op_clamp_max(self, node):
+        self._clamp_to(node, None, float(node.args[1]))
+
+    # pointwise activations (int8: 256-entry tables, edgekit/pointwise.py)
+    def _unary(self, node, kind, attrs=None):
+        v = self.value(node.args[0])
+        return self.add_op(kind, node, [v.name], self.shape(v), v.dims, attrs, perm=v.perm)
+
+    def _op_sigmoid(self, node):
+        self._unary(node, "logistic")
+
+    def _op_tanh(self, node):
+        self._unary(node, "tanh")
+
+    def _op_rsqrt(self, node):
+        self._unary(node, "rsqrt")
+
+    def _op_hardswish(self, node):
+        self._unary(node, "hard_swish")
+
+    def _op_leaky_relu(self, node):
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        if float(slope) < 0:
+            raise self.unsupported(node, f"LeakyReLU with a negative slope ({slope}) has no int8 kernel")
+        self._unary(node, "leaky_relu", dict(alpha=float(slope)))
+
+    def _op_elu(self, node):
+        a = [float(x) for x in list(node.args[1:4])] + [1.0] * (3 - len(node.args[1:4]))
+        if a != [1.0, 1.0, 1.0]:
+            raise self.unsupported(node, f"ELU with alpha, scale, input_scale = {a} (only the default 1, 1, 1)")
+        self._unary(node, "elu")
+
+    def _op_gelu(self, node):
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        self._unary(node, "gelu", dict(approximate=str(approximate)))
+
+    def _op_silu(self, node):
+        """SiLU as TFLite's converter lowers it: x * sigmoid(x)."""
+        v = self.value(node.args[0])
+        gate = self.add_op("logistic", node, [v.name], self.shape(v), v.dims, perm=v.perm)
+        self.add_op("mul", node, [v.name, gate.name], self.shape(v), v.dims, dict(activation="none"),
+                    perm=v.perm)
+
+    def _op_hardsigmoid(self, node):
+        """Hardsigmoid as relu6(x + 3) / 6: an ADD with a fused ReLU6, then a MUL by 1/6 (TFLite has no
+        HARD_SIGMOID)."""
+        v = self.value(node.args[0])
+        scalar = (1,) * len(self.shape(v))
+        three = self.new_tensor(f"{node.name}.three", scalar, np.full(scalar, 3.0, np.float32))
+        shifted = self.add_op("add", node, [v.name, three], self.shape(v), v.dims, dict(activation="relu6"),
+                              perm=v.perm)
+        sixth = self.new_tensor(f"{node.name}.sixth", scalar, np.full(scalar, 1.0 / 6.0, np.float32))
+        self.add_op("mul", node, [shifted.name, sixth], self.shape(v), v.dims, dict(activation="none"),
+                    perm=v.perm)
+
+    _op_sigmoid_ = _op_sigmoid
+    _op_tanh_ = _op_tanh
+    _op_hardswish_ = _op_hardswish
+    _op_leaky_relu_ = _op_leaky_relu
+    _op_elu_ = _op_elu
+    _op_silu_ = _op_silu
+    _op_hardsigmoid_ = _op_hardsigmoid
+
+    def _op_prelu(self, node):
+        v = self.value(node.args[0])
+        alpha = self.const(node.args[1], "slope", node).reshape(-1)
+        rank = len(self.shape(v))
+        if alpha.size == 1:
+            ir_alpha = alpha.reshape((1,) * rank)
+        else:  # one slope per channel (torch dim 1), on the IR axis that holds it
+            if v.torch_rank > 2:
+                self.require_plain(v, node)
+            axis = v.dims.index(1) if rank == v.torch_rank else rank - 1
+            if alpha.size != self.shape(v)[axis]:
+                raise self.unsupported(node, f"{alpha.size} slopes for {self.shape(v)[axis]} channels")
+            ir_alpha = alpha.reshape(tuple(-1 if a == axis else 1 for a in range(rank)))
+        path, _ = _layer_of(node)
+        name = self.new_tensor(f"{path or node.name}.weight", ir_alpha.shape, np.ascontiguousarray(ir_alpha))
+        self.add_op("prelu", node, [v.name, name], self.shape(v), v.dims, perm=v.perm)
+
+    _op__prelu_kernel = _op_prelu
 
     _op_hardtanh_ = _op_hardtanh
 
@@ -1273,22 +1474,137 @@ class _Converter:
         return out
 
     # elementwise
+    def _operand(self, arg, node):
+        """A binary op's operand: a converted tensor (_Value), or a constant (parameter, buffer, number)."""
+        if hasattr(arg, "name") and arg.name in self.consts:
+            data = self.consts[arg.name].astype(np.float32)
+            if not np.all(np.isfinite(data)):
+                raise self.unsupported(node, "a constant operand holds NaN or inf")
+            return data
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return np.array(float(arg), np.float32)
+        return self.value(arg)
+
+    def _ir_constant(self, data: np.ndarray, v: _Value, node) -> np.ndarray:
+        """A torch-layout constant that broadcasts against ``v``, in ``v``'s IR layout (NHWC)."""
+        rank, ir_shape = v.torch_rank, self.shape(v)
+        if data.ndim > rank:
+            raise self.unsupported(node, f"a constant of shape {list(data.shape)} against a rank-{rank} tensor")
+        data = data.reshape((1,) * (rank - data.ndim) + data.shape)
+        if data.shape[0] != 1:
+            raise self.unsupported(node, "a constant with a batch dimension is not supported")
+        if data.size == 1:
+            return data.reshape((1,) * len(ir_shape))
+        if v.perm is not None:
+            self.require_plain(v, node)
+        data = np.transpose(data, v.dims)  # IR axis i holds torch dim dims[i]
+        if any(c not in (1, s) for c, s in zip(data.shape, ir_shape)):
+            raise self.unsupported(node, f"a constant of shape {list(data.shape)} does not broadcast to the tensor")
+        return np.ascontiguousarray(data)
+
+    def _binary(self, node, kind, a, b, alpha=1.0):
+        """x op y with broadcasting, x op constant, constant op x: one IR op, the order kept."""
+        oa, ob = self._operand(a, node), self._operand(b, node)
+        if not isinstance(oa, _Value) and not isinstance(ob, _Value):
+            raise self.unsupported(node, "both operands are constants")
+        if alpha != 1.0:
+            if isinstance(ob, _Value):
+                raise self.unsupported(node, f"alpha={alpha} with a tensor operand is not supported")
+            ob = ob * np.float32(alpha)
+        v = oa if isinstance(oa, _Value) else ob
+        names, perm = [], v.perm
+        for o in (oa, ob):
+            if isinstance(o, _Value):
+                names.append(o.name)
+            else:
+                data = self._ir_constant(o, v, node)
+                path, _ = _layer_of(node)
+                names.append(self.new_tensor(f"{path or node.name}.{kind}_operand", data.shape, data))
+                if data.size > 1:
+                    perm = None
+        if isinstance(oa, _Value) and isinstance(ob, _Value):
+            if oa.torch_rank != ob.torch_rank:
+                raise self.unsupported(node, f"operands of rank {oa.torch_rank} and {ob.torch_rank}")
+            if oa.dims != ob.dims:  # bring the smaller (broadcast) operand into the full one's layout
+                ta, tb = self._torch_shape(oa), self._torch_shape(ob)
+                full = [max(x, y) for x, y in zip(ta, tb)]
+                if ta == full:
+                    ob = self.transposed(ob, oa.dims, node, f"this {kind}")
+                else:
+                    oa = self.transposed(oa, ob.dims, node, f"this {kind}")
+                v = oa
+                names = [oa.name, ob.name]
+            if self.shape(oa) != self.shape(ob):
+                self.require_plain(oa, node)
+                self.require_plain(ob, node)
+            elif oa.perm is not None or ob.perm is not None:
+                if oa.perm is None or ob.perm is None or not np.array_equal(oa.perm, ob.perm):
+                    self.require_plain(oa if oa.perm is not None else ob, node)
+        shapes = [self.graph.tensors[n].shape for n in names]
+        try:
+            out_shape = tuple(int(d) for d in np.broadcast_shapes(*shapes))
+        except ValueError:
+            raise self.unsupported(node, f"shapes {self._torch_shape(v)} do not broadcast") from None
+        if out_shape != self.shape(v) and not (isinstance(oa, _Value) and isinstance(ob, _Value)):
+            raise self.unsupported(node, "a constant operand larger than the tensor is not supported")
+        attrs = {} if kind == "squared_difference" else dict(activation="none")
+        return self.add_op(kind, node, names, out_shape, v.dims, attrs, perm=perm)
+
     def _op_add(self, node):
-        a, b = node.args[0], node.args[1]
-        alpha = node.kwargs.get("alpha", 1)
-        if not (hasattr(a, "name") and hasattr(b, "name")) or alpha != 1:
-            raise self.unsupported(node, "only the sum of two tensors (x + y) is supported")
-        va, vb = self.value(a), self.value(b)
-        self.require_plain(va, node)
-        self.require_plain(vb, node)
-        if self._torch_shape(va) != self._torch_shape(vb):
-            raise self.unsupported(node, f"adding shapes {self._torch_shape(va)} and {self._torch_shape(vb)} "
-                                         "(broadcasting) is not supported")
-        if vb.dims != va.dims:
-            vb = self.transposed(vb, va.dims, node, "this addition")
-        self.add_op("add", node, [va.name, vb.name], self.shape(va), va.dims, dict(activation="none"))
+        alpha = float(node.kwargs.get("alpha", 1))
+        self._binary(node, "add", node.args[0], node.args[1], alpha)
+
+    def _op_sub(self, node):
+        alpha = float(node.kwargs.get("alpha", 1))
+        self._binary(node, "sub", node.args[0], node.args[1], alpha)
+
+    def _op_rsub(self, node):  # other - alpha * input
+        alpha = float(node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1))
+        if alpha != 1.0:
+            raise self.unsupported(node, f"rsub with alpha={alpha} is not supported")
+        self._binary(node, "sub", node.args[1], node.args[0])
+
+    def _op_mul(self, node):
+        self._binary(node, "mul", node.args[0], node.args[1])
+
+    def _op_div(self, node):
+        mode = node.kwargs.get("rounding_mode")
+        divisor = self._operand(node.args[1], node)
+        if mode is not None or isinstance(divisor, _Value):
+            raise self.unsupported(node, "division is supported by a constant only (x / 6), as a multiply")
+        if np.any(divisor == 0):
+            raise self.unsupported(node, "division by zero")
+        self._binary(node, "mul", node.args[0], (1.0 / divisor).astype(np.float32)
+                     if divisor.size > 1 else float(1.0 / divisor.reshape(-1)[0]))
+
+    def _op_pow(self, node):
+        """(x - y) ** 2 becomes SQUARED_DIFFERENCE when nothing else reads x - y; x ** 2 is x * x."""
+        exponent = node.args[1]
+        if isinstance(exponent, (int, float)) and float(exponent) == 1.0:
+            self.values[node.name] = self.value(node.args[0])
+            return
+        if not isinstance(exponent, (int, float)) or float(exponent) != 2.0:
+            raise self.unsupported(node, f"power {exponent} is not supported (only ** 2)")
+        self._square(node, node.args[0])
+
+    def _square(self, node, src):
+        v = self.value(src)
+        producer = self.graph.ops[-1] if self.graph.ops else None
+        if producer is not None and producer.kind == "sub" and producer.outputs == [v.name] \
+                and len(src.users) == 1 and all(not self.graph.tensors[n].is_constant for n in producer.inputs):
+            producer.kind = "squared_difference"
+            producer.attrs.pop("activation", None)
+            self.values[node.name] = v
+            return
+        self.add_op("mul", node, [v.name, v.name], self.shape(v), v.dims, dict(activation="none"), perm=v.perm)
+
+    def _op_square(self, node):
+        self._square(node, node.args[0])
 
     _op_add_ = _op_add
+    _op_sub_ = _op_sub
+    _op_mul_ = _op_mul
+    _op_div_ = _op_div
 
     def _op_cat(self, node):
         parts = [self.value(t) for t in node.args[0]]

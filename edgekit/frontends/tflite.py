@@ -19,11 +19,14 @@ import numpy as np
 
 from ..errors import EdgekitError
 from ..ir import Graph, Op, QuantParams, Tensor
+from ..pointwise import FIXED_OUTPUT
 from ..passes.quantize import derive_kernel_params
 from . import tflite_schema as S
 
 SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_POOL_2D, MEAN, ADD, MUL, PAD, PADV2, "
-             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs)")
+             "RESHAPE, CONCATENATION, SOFTMAX, RELU, RELU6, QUANTIZE (at inputs), DEQUANTIZE (at outputs), "
+             "SUB, SQUARED_DIFFERENCE, LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU, RSQRT, PRELU, "
+             "MAXIMUM / MINIMUM with a constant (clamp)")
 SUPPORTED += (", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, "
               "RESIZE_BILINEAR, REDUCE_MAX")
 SUPPORTED += (", BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, no peephole / projection / "
@@ -369,13 +372,14 @@ class _Importer:
         self.add_op("mean", op, [x], {})
 
     def binary(self, op: _Operator, kind: str):
-        o = self.options(op, "AddOptions" if kind == "add" else "MulOptions")
+        options = {"add": "AddOptions", "mul": "MulOptions", "sub": "SubOptions"}.get(kind)
+        act = "none"
+        if options is not None:
+            act = self.activation_of(self.options(op, options).scalar(0, "b", 0))
         names, shapes = [], []
         for i in op.inputs[:2]:
             tt = self.t[i]
             if tt.data is not None:
-                if kind != "mul":
-                    raise _Unsupported(f"constant operand '{tt.name}'")
                 data = self.constant(i, np.int8, "constant operand")
                 rank = len(self.t[op.outputs[0]].shape)
                 if data.ndim > rank:
@@ -393,14 +397,57 @@ class _Importer:
         if all(self.t[i].data is not None for i in op.inputs[:2]):
             raise _Unsupported("both operands are constants")
         for s in shapes:
-            if kind == "add" and tuple(s) != tuple(out_shape):
-                raise _Unsupported(f"broadcasting {list(shapes[0])} + {list(shapes[1])} (edgekit adds equal shapes)")
             ext = (1,) * (len(out_shape) - len(s)) + tuple(s)
             if len(s) > len(out_shape) or any(a not in (1, b) for a, b in zip(ext, out_shape)):
                 raise _Unsupported(f"operand shape {list(s)} does not broadcast to {list(out_shape)}")
             if len(s) not in (len(out_shape),):
                 raise _Unsupported(f"operand of rank {len(s)} with an output of rank {len(out_shape)}")
-        self.add_op(kind, op, names, dict(activation=self.activation_of(o.scalar(0, "b", 0))))
+        self.add_op(kind, op, names, {} if kind == "squared_difference" else dict(activation=act))
+
+    def unary(self, op: _Operator, kind: str):
+        x = self.activation(op.inputs[0])
+        attrs = {}
+        if kind == "leaky_relu":
+            attrs["alpha"] = float(op.options.scalar(0, "f", 0.0)) if op.options is not None else 0.0
+            if attrs["alpha"] < 0:
+                raise _Unsupported(f"alpha {attrs['alpha']} < 0")
+        if kind == "gelu":
+            approximate = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
+            attrs["approximate"] = "tanh" if approximate else "none"
+        fixed = FIXED_OUTPUT.get(kind)
+        if fixed is not None:
+            out = self._per_tensor(self.t[op.outputs[0]], "output")
+            if abs(float(out.scale[0]) - fixed[0]) > 1e-10 or int(out.zero_point[0]) != fixed[1]:
+                raise _Unsupported(f"int8 {kind} needs output scale {fixed[0]} and zero point {fixed[1]}")
+        self.add_op(kind, op, [x], attrs)
+
+    def prelu(self, op: _Operator):
+        x = self.activation(op.inputs[0])
+        tt = self.t[op.inputs[1]]
+        data = self.constant(op.inputs[1], np.int8, "slopes")
+        rank = len(self.t[op.inputs[0]].shape)
+        data = data.reshape((1,) * (rank - data.ndim) + data.shape)
+        if data.ndim != rank or any(a not in (1, b) for a, b in zip(data.shape, self.t[op.inputs[0]].shape)):
+            raise _Unsupported(f"slopes of shape {list(tt.shape)}")
+        name = self._name(op.inputs[1])
+        if name not in self.g.tensors:
+            self.g.add_tensor(Tensor(name, data.shape, "int8", data, self._per_tensor(tt, "slopes")))
+        self.add_op("prelu", op, [x, name], {})
+
+    def bound(self, op: _Operator, which: str):
+        """MAXIMUM / MINIMUM of a tensor and a constant with its parameters: a clamp."""
+        consts = [i for i in op.inputs[:2] if self.t[i].data is not None]
+        tensors = [i for i in op.inputs[:2] if self.t[i].data is None]
+        if len(consts) != 1 or len(tensors) != 1:
+            raise _Unsupported("only a tensor against one constant (a clamp) is supported")
+        value = self.constant(consts[0], np.int8, "bound").reshape(-1)
+        if value.size != 1:
+            raise _Unsupported("the bound is not a single number")
+        x = self.activation(tensors[0])
+        self.same_params(op, [tensors[0], consts[0]])
+        p = self.g.tensors[x].quant
+        real = float(p.scale[0]) * (int(value[0]) - int(p.zero_point[0]))
+        self.add_op("clamp", op, [x], dict(lo=real, hi=None) if which == "max" else dict(lo=None, hi=real))
 
     def pad(self, op: _Operator, v2: bool):
         x = self.activation(op.inputs[0])
@@ -657,7 +704,14 @@ class _Importer:
                     S.PAD: lambda: self.pad(op, False), S.PADV2: lambda: self.pad(op, True),
                     S.RESHAPE: lambda: self.reshape(op), S.CONCATENATION: lambda: self.concat(op),
                     S.SOFTMAX: lambda: self.softmax(op), S.RELU: lambda: self.relu(op, "relu"),
-                    S.RELU6: lambda: self.relu(op, "relu6")}
+                    S.RELU6: lambda: self.relu(op, "relu6"),
+                    S.SUB: lambda: self.binary(op, "sub"),
+                    S.SQUARED_DIFFERENCE: lambda: self.binary(op, "squared_difference"),
+                    S.LOGISTIC: lambda: self.unary(op, "logistic"), S.TANH: lambda: self.unary(op, "tanh"),
+                    S.HARD_SWISH: lambda: self.unary(op, "hard_swish"), S.ELU: lambda: self.unary(op, "elu"),
+                    S.GELU: lambda: self.unary(op, "gelu"), S.RSQRT: lambda: self.unary(op, "rsqrt"), S.LEAKY_RELU: lambda: self.unary(op, "leaky_relu"),
+                    S.PRELU: lambda: self.prelu(op), S.MAXIMUM: lambda: self.bound(op, "max"),
+                    S.MINIMUM: lambda: self.bound(op, "min")}
         handlers.update({S.TRANSPOSE: lambda: self.transpose(op), S.SPLIT: lambda: self.split(op, False),
                          S.SPLIT_V: lambda: self.split(op, True), S.STRIDED_SLICE: lambda: self.strided_slice(op),
                          S.LOG_SOFTMAX: lambda: self.log_softmax(op),

@@ -46,6 +46,8 @@ UNIDIRECTIONAL_SEQUENCE_LSTM, BATCH_MATMUL = 44, 126
 # structure ops (issue 10)
 RESIZE_BILINEAR, TRANSPOSE, STRIDED_SLICE, SPLIT, LOG_SOFTMAX, TRANSPOSE_CONV = 23, 39, 45, 49, 50, 67
 SUM, REDUCE_MAX, RESIZE_NEAREST_NEIGHBOR, MIRROR_PAD, SPLIT_V = 74, 82, 97, 100, 102
+LOGISTIC, TANH, SUB, PRELU, MAXIMUM, MINIMUM, RSQRT = 14, 28, 41, 54, 55, 57, 76
+LEAKY_RELU, SQUARED_DIFFERENCE, ELU, HARD_SWISH, GELU = 98, 99, 111, 117, 150
 
 _OPERATOR_NAMES = (
     "ADD AVERAGE_POOL_2D CONCATENATION CONV_2D DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE EMBEDDING_LOOKUP "
@@ -71,7 +73,9 @@ def operator_name(code: int) -> str:
 # BuiltinOptions union: the type tag of each options table edgekit writes.
 OPTIONS_TYPE = {"Conv2DOptions": 1, "DepthwiseConv2DOptions": 2, "Pool2DOptions": 5, "FullyConnectedOptions": 8,
                 "SoftmaxOptions": 9, "ConcatenationOptions": 10, "AddOptions": 11, "ReshapeOptions": 17,
-                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43}
+                "MulOptions": 21, "PadOptions": 22, "ReducerOptions": 27, "PadV2Options": 43, "SubOptions": 28,
+                "MaximumMinimumOptions": 39, "LeakyReluOptions": 75, "SquaredDifferenceOptions": 76,
+                "HardSwishOptions": 91, "GeluOptions": 116}
 OPTIONS_TYPE.update({"ResizeBilinearOptions": 15, "TransposeOptions": 26, "StridedSliceOptions": 32,
                      "SplitOptions": 35, "LogSoftmaxOptions": 36, "TransposeConvOptions": 49,
                      "ResizeNearestNeighborOptions": 74, "MirrorPadOptions": 77, "SplitVOptions": 79,

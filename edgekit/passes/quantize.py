@@ -16,6 +16,7 @@ import copy
 
 import numpy as np
 
+from .. import pointwise
 from .. import quant_math as qm
 from .. import reference
 from ..errors import EdgekitError
@@ -24,7 +25,10 @@ from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
 SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
-               "resize_nearest", "resize_bilinear", "reduce_max")
+               "resize_nearest", "resize_bilinear", "reduce_max", "clamp")
+# Ops whose constant operands (a scalar, per-channel factors, a layer scale, PReLU slopes, a matmul's
+# constant side) are quantized like activations: per-tensor asymmetric int8 from their own range.
+CONSTANT_OPERANDS = ("mul", "add", "sub", "squared_difference", "prelu", "batch_matmul")
 _MAX_SAMPLES_PER_TENSOR = 1 << 21
 
 
@@ -201,6 +205,8 @@ def _activation_params(graph: Graph, ranges: dict[str, tuple[float, float]]) -> 
             fixed[op.outputs[0]] = QuantParams.per_tensor(1.0 / 256.0, -128)
         elif op.kind == "log_softmax":  # TFLite's int8 LOG_SOFTMAX: [-16, 0) in 1/16 steps
             fixed[op.outputs[0]] = QuantParams.per_tensor(16.0 / 256.0, 127)
+        elif op.kind in pointwise.FIXED_OUTPUT:
+            fixed[op.outputs[0]] = QuantParams.per_tensor(*pointwise.FIXED_OUTPUT[op.kind])
     merged: dict[str, tuple[float, float]] = {}
     names = [n for n in graph.tensors if not graph.tensors[n].is_constant]
     for name in names:
@@ -253,6 +259,10 @@ def derive_kernel_params(graph: Graph) -> None:
         if op.kind in ("relu", "relu6"):
             act = op.kind
         op.attrs["act_min"], op.attrs["act_max"] = activation_range(act, out_s, out_zp)
+        if op.kind == "clamp":  # the bounds quantized as TFLite's MAXIMUM / MINIMUM constants are
+            for key, bound in (("act_min", op.attrs.get("lo")), ("act_max", op.attrs.get("hi"))):
+                if bound is not None:
+                    op.attrs[key] = int(qm.quantize(np.array([bound], np.float32), out_s, out_zp)[0])
         if op.kind in WEIGHTED:
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             w_scales = t[op.inputs[1]].quant.scale
@@ -270,7 +280,28 @@ def derive_kernel_params(graph: Graph) -> None:
             _, h, w, _ = nhwc(t[op.inputs[0]].shape)
             m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
-        elif op.kind == "add":
+        elif op.kind in pointwise.UNARY:
+            in_s, in_zp = _scalar(t[op.inputs[0]].quant)
+            op.attrs["table"] = pointwise.int8_table(op.kind, op.attrs, in_s, in_zp, out_s, out_zp)
+        elif op.kind == "prelu":
+            in_s, in_zp = _scalar(t[op.inputs[0]].quant)
+            a_s, a_zp = _scalar(t[op.inputs[1]].quant)
+            m1, s1 = qm.quantize_multiplier(float(np.float32(np.float32(in_s) / np.float32(out_s))))
+            m2, s2 = qm.quantize_multiplier(float(np.float32(np.float32(in_s) * np.float32(a_s) / np.float32(out_s))))
+            op.attrs.update(input_offset=-in_zp, alpha_offset=-a_zp, output_offset=out_zp, identity_multiplier=m1,
+                            identity_shift=s1, alpha_multiplier=m2, alpha_shift=s2)
+        elif op.kind == "squared_difference":
+            s1, zp1 = _scalar(t[op.inputs[0]].quant)
+            s2, zp2 = _scalar(t[op.inputs[1]].quant)
+            left_shift = 7
+            twice_max = 2.0 * max(float(np.float32(s1)), float(np.float32(s2)))
+            m1, sh1 = qm.quantize_multiplier_smaller_than_one(float(np.float32(s1)) / twice_max)
+            m2, sh2 = qm.quantize_multiplier_smaller_than_one(float(np.float32(s2)) / twice_max)
+            mo, sho = qm.quantize_multiplier(twice_max * twice_max / ((1 << 2 * left_shift) * float(np.float32(out_s))))
+            op.attrs.update(input1_offset=-zp1, input2_offset=-zp2, output_offset=out_zp, left_shift=left_shift,
+                            input1_multiplier=m1, input1_shift=sh1, input2_multiplier=m2, input2_shift=sh2,
+                            output_multiplier=mo, output_shift=sho)
+        elif op.kind in ("add", "sub"):  # TFLite's SUB prepares exactly as ADD
             s1, zp1 = _scalar(t[op.inputs[0]].quant)
             s2, zp2 = _scalar(t[op.inputs[1]].quant)
             left_shift = 20
@@ -398,7 +429,7 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
         t = g.tensors[name]
         t.dtype, t.quant = "int8", p
     for op in g.ops:
-        for name in op.inputs if op.kind in ("mul", "batch_matmul") else ():
+        for name in op.inputs if op.kind in CONSTANT_OPERANDS else ():
             c = g.tensors[name]
             if c.is_constant and c.dtype == "float32":  # a constant factor: per-tensor asymmetric int8
                 scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))

@@ -96,6 +96,18 @@ def check_int8_arithmetic(graph: Graph) -> None:
                                        "are too large for int8 inference")
             if (1 << 30) << max(op.attrs["hidden_shift"], 0) > LIMIT:
                 raise EdgekitError(f"{where}: the output scale is too small for the hidden state's requantization")
+        elif op.kind == "squared_difference":
+            # Each input is rescaled to at most 255 * 2^7 / 2 (multiplier <= 1/2): the squared difference
+            # is below 32641^2 < 2^31 before the output shift.
+            worst = 32641 * 32641 << max(op.attrs["output_shift"], 0)
+            if worst > ACCUMULATOR_LIMIT:
+                raise EdgekitError(f"{where}: the squared difference can overflow int32 after the requantization "
+                                   f"shift ({op.attrs['output_shift']}); the output scale is too small for its inputs")
+        elif op.kind == "prelu":
+            worst = max(255 * 255 << max(op.attrs["alpha_shift"], 0), 255 << max(op.attrs["identity_shift"], 0))
+            if worst > ACCUMULATOR_LIMIT:
+                raise EdgekitError(f"{where}: the negative slope times the input can overflow int32 after the "
+                                   "requantization shift; the output scale is too small for its inputs")
         elif op.kind == "exit" and op.attrs["criterion"] == "margin":
             if 255 << max(op.attrs["shift"], 0) > LIMIT:
                 raise EdgekitError(f"{where}: the logit margin times 256 x the logits' scale can overflow int32; "

@@ -50,4 +50,10 @@ def test_budget_names_the_part_that_does_not_fit():
         assert "flash: needs" in str(exc) and "RAM" not in str(exc)
     else:
         raise AssertionError("an oversized model was accepted")
-    assert cost.check_before_build(load_board("host"), 10 ** 12, 10 ** 12, 0) == []
+    assert cost.check_before_build(load_board("host"), 10 ** 8, 10 ** 8, 0) == []  # an OS board: no budget
+    try:  # ... but a sane cap on static arrays (safety.MAX_ARENA_BYTES_OS)
+        cost.check_before_build(load_board("host"), 10 ** 12, 10 ** 12, 0)
+    except EdgekitError as exc:
+        assert "arena" in str(exc)
+    else:
+        raise AssertionError("a 1 TB arena was accepted on the host")

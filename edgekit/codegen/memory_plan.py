@@ -133,6 +133,8 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
         # (a broadcast operand is read at other positions)
         same = graph.tensors[op.inputs[0]].shape == graph.tensors[op.outputs[0]].shape
         return ("inplace-elementwise", 0) if same else None
+    if op.kind == "depthwise_conv2d" and variant == "neon":
+        return None  # the NEON depthwise walks all pixels per 16-channel group: not the raster-order contract
     if op.kind in ("conv2d", "depthwise_conv2d"):
         a = op.attrs
         w = nhwc(graph.tensors[op.inputs[1]].shape)  # a Conv1d's rank-3 tensors: height 1

@@ -210,30 +210,31 @@ def print_tables(r: dict) -> None:
             vwork = np.mean([x["validation"]["work_fraction"] for x in rows])
             print(f"| {name} | {v} | {drop.mean():+.2f}; {drop.min():+.2f} .. {drop.max():+.2f} | {kept} of {len(rows)} "
                   f"| **{work.mean():.3f}**; {work.min():.3f} .. {work.max():.3f} | {bound:.2f} | {vwork:.3f} |")
-    print("\nPer run (threshold(s) in 1/256; validation: early answers wrong where the full network is right / "
-          "right where it is wrong -> the bound in pp; then the test drop in pp (**x**: above the promise) and the "
-          "work):\n")
-    print("| model | seed | full network (test) | " + " | ".join(f"{v}: threshold(s), drop pp, work" for v in variants)
-          + " | temperatures |")
-    print("|---|---|---|" + "---|" * len(variants) + "---|")
-    for run in r["runs"]:
-        cells = []
-        for v in variants:
-            x = run["variants"][v]
-            raw = x["threshold_raw"]
-            thr = "/".join("off" if t == EXITS_OFF else str(t) for t in raw) if isinstance(raw, list) else \
-                ("off" if raw == EXITS_OFF else str(raw))
-            val = x["validation"]
-            so_far = val.get("worse_so_far", val["worse"])
-            worse = f"{val['worse']}" + ("" if so_far == val["worse"] else f" ({so_far} so far)")
-            seen = "exits off (nothing passes)" if set(thr.split("/")) == {"off"} else \
-                f"{thr}: {worse}/{val['better']} -> {val['drop_bound'] * 100:.2f}"
-            broken = "" if x["test"]["kept_promise"] else " **x**"
-            cells.append(f"{seen}; {x['test']['drop'] * 100:+.2f}{broken}, {x['test']['work_fraction']:.3f}")
-        temps = ", ".join(f"{t:.2f}" for t in run["temperatures"])
-        print(f"| {run['model']} | {run['seed']} | {run['full_accuracy_test'] * 100:.2f} % | " + " | ".join(cells)
-              + f" | {temps} |")
-
+    print("\nPer run (threshold(s) in 1/256, \"off\": that exit's head skipped; validation: early answers wrong where "
+          "the full network is right (the count the bound used, \"so far\" along the test order, when larger) / right "
+          "where it is wrong -> the bound in pp; then the test drop in pp (**x**: above the promise) and the work on "
+          "test):")
+    for c in r["confidences"]:
+        print(f"\nAt {c * 100:g} %:\n")
+        print("| model | seed | full network, test | " + " | ".join(VARIANTS) + " | temperatures |")
+        print("|---|---|---|" + "---|" * len(VARIANTS) + "---|")
+        for run in r["runs"]:
+            cells = []
+            for v in VARIANTS:
+                x = run["variants"][f"{v} @ {c * 100:g} %"]
+                raw = x["threshold_raw"]
+                thr = "/".join("off" if t == EXITS_OFF else str(t) for t in raw) if isinstance(raw, list) else \
+                    ("off" if raw == EXITS_OFF else str(raw))
+                val = x["validation"]
+                so_far = val.get("worse_so_far", val["worse"])
+                worse = f"{val['worse']}" + ("" if so_far == val["worse"] else f" ({so_far} so far)")
+                seen = "exits off (nothing passes)" if set(thr.split("/")) == {"off"} else \
+                    f"{thr}: {worse}/{val['better']} -> {val['drop_bound'] * 100:.2f}"
+                broken = "" if x["test"]["kept_promise"] else " **x**"
+                cells.append(f"{seen}; {x['test']['drop'] * 100:+.2f}{broken}, {x['test']['work_fraction']:.3f}")
+            temps = ", ".join(f"{t:.2f}" for t in run["temperatures"])
+            print(f"| {run['model']} | {run['seed']} | {run['full_accuracy_test'] * 100:.2f} % | " + " | ".join(cells)
+                  + f" | {temps} |")
 
 if __name__ == "__main__":
     main()

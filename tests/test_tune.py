@@ -19,7 +19,7 @@ from edgekit import cli
 from edgekit.compress.recipe import load_recipe
 from edgekit.errors import EdgekitError
 from edgekit.tune import pareto
-from edgekit.tune.space import DEFAULT_SPACE, load_space, recipe_toml, to_recipe
+from edgekit.tune.space import DEFAULT_SPACE, anchors, load_space, recipe_toml, to_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +86,16 @@ def test_default_space_holds_the_hand_recipes_choices():
         assert by_kind["sparsify"]["sparsity"] in DEFAULT_SPACE["sparsity"]
         assert by_kind["cluster"]["bits"] in DEFAULT_SPACE["cluster_bits"]
         assert recipe["output"]["weights"] in DEFAULT_SPACE["weights"]
+    # ... and starts there: a default search's second trial is cnn_structured.toml step for step (the first
+    # has the MLP recipe's choices with the default training budget).
+    made = [to_recipe(a, load_space()) for a in anchors(load_space())]
+    assert [s["kind"] for s in made[0]["steps"]] == ["prune", "sparsify", "cluster"]
+    hand = load_recipe(ROOT / "bench" / "recipes" / "cnn_structured.toml")["steps"]
+    def same_terms(steps):  # the recipe's defaults spelled out: prune's scope, the passes' own lr
+        return [{"scope": "layer", **{k: v for k, v in s.items() if k != "lr"}} if s["kind"] == "prune" else
+                {k: v for k, v in s.items() if k != "lr"} for s in steps]
+    assert same_terms(made[1]["steps"]) == same_terms(hand)
+    assert anchors(load_space(SMALL_SPACE)) == []  # a space without those values starts at random
 
 
 def _row(n, acc, instr, flash, ram, weights=100):

@@ -134,7 +134,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
     from ..boards import resolve_board
     from ..compress import fxgraph
     from ..compress.data import prepare
-    from .space import check_layers, load_space, parameters
+    from .space import anchors, check_layers, load_space, parameters
 
     ray = require_ray()
     from ray import tune
@@ -196,7 +196,8 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
         else:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-            searcher = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler)
+            searcher = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler,
+                                    points_to_evaluate=anchors(checked)[:trials] or None)
             searcher = ConcurrencyLimiter(searcher, max_concurrent=workers, batch=True)
             param_space = {k: tune.choice(v) for k, v in parameters(checked).items()}
             tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,

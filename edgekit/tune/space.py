@@ -42,6 +42,15 @@ DEFAULT_SPACE = {
     "weights": ["dense", "codebook", "auto"],
 }
 
+# The first trials of a search: the hand recipes' choices, where the space holds them (a user's space may
+# not). The sampler then learns around points known to work instead of starting from random ones.
+ANCHORS = [
+    {"prune_ratio": 0.6, "prune_criterion": "l1", "prune_scope": "layer", "sparsity": 0.9, "cluster_bits": 4,
+     "distill": True, "qat": False, "weights": "auto"},         # bench/recipes/mlp_deep_compression.toml
+    {"prune_ratio": 0.5, "prune_criterion": "apoz", "prune_scope": "layer", "sparsity": 0.5, "cluster_bits": 4,
+     "distill": True, "qat": False, "weights": "auto"},         # bench/recipes/cnn_structured.toml
+]
+
 DEFAULT_TRAIN = {
     "prune_steps": 3, "prune_epochs": 8,
     "sparsify_steps": 3, "sparsify_epochs": 8,
@@ -153,6 +162,19 @@ def parameters(space: dict) -> dict:
     for name, values in space["prune_layers"].items():
         params[f"prune_layer.{name}"] = values
     return params
+
+
+def anchors(space: dict) -> list[dict]:
+    """The ANCHORS the space can express (every value among its choices; per-layer ratios: their first)."""
+    params = parameters(space)
+    out = []
+    for anchor in ANCHORS:
+        point = {k: v for k, v in anchor.items() if k in params}
+        if all(v in params[k] for k, v in point.items()):
+            point.update({k: v[0] for k, v in params.items() if k not in point})
+            if point not in out:
+                out.append(point)
+    return out
 
 
 def to_recipe(config: dict, space: dict) -> dict:

@@ -461,6 +461,12 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
             continue
         drop.update((id(sqrt), id(inv)))
         replace[id(inv)] = helper.make_node("Rsqrt", [sqrt.input[0]], [inv.output[0]], name=inv.name)
+    for inorm in nodes:  # GroupNorm as torch.onnx.export writes it before opset 18
+        fused = _group_norm_pattern(inorm, nodes, users, consts)
+        if fused is not None:
+            chain, node = fused
+            drop.update(id(n) for n in chain)
+            replace[id(chain[-1])] = node
     out = []
     for n in nodes:
         if id(n) in replace:
@@ -469,6 +475,49 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
             out.append(n)
     # a Gelu replaces the last node of its chain: nodes between that read x still come first
     return out
+
+
+def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict):
+    """Reshape(x, (0, G, -1)) -> InstanceNormalization(scale 1, bias 0) -> Reshape(Shape(x)) [-> Mul(weight)
+    -> Add(bias)]: (chain, one GroupNormalization node with per-channel weight and bias), or None."""
+    from onnx import helper
+
+    if inorm.op_type != "InstanceNormalization":
+        return None
+
+    def producer(name):
+        return next((n for n in nodes if name in n.output), None)
+
+    def only_user(name):
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 else None
+
+    first = producer(inorm.input[0])
+    scale, bias = consts.get(inorm.input[1]), consts.get(inorm.input[2]) if len(inorm.input) > 2 else None
+    target = consts.get(first.input[1]) if first is not None and first.op_type == "Reshape" else None
+    if target is None or scale is None or bias is None or target.size != 3 or int(target[2]) != -1 or             np.any(scale != 1) or np.any(bias != 0) or len(users.get(first.output[0], [])) != 1:
+        return None
+    x, groups = first.input[0], int(target[1])
+    back = only_user(inorm.output[0])
+    shape_of = producer(back.input[1]) if back is not None and back.op_type == "Reshape" else None
+    if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != x:
+        return None
+    chain, last, weight, shift = [first, inorm, back], back.output[0], "", ""
+    mul = only_user(last)
+    if mul is not None and mul.op_type == "Mul" and (mul.input[1] if mul.input[0] == last else mul.input[0]) in consts:
+        weight = mul.input[1] if mul.input[0] == last else mul.input[0]
+        chain.append(mul)
+        last = mul.output[0]
+        add = only_user(last)
+        if add is not None and add.op_type == "Add" and (add.input[1] if add.input[0] == last else add.input[0]) \
+                in consts:
+            shift = add.input[1] if add.input[0] == last else add.input[0]
+            chain.append(add)
+            last = add.output[0]
+    eps = next((helper.get_attribute_value(a) for a in inorm.attribute if a.name == "epsilon"), 1e-5)
+    name = inorm.name.rsplit("/", 1)[0] + "/GroupNormalization"
+    return chain, helper.make_node("GroupNormalization", [x, weight, shift], [last], num_groups=groups,
+                                   epsilon=eps, name=name)
 
 
 def _slices_to_split(graph: Graph, cut: set[str]) -> None:
@@ -806,6 +855,59 @@ def _reduce(what: str):
 
 HANDLERS["ReduceMean"] = _reduce("mean")
 HANDLERS["ReduceMax"] = _reduce("amax")
+HANDLERS["ReduceMin"] = _reduce("amin")
+HANDLERS["ReduceSum"] = _reduce("sum")
+
+
+@handles("LayerNormalization")
+def _layer_norm(c: _Converter, node):
+    a = _attrs(node)
+    v = c.onnx_value(node.input[0], node)
+    if any(c.users.get(o) for o in node.output[1:] if o):
+        raise c.unsupported(node, "its mean / inverse standard deviation outputs are read")
+    axis = int(a.get("axis", -1)) % v.torch_rank
+    c.cval(node, 1, "scale")
+    c.cval(node, 2, "bias")
+    fake = c.fake(node, "layer_norm", c.ref(node.input[0]), c._torch_shape(v)[axis:], c.ref(node.input[1]),
+                  c.ref(node.input[2]) if len(node.input) > 2 else None, _f32(a.get("epsilon", 1e-5)))
+    c._op_layer_norm(fake)
+    c.finish(node, fake)
+
+
+@handles("InstanceNormalization")
+def _instance_norm(c: _Converter, node):
+    c.cval(node, 1, "scale")
+    c.cval(node, 2, "bias")
+    fake = c.fake(node, "instance_norm", c.ref(node.input[0]), c.ref(node.input[1]), c.ref(node.input[2]), None,
+                  None, True, 0.1, _f32(_attrs(node).get("epsilon", 1e-5)))
+    c._op_instance_norm(fake)
+    c.finish(node, fake)
+
+
+@handles("GroupNormalization")
+def _group_norm(c: _Converter, node):
+    """GroupNormalization: opset 21's per-channel scale and bias, opset 18's per-group ones (repeated over
+    each group's channels), or torch's exported Reshape / InstanceNormalization pattern put back together."""
+    a = _attrs(node)
+    v = c.onnx_value(node.input[0], node)
+    groups, channels = int(a["num_groups"]), c._torch_shape(v)[1]
+    if channels % groups:
+        raise c.unsupported(node, f"{channels} channels in {groups} groups")
+    refs = []
+    for i, what in ((1, "scale"), (2, "bias")):
+        data = c.cval(node, i, what)
+        if data is None:
+            refs.append(None)
+            continue
+        data = data.astype(np.float32).reshape(-1)
+        if data.size == groups and groups != channels:
+            data = np.repeat(data, channels // groups)
+        if data.size != channels:
+            raise c.unsupported(node, f"a {what} of {data.size} values for {channels} channels")
+        refs.append(c.const_ref(data, f"{layer_name(node)}.{what}"))
+    fake = c.fake(node, "group_norm", c.ref(node.input[0]), groups, *refs, _f32(a.get("epsilon", 1e-5)))
+    c._op_group_norm(fake)
+    c.finish(node, fake)
 
 
 @handles("Pad")

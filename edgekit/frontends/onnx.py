@@ -177,19 +177,29 @@ class _Converter(pt._Converter):
         self.quantized: dict[str, tuple[pt._Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
         for init in self.onnx_graph.initializer:
             self.consts[self.ident(init.name)] = numpy_helper.to_array(init)
-        self.nodes = _fuse_patterns(list(self.onnx_graph.node), self._constant_values())
+        self.nodes = _fuse_patterns(list(self.onnx_graph.node), self._constant_values(),
+                                    {i.name for i in self.onnx_graph.initializer})
         for node in self.nodes:
             for i in node.input:
                 self.users.setdefault(i, []).append(node)
 
     def _constant_values(self) -> dict[str, np.ndarray]:
-        """The initializers and Constant nodes by ONNX name (for recognising patterns before the walk)."""
+        """The initializers, Constant nodes and small reshapes of them (an Unsqueeze of a constant) by ONNX
+        name, for recognising patterns before the walk."""
         from onnx import numpy_helper
+        from onnx.reference import ReferenceEvaluator
 
         found = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
         for node in self.onnx_graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            elif node.op_type in ("Unsqueeze", "Reshape", "Identity") and all(i in found for i in node.input if i):
+                try:
+                    out = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, {i: found[i] for i in node.input
+                                                                                       if i})
+                except Exception:  # noqa: BLE001 - not evaluable here: the walk will say why
+                    continue
+                found[node.output[0]] = np.asarray(out[0])
         return found
 
     # -- names -------------------------------------------------------------
@@ -397,7 +407,7 @@ class _Converter(pt._Converter):
 # Patterns exporters spell as several nodes, put back together before the walk
 # ---------------------------------------------------------------------------
 
-def _fuse_patterns(nodes: list, consts: dict) -> list:
+def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
     """GELU's Erf formula (x * 0.5 * (1 + erf(x / sqrt 2)), in the orders exporters write it) becomes one
     Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT)."""
     from onnx import helper
@@ -462,7 +472,7 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
         drop.update((id(sqrt), id(inv)))
         replace[id(inv)] = helper.make_node("Rsqrt", [sqrt.input[0]], [inv.output[0]], name=inv.name)
     for inorm in nodes:  # GroupNorm as torch.onnx.export writes it before opset 18
-        fused = _group_norm_pattern(inorm, nodes, users, consts)
+        fused = _group_norm_pattern(inorm, nodes, users, consts, parameters)
         if fused is not None:
             chain, node = fused
             drop.update(id(n) for n in chain)
@@ -477,9 +487,10 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
     return out
 
 
-def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict):
+def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict, parameters: set[str]):
     """Reshape(x, (0, G, -1)) -> InstanceNormalization(scale 1, bias 0) -> Reshape(Shape(x)) [-> Mul(weight)
-    -> Add(bias)]: (chain, one GroupNormalization node with per-channel weight and bias), or None."""
+    -> Add(bias)]: (chain, one GroupNormalization node with per-channel weight and bias), or None. A weight of
+    ones and a bias of zeros that are not the model's parameters (GroupNorm(affine=False)) are left out."""
     from onnx import helper
 
     if inorm.op_type != "InstanceNormalization":
@@ -514,6 +525,10 @@ def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict):
             shift = add.input[1] if add.input[0] == last else add.input[0]
             chain.append(add)
             last = add.output[0]
+    if weight and weight not in parameters and np.all(consts[weight] == 1):
+        weight = ""
+    if shift and shift not in parameters and not np.any(consts[shift]):
+        shift = ""
     eps = next((helper.get_attribute_value(a) for a in inorm.attribute if a.name == "epsilon"), 1e-5)
     name = inorm.name.rsplit("/", 1)[0] + "/GroupNormalization"
     return chain, helper.make_node("GroupNormalization", [x, weight, shift], [last], num_groups=groups,

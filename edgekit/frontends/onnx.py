@@ -177,19 +177,20 @@ class _Converter(pt._Converter):
         self.quantized: dict[str, tuple[pt._Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
         for init in self.onnx_graph.initializer:
             self.consts[self.ident(init.name)] = numpy_helper.to_array(init)
-        self.nodes = _fuse_patterns(list(self.onnx_graph.node), self._constant_values(),
-                                    {i.name for i in self.onnx_graph.initializer})
+        self.nodes = _fuse_patterns(list(self.onnx_graph.node), *self._constant_values())
         for node in self.nodes:
             for i in node.input:
                 self.users.setdefault(i, []).append(node)
 
-    def _constant_values(self) -> dict[str, np.ndarray]:
+    def _constant_values(self) -> tuple[dict[str, np.ndarray], set[str]]:
         """The initializers, Constant nodes and small reshapes of them (an Unsqueeze of a constant) by ONNX
-        name, for recognising patterns before the walk."""
+        name, for recognising patterns before the walk; and which of them are the model's parameters (the
+        initializers and their reshapes)."""
         from onnx import numpy_helper
         from onnx.reference import ReferenceEvaluator
 
         found = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
+        parameters = set(found)
         for node in self.onnx_graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -200,7 +201,9 @@ class _Converter(pt._Converter):
                 except Exception:  # noqa: BLE001 - not evaluable here: the walk will say why
                     continue
                 found[node.output[0]] = np.asarray(out[0])
-        return found
+                if node.input[0] in parameters:
+                    parameters.add(node.output[0])
+        return found, parameters
 
     # -- names -------------------------------------------------------------
     def ident(self, onnx_name: str) -> str:

@@ -96,7 +96,38 @@ class Sequence(nn.Module):
         return torch.bmm(att, y)[:, 0] + y.permute(0, 2, 1).mean(-1)
 
 
+class Norms(nn.Module):
+    """GroupNorm (torch exports it as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add before opset
+    18), InstanceNorm2d, GroupNorm(affine=False), LayerNorm over the last dim, sum and amin over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.gn, self.inn = nn.GroupNorm(2, 8), nn.InstanceNorm2d(8, affine=True)
+        self.plain, self.ln = nn.GroupNorm(4, 8, affine=False), nn.LayerNorm(6)
+        for m in (self.gn, self.inn, self.ln):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+
+    def forward(self, x):
+        y = self.plain(self.inn(self.gn(self.conv(x))))
+        return self.ln(y) + y.sum(1, keepdim=True) - torch.amin(y, dim=1, keepdim=True)
+
+
+class SequenceNorm(nn.Module):
+    """LayerNormalization on (N, L, C) after a Linear, ReduceSum over the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(6, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(self.fc(x)).sum(-1)
+
+
 MODELS = {
+    "norms": (Norms, (4, 6, 6)),
+    "sequence_norm": (SequenceNorm, (5, 6)),
     "arith": (Arith, (4, 6, 6)),
     "activations": (Activations, (4, 5, 5)),
     "structure": (Structure, (4, 4, 4)),

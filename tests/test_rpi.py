@@ -79,13 +79,14 @@ def run_qemu(exe: Path, cpu: str, data: np.ndarray, out_elems: int) -> np.ndarra
 def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax"):
     from edgekit import reference
     q = quantize_with_random_data(g, rng, ranges, observer)
-    x = rng.integers(-128, 128, size=(10,) + q.tensors[q.inputs[0]].shape[1:]).astype(np.int8)
+    xs = {name: rng.integers(-128, 128, size=(10,) + q.tensors[name].shape[1:]).astype(np.int8) for name in q.inputs}
+    data = np.concatenate([xs[name].reshape(10, -1) for name in q.inputs], axis=1)  # the runner reads per sample
     board = load_board(board_name)
     with tempfile.TemporaryDirectory() as tmp:
         generate_project(q, tmp, board)
         exe = xbuild.build(Path(tmp), board)
-        got = run_qemu(exe, board["qemu"]["cpu"], x, q.tensors[q.outputs[0]].size)
-    ref = reference.run(q, x)[0].reshape(got.shape)
+        got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
+    ref = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board_name}"
 
 
@@ -184,6 +185,34 @@ def test_fully_connected_neon(xbuild, n_in, n_out, act, wscale, in_range, observ
     weights = {"w": rng.normal(0, wscale, (n_out, n_in)), "b": rng.normal(0, wscale, n_out)}
     g = float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
     check_on_pi(g, rng, xbuild, board, {"x0": in_range}, observer)
+
+
+@st.composite
+def binary_case(draw):
+    """ADD / SUB / MUL: runs of 16 and their tails (c or h * w * c not a multiple of 16), and the
+    other operand broadcasting over any subset of height, width and channels, first or second,
+    a variable or a constant."""
+    shape = (1, draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.sampled_from([1, 3, 15, 16, 17, 33, 40])))
+    other = tuple(1 if i > 0 and draw(st.booleans()) else d for i, d in enumerate(shape))
+    return dict(kind=draw(st.sampled_from(["add", "sub", "mul"])), shape=shape, other=other, swap=draw(st.booleans()),
+                const=draw(st.booleans()), act=draw(activations), r1=draw(input_range()), r2=draw(input_range()),
+                seed=draw(st.integers(0, 2 ** 31)))
+
+
+@given(binary_case(), boards)
+@PI_SETTINGS
+def test_binary_elementwise_neon(xbuild, case, board):
+    rng = np.random.default_rng(case["seed"])
+    attrs = dict(activation=case["act"])
+    if case["const"]:
+        k = rng.uniform(case["r2"][0], case["r2"][1], case["other"])
+        g = float_graph(case["kind"], [case["shape"]], attrs, {"k": k}, case["shape"])
+        if case["swap"]:
+            g.ops[0].inputs.reverse()
+    else:
+        shapes = [case["other"], case["shape"]] if case["swap"] else [case["shape"], case["other"]]
+        g = float_graph(case["kind"], shapes, attrs, None, case["shape"])
+    check_on_pi(g, rng, xbuild, board, {"x0": case["r1"], "x1": case["r2"]})
 
 
 REQUANT_MAIN = r"""

@@ -324,10 +324,37 @@ def test_structure_ops_everywhere(make, shape, tmp_path, cbuild):
     int8_everywhere(g, x, tmp_path, cbuild)
 
 
-def test_uneven_adaptive_bins_are_refused_clearly():
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(3))  # 8 -> 3: bins of 3 and 4
-    with pytest.raises(edgekit.EdgekitError, match=r"layer '0'.*bins differ in size"):
-        edgekit.load(model, np.zeros((1, 2, 8, 8), np.float32))
+class UnevenAdaptivePools(nn.Module):
+    """Adaptive pools whose bins differ in size (8 -> 3: bins of 3, 4, 3; 9 -> 5: 2, 3, 2, 2, 2; 3 -> 4:
+    overlapping bins), 2-d and 1-d: lowered to slices + pools + concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.AdaptiveAvgPool2d((3, 5))
+        self.m = nn.AdaptiveMaxPool2d((4, 3))
+        self.a1 = nn.AdaptiveAvgPool1d(5)
+        self.m1 = nn.AdaptiveMaxPool1d(3)
+
+    def forward(self, x):  # (N, 3, 8, 9)
+        return self.a(x), self.m(x[:, :, :3]), self.a1(x[:, :, 0]), self.m1(x[:, :, :, 1])
+
+
+def test_uneven_adaptive_bins_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(5).normal(size=(24, 3, 8, 9)).astype(np.float32)
+    g = float_matches_torch(UnevenAdaptivePools(), x)
+    assert {"slice", "concat"} <= {op.kind for op in g.ops}
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+@given(st.integers(1, 24), st.integers(1, 24))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_adaptive_runs_are_torchs_bins(n, o):
+    """Every (size, output) pair: the runs the frontend pools are exactly torch's bins, in order."""
+    from edgekit.frontends.pytorch import _adaptive_runs
+    bins = [(start + k * step, start + k * step + size) for start, size, step, count in _adaptive_runs(n, o)
+            for k in range(count)]
+    assert bins == [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]
 
 
 @given(st.integers(2, 40), st.integers(1, 3), st.floats(0.05, 8.0), st.integers(0, 2 ** 31))

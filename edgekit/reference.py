@@ -208,7 +208,8 @@ def _f_mul(op, graph, a, b):
 
 
 def _f_concat(op, graph, *xs):
-    return np.concatenate(xs, axis=op.attrs["axis"])
+    n = max(x.shape[0] for x in xs)  # a constant part (a class token) has no batch: the same for every sample
+    return np.concatenate([np.broadcast_to(x, (n,) + x.shape[1:]) for x in xs], axis=op.attrs["axis"])
 
 
 def _f_reshape(op, graph, x):
@@ -552,8 +553,7 @@ def _q_lut(op, graph, x):
     return op.attrs["table"][x.astype(np.int64) + 128]
 
 
-def _q_concat(op, graph, *xs):
-    return np.concatenate(xs, axis=op.attrs["axis"])
+_q_concat = _f_concat
 
 
 def _q_reshape(op, graph, x):

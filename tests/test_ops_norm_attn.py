@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from edgekit.errors import EdgekitError
-from helpers import float_graph
+from helpers import float_graph, tflite_run
 from test_kernels_c import input_range
 from test_ops_pointwise import FEWER, _all_checks
 from test_ops_structure import float_matches_torch, int8_everywhere
@@ -55,14 +55,13 @@ def test_reduce_mean_shared_parameters(tmp_path, cbuild):
     from edgekit.export.tflite import export_tflite
     from edgekit.passes.quantize import derive_kernel_params
     from helpers import c_matches_reference, quantize_with_random_data
-    from test_ops_pointwise import tflite_outputs
     rng = np.random.default_rng(3)
     g = quantize_with_random_data(float_graph("reduce_mean", [(1, 4, 6)], dict(axes=(2,)), None, (1, 4, 1)), rng)
     g.tensors["y"].quant = g.tensors["x0"].quant
     derive_kernel_params(g)
     q = rng.integers(-128, 128, size=(40, 4, 6)).astype(np.int8)
     ref = reference.run(g, q)[0]
-    got = tflite_outputs(export_tflite(g, tmp_path / "m.tflite", io="int8"), [q])[0]
+    got = tflite_run(export_tflite(g, tmp_path / "m.tflite", io="int8"), [q])[0]
     assert np.array_equal(got.reshape(ref.shape), ref)
     c_out, c_ref = c_matches_reference(g, tmp_path / "c", cbuild, {"x0": q})
     assert np.array_equal(c_out, c_ref)
@@ -172,3 +171,76 @@ def test_layer_norm_in_tflite_micro_and_weight_only_refusal(tmp_path, cbuild):
     w = edgekit.quantize(model, x, weight_only=True)
     with pytest.raises(EdgekitError, match="layer 'ln'"):
         edgekit.generate(w, tmp_path / "wo", "host")
+
+
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+
+class Attentions(nn.Module):
+    """nn.MultiheadAttention with two heads as self-attention (weights returned and ignored) and as
+    cross-attention (query from another projection, need_weights=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.query = nn.Linear(6, 8)
+        self.cross = nn.MultiheadAttention(8, 4, batch_first=True, bias=False)
+
+    def forward(self, x):
+        e = self.embed(x)
+        a, _ = self.self_attn(e, e, e)
+        c, _ = self.cross(self.query(x), a, a, need_weights=False)
+        return c
+
+
+def test_multihead_attention_everywhere(tmp_path, cbuild):
+    torch.manual_seed(2)
+    x = np.random.default_rng(14).normal(size=(24, 5, 6)).astype(np.float32)
+    g = float_matches_torch(Attentions(), x, atol=1e-4)
+    kinds = [op.kind for op in g.ops]
+    assert kinds.count("batch_matmul") == 4 and kinds.count("softmax") == 2
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_layer_everywhere(tmp_path, cbuild, norm_first, activation):
+    """Post-norm with ReLU and pre-norm with GELU. The ReLU one runs in TFLite Micro too (one output);
+    TFLite Micro has no GELU kernel, so the GELU one is checked against tflite-runtime only."""
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                       activation=activation)
+    model = _randomize(nn.Sequential(nn.Linear(4, 8), layer), 4)
+    x = np.random.default_rng(15).normal(size=(24, 6, 4)).astype(np.float32)
+    g = float_matches_torch(model, x, atol=1e-3)
+    int8_everywhere(g, x, tmp_path, cbuild, tflm=activation != "gelu")
+
+
+def test_attention_refusals():
+    """A sequence-first nn.MultiheadAttention is refused naming the layer."""
+    import edgekit
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    with pytest.raises(EdgekitError, match="layer 'attn'.*sequence-first"):
+        edgekit.load(SeqFirst(), np.zeros((1, 5, 8), np.float32))
+
+
+def test_keyword_transformer_structure_everywhere(tmp_path, cbuild):
+    """The zoo's keyword transformer (ReLU variant, untrained weights): class token (a constant part of a
+    concatenation), position embedding, pre-norm encoder, class-token head; in TFLite Micro too."""
+    from zoo.kws_transformer import KeywordTransformer
+    torch.manual_seed(5)
+    model = _randomize(KeywordTransformer(steps=6, activation="relu"), 5)
+    nn.init.normal_(model.cls_token, 0, 0.5)
+    x = np.random.default_rng(16).normal(size=(24, 6, 8)).astype(np.float32)
+    g = float_matches_torch(model, x, atol=1e-3)
+    assert any(op.kind == "concat" and any(g.tensors[n].is_constant for n in op.inputs) for op in g.ops)
+    int8_everywhere(g, x, tmp_path, cbuild)

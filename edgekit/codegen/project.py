@@ -328,6 +328,19 @@ class _Builder:
         out_shape = self.graph.tensors[op.outputs[0]].shape
         layer.params["outer"] = int(np.prod(out_shape[:axis]))
         layer.params["chunks"] = [int(np.prod(self.graph.tensors[n].shape[axis:])) for n in op.inputs]
+        # each part: ("buffer", index among the activation inputs) or ("array", a constant part's C array)
+        parts, k = [], 0
+        for n in op.inputs:
+            t = self.graph.tensors[n]
+            if t.is_constant:
+                if self.weight_only:
+                    raise EdgekitError(f"layer '{op.name}': a concatenation with a constant part has no weight-only "
+                                       "kernel; generate an int8 model")
+                parts.append(("array", self.array(f"{layer.id}_part{len(parts)}", t.data.astype(np.int8))))
+            else:
+                parts.append(("buffer", k))
+                k += 1
+        layer.params["parts"] = parts
 
     def _clamp(self, layer, op):
         """ReLU, ReLU6, and clamp / Hardtanh with any bounds (int8 keeps the parameters: a clamp of raw values)."""

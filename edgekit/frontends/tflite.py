@@ -617,7 +617,17 @@ class _Importer:
         o = self.options(op, "ConcatenationOptions")
         if o.scalar(1, "b", 0) != S.ACT_NONE:
             raise _Unsupported("a fused activation on concatenation")
-        xs = [self.activation(i) for i in op.inputs]
+        xs = []
+        for i in op.inputs:  # a constant part (a class token): int8 data with the shared parameters
+            if self.t[i].data is None:
+                xs.append(self.activation(i))
+                continue
+            name = self._name(i)
+            if name not in self.g.tensors:
+                data = self.constant(i, np.int8, "constant part")
+                self.g.add_tensor(Tensor(name, (1,) * (len(self.t[op.outputs[0]].shape) - data.ndim) + data.shape,
+                                         "int8", data, self._per_tensor(self.t[i], "constant part")))
+            xs.append(name)
         self.same_params(op, op.inputs)
         rank = len(self.t[op.outputs[0]].shape)
         axis = o.scalar(0, "i", 0)

@@ -448,6 +448,13 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
                 scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))
                 c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
                 c.quant = QuantParams.per_tensor(scale, zp)
+        if op.kind == "concat":  # a constant part (a class token) takes the parameters every part shares
+            for name in op.inputs:
+                c = g.tensors[name]
+                if c.is_constant and c.dtype == "float32":
+                    scale, zp = _scalar(g.tensors[op.outputs[0]].quant)
+                    c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
+                    c.quant = QuantParams.per_tensor(scale, zp)
         if op.kind == "lstm":
             _quantize_lstm(g, op, ranges)
         if op.kind not in WEIGHTED:

@@ -146,6 +146,8 @@ def cmd_thresholds(args) -> int:
         raise EdgekitError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
     if not 0.0 < args.max_drop < 1.0:
         raise EdgekitError(f"--max-drop must be between 0 and 1 (e.g. 0.01 = 1 pp), got {args.max_drop}")
+    if args.test_samples is not None and args.test_samples <= 0:
+        raise EdgekitError(f"--test-samples must be a positive number of samples, got {args.test_samples}")
     if args.json:
         check_output_file(args.json, "--json")
     x = _load_npy(args.inputs, "inputs")
@@ -185,7 +187,7 @@ def cmd_thresholds(args) -> int:
             sweep = sweep_path(args.project, x, y, path, costs=costs, int8=args.int8)
         else:
             sweep = sweep_reference(args.project, x, y, thresholds, costs=costs, int8=args.int8)
-    chosen = choose_threshold(sweep, args.max_drop, args.confidence)
+    chosen = choose_threshold(sweep, args.max_drop, args.confidence, args.test_samples)
     print(format_sweep(sweep, chosen))
     print()
     if chosen["promise"]["exits_off"]:
@@ -501,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the full network (default 0.01 = 1 pp), promised on unseen data with --confidence")
     th.add_argument("--confidence", type=float, default=0.95, help="the confidence of that promise: an exact "
                     "one-sided bound on the drop from the validation samples (default 0.95)")
+    th.add_argument("--test-samples", type=int, metavar="M", help="promise the drop a test set of M unseen samples "
+                    "will show (an exact prediction bound: M samples scatter around the population's drop); "
+                    "default: the population's drop")
     th.add_argument("--per-exit", metavar="SEARCH.npy", help="search one threshold per early exit on these inputs "
                     "(e.g. the training split, never the validation inputs; no labels needed), then test the "
                     "search's path on the validation inputs")

@@ -256,7 +256,8 @@ class _Converter:
         self.transposes: dict[tuple, _Value] = {}  # (IR tensor, dims) -> its transposed value
         self.reshape_source: dict[str, str] = {}  # reshape output -> the tensor it views
         self.attention_done: set[str] = set()  # nn.MultiheadAttention calls converted as a whole
-        self._load_constants()
+        if program is not None:  # the ONNX frontend reuses this converter with its own constants
+            self._load_constants()
 
     # -- constants ---------------------------------------------------------
     def _load_constants(self):
@@ -619,6 +620,8 @@ class _Converter:
                 pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
             else:
                 raise self.unsupported(node, f"padding mode {padding!r} is not supported")
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): uneven, as ONNX and TF "SAME" pad
+            pads = tuple(int(p) for p in padding)
         else:
             ph, pw = _pair(padding)
             pads = (ph, ph, pw, pw)
@@ -1329,19 +1332,21 @@ class _Converter:
         _, H, W, C = nhwc(self.shape(v))
         kh, kw = kernel
         sh, sw = stride
-        ph, pw = padding
+        # (ph, pw) on both sides as torch pads, or (top, bottom, left, right) as ONNX may
+        top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
 
-        def out_size(size, k, s, p):
-            n = size + 2 * p - k
+        def out_size(size, k, s, before, after):
+            n = size + before + after - k
             o = (-(-n // s) if ceil_mode else n // s) + 1
-            if ceil_mode and (o - 1) * s >= size + p:  # torch drops a window that starts in the padding
+            if ceil_mode and (o - 1) * s >= size + before:  # torch drops a window that starts in the padding
                 o -= 1
             return o
 
-        OH, OW = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+        OH, OW = out_size(H, kh, sh, top, bottom), out_size(W, kw, sw, left, right)
         if OH < 1 or OW < 1:
             raise self.unsupported(node, f"the {kh}x{kw} window does not fit the {H}x{W} input")
-        return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, ph, pw, pw), activation="none")
+        return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(top, bottom, left, right),
+                                    activation="none")
 
     def _spatial_input(self, node, arg, rank: int = 4) -> _Value:
         """The input of a pooling / padding / mean op: rank ``rank``, channels last in the IR."""

@@ -35,10 +35,10 @@ def float_matches_torch(model, x, atol=1e-4):
     return g
 
 
-def int8_everywhere(model, x, tmp_path, cbuild, tflm: bool = True):
+def int8_everywhere(model, x, tmp_path, cbuild):
     """Quantize ``model`` (a module or its float graph) on ``x``; the C (ASan + UBSan) equals the reference,
-    the .tflite export equals it in tflite-runtime (BUILTIN_REF) and TFLite Micro (one-output models, unless
-    ``tflm`` is off: an op TFLite Micro lacks), and the file imports back to the same outputs.
+    the .tflite export equals it in tflite-runtime (BUILTIN_REF) and TFLite Micro (one-output models), and the
+    file imports back to the same outputs.
     Returns the int8 graph."""
     q = edgekit.quantize(model, x)
     x_ir = edgekit.api.to_ir_inputs(q, x)
@@ -50,7 +50,7 @@ def int8_everywhere(model, x, tmp_path, cbuild, tflm: bool = True):
     ref_outs = reference.run(q, x_q)
     for y_t, y_r in zip(tflite_run(path, [x_q]), ref_outs):
         assert np.array_equal(y_t.reshape(y_r.shape), y_r), "tflite-runtime differs from the reference"
-    if len(q.outputs) == 1 and tflm:
+    if len(q.outputs) == 1:
         y_m = tflm_run(path, x_q)
         assert np.array_equal(y_m.reshape(ref_outs[0].shape), ref_outs[0]), "TFLite Micro differs"
     back = load_tflite(path)

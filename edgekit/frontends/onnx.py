@@ -901,6 +901,13 @@ def _transpose(c: _Converter, node):
     fake = c.fake(node, "permute", c.ref(node.input[0]), list(perm))
     c._op_permute(fake)
     c.finish(node, fake)
+    # edgekit keeps the batch first; only an LSTM / GRU reads a time-major (L, N, C) tensor (and the Shape
+    # that sizes its initial state)
+    if c.values[fake.name].dims[0] != 0 and not all(u.op_type in ("LSTM", "GRU", "Shape")
+                                                       for u in c.users.get(node.output[0], ())):
+        raise c.unsupported(node, f"a transpose {list(perm)} that moves the batch dimension (edgekit keeps it "
+                                  "first; a sequence-first layout, as an exported nn.MultiheadAttention has, "
+                                  "is not supported)")
 
 
 @handles("Concat")

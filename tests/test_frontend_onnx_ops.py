@@ -40,7 +40,7 @@ class Activations(nn.Module):
 
     def forward(self, x):
         a = F.elu(self.convs[0](x)) + F.leaky_relu(x, 0.2)
-        b = F.gelu(self.convs[1](a)) * torch.sigmoid(a)
+        b = F.gelu(self.convs[1](a)) * torch.sigmoid(a) + F.gelu(a, approximate="tanh")
         c = self.prelu(self.convs[2](b)) + F.hardsigmoid(b) * torch.tanh(b)
         return F.hardswish(self.convs[3](c)) + F.silu(c) + F.relu6(c)
 

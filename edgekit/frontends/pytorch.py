@@ -620,7 +620,7 @@ class _Converter:
                 pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
             else:
                 raise self.unsupported(node, f"padding mode {padding!r} is not supported")
-        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): uneven, as ONNX and TF "SAME" pad
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): ONNX's uneven pads
             pads = tuple(int(p) for p in padding)
         else:
             ph, pw = _pair(padding)

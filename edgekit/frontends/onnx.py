@@ -188,7 +188,6 @@ class _Converter(pt._Converter):
         name, for recognising patterns before the walk; and which of them are the model's parameters (the
         initializers and their reshapes)."""
         from onnx import numpy_helper
-        from onnx.reference import ReferenceEvaluator
 
         found = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
         parameters = set(found)
@@ -197,8 +196,7 @@ class _Converter(pt._Converter):
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             elif node.op_type in ("Unsqueeze", "Reshape", "Identity") and all(i in found for i in node.input if i):
                 try:
-                    out = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, {i: found[i] for i in node.input
-                                                                                       if i})
+                    out = _evaluate(node, {i: found[i] for i in node.input if i}, self.opset)
                 except Exception:  # noqa: BLE001 - not evaluable here: the walk will say why
                     continue
                 found[node.output[0]] = np.asarray(out[0])
@@ -372,11 +370,9 @@ class _Converter(pt._Converter):
 
     def _fold(self, node, problems: list[str]):
         """A node on constants only: evaluate it now with onnx's reference implementation."""
-        from onnx.reference import ReferenceEvaluator
-
         try:
             inputs = {i: self.consts[self.ident(i)] for i in node.input if i}
-            results = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, inputs)
+            results = _evaluate(node, inputs, self.opset)
         except Exception as exc:  # noqa: BLE001 - any failure of the evaluator is the model's
             problems.append(f"ONNX node '{node.name}' ({node.op_type}): computes on constants and could not be "
                             f"evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -411,10 +407,24 @@ class _Converter(pt._Converter):
 # Patterns exporters spell as several nodes, put back together before the walk
 # ---------------------------------------------------------------------------
 
+def _evaluate(node, inputs: dict, opset: int) -> list:
+    """One node on constants, by onnx's reference implementation of the model's opset (a node alone would be
+    run with the newest: Unsqueeze's axes moved from an attribute to an input in opset 13)."""
+    import onnx
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = helper.make_graph([node], "fold", [helper.make_value_info(i, onnx.TypeProto()) for i in inputs],
+                              [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, inputs)
+
+
 def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
     """GELU's formulas (erf, and the tanh approximation; in the orders exporters write them) become one
-    Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT); torch's exported
-    GroupNorm (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add) becomes one GroupNormalization."""
+    Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT); x * HardSigmoid(x)
+    (Hardswish before opset 14) becomes one HardSwish; torch's exported GroupNorm (Reshape ->
+    InstanceNormalization -> Reshape -> Mul -> Add) becomes one GroupNormalization."""
     from onnx import helper
 
     users: dict[str, list] = {}
@@ -515,6 +525,16 @@ def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
                                 name=chain[-1].name.rsplit("/", 1)[0] + "/Gelu")
         drop.update(id(n) for n in chain)
         replace[id(chain[-1])] = gelu
+    for hs in nodes:  # before opset 14 torch exports Hardswish as x * HardSigmoid(x)
+        mul = only_user(hs.output[0]) if hs.op_type == "HardSigmoid" else None
+        if mul is None or mul.op_type != "Mul" or other(mul, hs.output[0]) != hs.input[0]:
+            continue
+        alpha = next((helper.get_attribute_value(a) for a in hs.attribute if a.name == "alpha"), 0.2)
+        beta = next((helper.get_attribute_value(a) for a in hs.attribute if a.name == "beta"), 0.5)
+        if abs(alpha - 1 / 6) > 1e-6 or abs(beta - 0.5) > 1e-6:
+            continue
+        drop.update((id(hs), id(mul)))
+        replace[id(mul)] = helper.make_node("HardSwish", [hs.input[0]], [mul.output[0]], name=mul.name)
     for sqrt in nodes:
         if sqrt.op_type != "Sqrt":
             continue

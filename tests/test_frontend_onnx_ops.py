@@ -199,3 +199,22 @@ def test_hand_written_graphs_against_onnxruntime(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
     np.testing.assert_allclose(_float_out(g, x).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization_node_against_onnxruntime(opset, tmp_path):
+    """A GroupNormalization node as other exporters write it (torch never does): opset 18's scale and bias
+    per group, opset 21's per channel."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    per = 2 if opset == 18 else 6  # 6 channels in 2 groups
+    model = _onnx_model([helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2, epsilon=1e-5,
+                                          name="/gn/GroupNormalization")], [("x", [1, 6, 4, 5])], ["y"],
+                        [("s", rng.normal(1, 0.3, per)), ("b", rng.normal(0, 0.3, per))], opset=opset)
+    onnx.save(model, tmp_path / "gn.onnx")
+    g = edgekit.load(tmp_path / "gn.onnx")
+    x = rng.normal(size=(4, 6, 4, 5)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "gn.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(_float_out(g, x), want, rtol=1e-4, atol=1e-4)

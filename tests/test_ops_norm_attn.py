@@ -248,12 +248,14 @@ def test_multihead_attention_everywhere(tmp_path, cbuild):
 
 
 def test_transformer_encoder_layer_everywhere(tmp_path, cbuild):
-    """A post-norm ReLU layer, in TFLite Micro too (one output). The pre-norm GELU layer is the zoo's
-    keyword transformer (tests/test_zoo_transformer.py: tflite-runtime; TFLite Micro has no GELU kernel)."""
+    """nn.TransformerEncoder of two post-norm ReLU layers, in TFLite Micro too (one output). The pre-norm
+    GELU layer is the zoo's keyword transformer (tests/test_zoo_transformer.py: tflite-runtime; TFLite Micro
+    has no GELU kernel)."""
     torch.manual_seed(3)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=False,
                                        activation="relu")
-    model = _randomize(nn.Sequential(nn.Linear(4, 8), layer), 4)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = _randomize(nn.Sequential(nn.Linear(4, 8), encoder), 4)
     x = np.random.default_rng(15).normal(size=(24, 6, 4)).astype(np.float32)
     g = float_matches_torch(model, x, atol=1e-3)
     int8_everywhere(g, x, tmp_path, cbuild)

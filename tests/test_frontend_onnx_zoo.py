@@ -129,3 +129,22 @@ def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
         want = np.concatenate([r[k] for r in runs])
         step = q.tensors[q.outputs[k]].quant.scale[0]
         assert np.abs(got - want).max() <= 2.01 * step
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small", "shufflenet_v2", "lstm_kws"])
+def test_opset_11_export_is_the_same_graph(name, tmp_path):
+    """Older exports spell some ops differently: Hardswish as x * HardSigmoid(x) (before opset 14),
+    Unsqueeze / Squeeze / Split with attributes instead of inputs (before 13), which the constant folding
+    must evaluate at the model's own opset."""
+    import warnings
+
+    model, x = _model(name)
+    path = tmp_path / f"{name}_11.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.as_tensor(x[:1]),), str(path), dynamo=False, opset_version=11,
+                          do_constant_folding=False)
+    a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(model, x[:1]))
+    assert _signature(a) == _signature(b)
+    for ya, yb in zip(_outputs(edgekit.reference_run(a, x[:4])), _outputs(edgekit.reference_run(b, x[:4]))):
+        np.testing.assert_array_equal(ya, yb)

@@ -218,3 +218,24 @@ def test_group_normalization_node_against_onnxruntime(opset, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "gn.onnx"), providers=["CPUExecutionProvider"])
     want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
     np.testing.assert_allclose(_float_out(g, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_nhwc_input_of_a_tensorflow_style_export_needs_no_transpose(tmp_path):
+    """tf2onnx-style graphs take NHWC and transpose to NCHW for the Conv: edgekit keeps the input NHWC, so
+    the transposes are relabellings and no TRANSPOSE op runs; outputs equal onnxruntime's."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    model = _onnx_model([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="/in/Transpose"),
+                         helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+                         helper.make_node("Relu", ["c"], ["r"], name="/act/Relu"),
+                         helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1], name="/out/Transpose")],
+                        [("x", [1, 6, 6, 3])], ["y"], [("w", rng.normal(size=(4, 3, 3, 3)))])
+    onnx.save(model, tmp_path / "nhwc.onnx")
+    g = edgekit.load(tmp_path / "nhwc.onnx")
+    assert [op.kind for op in g.ops] == ["conv2d", "relu"]
+    assert g.source_layouts[g.inputs[0]] == "NHWC" and g.source_layouts[g.outputs[0]] == "NHWC"
+    x = rng.normal(size=(3, 6, 6, 3)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "nhwc.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(edgekit.reference_run(g, x), want, rtol=1e-5, atol=1e-5)

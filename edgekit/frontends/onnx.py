@@ -340,6 +340,10 @@ class _Converter(pt._Converter):
         dims = pt.CHANNELS_FIRST[len(shape)]
         if len(shape) == 3 and not self._reads_channels_first(inp.name):
             dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM / MatMul read it
+        readers = self.users.get(inp.name, [])
+        if len(shape) == 4 and readers and all(u.op_type == "Transpose" and list(_attrs(u).get("perm", [])) ==
+                                               [0, 3, 1, 2] for u in readers):
+            dims = (0, 1, 2, 3)  # an NHWC input (TensorFlow / Keras exports): as it is, no TRANSPOSE
         name = self.new_tensor(self.ident(inp.name), (1,) + tuple(shape[d] for d in dims[1:]))
         self.graph.inputs.append(name)
         self.graph.source_layouts[name] = pt.LAYOUT_NAMES[dims]

@@ -27,7 +27,7 @@ SUPPORTED_LAYERS = (
     "MultiheadAttention (batch_first, no masks), TransformerEncoderLayer, scaled_dot_product_attention"
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / sum "
-                     "over any dims, amax / amin over neighbouring dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+                     "over any dims, amax / amin over any dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
                      "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
                      "Upsample nearest / bilinear, ConvTranspose2d")
 
@@ -1497,9 +1497,10 @@ class _Converter:
             else:
                 out = self.add_op("mean", node, [v.name], shape, v.dims)
         elif what in ("amax", "amin"):
-            if axes != list(range(axes[0], axes[-1] + 1)):
-                raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit takes the "
-                                             "maximum / minimum over neighbouring dims (permute first)")
+            if axes != list(range(axes[0], axes[-1] + 1)):  # REDUCE_MAX / MIN walk neighbouring axes: one TRANSPOSE
+                v = self.transposed(v, tuple(d for d in v.dims if d not in dims) + tuple(dims), node, what)
+                axes = list(range(rank - len(dims), rank))
+                shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
             kind = "reduce_max" if what == "amax" else "reduce_min"
             out = self.add_op(kind, node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
         else:

@@ -262,7 +262,8 @@ def test_transformer_encoder_layer_everywhere(tmp_path, cbuild):
 
 
 def test_attention_refusals():
-    """A sequence-first nn.MultiheadAttention is refused naming the layer."""
+    """A sequence-first nn.MultiheadAttention and one with add_zero_attn (a zero key / value row the lowering
+    does not add) are refused naming the layer."""
     import edgekit
 
     class SeqFirst(nn.Module):
@@ -273,8 +274,18 @@ def test_attention_refusals():
         def forward(self, x):
             return self.attn(x, x, x, need_weights=False)[0]
 
+    class ZeroAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_zero_attn=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
     with pytest.raises(EdgekitError, match="layer 'attn'.*sequence-first"):
         edgekit.load(SeqFirst(), np.zeros((1, 5, 8), np.float32))
+    with pytest.raises(EdgekitError, match="layer 'attn'.*add_zero_attn"):
+        edgekit.load(ZeroAttn(), np.zeros((1, 5, 8), np.float32))
 
 
 def test_keyword_transformer_structure_everywhere(tmp_path, cbuild):

@@ -155,6 +155,28 @@ def test_norms_everywhere(tmp_path, cbuild):
     int8_everywhere(g, x, tmp_path, cbuild)
 
 
+class NormsOneOutput(nn.Module):
+    """GroupNorm, InstanceNorm, a channel mean, amin over dims that are not IR neighbours and a sum, summed
+    into one output so TFLite Micro checks them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.gn(y) + self.inorm(y) + y.mean(1, keepdim=True) - y.amin(dim=(1, 2), keepdim=True)
+                + y.sum(3, keepdim=True))
+
+
+def test_norms_and_reductions_in_tflite_micro(tmp_path, cbuild):
+    x = np.random.default_rng(17).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(_randomize(NormsOneOutput(), 6), x, atol=1e-3)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
 class LayerNormOnly(nn.Module):
     def __init__(self, features: int = 16):
         super().__init__()

@@ -155,6 +155,28 @@ def test_norms_everywhere(tmp_path, cbuild):
     int8_everywhere(g, x, tmp_path, cbuild)
 
 
+class NormsOneOutput(nn.Module):
+    """GroupNorm, InstanceNorm, a channel mean, amin over dims that are not IR neighbours and a sum, summed
+    into one output so TFLite Micro checks them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.gn(y) + self.inorm(y) + y.mean(1, keepdim=True) - y.amin(dim=(1, 2), keepdim=True)
+                + y.sum(3, keepdim=True))
+
+
+def test_norms_and_reductions_in_tflite_micro(tmp_path, cbuild):
+    x = np.random.default_rng(17).normal(size=(24, 3, 5, 6)).astype(np.float32)
+    g = float_matches_torch(_randomize(NormsOneOutput(), 6), x, atol=1e-3)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
 class LayerNormOnly(nn.Module):
     def __init__(self, features: int = 16):
         super().__init__()
@@ -262,7 +284,8 @@ def test_transformer_encoder_layer_everywhere(tmp_path, cbuild):
 
 
 def test_attention_refusals():
-    """A sequence-first nn.MultiheadAttention is refused naming the layer."""
+    """A sequence-first nn.MultiheadAttention and one with add_zero_attn (a zero key / value row the lowering
+    does not add) are refused naming the layer."""
     import edgekit
 
     class SeqFirst(nn.Module):
@@ -273,8 +296,18 @@ def test_attention_refusals():
         def forward(self, x):
             return self.attn(x, x, x, need_weights=False)[0]
 
+    class ZeroAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_zero_attn=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
     with pytest.raises(EdgekitError, match="layer 'attn'.*sequence-first"):
         edgekit.load(SeqFirst(), np.zeros((1, 5, 8), np.float32))
+    with pytest.raises(EdgekitError, match="layer 'attn'.*add_zero_attn"):
+        edgekit.load(ZeroAttn(), np.zeros((1, 5, 8), np.float32))
 
 
 def test_keyword_transformer_structure_everywhere(tmp_path, cbuild):

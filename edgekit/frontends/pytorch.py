@@ -978,6 +978,9 @@ class _Converter:
                       self.program.graph_signature.inputs_to_parameters.items() if target.startswith(path + ".")}
             if any(name in params for name in ("bias_k", "bias_v")):
                 raise self.unsupported(node, "add_bias_kv is not supported")
+            if any(getattr(n.target, "__name__", "").split(".")[0] in ("cat", "zeros", "pad", "constant_pad_nd")
+                   for n in nodes):  # a zero key / value row appended
+                raise self.unsupported(node, "add_zero_attn is not supported")
             # batch_first: each of query, key, value (one tensor when they are the same) is first transposed
             inputs = [a for a in reads if any(getattr(n.target, "__name__", "").startswith("transpose") and
                                               n.args[0] is a and sorted(int(d) % 3 for d in n.args[1:3]) == [0, 1]

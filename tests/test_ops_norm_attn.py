@@ -44,7 +44,7 @@ def test_reduce_mean_any_axes(cbuild, case, in_range, seed):
 
 
 @given(st.sampled_from([c for c in REDUCE_CASES if c[1] != (1, 3)]), st.integers(0, 2 ** 31))
-@FEWER
+@settings(SETTINGS, max_examples=max(3, EXAMPLES // 8))  # an exact minimum: few cases show it
 def test_reduce_min(cbuild, case, seed):
     shape, axes = case
     out = tuple(1 if a in axes else s for a, s in enumerate(shape))

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import EdgekitError
 from ..ir import Graph, Op
+from ..passes.fuse import _FUSES_ACTIVATION  # the ops whose kernels apply a fused ReLU
 from . import pytorch as pt
 
 SUPPORTED_OPS = (
@@ -1357,6 +1358,6 @@ def _dequantize_linear(c: _Converter, node):
         # a fused ReLU; it costs nothing and still holds where edgekit must change the parameters (a
         # CONCATENATION's inputs share one set, which may reach below 0)
         op = next((o for o in reversed(c.graph.ops) if v.name in o.outputs), None)
-        if op is not None and op.attrs.get("activation") == "none":
+        if op is not None and op.kind in _FUSES_ACTIVATION and op.attrs.get("activation") == "none":
             op.attrs["activation"] = "relu"
     c.values[c.ident(node.output[0])] = v

@@ -1353,4 +1353,10 @@ def _dequantize_linear(c: _Converter, node):
     if zp < -128 or zp > 127:
         raise c.unsupported(node, f"it uses zero point {zp}, outside int8")
     c.graph.meta.setdefault("activation_params", {})[v.name] = (scale, zp)
+    if zp == -128:  # the pair clamps at 0: onnxruntime drops a ReLU into such a range, so keep the clamp as
+        # a fused ReLU; it costs nothing and still holds where edgekit must change the parameters (a
+        # CONCATENATION's inputs share one set, which may reach below 0)
+        op = next((o for o in reversed(c.graph.ops) if v.name in o.outputs), None)
+        if op is not None and op.attrs.get("activation") == "none":
+            op.attrs["activation"] = "relu"
     c.values[c.ident(node.output[0])] = v

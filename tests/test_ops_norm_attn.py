@@ -269,6 +269,25 @@ def test_multihead_attention_everywhere(tmp_path, cbuild):
     int8_everywhere(g, x, tmp_path, cbuild)
 
 
+class CrossAttentionOtherWidths(nn.Module):
+    """Keys and values of another width than the queries (kdim, vdim: separate q / k / v weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4)
+
+    def forward(self, x):
+        return self.attn(self.query(x), x, x, need_weights=False)[0]
+
+
+def test_cross_attention_with_kdim_vdim_everywhere(tmp_path, cbuild):
+    torch.manual_seed(6)
+    x = np.random.default_rng(18).normal(size=(24, 5, 4)).astype(np.float32)
+    g = float_matches_torch(CrossAttentionOtherWidths(), x, atol=1e-4)
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
 def test_transformer_encoder_layer_everywhere(tmp_path, cbuild):
     """nn.TransformerEncoder of two post-norm ReLU layers, in TFLite Micro too (one output). The pre-norm
     GELU layer is the zoo's keyword transformer (tests/test_zoo_transformer.py: tflite-runtime; TFLite Micro

@@ -43,19 +43,20 @@ class CrossBuild:
         record = load_project(project)
         flags = board["cflags"] + CHECKS + ["-I", str(project / "include"), "-I", str(project)]
         objs = []
+        threads = record.get("threads", 1)  # with threads the kernels' scratch is thread-local
         for k in record["kernels"]:
             with self.lock:
-                key = (board.name, k)
+                key = (board.name, k, threads > 1)
                 if key not in self.objects:
-                    obj = self.root / f"{board.name}_{k}.o"
+                    obj = self.root / f"{board.name}_{k}{'_mt' if threads > 1 else ''}.o"
                     subprocess.run([board["cc"], *flags, "-c", str(project / "kernels" / f"{k}.c"), "-o", str(obj)],
                                    check=True, capture_output=True, text=True)
                     self.objects[key] = obj
                 objs.append(str(self.objects[key]))
         exe = project / "model_runner_test"
         proc = subprocess.run([board["cc"], *flags, *(str(project / f) for f in ("model_runner.c", "ek_port.c",
-                               "ek_protocol.c", "model.c", "model_weights.c")), *objs, "-o", str(exe), "-lm"],
-                              capture_output=True, text=True)
+                               "ek_protocol.c", "ek_pool.c", "model.c", "model_weights.c")), *objs, "-o", str(exe),
+                               "-lm", "-pthread"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return exe
 
@@ -76,18 +77,21 @@ def run_qemu(exe: Path, cpu: str, data: np.ndarray, out_elems: int) -> np.ndarra
     return out.reshape(data.shape[0], out_elems)
 
 
-def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax"):
+def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax", threads=1):
+    """The graph quantized, generated for the board (with ``threads``), built with UBSan, run under
+    qemu-aarch64 on 10 random samples and compared with the reference. Returns the project record."""
     from edgekit import reference
     q = quantize_with_random_data(g, rng, ranges, observer)
     xs = {name: rng.integers(-128, 128, size=(10,) + q.tensors[name].shape[1:]).astype(np.int8) for name in q.inputs}
     data = np.concatenate([xs[name].reshape(10, -1) for name in q.inputs], axis=1)  # the runner reads per sample
     board = load_board(board_name)
     with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, board)
+        record = generate_project(q, tmp, board, threads=threads)
         exe = xbuild.build(Path(tmp), board)
         got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
     ref = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board_name}"
+    return record
 
 
 boards = st.sampled_from(["rpi4", "rpi5"])

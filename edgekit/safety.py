@@ -124,31 +124,30 @@ def check_exit_threshold(value, criterion: str) -> None:
 
 
 # -- argparse types (usage errors: exit 2) ------------------------------------------------------------
-def positive_int(text: str) -> int:
+def _parse_number(text: str, kind: type, what: str):
+    """``kind(text)``, or argparse's usage error saying what the text should have been."""
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parse_number(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
 def tcp_port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    value = _parse_number(text, int, "a port number")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
     return value
 
 
 def percentile_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parse_number(text, float, "a number")
     try:
         check_percentile(value)
     except EdgekitError as exc:
@@ -157,10 +156,7 @@ def percentile_arg(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parse_number(text, float, "a number")
     if not np.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{value:g} must be a positive number")
     return value

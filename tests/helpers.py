@@ -135,3 +135,22 @@ def c_matches_reference(g: Graph, tmp: Path, cbuild: CBuild, inputs: dict[str, n
     refs = reference.run(ref_graph, inputs if len(g.inputs) > 1 else inputs[g.inputs[0]])
     ref = np.concatenate([r.reshape(r.shape[0], -1) for r in refs], axis=1)
     return got, ref
+
+
+def tflite_run(path, inputs: list[np.ndarray], builtin_ref: bool = True) -> list[np.ndarray]:
+    """Run a .tflite file sample by sample in tflite-runtime: its reference kernels (BUILTIN_REF, what
+    TFLite Micro also computes) unless ``builtin_ref`` is False (BUILTIN_REF registers no ELU)."""
+    import tflite_runtime.interpreter as tflite_runtime  # only the tests that compare with TFLite need it
+
+    resolver = tflite_runtime.OpResolverType.BUILTIN_REF if builtin_ref else tflite_runtime.OpResolverType.BUILTIN
+    it = tflite_runtime.Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
+    it.allocate_tensors()
+    ins, outs = it.get_input_details(), it.get_output_details()
+    results = [[] for _ in outs]
+    for i in range(inputs[0].shape[0]):
+        for d, x in zip(ins, inputs):
+            it.set_tensor(d["index"], x[i:i + 1].astype(d["dtype"]))
+        it.invoke()
+        for r, d in zip(results, outs):
+            r.append(it.get_tensor(d["index"]))
+    return [np.concatenate(r) for r in results]

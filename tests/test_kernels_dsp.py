@@ -291,3 +291,16 @@ def test_fully_connected_s8_dsp_widened(c, m, h, w, n_out, seed, board):
         got = run_selftest(g, board, x, Path(tmp))
     ref = reference.run(g, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0
+
+
+@pytest.mark.parametrize("depth", [10, 13, 19])
+def test_fully_connected_s8_dsp_rows_at_any_offset(depth):
+    """A Linear on (N, L, C) runs the row kernel at input + r * C: with C % 4 != 0 the rows start off word
+    boundaries. The kernel's non-widened path used to read them with LDRD, which faults (UsageFault) on
+    an address that is not a multiple of 4 on the M4 (the firmware hung); its input loads are now single
+    (unaligned) LDRs. C >= 8, so the loop reads two blocks at once."""
+    rng = np.random.default_rng(depth)
+    rows, n_out = 5, 8
+    weights = {"w": rng.normal(0, 0.4, (n_out, depth)), "b": rng.normal(0, 0.4, n_out)}
+    g = float_graph("fully_connected", [(1, rows, depth)], dict(activation="none"), weights, (1, rows, n_out))
+    _check_on_board(g, rng, "mps2-an386", {"x0": (-2.0, 2.0)}, n=2)

@@ -19,32 +19,17 @@ from edgekit import reference
 from edgekit.errors import EdgekitError
 from edgekit.export.tflite import export_tflite
 from edgekit.frontends.tflite import load_tflite
-from helpers import c_matches_reference, float_graph, quantize_with_random_data
+from helpers import c_matches_reference, float_graph, quantize_with_random_data, tflite_run
 from test_kernels_c import EXAMPLES, SETTINGS, input_range
 
 FEWER = settings(SETTINGS, max_examples=max(5, EXAMPLES // 2))  # one op each: half the examples
-from test_tflite_reference import tflite_runtime
+pytest.importorskip("tflite_runtime.interpreter")  # every op here is compared with TFLite
 
 UNARY = [("logistic", {}), ("tanh", {}), ("hard_swish", {}), ("leaky_relu", {"alpha": 0.1}),
          ("leaky_relu", {"alpha": 0.01}), ("elu", {}), ("gelu", {"approximate": "none"}),
          ("gelu", {"approximate": "tanh"}), ("clamp", {"lo": -0.5, "hi": 0.75}), ("clamp", {"lo": 0.25, "hi": None}),
          ("clamp", {"lo": None, "hi": 1.5})]
 SHAPES = [(1, 7), (1, 3, 5, 4), (1, 1, 1, 33), (1, 8, 8, 2), (1, 2, 3, 6)]
-
-
-def tflite_outputs(path, inputs: list[np.ndarray], builtin_ref: bool = True) -> list[np.ndarray]:
-    resolver = tflite_runtime.OpResolverType.BUILTIN_REF if builtin_ref else tflite_runtime.OpResolverType.BUILTIN
-    it = tflite_runtime.Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
-    it.allocate_tensors()
-    ins, outs = it.get_input_details(), it.get_output_details()
-    results = [[] for _ in outs]
-    for i in range(inputs[0].shape[0]):
-        for d, x in zip(ins, inputs):
-            it.set_tensor(d["index"], x[i:i + 1].astype(d["dtype"]))
-        it.invoke()
-        for r, d in zip(results, outs):
-            r.append(it.get_tensor(d["index"]))
-    return [np.concatenate(r) for r in results]
 
 
 def _all_checks(g, rng, cbuild, ranges, n=12, lowest=None):
@@ -58,7 +43,7 @@ def _all_checks(g, rng, cbuild, ranges, n=12, lowest=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = export_tflite(q, Path(tmp) / "op.tflite", io="int8")
         builtin_ref = not any(op.kind == "elu" for op in q.ops)  # BUILTIN_REF registers no ELU
-        got = tflite_outputs(path, [inputs[name] for name in q.inputs], builtin_ref)
+        got = tflite_run(path, [inputs[name] for name in q.inputs], builtin_ref)
         back = load_tflite(path)
         again = reference.run(back, [inputs[name] for name in q.inputs][0] if len(back.inputs) == 1
                               else dict(zip(back.inputs, [inputs[name] for name in q.inputs])))
@@ -203,7 +188,7 @@ def test_pytorch_everyday_ops_bit_exact(cbuild, rng, tmp_path):
     assert np.array_equal(c_out, c_ref)
     # The whole model through tflite-runtime's reference kernels and back.
     path = export_tflite(q, tmp_path / "m.tflite", io="int8")
-    assert np.array_equal(tflite_outputs(path, [x_q])[0].reshape(c_ref.shape), c_ref)
+    assert np.array_equal(tflite_run(path, [x_q])[0].reshape(c_ref.shape), c_ref)
     assert np.array_equal(reference.run(load_tflite(path), x_q)[0].reshape(c_ref.shape), c_ref)
 
 

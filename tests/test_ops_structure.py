@@ -324,10 +324,37 @@ def test_structure_ops_everywhere(make, shape, tmp_path, cbuild):
     int8_everywhere(g, x, tmp_path, cbuild)
 
 
-def test_uneven_adaptive_bins_are_refused_clearly():
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(3))  # 8 -> 3: bins of 3 and 4
-    with pytest.raises(edgekit.EdgekitError, match=r"layer '0'.*bins differ in size"):
-        edgekit.load(model, np.zeros((1, 2, 8, 8), np.float32))
+class UnevenAdaptivePools(nn.Module):
+    """Adaptive pools whose bins differ in size (8 -> 3: bins of 3, 4, 3; 9 -> 5: 2, 3, 2, 2, 2; 3 -> 4:
+    overlapping bins), 2-d and 1-d: lowered to slices + pools + concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.AdaptiveAvgPool2d((3, 5))
+        self.m = nn.AdaptiveMaxPool2d((4, 3))
+        self.a1 = nn.AdaptiveAvgPool1d(5)
+        self.m1 = nn.AdaptiveMaxPool1d(3)
+
+    def forward(self, x):  # (N, 3, 8, 9)
+        return self.a(x), self.m(x[:, :, :3]), self.a1(x[:, :, 0]), self.m1(x[:, :, :, 1])
+
+
+def test_uneven_adaptive_bins_everywhere(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(5).normal(size=(24, 3, 8, 9)).astype(np.float32)
+    g = float_matches_torch(UnevenAdaptivePools(), x)
+    assert {"slice", "concat"} <= {op.kind for op in g.ops}
+    int8_everywhere(g, x, tmp_path, cbuild)
+
+
+@given(st.integers(1, 24), st.integers(1, 24))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_adaptive_runs_are_torchs_bins(n, o):
+    """Every (size, output) pair: the runs the frontend pools are exactly torch's bins, in order."""
+    from edgekit.frontends.pytorch import _adaptive_runs
+    bins = [(start + k * step, start + k * step + size) for start, size, step, count in _adaptive_runs(n, o)
+            for k in range(count)]
+    assert bins == [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]
 
 
 @given(st.integers(2, 40), st.integers(1, 3), st.floats(0.05, 8.0), st.integers(0, 2 ** 31))
@@ -454,3 +481,59 @@ def test_reduce_max_everywhere(tmp_path, cbuild):
     g = float_matches_torch(Maxes(), x)
     assert [op.kind for op in g.ops].count("reduce_max") == 3
     int8_everywhere(g, x, tmp_path, cbuild)
+
+
+# ---------------------------------------------------------------------------
+# weight-only mode (int8 weights, float activations)
+# ---------------------------------------------------------------------------
+
+class WeightOnlyStructure(nn.Module):
+    """The structure ops the weight-only (float) kernels run: grouped conv (split / concat), chunk, channel
+    shuffle (transpose), a strided slice, reflect padding (slices + concat), max / avg pooling, an uneven
+    adaptive pool (slices + pools + concat), nearest upsample, amax over the channels (REDUCE_MAX), the mean,
+    Linear and softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pad = nn.ReflectionPad2d(1)
+        self.a = nn.AdaptiveAvgPool2d((3, 2))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # (N, 3, 8, 8)
+        y = torch.relu(self.g(self.c(x)))
+        a, b = y.chunk(2, dim=1)
+        s = torch.cat([a, b[:, 1::2]], 1)  # 6 channels
+        n, c, h, w = s.shape
+        s = s.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+        p = nn.functional.max_pool2d(self.pad(s), 2)  # (N, 6, 5, 5)
+        q = nn.functional.avg_pool2d(p, 2, 1)  # (N, 6, 4, 4)
+        return (self.a(p), self.up(q), q.amax(dim=1, keepdim=True),
+                torch.softmax(self.fc(a.mean(dim=(2, 3))), dim=1))
+
+
+def test_weight_only_structure_ops(tmp_path, cbuild):
+    torch.manual_seed(0)
+    x = np.random.default_rng(6).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    g = float_matches_torch(WeightOnlyStructure(), x)
+    w = edgekit.quantize(g, x, weight_only=True)
+    assert {"split", "transpose", "slice", "concat", "max_pool2d", "avg_pool2d", "resize_nearest", "reduce_max",
+            "mean", "softmax"} <= {op.kind for op in w.ops}
+    x_ir = edgekit.api.to_ir_inputs(w, x[:4])
+    got, ref = c_matches_reference(w, tmp_path / "w", cbuild, {w.inputs[0]: x_ir})
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer,module,what", [
+    ("1", nn.ConvTranspose2d(3, 3, 2, stride=2), "ConvTranspose2d has no weight-only"),
+    ("1", nn.Upsample(scale_factor=2, mode="bilinear"), "bilinear resize has no weight-only"),
+    ("1", nn.LogSoftmax(dim=1), "log_softmax has no weight-only"),
+])
+def test_weight_only_refuses_the_rest_naming_the_layer(layer, module, what, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), module)
+    x = np.random.default_rng(7).normal(size=(4, 3, 4, 4)).astype(np.float32)
+    w = edgekit.quantize(model, x, weight_only=True)
+    with pytest.raises(edgekit.EdgekitError, match=rf"layer '{layer}': {what}"):
+        edgekit.generate(w, tmp_path / "w", board="host")

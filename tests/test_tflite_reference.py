@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import float_graph, quantize_with_random_data
+from helpers import float_graph, quantize_with_random_data, tflite_run
 from test_kernels_c import SETTINGS, activations, conv_case, conv_case_graph, input_range, observers, pool_case
 
 from edgekit import reference
@@ -23,22 +23,6 @@ from edgekit.errors import EdgekitError
 from edgekit.export.tflite import export_tflite
 
 tflite_runtime = pytest.importorskip("tflite_runtime.interpreter")
-
-
-def tflite_run(path, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Run a .tflite file sample by sample with TFLite's reference kernels."""
-    it = tflite_runtime.Interpreter(model_path=str(path),
-                                    experimental_op_resolver_type=tflite_runtime.OpResolverType.BUILTIN_REF)
-    it.allocate_tensors()
-    ins, outs = it.get_input_details(), it.get_output_details()
-    results = [[] for _ in outs]
-    for i in range(inputs[0].shape[0]):
-        for d, x in zip(ins, inputs):
-            it.set_tensor(d["index"], x[i:i + 1].astype(d["dtype"]))
-        it.invoke()
-        for r, d in zip(results, outs):
-            r.append(it.get_tensor(d["index"]))
-    return [np.concatenate(r) for r in results]
 
 
 def _check(g, rng, ranges=None, observer="minmax", n=12):

@@ -20,8 +20,7 @@ from edgekit import quant_math as qm
 from edgekit import train
 from edgekit.errors import EdgekitError
 from edgekit.frontends.tflite import load_tflite
-from helpers import c_matches_reference
-from test_ops_pointwise import tflite_outputs
+from helpers import c_matches_reference, tflite_run
 from zoo.efficientnet_b0 import EfficientNetB0Style
 from zoo.mobilenetv3_small import MobileNetV3Small
 from zoo.yolov3_tiny import YoloV3Tiny, YoloV3TinyBackbone
@@ -89,7 +88,7 @@ def test_architecture_bit_exact_and_sized(name, zoo, cbuild, tmp_path):
     assert np.array_equal(c_out, c_ref)
     # The export runs in tflite-runtime's reference kernels with the same int8 outputs, and reads back.
     path = edgekit.export_tflite(q, tmp_path / "m.tflite", io="int8")
-    assert np.array_equal(tflite_outputs(path, [x_q])[0].reshape(c_ref.shape), c_ref)
+    assert np.array_equal(tflite_run(path, [x_q])[0].reshape(c_ref.shape), c_ref)
     assert np.array_equal(edgekit.reference_run(load_tflite(path), x_q, int8=True).reshape(c_ref.shape), c_ref)
     # Fits, or is refused with exact numbers, on the two Cortex-M4 boards.
     for board in ("mps2-an386", "nucleo-f446re"):

@@ -1,14 +1,17 @@
-"""ONNX -> float IR: the same ops, layouts and weights the PyTorch frontend produces.
+"""ONNX -> float IR, through the PyTorch frontend's own lowering.
 
-Nodes are walked in the file's (topological) order. Activations change layout on the way in, as in
-``frontends/pytorch.py``: NCHW becomes NHWC, NCL becomes (1, 1, L, C); conv weights become OHWI
-(depthwise: 1HWO). A Flatten of a spatial tensor keeps NHWC order in memory and the Gemm / MatMul
-that reads it gets its weight columns permuted instead.
+An ONNX node is the ATen op torch.onnx.export made it from, with its attributes spelled differently. So
+each ONNX op here only translates its attributes into the arguments of the matching ATen op and hands
+the node, dressed as a torch.fx node (``_Node``), to the PyTorch frontend's handler for it
+(``frontends/pytorch.py``): the same layouts (NCHW -> NHWC, an (N, C, L) signal -> (1, L, C), a
+permute as a relabelling, a flattened spatial tensor read by a Linear through permuted weight columns),
+the same IR ops, the same checks and messages. A model gives the same graph from ``.onnx`` as from
+``torch.export``; what differs is only what ONNX spells as several nodes (an LSTM's time-major layout, a
+chunk as slices, GELU as an Erf formula, x @ W + b), which is put back together here.
 
 Constant subgraphs (what exporters emit to compute a pad or a reshape target: Constant, Shape of a
-static tensor, Gather, Concat, Cast, ...) are evaluated here with onnx's own reference evaluator, so
-only the ops that compute on activations need a handler: one small function per ONNX op, registered
-with ``@handles("OpType")``.
+static tensor, Gather, Concat, Cast, ...) are evaluated with onnx's own reference evaluator, so only the
+ops that compute on activations need a handler: one small function per ONNX op, ``@handles("OpType")``.
 
 A QDQ model (onnxruntime.quantization's ``quantize_static``) keeps its own quantization: a
 QuantizeLinear -> DequantizeLinear pair on an activation records its scale and zero point
@@ -18,19 +21,26 @@ them instead of the calibrated ones.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 from ..errors import EdgekitError
-from ..ir import Graph, Op, Tensor, conv_output_size
+from ..ir import Graph, Op
+from . import pytorch as pt
 
 SUPPORTED_OPS = (
-    "Conv (1-D and 2-D; groups 1 or depthwise), Gemm, MatMul (+ Add of a bias), BatchNormalization, Relu, "
-    "Clip (0..6, 0..inf), MaxPool, AveragePool, GlobalAveragePool, Pad (constant), Flatten / Reshape (to "
-    "(N, features)), Add, Concat, Softmax, Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), "
-    "and constant subgraphs (Constant, Shape, Gather, Concat, Cast, ...: evaluated at load time)"
+    "Conv (1-D, 2-D; any groups, uneven pads), ConvTranspose (2-D), Gemm, MatMul (+ Add of a bias; and between "
+    "activations), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish, HardSigmoid, LeakyRelu, Elu, PRelu, "
+    "Gelu (and its Erf formula), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, constants), "
+    "Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
+    "Pad (constant, reflect, edge), Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, "
+    "Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), LSTM and GRU (one way, "
+    "zero initial state), Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), and constant "
+    "subgraphs (Constant, Shape, Gather, Concat, Cast, ...: evaluated at load time)"
 )
 
 HANDLERS: dict[str, Callable] = {}
@@ -47,14 +57,11 @@ def handles(*op_types: str):
 
 # Ops whose output is known at load time although their input is an activation (static shapes).
 STATIC_OUTPUT = ("Shape",)
-
-
-class _Value:
-    """An activation: its IR tensor, the rank it has in ONNX (4: NCHW, 3: NCL, 2: NC) and, for a
-    flattened spatial tensor, the permutation IR position -> ONNX position."""
-
-    def __init__(self, name: str, rank: int, perm: np.ndarray | None = None):
-        self.name, self.rank, self.perm = name, rank, perm
+# ONNX ops that read a rank-3 tensor channels first: a rank-3 model input they read is an (N, C, L)
+# signal, else an (N, L, C) sequence (as in the PyTorch frontend).
+_READS_NCL = ("Conv", "MaxPool", "AveragePool", "BatchNormalization", "GlobalAveragePool", "GlobalMaxPool",
+              "Pad", "Resize", "ConvTranspose", "InstanceNormalization")
+_VIEWS = ("Unsqueeze", "Squeeze", "Reshape", "Identity", "Dropout", "QuantizeLinear", "DequantizeLinear")
 
 
 def load_onnx(path) -> Graph:
@@ -78,121 +85,299 @@ def load_onnx(path) -> Graph:
 def _attrs(node) -> dict:
     from onnx import helper
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    out = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        out[a.name] = value.decode() if isinstance(value, bytes) else value
+    return out
 
 
 def layer_name(node) -> str:
-    """The source layer of a node: exporters name nodes by module path ("/stem/stem.0/Conv" -> "stem.0")."""
+    """The module path of a node, as torch names it. torch.onnx.export names a node by its scopes, each a
+    child's name relative to its parent, a Sequential's children as "parent.index", then the op:
+    "/features/features.1/block/block.0/block.0.0/Conv" is the layer "features.1.block.0.0"."""
     parts = [p for p in node.name.split("/") if p]
     if len(parts) >= 2:
-        return parts[-2]
+        path, prev = "", ""
+        for scope in parts[:-1]:
+            if prev and scope.startswith(prev + "."):
+                path += scope[len(prev):]  # a Sequential's child: "block" -> "block.0"
+            else:
+                path = f"{path}.{scope}" if path else scope
+            prev = scope
+        return path
     if parts:  # an op outside any module ("/Add_1"): named like torch names it ("add_1")
         return parts[0].lower()
     return node.output[0] if node.output else node.op_type.lower()
 
 
-class _Converter:
+def _f32(value) -> float:
+    """An ONNX float attribute as the number it was written as (0.1, not float32's 0.10000000149)."""
+    return float(str(np.float32(value)))
+
+
+class _Target:
+    """What a torch.fx node's ``target`` tells the handlers: its name (``conv2d.default``)."""
+
+    def __init__(self, op: str):
+        self.__name__ = f"{op}.default"
+
+    def __str__(self):
+        return f"aten.{self.__name__}"
+
+
+class _Ref:
+    """An fx-like argument: the name of a value or constant, and which ONNX nodes read it."""
+
+    def __init__(self, name: str, users=()):
+        self.name, self.users = name, list(users)
+
+    def __repr__(self):
+        return self.name
+
+
+class _Node:
+    """An ONNX node dressed as the torch.fx node of the ATen op ``op`` for the PyTorch frontend's handlers."""
+
+    def __init__(self, onnx_node, name: str, op: str, args, kwargs=None, val=None):
+        self.onnx = onnx_node
+        self.name = name
+        self.target = _Target(op)
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        self.meta = {"nn_module_stack": {"": (layer_name(onnx_node), onnx_node.op_type)}, "val": val}
+        self.users: list = []
+
+
+def _shaped(shape):
+    """A stand-in for an fx node's ``meta["val"]``: something with a ``.shape``."""
+    return SimpleNamespace(shape=tuple(int(s) for s in shape))
+
+
+class _Seq:
+    """An ONNX LSTM / GRU output Y, (L, directions, N, H): the exporter squeezes the directions away next."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _Converter(pt._Converter):
     def __init__(self, model):
         from onnx import numpy_helper
 
+        super().__init__(None)
         self.model = model
         self.onnx_graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        self.graph = Graph()
-        self.values: dict[str, _Value] = {}
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
+        self.names: dict[str, str] = {}  # ONNX tensor name -> identifier (values, constants, IR tensors)
+        self.idents: set[str] = set()
+        self.users: dict[str, list] = {}  # ONNX tensor name -> the nodes that read it
+        self.onnx_slices: set[str] = set()  # IR tensors cut by ONNX Slice nodes (perhaps one split)
+        self.absorbed: set[int] = set()  # nodes already converted with an earlier one (a MatMul's bias Add)
         self.const_quant: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # dequantized constant -> (s, zp, axis)
-        self.quantized: dict[str, tuple[_Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
-        self.producer: dict[str, Op] = {}
+        self.quantized: dict[str, tuple[pt._Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
+        for init in self.onnx_graph.initializer:
+            self.consts[self.ident(init.name)] = numpy_helper.to_array(init)
+        self.nodes = _fuse_patterns(list(self.onnx_graph.node), self._constant_values())
+        for node in self.nodes:
+            for i in node.input:
+                self.users.setdefault(i, []).append(node)
 
-    # -- errors ------------------------------------------------------------
-    def unsupported(self, node, why: str) -> EdgekitError:
-        return EdgekitError(f"ONNX node '{node.name or node.output[0]}' ({node.op_type}) {why}.\n"
-                            f"edgekit supports: {SUPPORTED_OPS}.")
+    def _constant_values(self) -> dict[str, np.ndarray]:
+        """The initializers and Constant nodes by ONNX name (for recognising patterns before the walk)."""
+        from onnx import numpy_helper
 
-    def _check_supported(self):
-        """Every op that computes on activations needs a handler: list all that have none, at once."""
-        known = set(self.consts) | {""}
-        unsupported = []
+        found = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
         for node in self.onnx_graph.node:
-            if all(i in known for i in node.input) or node.op_type in STATIC_OUTPUT:
-                known.update(node.output)  # evaluated at load time
-            elif node.op_type not in HANDLERS:
-                unsupported.append(f"{node.op_type} ('{node.name or node.output[0]}')")
-        if unsupported:
-            raise EdgekitError(f"the ONNX model uses {len(unsupported)} unsupported operation"
-                               f"{'s' if len(unsupported) > 1 else ''}: {', '.join(unsupported)}.\n"
-                               f"edgekit supports: {SUPPORTED_OPS}.")
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        return found
 
-    # -- values ------------------------------------------------------------
-    def value(self, name: str, node) -> _Value:
-        v = self.values.get(name)
-        if v is None:
-            if name in self.quantized:
-                raise self.unsupported(node, "reads a QuantizeLinear output directly (edgekit reads QDQ pairs)")
-            raise self.unsupported(node, f"reads '{name}', which is not an activation edgekit computes")
-        return v
+    # -- names -------------------------------------------------------------
+    def ident(self, onnx_name: str) -> str:
+        """A stable identifier for an ONNX tensor name ("/stem/Conv_output_0" -> "stem_Conv_output_0")."""
+        if onnx_name not in self.names:
+            base = re.sub(r"\W+", "_", onnx_name).strip("_") or "t"
+            name, i = base, 1
+            while name in self.idents:
+                name, i = f"{base}_{i}", i + 1
+            self.idents.add(name)
+            self.names[onnx_name] = name
+        return self.names[onnx_name]
 
-    def const(self, name: str, node, what: str) -> np.ndarray | None:
-        if name == "":
+    def ref(self, onnx_name: str) -> _Ref | None:
+        if onnx_name == "":
             return None
+        return _Ref(self.ident(onnx_name), self.users.get(onnx_name, ()))
+
+    def const_ref(self, data, base: str) -> _Ref:
+        """A constant made here (a reordered weight) as an argument."""
+        name = self.ident(f"{base}.edgekit_const")
+        self.consts[name] = np.asarray(data)
+        return _Ref(name)
+
+    def is_const(self, onnx_name: str) -> bool:
+        return onnx_name == "" or self.ident(onnx_name) in self.consts
+
+    def cval(self, node, index: int, what: str, default=None):
+        """The constant value of ONNX input ``index`` (``default`` when absent)."""
+        if index >= len(node.input) or node.input[index] == "":
+            return default
+        name = self.ident(node.input[index])
         if name not in self.consts:
-            raise self.unsupported(node, f"has its {what} computed at run time, not a constant")
+            raise self.unsupported(node, f"its {what} is computed at run time, not a constant")
         data = self.consts[name]
         if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
             raise EdgekitError(f"ONNX node '{node.name}' has {int(np.sum(~np.isfinite(data)))} NaN or inf values in "
                                f"its {what}; fix the model before deploying")
         return data
 
-    def is_const(self, name: str) -> bool:
-        return name == "" or name in self.consts
+    def fake(self, node, op: str, *args, val=None, **kwargs) -> _Node:
+        return _Node(node, self.ident(node.output[0]), op, args, kwargs, val)
 
-    def shape(self, v: _Value) -> tuple[int, ...]:
-        return self.graph.tensors[v.name].shape
+    def finish(self, node, fake: _Node) -> None:
+        """Spread a handler's tuple result over the node's ONNX outputs; refuse read outputs it lacks."""
+        result = self.values.get(fake.name)
+        if not isinstance(result, tuple):
+            result = (result,)
+        for i, out in enumerate(node.output):
+            if not out:
+                continue
+            got = result[i] if i < len(result) else None
+            if got is None:
+                if self.users.get(out) or out in {o.name for o in self.onnx_graph.output}:
+                    raise self.unsupported(node, f"its output {i} ('{out}') is not supported")
+                continue
+            self.values[self.ident(out)] = got
 
-    def onnx_shape(self, v: _Value) -> list[int]:
-        s = self.shape(v)
-        return {4: [1, s[3], s[1], s[2]], 3: [1, s[3], s[2]]}.get(v.rank, list(s))
-
-    def new_tensor(self, base: str, shape, data=None) -> str:
-        name = self.graph.unique_name(base)
-        self.graph.add_tensor(Tensor(name, tuple(int(s) for s in shape), "float32",
-                                     None if data is None else np.ascontiguousarray(data, dtype=np.float32)))
-        return name
-
-    def add_op(self, kind: str, node, inputs, out_shape, rank: int, attrs=None, perm=None) -> _Value:
-        layer = layer_name(node)
-        out = self.new_tensor(layer, out_shape)
-        op = Op(kind, layer, list(inputs), [out], dict(attrs or {}))
-        self.graph.ops.append(op)
-        self.producer[out] = op
-        v = _Value(out, rank, perm)
-        self.values[node.output[0]] = v
+    def onnx_value(self, onnx_name: str, node) -> pt._Value:
+        v = self.values.get(self.ident(onnx_name))
+        if v is pt._POISON:
+            raise pt._Poisoned()
+        if isinstance(v, _Seq):
+            raise self.unsupported(node, "it reads an LSTM / GRU output other than through the exporter's Squeeze")
+        if not isinstance(v, pt._Value):
+            if self.ident(onnx_name) in self.quantized:
+                raise self.unsupported(node, "it reads a QuantizeLinear output directly (edgekit reads QDQ pairs)")
+            raise self.unsupported(node, f"it reads '{onnx_name}', which is not an activation edgekit computes")
         return v
 
-    def alias(self, node, v: _Value) -> None:
-        self.values[node.output[0]] = v
+    # -- errors ------------------------------------------------------------
+    def unsupported(self, node, why: str) -> EdgekitError:
+        onnx_node = getattr(node, "onnx", node)
+        name = onnx_node.name or (onnx_node.output[0] if onnx_node.output else onnx_node.op_type)
+        return EdgekitError(f"ONNX node '{name}' ({onnx_node.op_type}): {why}.\nedgekit supports: {SUPPORTED_OPS}.")
 
-    def require_plain(self, v: _Value, node) -> None:
-        if v.perm is not None:
-            raise self.unsupported(node, "reads the flattened output of a spatial tensor; edgekit keeps NHWC order "
-                                         "and can remap it only into a Gemm / MatMul")
+    # -- the walk ----------------------------------------------------------
+    def run(self) -> Graph:
+        """Convert every node; a node that cannot be converted is recorded and the walk goes on, so one error
+        lists every unsupported node (nodes that only read its result are not listed again)."""
+        initializers = {i.name for i in self.onnx_graph.initializer}
+        for inp in self.onnx_graph.input:
+            if inp.name not in initializers:
+                self._model_input(inp)
+        problems: list[str] = []
+        for node in self.nodes:
+            if id(node) in self.absorbed:
+                continue
+            if all(self.is_const(i) for i in node.input) and node.op_type != "DequantizeLinear":
+                self._fold(node, problems)
+                continue
+            if any(self.values.get(self.ident(i)) is pt._POISON for i in node.input if i):
+                self._poison(node)
+                continue
+            handler = HANDLERS.get(node.op_type)
+            try:
+                if handler is None:
+                    raise self.unsupported(node, "this operation is not supported")
+                handler(self, node)
+            except pt._Poisoned:
+                self._poison(node)
+            except EdgekitError as exc:
+                self._poison(node)
+                text = str(exc).split("\nedgekit supports:")[0]
+                name = node.name or node.output[0]
+                problems.append(text if text.startswith("ONNX node") else
+                                f"ONNX node '{name}' ({node.op_type}): {text}")
+        if len(problems) == 1:
+            raise EdgekitError(f"{problems[0]}\nedgekit supports: {SUPPORTED_OPS}.")
+        if problems:
+            lines = "\n  ".join(problems)
+            raise EdgekitError(f"{len(problems)} operations of this ONNX model are not supported:\n  {lines}"
+                               f"\nedgekit supports: {SUPPORTED_OPS}.")
+        self._outputs()
+        self._drop_dead_reshapes()
+        _slices_to_split(self.graph, self.onnx_slices)
+        return self.graph
 
-    def ir_axis(self, v: _Value, axis: int, node) -> int:
-        axis = axis % v.rank
-        if v.rank == 4:
-            return {0: 0, 1: 3, 2: 1, 3: 2}[axis]
-        if v.rank == 3:
-            return {0: 0, 1: 3, 2: 2}[axis]
-        if v.rank == 2:
-            return axis
-        raise self.unsupported(node, f"works on a rank-{v.rank} tensor")
+    def _poison(self, node):
+        for out in node.output:
+            if out:
+                self.values[self.ident(out)] = pt._POISON
 
+    def _model_input(self, inp):
+        dims = inp.type.tensor_type.shape.dim
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if len(shape) and shape[0] is None:
+            shape[0] = 1  # a symbolic batch size: edgekit runs one sample at a time
+        if any(s is None or s < 1 for s in shape[1:]):
+            raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}: edgekit needs fixed sizes "
+                               "except the batch")
+        if len(shape) not in (2, 3, 4):
+            raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}; edgekit takes (N, C, H, W), "
+                               "(N, C, L), (N, L, C) or (N, features)")
+        dims = pt.CHANNELS_FIRST[len(shape)]
+        if len(shape) == 3 and not self._reads_channels_first(inp.name):
+            dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM / MatMul read it
+        name = self.new_tensor(self.ident(inp.name), (1,) + tuple(shape[d] for d in dims[1:]))
+        self.graph.inputs.append(name)
+        self.graph.source_layouts[name] = pt.LAYOUT_NAMES[dims]
+        self.values[self.ident(inp.name)] = pt._Value(name, dims)
+
+    def _reads_channels_first(self, onnx_name: str, depth: int = 0) -> bool:
+        for user in self.users.get(onnx_name, ()):
+            if user.op_type in _READS_NCL:
+                return True
+            if user.op_type in _VIEWS and depth < 4 and self._reads_channels_first(user.output[0], depth + 1):
+                return True
+        return False
+
+    def _outputs(self):
+        refs = []
+        for out in self.onnx_graph.output:
+            v = self.values.get(self.ident(out.name))
+            if not isinstance(v, pt._Value):
+                raise EdgekitError(f"the ONNX model's output '{out.name}' is a constant or is not computed by "
+                                   "supported operations")
+            refs.append(self.ref(out.name))
+        node = SimpleNamespace(name="output", op_type="Output", output=["output"], input=[])
+        try:
+            self._output(_Node(node, "output", "output", (refs,)))
+        except EdgekitError as exc:
+            raise EdgekitError(str(exc).replace("ONNX node 'output' (Output): ", "the ONNX model's output: ")) \
+                from None
+
+    def _fold(self, node, problems: list[str]):
+        """A node on constants only: evaluate it now with onnx's reference implementation."""
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            inputs = {i: self.consts[self.ident(i)] for i in node.input if i}
+            results = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the evaluator is the model's
+            problems.append(f"ONNX node '{node.name}' ({node.op_type}): computes on constants and could not be "
+                            f"evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            self._poison(node)
+            return
+        for name, data in zip(node.output, results):
+            self.consts[self.ident(name)] = np.asarray(data)
+
+    # -- QDQ -----------------------------------------------------------------
     def weight_params(self, onnx_name: str, ir_name: str, channels: int, channel_axis: int) -> None:
         """Keep a QDQ weight's own scales (per output channel) for the quantizer."""
-        if onnx_name not in self.const_quant:
+        key = self.ident(onnx_name)
+        if key not in self.const_quant:
             return
-        scale, zp, axis = self.const_quant[onnx_name]
+        scale, zp, axis = self.const_quant[key]
         if np.any(zp != 0):
             return  # asymmetric weights: edgekit's weights are symmetric, it chooses its own scales
         if scale.size == 1:
@@ -201,79 +386,129 @@ class _Converter:
             return  # scales along another axis than the output channels: edgekit chooses its own
         self.graph.meta.setdefault("weight_params", {})[ir_name] = np.asarray(scale, np.float64).reshape(-1)
 
-    # -- the walk ----------------------------------------------------------
-    def run(self) -> Graph:
-        self._check_supported()
-        initializers = set(self.consts)
-        for inp in self.onnx_graph.input:
-            if inp.name not in initializers:
-                self._input(inp)
-        for node in self.onnx_graph.node:
-            if all(self.is_const(i) for i in node.input) and node.op_type != "DequantizeLinear":
-                self._fold(node)
+    def producer_of(self, onnx_name: str) -> Op | None:
+        v = self.values.get(self.ident(onnx_name))
+        if not isinstance(v, pt._Value):
+            return None
+        return next((op for op in reversed(self.graph.ops) if v.name in op.outputs), None)
+
+
+# ---------------------------------------------------------------------------
+# Patterns exporters spell as several nodes, put back together before the walk
+# ---------------------------------------------------------------------------
+
+def _fuse_patterns(nodes: list, consts: dict) -> list:
+    """GELU's Erf formula (x * 0.5 * (1 + erf(x / sqrt 2)), in the orders exporters write it) becomes one
+    Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT)."""
+    from onnx import helper
+
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def only_user(name):
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 else None
+
+    def scalar(name, value, tol=1e-4):
+        data = consts.get(name)
+        return data is not None and data.size == 1 and abs(float(data.reshape(-1)[0]) - value) <= tol
+
+    def other(n, name):
+        return n.input[1] if n.input[0] == name else n.input[0]
+
+    drop, replace = set(), {}
+    for erf in nodes:
+        if erf.op_type != "Erf":
+            continue
+        div = next((n for n in nodes if erf.input[0] in n.output), None)
+        if div is None or not ((div.op_type == "Div" and scalar(div.input[1], np.sqrt(2.0))) or
+                               (div.op_type == "Mul" and scalar(other(div, div.input[0]), 1 / np.sqrt(2.0)))):
+            continue
+        x = div.input[0] if div.op_type == "Div" or not scalar(div.input[0], 1 / np.sqrt(2.0)) else div.input[1]
+        add = only_user(erf.output[0])
+        if add is None or add.op_type != "Add" or not scalar(other(add, erf.output[0]), 1.0):
+            continue
+        chain, last = [div, erf, add], add.output[0]
+        ok, seen_x, seen_half = True, False, False
+        while not (seen_x and seen_half):  # two Muls: by x and by 0.5, in either order (x * 0.5 first too)
+            mul = only_user(last)
+            if mul is None or mul.op_type != "Mul":
+                ok = False
+                break
+            o = other(mul, last)
+            if not seen_x and o == x:
+                seen_x = True
+            elif not seen_half and scalar(o, 0.5):
+                seen_half = True
             else:
-                HANDLERS[node.op_type](self, node)
-        for out in self.onnx_graph.output:
-            v = self.values.get(out.name)
-            if v is None:
-                raise EdgekitError(f"the ONNX model's output '{out.name}' is a constant or is not computed by "
-                                   "supported operations")
-            if v.perm is not None:
-                raise EdgekitError(f"the ONNX model's output '{out.name}' is a flattened spatial tensor; "
-                                   "edgekit returns only (N, features) from a Gemm / MatMul or NCHW tensors")
-            self.graph.outputs.append(v.name)
-            self.graph.source_layouts[v.name] = {4: "NCHW", 3: "NCL", 2: "NC"}[v.rank]
-        return self.graph
+                ok = False
+                break
+            chain.append(mul)
+            last = mul.output[0]
+        if not ok or (div.op_type == "Div" and len(users.get(div.output[0], [])) != 1):
+            continue
+        gelu = helper.make_node("Gelu", [x], [last], name=chain[-1].name.rsplit("/", 1)[0] + "/Gelu")
+        drop.update(id(n) for n in chain)
+        replace[id(chain[-1])] = gelu
+    for sqrt in nodes:
+        if sqrt.op_type != "Sqrt":
+            continue
+        inv = only_user(sqrt.output[0])
+        if inv is None or not (inv.op_type == "Reciprocal" or
+                               (inv.op_type == "Div" and inv.input[1] == sqrt.output[0] and scalar(inv.input[0], 1.0))):
+            continue
+        drop.update((id(sqrt), id(inv)))
+        replace[id(inv)] = helper.make_node("Rsqrt", [sqrt.input[0]], [inv.output[0]], name=inv.name)
+    out = []
+    for n in nodes:
+        if id(n) in replace:
+            out.append(replace[id(n)])
+        elif id(n) not in drop:
+            out.append(n)
+    # a Gelu replaces the last node of its chain: nodes between that read x still come first
+    return out
 
-    def _input(self, inp):
-        dims = inp.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        if len(shape) and shape[0] is None:
-            shape[0] = 1  # a symbolic batch size: edgekit runs one sample at a time
-        if any(s is None or s < 1 for s in shape[1:]):
-            raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}: edgekit needs fixed sizes "
-                               "except the batch")
-        if len(shape) == 4:
-            ir_shape, layout = (1, shape[2], shape[3], shape[1]), "NCHW"
-        elif len(shape) == 3:
-            ir_shape, layout = (1, 1, shape[2], shape[1]), "NCL"
-        elif len(shape) == 2:
-            ir_shape, layout = (1, shape[1]), "NC"
+
+def _slices_to_split(graph: Graph, cut: set[str]) -> None:
+    """Slices of one tensor along one axis that cover it end to end, in order and without overlap (how
+    exporters write torch.chunk / split): one SPLIT op, as the PyTorch frontend makes."""
+    by_input: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        if op.kind == "slice" and op.outputs[0] in cut:
+            by_input.setdefault(op.inputs[0], []).append(op)
+    for name, slices in by_input.items():
+        shape = graph.tensors[name].shape
+        pieces = []
+        for op in slices:
+            b, e, s = op.attrs["begin"], op.attrs["end"], op.attrs["strides"]
+            cut = [a for a in range(len(shape)) if (b[a], e[a]) != (0, shape[a])]
+            if any(x != 1 for x in s) or len(cut) != 1:
+                break
+            pieces.append((cut[0], b[cut[0]], e[cut[0]], op))
         else:
-            raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}; edgekit takes (N, C, H, W), "
-                               "(N, C, L) or (N, features)")
-        name = self.new_tensor(inp.name, ir_shape)
-        self.graph.inputs.append(name)
-        self.graph.source_layouts[name] = layout
-        self.values[inp.name] = _Value(name, len(shape))
-
-    def _fold(self, node):
-        """A node on constants only: evaluate it now with onnx's reference implementation."""
-        from onnx.reference import ReferenceEvaluator
-
-        try:
-            inputs = {i: self.consts[i] for i in node.input if i}
-            results = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, inputs)
-        except Exception as exc:
-            raise self.unsupported(node, f"computes on constants and could not be evaluated: {exc}") from None
-        for name, data in zip(node.output, results):
-            self.consts[name] = np.asarray(data)
+            axes = {p[0] for p in pieces}
+            pieces.sort(key=lambda p: p[1])
+            if len(pieces) < 2 or len(axes) != 1 or pieces[0][1] != 0 or pieces[-1][2] != shape[pieces[0][0]] or \
+                    any(a[2] != b[1] for a, b in zip(pieces, pieces[1:])):
+                continue
+            first = min(graph.ops.index(p[3]) for p in pieces)
+            split = Op("split", pieces[0][3].name, [name], [p[3].outputs[0] for p in pieces], dict(axis=axes.pop()))
+            for p in pieces:
+                graph.ops.remove(p[3])
+            graph.ops.insert(first, split)
 
 
 # ---------------------------------------------------------------------------
-# One function per ONNX op
+# One function per ONNX op: its attributes as the ATen op's arguments
 # ---------------------------------------------------------------------------
 
-def _conv_pads(pads, n: int) -> list[int]:
-    """ONNX pads: the begins of the ``n`` spatial axes, then their ends."""
-    return list(pads) if pads else [0] * (2 * n)
-
-
-def _auto_pads(node, auto_pad, sizes, kernel, stride, dilation) -> list[int] | None:
-    """Explicit pads (begins then ends) for SAME_UPPER / SAME_LOWER / VALID."""
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+def _pads(node, a: dict, sizes, kernel, stride, dilation) -> list[int]:
+    """Explicit pads (the begins of the spatial axes, then their ends), auto_pad resolved."""
+    auto_pad = a.get("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
-        return None
+        return list(a.get("pads", [0] * (2 * len(sizes))))
     if auto_pad == "VALID":
         return [0] * (2 * len(sizes))
     begins, ends = [], []
@@ -289,348 +524,632 @@ def _auto_pads(node, auto_pad, sizes, kernel, stride, dilation) -> list[int] | N
 @handles("Conv")
 def _conv(c: _Converter, node):
     a = _attrs(node)
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    weight = c.const(node.input[1], node, "weight").astype(np.float32)
-    bias = c.const(node.input[2], node, "bias") if len(node.input) > 2 else None
-    if weight.ndim == 3:  # Conv1d: (O, I, K) over (N, C, L), held as a 1 x L image
-        if v.rank != 3:
-            raise c.unsupported(node, "is a 1-D convolution of a tensor that is not (N, C, L)")
-        k = list(a.get("kernel_shape", weight.shape[2:]))
-        s, d = list(a.get("strides", [1])), list(a.get("dilations", [1]))
-        pads = _auto_pads(node, a.get("auto_pad", "NOTSET"), [c.shape(v)[2]], k, s, d) or _conv_pads(a.get("pads"), 1)
-        weight, stride, dilation, pads = weight[:, :, None, :], (1, s[0]), (1, d[0]), (0, 0, pads[0], pads[1])
-    elif weight.ndim == 4:
-        if v.rank != 4:
-            raise c.unsupported(node, "is a 2-D convolution of a tensor that is not (N, C, H, W)")
-        k = list(a.get("kernel_shape", weight.shape[2:]))
-        s, d = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
-        p = _auto_pads(node, a.get("auto_pad", "NOTSET"), list(c.shape(v)[1:3]), k, s, d) \
-            or _conv_pads(a.get("pads"), 2)
-        stride, dilation, pads = tuple(s), tuple(d), (p[0], p[2], p[1], p[3])  # (t, b, l, r)
-    else:
-        raise c.unsupported(node, f"has a {weight.ndim}-D weight (only 1-D and 2-D convolutions)")
-    _, H, W, C = c.shape(v)
-    O, I, KH, KW = weight.shape
-    OH = conv_output_size(H, KH, stride[0], dilation[0], pads[0], pads[1])
-    OW = conv_output_size(W, KW, stride[1], dilation[1], pads[2], pads[3])
-    if OH < 1 or OW < 1:
-        raise c.unsupported(node, f"has a {KH}x{KW} kernel that does not fit the {H}x{W} input")
+    v = c.onnx_value(node.input[0], node)
+    weight = c.cval(node, 1, "weight").astype(np.float32)
+    n = weight.ndim - 2
+    if n not in (1, 2):
+        raise c.unsupported(node, f"a {n}-D convolution (edgekit: 1-D and 2-D)")
+    k = list(a.get("kernel_shape", weight.shape[2:]))
+    s, d = list(a.get("strides", [1] * n)), list(a.get("dilations", [1] * n))
+    p = _pads(node, a, c._torch_shape(v)[2:], k, s, d)
     groups = int(a.get("group", 1))
-    attrs = dict(stride=stride, dilation=dilation, padding=pads, activation="none")
-    if groups == 1:
-        kind, ir_weight, axis = "conv2d", weight.transpose(0, 2, 3, 1), 0  # OHWI
-    elif groups == C and I == 1 and O % C == 0:
-        kind, ir_weight, axis = "depthwise_conv2d", weight.transpose(1, 2, 3, 0), 3  # 1HWO
-        attrs["depth_multiplier"] = O // C
+    x, b = c.ref(node.input[0]), c.ref(node.input[2]) if len(node.input) > 2 else None
+    if n == 1:
+        if v.torch_rank != 3:
+            raise c.unsupported(node, "a 1-D convolution of a tensor that is not (N, C, L)")
+        fake = c.fake(node, "conv1d")
+        c._conv(fake, x, weight[:, :, None, :], b, (1, s[0]), (0, 0, p[0], p[1]), (1, d[0]), groups, torch_rank=3)
     else:
-        raise c.unsupported(node, f"is a grouped convolution with group={groups} (only 1 or depthwise, {C})")
-    base = layer_name(node)
-    w_name = c.new_tensor(f"{base}.weight", ir_weight.shape, ir_weight)
-    c.weight_params(node.input[1], w_name, O, 0)
-    inputs = [v.name, w_name]
-    if bias is not None:
-        inputs.append(c.new_tensor(f"{base}.bias", bias.shape, bias))
-    c.add_op(kind, node, inputs, (1, OH, OW, O), v.rank, attrs)
+        fake = c.fake(node, "conv2d")
+        c._conv(fake, x, weight, b, tuple(s), (p[0], p[2], p[1], p[3]), tuple(d), groups)
+    c.finish(node, fake)
+    op = c.producer_of(node.output[0])
+    if op is not None and op.kind in ("conv2d", "depthwise_conv2d"):
+        c.weight_params(node.input[1], op.inputs[1], weight.shape[0], 0)
 
 
-def _fully_connected(c: _Converter, node, v: _Value, weight: np.ndarray, bias, weight_source: str | None,
-                     out_axis: int):
-    """x (N, I) times ``weight`` (O, I); ``out_axis``: the source weight's output-channel axis."""
-    if v.rank != 2:
-        raise c.unsupported(node, f"multiplies a rank-{v.rank} tensor; flatten it to (N, features) first")
-    if weight.shape[1] != c.shape(v)[1]:
-        raise c.unsupported(node, f"has a weight for {weight.shape[1]} inputs but reads {c.shape(v)[1]}")
-    if v.perm is not None:
-        weight = weight[:, v.perm]
+@handles("ConvTranspose")
+def _conv_transpose(c: _Converter, node):
+    a = _attrs(node)
+    weight = c.cval(node, 1, "weight")
+    if weight.ndim != 4:
+        raise c.unsupported(node, "a ConvTranspose that is not 2-D")
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "") or "output_shape" in a:
+        raise c.unsupported(node, "auto_pad / output_shape (give explicit pads)")
+    p = list(a.get("pads", [0, 0, 0, 0]))
+    if p[0] != p[2] or p[1] != p[3]:
+        raise c.unsupported(node, f"uneven pads {p}")
+    fake = c.fake(node, "conv_transpose2d", c.ref(node.input[0]), c.ref(node.input[1]),
+                  c.ref(node.input[2]) if len(node.input) > 2 else None, list(a.get("strides", [1, 1])), [p[0], p[1]],
+                  list(a.get("output_padding", [0, 0])), int(a.get("group", 1)), list(a.get("dilations", [1, 1])))
+    c._op_conv_transpose2d(fake)
+    c.finish(node, fake)
+
+
+def _linear(c: _Converter, node, x: _Ref, weight: np.ndarray, bias, weight_source: str | None, out_axis: int):
+    """x (..., I) times ``weight`` (O, I) plus ``bias``: the PyTorch frontend's Linear."""
     base = layer_name(node)
-    w_name = c.new_tensor(f"{base}.weight", weight.shape, weight)
-    if weight_source is not None:
-        c.weight_params(weight_source, w_name, weight.shape[0], out_axis)
-    inputs = [v.name, w_name]
-    if bias is not None:
-        inputs.append(c.new_tensor(f"{base}.bias", bias.shape, np.broadcast_to(bias, (weight.shape[0],))))
-    c.add_op("fully_connected", node, inputs, (1, weight.shape[0]), 2, dict(activation="none"))
+    fake = c.fake(node, "linear", x, c.const_ref(weight, f"{base}.weight"),
+                  None if bias is None else c.const_ref(np.broadcast_to(bias, (weight.shape[0],)), f"{base}.bias"))
+    c._op_linear(fake)
+    c.finish(node, fake)
+    op = c.producer_of(node.output[0])
+    if weight_source is not None and op is not None:
+        c.weight_params(weight_source, op.inputs[1], weight.shape[0], out_axis)
 
 
 @handles("Gemm")
 def _gemm(c: _Converter, node):
     a = _attrs(node)
     if a.get("transA", 0):
-        raise c.unsupported(node, "transposes its input (transA=1)")
-    v = c.value(node.input[0], node)
-    b = c.const(node.input[1], node, "weight").astype(np.float32)
-    weight = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
-    bias = c.const(node.input[2], node, "bias") if len(node.input) > 2 else None
+        raise c.unsupported(node, "it transposes its input (transA=1)")
+    c.onnx_value(node.input[0], node)
+    b = c.cval(node, 1, "weight").astype(np.float32)
+    alpha = float(a.get("alpha", 1.0))
+    weight = (b if a.get("transB", 0) else b.T) * np.float32(alpha)
+    bias = c.cval(node, 2, "bias")
     if bias is not None:
-        bias = (bias.astype(np.float32) * float(a.get("beta", 1.0))).reshape(-1)
-    honour = node.input[1] if float(a.get("alpha", 1.0)) == 1.0 else None
-    _fully_connected(c, node, v, weight, bias, honour, 0 if a.get("transB", 0) else 1)
+        bias = (bias.astype(np.float32) * np.float32(a.get("beta", 1.0))).reshape(-1)
+    _linear(c, node, c.ref(node.input[0]), weight, bias, node.input[1] if alpha == 1.0 else None,
+            0 if a.get("transB", 0) else 1)
 
 
 @handles("MatMul")
 def _matmul(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    w = c.const(node.input[1], node, "weight (the second operand)").astype(np.float32)
-    if w.ndim != 2:
-        raise c.unsupported(node, "multiplies by a weight that is not a matrix")
-    _fully_connected(c, node, v, w.T, None, node.input[1], 1)
-
-
-@handles("Add")
-def _add(c: _Converter, node):
-    a, b = node.input
-    if c.is_const(a) or c.is_const(b):  # a bias after a MatMul
-        v = c.value(b if c.is_const(a) else a, node)
-        bias = c.const(a if c.is_const(a) else b, node, "addend").astype(np.float32).reshape(-1)
-        prev = c.producer.get(v.name)
-        if prev is None or prev.kind != "fully_connected" or len(prev.inputs) != 2 or \
-                bias.size not in (1, c.shape(v)[1]) or sum(v.name in op.inputs for op in c.graph.ops) > 0:
-            raise c.unsupported(node, "adds a constant that is not the bias of a MatMul")
-        prev.inputs.append(c.new_tensor(f"{prev.name}.bias", (c.shape(v)[1],),
-                                        np.broadcast_to(bias, (c.shape(v)[1],))))
-        c.alias(node, v)
+    """x @ W with a constant matrix W is a Linear layer (an Add of a constant vector right after it, its
+    bias); a product of two activations is BATCH_MATMUL."""
+    if c.is_const(node.input[1]) and c.cval(node, 1, "weight").ndim == 2 and not c.is_const(node.input[0]):
+        w = c.cval(node, 1, "weight").astype(np.float32)
+        bias, users = None, c.users.get(node.output[0], [])
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        if add is not None:
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            if c.is_const(other) and c.consts[c.ident(other)].size == w.shape[1]:
+                bias = c.cval(add, list(add.input).index(other), "bias").astype(np.float32).reshape(-1)
+            else:
+                add = None
+        _linear(c, node, c.ref(node.input[0]), np.ascontiguousarray(w.T), bias, node.input[1], 1)
+        if add is not None:
+            c.values[c.ident(add.output[0])] = c.values[c.ident(node.output[0])]
+            c.absorbed.add(id(add))
         return
-    va, vb = c.value(a, node), c.value(b, node)
-    c.require_plain(va, node)
-    c.require_plain(vb, node)
-    if c.shape(va) != c.shape(vb):
-        raise c.unsupported(node, f"adds shapes {c.onnx_shape(va)} and {c.onnx_shape(vb)} (broadcasting)")
-    c.add_op("add", node, [va.name, vb.name], c.shape(va), va.rank, dict(activation="none"))
+    fake = c.fake(node, "matmul", c.ref(node.input[0]), c.ref(node.input[1]))
+    c._batch_matmul(fake, fake.args[0], fake.args[1])
+    c.finish(node, fake)
 
 
-@handles("BatchNormalization")
-def _batch_norm(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    gamma, beta, mean, var = (c.const(n, node, w).astype(np.float64)
-                              for n, w in zip(node.input[1:5], ("scale", "bias", "mean", "variance")))
-    scale = gamma / np.sqrt(var + float(_attrs(node).get("epsilon", 1e-5)))
-    offset = beta - mean * scale
-    base = layer_name(node)
-    inputs = [v.name, c.new_tensor(f"{base}.scale", scale.shape, scale),
-              c.new_tensor(f"{base}.offset", offset.shape, offset)]
-    c.add_op("batch_norm", node, inputs, c.shape(v), v.rank)
+def _call(op: str, method: str | None = None, arity: int = 1):
+    """An ONNX op whose inputs are the ATen op's leading arguments, attributes ignored."""
+    def convert(c: _Converter, node):
+        fake = c.fake(node, op, *(c.ref(i) for i in node.input[:arity]))
+        getattr(c, method or f"_op_{op}")(fake)
+        c.finish(node, fake)
+    return convert
 
 
-@handles("Relu")
-def _relu(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    c.add_op("relu", node, [v.name], c.shape(v), v.rank, perm=v.perm)
+for _onnx, _aten in (("Relu", "relu"), ("Sigmoid", "sigmoid"), ("Tanh", "tanh"), ("HardSwish", "hardswish"),
+                     ("Rsqrt", "rsqrt")):
+    HANDLERS[_onnx] = _call(_aten)
+for _onnx, _aten in (("Add", "add"), ("Sub", "sub"), ("Mul", "mul"), ("Div", "div")):
+    HANDLERS[_onnx] = _call(_aten, arity=2)
+
+
+@handles("Pow")
+def _pow(c: _Converter, node):
+    exponent = c.cval(node, 1, "exponent")
+    if exponent.size != 1:
+        raise c.unsupported(node, "a power by a tensor")
+    fake = c.fake(node, "pow", c.ref(node.input[0]), float(exponent.reshape(-1)[0]))
+    c._op_pow(fake)
+    c.finish(node, fake)
+
+
+@handles("HardSigmoid")
+def _hard_sigmoid(c: _Converter, node):
+    a = _attrs(node)
+    if abs(a.get("alpha", 0.2) - 1 / 6) > 1e-6 or abs(a.get("beta", 0.5) - 0.5) > 1e-6:
+        raise c.unsupported(node, f"HardSigmoid with alpha={a.get('alpha', 0.2)}, beta={a.get('beta', 0.5)} "
+                                  "(edgekit: torch's 1/6, 0.5)")
+    _call("hardsigmoid")(c, node)
+
+
+@handles("LeakyRelu")
+def _leaky_relu(c: _Converter, node):
+    fake = c.fake(node, "leaky_relu", c.ref(node.input[0]), _f32(_attrs(node).get("alpha", 0.01)))
+    c._op_leaky_relu(fake)
+    c.finish(node, fake)
+
+
+@handles("Elu")
+def _elu(c: _Converter, node):
+    fake = c.fake(node, "elu", c.ref(node.input[0]), _f32(_attrs(node).get("alpha", 1.0)))
+    c._op_elu(fake)
+    c.finish(node, fake)
+
+
+@handles("PRelu")
+def _prelu(c: _Converter, node):
+    c.cval(node, 1, "slope")
+    _call("prelu", arity=2)(c, node)
+
+
+@handles("Gelu")
+def _gelu(c: _Converter, node):
+    fake = c.fake(node, "gelu", c.ref(node.input[0]), approximate=_attrs(node).get("approximate", "none"))
+    c._op_gelu(fake)
+    c.finish(node, fake)
 
 
 @handles("Clip")
 def _clip(c: _Converter, node):
-    v = c.value(node.input[0], node)
     if c.opset < 11:
         a = _attrs(node)
-        lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+        lo, hi = a.get("min"), a.get("max")
     else:
-        lo = float(c.const(node.input[1], node, "min")) if len(node.input) > 1 and node.input[1] else -np.inf
-        hi = float(c.const(node.input[2], node, "max")) if len(node.input) > 2 and node.input[2] else np.inf
-    kinds = {(0.0, 6.0): "relu6", (0.0, np.inf): "relu"}
-    if (float(lo), float(hi)) not in kinds:
-        raise c.unsupported(node, f"clips to [{lo}, {hi}] (only [0, 6] = ReLU6 and [0, inf] = ReLU)")
-    c.add_op(kinds[(float(lo), float(hi))], node, [v.name], c.shape(v), v.rank, perm=v.perm)
+        lo, hi = c.cval(node, 1, "min"), c.cval(node, 2, "max")
+    lo = None if lo is None or not np.isfinite(float(lo)) else float(lo)
+    hi = None if hi is None or not np.isfinite(float(hi)) else float(hi)
+    fake = c.fake(node, "clamp", c.ref(node.input[0]))
+    c._clamp_to(fake, lo, hi)
+    c.finish(node, fake)
+
+
+def _softmax_like(op: str):
+    def convert(c: _Converter, node):
+        v = c.onnx_value(node.input[0], node)
+        axis = int(_attrs(node).get("axis", -1 if c.opset >= 13 else 1))
+        if c.opset < 13 and axis % v.torch_rank != v.torch_rank - 1:
+            raise c.unsupported(node, "a softmax over flattened trailing axes (opset < 13) other than the last")
+        fake = c.fake(node, op, c.ref(node.input[0]), axis)
+        getattr(c, f"_op_{op}")(fake)
+        c.finish(node, fake)
+    return convert
+
+
+HANDLERS["Softmax"] = _softmax_like("softmax")
+HANDLERS["LogSoftmax"] = _softmax_like("log_softmax")
+
+
+@handles("BatchNormalization")
+def _batch_norm(c: _Converter, node):
+    if len(node.output) > 1 and any(c.users.get(o) for o in node.output[1:] if o):
+        raise c.unsupported(node, "the model was exported in training mode; export it in eval mode")
+    for i, what in zip(range(1, 5), ("scale", "bias", "mean", "variance")):
+        c.cval(node, i, what)
+    fake = c.fake(node, "batch_norm")
+    c._batch_norm(fake, *(c.ref(i) for i in node.input[:5]), _f32(_attrs(node).get("epsilon", 1e-5)))
+    c.finish(node, fake)
 
 
 def _pool(c: _Converter, node, kind: str):
     a = _attrs(node)
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    if v.rank != 4:
-        raise c.unsupported(node, "pools a tensor that is not (N, C, H, W)")
-    if list(a.get("dilations", [1, 1])) != [1, 1]:
-        raise c.unsupported(node, "is a dilated pooling")
-    if len(node.output) > 1 and node.output[1]:
-        raise c.unsupported(node, "also returns the indices")
-    _, H, W, C = c.shape(v)
-    kh, kw = a["kernel_shape"]
-    sh, sw = a.get("strides", [1, 1])
-    ceil_mode = bool(a.get("ceil_mode", 0))
-    p = _auto_pads(node, a.get("auto_pad", "NOTSET"), [H, W], [kh, kw], [sh, sw], [1, 1]) \
-        or _conv_pads(a.get("pads"), 2)
-    top, left, bottom, right = p
-
-    def out_size(size, k, s, before, after):
-        n = size + before + after - k
-        o = (-(-n // s) if ceil_mode else n // s) + 1
-        if ceil_mode and (o - 1) * s >= size + before:  # a last window starting in the padding is dropped
-            o -= 1
-        return o
-
-    OH, OW = out_size(H, kh, sh, top, bottom), out_size(W, kw, sw, left, right)
-    if OH < 1 or OW < 1:
-        raise c.unsupported(node, f"has a {kh}x{kw} window that does not fit the {H}x{W} input")
-    attrs = dict(kernel=(kh, kw), stride=(sh, sw), padding=(top, bottom, left, right), activation="none")
-    if kind == "avg_pool2d":
-        attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
-    c.add_op(kind, node, [v.name], (1, OH, OW, C), 4, attrs)
+    v = c.onnx_value(node.input[0], node)
+    kernel = list(a["kernel_shape"])
+    n = len(kernel)
+    stride, dilation = list(a.get("strides", [1] * n)), list(a.get("dilations", [1] * n))
+    p = _pads(node, a, c._torch_shape(v)[2:], kernel, stride, dilation)
+    ceil = bool(a.get("ceil_mode", 0))
+    if kind == "max" and not any(p) and kernel == c._torch_shape(v)[2:]:  # AdaptiveMaxPool(1) as exported
+        return _global_pool(kind)(c, node)
+    x = c.ref(node.input[0])
+    if n == 2:
+        pads = (p[0], p[2], p[1], p[3])  # (top, bottom, left, right)
+        if kind == "max":
+            fake = c.fake(node, "max_pool2d", x, kernel, stride, pads, dilation, ceil)
+            c._op_max_pool2d(fake)
+        else:
+            fake = c.fake(node, "avg_pool2d", x, kernel, stride, pads, ceil, bool(a.get("count_include_pad", 0)))
+            c._op_avg_pool2d(fake)
+    elif n == 1:
+        if p[0] != p[1]:
+            raise c.unsupported(node, f"uneven pads {p} on a 1-D pooling")
+        if kind == "max":
+            fake = c.fake(node, "max_pool1d", x, kernel, stride, p[0], dilation, ceil)
+            c._op_max_pool1d(fake)
+        else:
+            fake = c.fake(node, "avg_pool1d", x, kernel, stride, p[0], ceil, bool(a.get("count_include_pad", 0)))
+            c._op_avg_pool1d(fake)
+    else:
+        raise c.unsupported(node, f"a {n}-D pooling (edgekit: 1-D and 2-D)")
+    c.finish(node, fake)
 
 
 @handles("MaxPool")
 def _max_pool(c: _Converter, node):
-    _pool(c, node, "max_pool2d")
+    _pool(c, node, "max")
 
 
 @handles("AveragePool")
 def _average_pool(c: _Converter, node):
-    _pool(c, node, "avg_pool2d")
+    _pool(c, node, "avg")
 
 
-@handles("GlobalAveragePool")
-def _global_average_pool(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    if v.rank != 4:
-        raise c.unsupported(node, "pools a tensor that is not (N, C, H, W)")
-    c.add_op("mean", node, [v.name], (1, 1, 1, c.shape(v)[3]), 4)
+def _global_pool(kind: str):
+    def convert(c: _Converter, node):
+        v = c.onnx_value(node.input[0], node)
+        if v.torch_rank not in (3, 4):
+            raise c.unsupported(node, "a global pooling of a tensor that is not (N, C, H, W) or (N, C, L)")
+        op = f"adaptive_{kind}_pool{v.torch_rank - 2}d"
+        fake = c.fake(node, op, c.ref(node.input[0]), [1] * (v.torch_rank - 2))
+        getattr(c, f"_op_{op}")(fake)
+        c.finish(node, fake)
+    return convert
+
+
+HANDLERS["GlobalAveragePool"] = _global_pool("avg")
+HANDLERS["GlobalMaxPool"] = _global_pool("max")
+
+
+def _axes(c: _Converter, node, input_index: int = 1):
+    """A reduction's / squeeze's axes: an attribute before opset 13 / 18, an input after."""
+    a = _attrs(node)
+    if "axes" in a:
+        return [int(x) for x in a["axes"]]
+    axes = c.cval(node, input_index, "axes")
+    return None if axes is None else [int(x) for x in axes.reshape(-1)]
+
+
+def _reduce(what: str):
+    def convert(c: _Converter, node):
+        v = c.onnx_value(node.input[0], node)
+        axes = _axes(c, node)
+        if axes is None:
+            if _attrs(node).get("noop_with_empty_axes", 0):
+                c.values[c.ident(node.output[0])] = v
+                return
+            axes = list(range(v.torch_rank))
+        fake = c.fake(node, what, c.ref(node.input[0]), axes, bool(_attrs(node).get("keepdims", 1)))
+        c._reduce(fake, what)
+        c.finish(node, fake)
+    return convert
+
+
+HANDLERS["ReduceMean"] = _reduce("mean")
+HANDLERS["ReduceMax"] = _reduce("amax")
 
 
 @handles("Pad")
 def _pad(c: _Converter, node):
     a = _attrs(node)
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        raise c.unsupported(node, f"pads in mode {mode!r} (only constant)")
+    v = c.onnx_value(node.input[0], node)
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(a.get("mode", "constant"))
+    if mode is None:
+        raise c.unsupported(node, f"padding mode {a.get('mode')!r} (edgekit: constant, reflect, edge)")
     if c.opset < 11:
         pads, value = list(a["pads"]), float(a.get("value", 0.0))
     else:
-        pads = [int(p) for p in c.const(node.input[1], node, "pads")]
-        value = float(c.const(node.input[2], node, "value")) if len(node.input) > 2 and node.input[2] else 0.0
-    if len(node.input) > 3 and node.input[3]:
-        raise c.unsupported(node, "pads selected axes (the axes input)")
-    if v.rank != 4 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or any(p < 0 for p in pads):
-        raise c.unsupported(node, "pads other than the height and width of an (N, C, H, W) tensor, or crops")
-    top, left, bottom, right = pads[2], pads[3], pads[6], pads[7]
-    _, H, W, C = c.shape(v)
-    c.add_op("pad", node, [v.name], (1, H + top + bottom, W + left + right, C), 4,
-             dict(padding=(top, bottom, left, right), value=value))
-
-
-def _flatten(c: _Converter, node, v: _Value):
-    """(N, C, H, W) or (N, C, L) -> (N, features): a reshape in NHWC order; the permutation goes to the
-    Gemm that reads it."""
-    if v.rank == 2:
-        c.alias(node, v)
-        return
-    _, H, W, C = c.shape(v)
-    perm = None
-    if H * W > 1 and C > 1:
-        h, w, ch = np.meshgrid(np.arange(H), np.arange(W), np.arange(C), indexing="ij")
-        perm = (ch * H * W + h * W + w).reshape(-1)
-    out = c.new_tensor(layer_name(node), (1, H * W * C))
-    op = Op("reshape", layer_name(node), [v.name], [out], {})
-    c.graph.ops.append(op)
-    c.producer[out] = op
-    c.values[node.output[0]] = _Value(out, 2, perm)
+        pads = [int(p) for p in c.cval(node, 1, "pads")]
+        value = c.cval(node, 2, "value")
+        value = 0.0 if value is None else float(value.reshape(-1)[0])
+    r = v.torch_rank
+    axes = _axes(c, node, 3) if len(node.input) > 3 and node.input[3] else list(range(r))
+    full = [0] * (2 * r)
+    for i, ax in enumerate(axes):
+        full[ax % r], full[r + ax % r] = pads[i], pads[len(axes) + i]
+    if any(full[i] or full[r + i] for i in (0, 1)):
+        raise c.unsupported(node, "padding of the batch or channel dimension")
+    torch_pads = []  # torch order: the last dimension first, (begin, end) each
+    for ax in range(r - 1, 1, -1):
+        torch_pads += [full[ax], full[r + ax]]
+    while len(torch_pads) > 2 and not any(torch_pads[-2:]):
+        torch_pads = torch_pads[:-2]
+    fake = c.fake(node, "pad", c.ref(node.input[0]), torch_pads, mode, value)
+    c._op_constant_pad_nd(fake)
+    c.finish(node, fake)
 
 
 @handles("Flatten")
-def _flatten_op(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    if int(_attrs(node).get("axis", 1)) % v.rank != 1 and v.rank != 2:
-        raise c.unsupported(node, "flattens from an axis other than 1")
-    _flatten(c, node, v)
+def _flatten(c: _Converter, node):
+    v = c.onnx_value(node.input[0], node)
+    axis = int(_attrs(node).get("axis", 1)) % max(v.torch_rank, 1)
+    if axis > 1:
+        shape = c._torch_shape(v)
+        if shape[0] != 1 or int(np.prod(shape[:axis])) != 1:
+            raise c.unsupported(node, f"it flattens from axis {axis}, merging the batch with other dimensions")
+    fake = c.fake(node, "flatten", c.ref(node.input[0]), 1, -1)
+    c._op_flatten(fake)
+    c.finish(node, fake)
+
+
+def _view(c: _Converter, node, shape):
+    fake = c.fake(node, "view", c.ref(node.input[0]), val=_shaped(shape))
+    c._op_view(fake)
+    c.finish(node, fake)
 
 
 @handles("Reshape")
 def _reshape(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    target = [int(s) for s in c.const(node.input[1], node, "shape")]
-    current = c.onnx_shape(v)
-    size = int(np.prod(current))
-    if len(target) == 2 and target[0] in (0, 1, -1) and target[1] in (-1, size):
-        _flatten(c, node, v)
-    elif len(target) == len(current) and all(t in (cur, 0) for t, cur in zip(target, current)):
-        c.alias(node, v)
-    else:
-        raise c.unsupported(node, f"reshapes {current} to {target} (only flattening to (N, features))")
+    v = c.onnx_value(node.input[0], node)
+    current = c._torch_shape(v)
+    target = [int(s) for s in c.cval(node, 1, "shape")]
+    allow_zero = bool(_attrs(node).get("allowzero", 0))
+    shape = [current[i] if s == 0 and not allow_zero and i < len(current) else s for i, s in enumerate(target)]
+    if shape.count(-1) == 1:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = int(np.prod(current)) // max(known, 1)
+    if int(np.prod(shape)) != int(np.prod(current)) or any(s < 1 for s in shape):
+        raise c.unsupported(node, f"it reshapes {current} to {target}")
+    _view(c, node, shape)
+
+
+@handles("Squeeze")
+def _squeeze(c: _Converter, node):
+    if _squeeze_sequence(c, node):
+        return
+    v = c.onnx_value(node.input[0], node)
+    shape = c._torch_shape(v)
+    axes = _axes(c, node)
+    axes = [i for i, s in enumerate(shape) if s == 1] if axes is None else [ax % len(shape) for ax in axes]
+    _view(c, node, [s for i, s in enumerate(shape) if i not in axes])
+
+
+@handles("Unsqueeze")
+def _unsqueeze(c: _Converter, node):
+    v = c.onnx_value(node.input[0], node)
+    shape = list(c._torch_shape(v))
+    axes = _axes(c, node)
+    rank = len(shape) + len(axes)
+    for ax in sorted(a % rank for a in axes):
+        shape.insert(ax, 1)
+    _view(c, node, shape)
+
+
+@handles("Transpose")
+def _transpose(c: _Converter, node):
+    v = c.onnx_value(node.input[0], node)
+    perm = _attrs(node).get("perm", list(range(v.torch_rank))[::-1])
+    fake = c.fake(node, "permute", c.ref(node.input[0]), list(perm))
+    c._op_permute(fake)
+    c.finish(node, fake)
 
 
 @handles("Concat")
 def _concat(c: _Converter, node):
-    parts = [c.value(n, node) for n in node.input]
-    for p in parts:
-        c.require_plain(p, node)
-    axis = c.ir_axis(parts[0], int(_attrs(node)["axis"]), node)
-    if axis == 0:
-        raise c.unsupported(node, "concatenates along the batch dimension")
-    shape = list(c.shape(parts[0]))
-    for p in parts[1:]:
-        s = c.shape(p)
-        if len(s) != len(shape) or any(s[i] != shape[i] for i in range(len(s)) if i != axis):
-            raise c.unsupported(node, "concatenates tensors that differ in a dimension other than the joined one")
-    shape[axis] = sum(c.shape(p)[axis] for p in parts)
-    c.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].rank, dict(axis=axis))
+    fake = c.fake(node, "cat", [c.ref(i) for i in node.input], int(_attrs(node)["axis"]))
+    c._op_cat(fake)
+    c.finish(node, fake)
 
 
-@handles("Softmax")
-def _softmax(c: _Converter, node):
-    v = c.value(node.input[0], node)
-    c.require_plain(v, node)
-    axis = int(_attrs(node).get("axis", -1 if c.opset >= 13 else 1))
-    if c.ir_axis(v, axis, node) != len(c.shape(v)) - 1 or (c.opset < 13 and v.rank != 2):
-        raise c.unsupported(node, "is a softmax over another axis than the channels / features")
-    c.add_op("softmax", node, [v.name], c.shape(v), v.rank, dict(beta=1.0))
+@handles("Split")
+def _split(c: _Converter, node):
+    v = c.onnx_value(node.input[0], node)
+    a = _attrs(node)
+    axis = int(a.get("axis", 0)) % v.torch_rank
+    size = c._torch_shape(v)[axis]
+    sizes = a.get("split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        sizes = c.cval(node, 1, "split sizes")
+    if sizes is None:
+        n = int(a.get("num_outputs", len(node.output)))
+        step = -(-size // n)
+        sizes = [min(step, size - i * step) for i in range(n)]
+    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
+    if sum(sizes) != size or len(sizes) != len(node.output):
+        raise c.unsupported(node, f"split sizes {sizes} do not cover the {size} of axis {axis}")
+    fake = c.fake(node, "split")
+    c._pieces(fake, v, axis, sizes)
+    c.finish(node, fake)
+
+
+@handles("Slice")
+def _slice(c: _Converter, node):
+    v = c.onnx_value(node.input[0], node)
+    if c.opset < 10:
+        a = _attrs(node)
+        starts, ends = a["starts"], a["ends"]
+        axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = (list(c.cval(node, i, w).reshape(-1)) for i, w in ((1, "starts"), (2, "ends")))
+        axes = c.cval(node, 3, "axes", np.arange(len(starts)))
+        steps = c.cval(node, 4, "steps", np.ones(len(starts), np.int64))
+    big = 2 ** 62
+    current, ref = v, c.ref(node.input[0])
+    for i, (ax, start, end, step) in enumerate(zip(axes, starts, ends, steps)):
+        if int(step) < 1:
+            raise c.unsupported(node, f"a slice with step {int(step)}")
+        last = i == len(axes) - 1
+        name = c.ident(node.output[0]) if last else c.ident(f"{node.output[0]}.axis{i}")
+        fake = _Node(node, name, "slice", (ref, int(ax), max(min(int(start), big), -big),
+                                           max(min(int(end), big), -big), int(step)))
+        c._op_slice(fake)
+        current, ref = c.values[name], _Ref(name, [node])
+    c.values[c.ident(node.output[0])] = current
+    c.onnx_slices.add(current.name)
+
+
+@handles("Gather")
+def _gather(c: _Converter, node):
+    """x[:, i] (one index: SELECT) or x[:, [i, i + 1, ...]] (consecutive indices: a slice)."""
+    v = c.onnx_value(node.input[0], node)
+    index = c.cval(node, 1, "indices")
+    axis = int(_attrs(node).get("axis", 0)) % v.torch_rank
+    if index.ndim == 0:
+        fake = c.fake(node, "select", c.ref(node.input[0]), axis, int(index))
+        c._op_select(fake)
+    else:
+        size = c._torch_shape(v)[axis]
+        idx = [int(i) % size for i in index.reshape(-1)]
+        if index.ndim != 1 or idx != list(range(idx[0], idx[0] + len(idx))):
+            raise c.unsupported(node, "a gather of other than one index or consecutive indices")
+        fake = c.fake(node, "slice", c.ref(node.input[0]), axis, idx[0], idx[-1] + 1, 1)
+        c._op_slice(fake)
+    c.finish(node, fake)
+
+
+@handles("Resize", "Upsample")
+def _resize(c: _Converter, node):
+    a = _attrs(node)
+    v = c.onnx_value(node.input[0], node)
+    shape = c._torch_shape(v)
+    mode, coords = a.get("mode", "nearest"), a.get("coordinate_transformation_mode", "half_pixel")
+    if node.op_type == "Upsample":
+        scales, sizes, coords = c.cval(node, 1, "scales"), None, "asymmetric"
+    else:
+        scales, sizes = c.cval(node, 2, "scales"), c.cval(node, 3, "sizes")
+    if sizes is not None and sizes.size:
+        out = [int(s) for s in sizes]
+    elif scales is not None and scales.size:
+        out = [int(np.floor(s * float(f))) for s, f in zip(shape, scales)]
+    else:
+        raise c.unsupported(node, "neither scales nor sizes are given")
+    if out[:2] != shape[:2] or v.torch_rank not in (3, 4):
+        raise c.unsupported(node, f"a resize of {shape} to {out} (edgekit resizes the spatial dims)")
+    nearest = (coords, a.get("nearest_mode", "round_prefer_floor"))
+    # TFLite's nearest: floor(x * in / out), or with half-pixel centres floor((x + 0.5) * in / out)
+    if mode == "nearest" and nearest in (("asymmetric", "floor"), ("tf_half_pixel_for_nn", "floor"),
+                                         ("half_pixel", "round_prefer_ceil")):
+        half = coords != "asymmetric"
+        op = "upsample_nearest2d" if v.torch_rank == 4 else "upsample_nearest1d"
+        fake = c.fake(node, op, c.ref(node.input[0]), val=_shaped(out))
+        getattr(c, f"_op_{op}")(fake, half_pixel=half)
+    elif mode == "linear" and v.torch_rank == 4 and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        fake = c.fake(node, "upsample_bilinear2d", c.ref(node.input[0]), out[2:], coords == "align_corners",
+                      val=_shaped(out))
+        c._op_upsample_bilinear2d(fake)
+    else:
+        raise c.unsupported(node, f"a resize in mode {mode!r} with {coords!r} coordinates "
+                                  f"(nearest_mode {a.get('nearest_mode', 'round_prefer_floor')!r}); edgekit: nearest "
+                                  "(floor, asymmetric) and linear (half_pixel, align_corners)")
+    c.finish(node, fake)
 
 
 @handles("Dropout", "Identity")
 def _identity(c: _Converter, node):
-    c.alias(node, c.value(node.input[0], node))
+    c.values[c.ident(node.output[0])] = c.onnx_value(node.input[0], node)
+    if len(node.output) > 1 and c.users.get(node.output[1]):
+        raise c.unsupported(node, "its mask output is read")
+
+
+@handles("Cast")
+def _cast(c: _Converter, node):
+    from onnx import TensorProto
+
+    if _attrs(node).get("to") not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+        raise c.unsupported(node, "a cast of an activation to a type other than float")
+    _identity(c, node)
 
 
 @handles("Shape")
 def _shape(c: _Converter, node):
     a = _attrs(node)
-    shape = np.array(c.onnx_shape(c.value(node.input[0], node)), np.int64)
-    c.consts[node.output[0]] = shape[a.get("start", 0):a.get("end", len(shape))]
+    shape = np.array(c._torch_shape(c.onnx_value(node.input[0], node)), np.int64)
+    c.consts[c.ident(node.output[0])] = shape[a.get("start", 0):a.get("end", len(shape))]
+
+
+# Recurrent layers: ONNX holds them time-major, (L, N, C) in and (L, directions, N, H) out, with the gates
+# in another order than torch; with N = 1 the time-major tensors are the batch-first ones relabelled.
+
+def _recurrent(c: _Converter, node, gates: str, torch_gates: str):
+    a = _attrs(node)
+    if a.get("direction", "forward") != "forward":
+        raise c.unsupported(node, f"a {a.get('direction')} recurrent layer (edgekit: forward only)")
+    if int(a.get("layout", 0)) != 0:
+        raise c.unsupported(node, "a batch-major recurrent layer (layout=1)")
+    if len(node.input) > 4 and node.input[4]:
+        raise c.unsupported(node, "sequence lengths (edgekit runs every step)")
+    for i in range(5, len(node.input)):  # initial_h, initial_c, peepholes
+        if np.any(c.cval(node, i, "initial state or peepholes", np.zeros(1))):
+            raise c.unsupported(node, "an initial state other than zeros, or peepholes")
+    for out in node.output[1:]:
+        if out and c.users.get(out):
+            raise c.unsupported(node, "the final state is not supported as an output; use the output sequence")
+    v = c.onnx_value(node.input[0], node)
+    if v.torch_rank != 3 or c._torch_shape(v)[1] != 1:
+        raise c.unsupported(node, f"input of shape {c._torch_shape(v)} (edgekit: (L, 1, C))")
+    # (L, 1, C) time-major is (1, L, C) batch-first over the same memory: swap torch dims 0 and 1
+    name = c.ident(f"{node.output[0]}.batch_first")
+    c.values[name] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
+    w, r = c.cval(node, 1, "weights")[0], c.cval(node, 2, "recurrent weights")[0]
+    hidden = int(a.get("hidden_size", r.shape[-1]))
+    n = len(gates)
+    b = c.cval(node, 3, "bias", np.zeros((1, 2 * n * hidden), np.float32))[0]
+    order = [gates.index(g) for g in torch_gates]
+
+    def torch_order(m):
+        return np.concatenate([m[k * hidden:(k + 1) * hidden] for k in order]).astype(np.float32)
+
+    base = layer_name(node)
+    params = [c.const_ref(torch_order(w), f"{base}.w_ih"), c.const_ref(torch_order(r), f"{base}.w_hh"),
+              c.const_ref(torch_order(b[:n * hidden]), f"{base}.b_ih"),
+              c.const_ref(torch_order(b[n * hidden:]), f"{base}.b_hh")]
+    zero = c.const_ref(np.zeros((1, 1, hidden), np.float32), f"{base}.h0")
+    state = (zero, zero) if n == 4 else zero
+    fake = c.fake(node, "lstm" if n == 4 else "gru", _Ref(name), state, params, True, 1, 0.0, False, False, True)
+    if n == 4:
+        if any(np.any(a.get(k, 0)) for k in ("clip", "input_forget")):
+            raise c.unsupported(node, "clip / input_forget")
+        c._op_lstm(fake)
+    else:
+        if int(a.get("linear_before_reset", 0)) != 1:
+            raise c.unsupported(node, "a GRU with linear_before_reset=0 (torch's GRU has 1)")
+        c._op_gru(fake)
+    out = c.values[fake.name]
+    c.values[c.ident(node.output[0])] = _Seq(out[0])
+
+
+@handles("LSTM")
+def _lstm(c: _Converter, node):
+    _recurrent(c, node, "iofc", "ifco")
+
+
+@handles("GRU")
+def _gru(c: _Converter, node):
+    _recurrent(c, node, "zrh", "rzh")
+
+
+def _squeeze_sequence(c: _Converter, node) -> bool:
+    """Squeeze(axes=[1]) of an LSTM / GRU output: the (L, N, H) time-major sequence, a relabelled view."""
+    seq = c.values.get(c.ident(node.input[0]))
+    if not isinstance(seq, _Seq):
+        return False
+    if _axes(c, node) not in ([1], [-3]):
+        raise c.unsupported(node, "a squeeze of an LSTM / GRU output other than its directions axis")
+    v = seq.value
+    c.values[c.ident(node.output[0])] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
+    return True
+
 
 
 # QDQ: a QuantizeLinear -> DequantizeLinear pair on an activation is its quantization parameters.
 
 def _qparams(c: _Converter, node) -> tuple[np.ndarray, np.ndarray]:
-    scale = c.const(node.input[1], node, "scale").astype(np.float64)
-    zp = c.const(node.input[2], node, "zero point") if len(node.input) > 2 and node.input[2] else \
-        np.zeros(scale.shape, np.int8)
+    scale = c.cval(node, 1, "scale").astype(np.float64)
+    zp = c.cval(node, 2, "zero point", np.zeros(scale.shape, np.int8))
     if zp.dtype == np.uint8:  # the same real values as int8 with the zero point moved by 128
         zp = zp.astype(np.int64) - 128
     elif zp.dtype != np.int8 and zp.dtype != np.int32:
-        raise c.unsupported(node, f"quantizes to {zp.dtype} (edgekit runs int8)")
+        raise c.unsupported(node, f"it quantizes to {zp.dtype} (edgekit runs int8)")
     return scale, zp.astype(np.int64)
 
 
 @handles("QuantizeLinear")
 def _quantize_linear(c: _Converter, node):
-    v = c.value(node.input[0], node)
+    v = c.onnx_value(node.input[0], node)
     scale, zp = _qparams(c, node)
     if scale.size != 1:
-        raise c.unsupported(node, "quantizes an activation per channel (edgekit: one scale per activation)")
-    c.quantized[node.output[0]] = (v, float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
+        raise c.unsupported(node, "it quantizes an activation per channel (edgekit: one scale per activation)")
+    c.quantized[c.ident(node.output[0])] = (v, float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
 
 
 @handles("DequantizeLinear")
 def _dequantize_linear(c: _Converter, node):
     source = node.input[0]
     if c.is_const(source):  # a quantized weight or bias: its real values, and its scales for the quantizer
-        q = c.const(source, node, "quantized data")
+        q = c.cval(node, 0, "quantized data")
         scale, zp = _qparams(c, node)
         axis = int(_attrs(node).get("axis", 1))
         shape = [1] * q.ndim
         if scale.size > 1:
             shape[axis % q.ndim] = -1
         raw_zp = zp + (128 if q.dtype == np.uint8 else 0)
-        c.consts[node.output[0]] = ((q.astype(np.float64) - raw_zp.reshape(shape)) * scale.reshape(shape)
-                                    ).astype(np.float32)
-        c.const_quant[node.output[0]] = (scale.reshape(-1), zp.reshape(-1), axis % max(q.ndim, 1))
+        out = c.ident(node.output[0])
+        c.consts[out] = ((q.astype(np.float64) - raw_zp.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+        c.const_quant[out] = (scale.reshape(-1), zp.reshape(-1), axis % max(q.ndim, 1))
         return
-    if source not in c.quantized:
-        raise c.unsupported(node, "dequantizes a tensor that no QuantizeLinear produced")
-    v, scale, zp = c.quantized[source]
+    if c.ident(source) not in c.quantized:
+        raise c.unsupported(node, "it dequantizes a tensor that no QuantizeLinear produced")
+    v, scale, zp = c.quantized[c.ident(source)]
     if zp < -128 or zp > 127:
-        raise c.unsupported(node, f"uses zero point {zp}, outside int8")
+        raise c.unsupported(node, f"it uses zero point {zp}, outside int8")
     c.graph.meta.setdefault("activation_params", {})[v.name] = (scale, zp)
-    c.alias(node, v)
+    c.values[c.ident(node.output[0])] = v

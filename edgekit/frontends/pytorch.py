@@ -165,6 +165,24 @@ def _reshape_blocks(a: list[int], b: list[int]):
     return blocks
 
 
+
+def _adaptive_runs(n: int, o: int) -> list[tuple[int, int, int, int]]:
+    """torch's adaptive bins of an axis of ``n`` pooled to ``o`` ([floor(i * n / o), ceil((i + 1) * n / o))) as
+    runs of neighbouring bins of one size at one stride: (first start, size, stride, count) each."""
+    starts = [i * n // o for i in range(o)]
+    sizes = [-(-(i + 1) * n // o) - start for i, start in enumerate(starts)]
+    runs: list[list[int]] = []
+    for start, size in zip(starts, sizes):
+        if runs:
+            r_start, r_size, r_step, r_count = runs[-1]
+            step = start - r_start if r_count == 1 else r_step
+            if size == r_size and step > 0 and start == r_start + r_count * step:
+                runs[-1] = [r_start, r_size, step, r_count + 1]
+                continue
+        runs.append([start, size, size, 1])
+    return [tuple(r) for r in runs]
+
+
 def _pair(v, n=2) -> tuple[int, ...]:
     if isinstance(v, (list, tuple)):
         v = list(v)
@@ -236,7 +254,8 @@ class _Converter:
         self.node_name: dict[str, str] = {}
         self.transposes: dict[tuple, _Value] = {}  # (IR tensor, dims) -> its transposed value
         self.reshape_source: dict[str, str] = {}  # reshape output -> the tensor it views
-        self._load_constants()
+        if program is not None:  # the ONNX frontend reuses this converter with its own constants
+            self._load_constants()
 
     # -- constants ---------------------------------------------------------
     def _load_constants(self):
@@ -589,6 +608,8 @@ class _Converter:
                 pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
             else:
                 raise self.unsupported(node, f"padding mode {padding!r} is not supported")
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): uneven, as ONNX and TF "SAME" pad
+            pads = tuple(int(p) for p in padding)
         else:
             ph, pw = _pair(padding)
             pads = (ph, ph, pw, pw)
@@ -1101,19 +1122,21 @@ class _Converter:
         _, H, W, C = nhwc(self.shape(v))
         kh, kw = kernel
         sh, sw = stride
-        ph, pw = padding
+        # (ph, pw) on both sides as torch pads, or (top, bottom, left, right) as ONNX may
+        top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
 
-        def out_size(size, k, s, p):
-            n = size + 2 * p - k
+        def out_size(size, k, s, before, after):
+            n = size + before + after - k
             o = (-(-n // s) if ceil_mode else n // s) + 1
-            if ceil_mode and (o - 1) * s >= size + p:  # torch drops a window that starts in the padding
+            if ceil_mode and (o - 1) * s >= size + before:  # torch drops a window that starts in the padding
                 o -= 1
             return o
 
-        OH, OW = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+        OH, OW = out_size(H, kh, sh, top, bottom), out_size(W, kw, sw, left, right)
         if OH < 1 or OW < 1:
             raise self.unsupported(node, f"the {kh}x{kw} window does not fit the {H}x{W} input")
-        return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(ph, ph, pw, pw), activation="none")
+        return (1, OH, OW, C), dict(kernel=(kh, kw), stride=(sh, sw), padding=(top, bottom, left, right),
+                                    activation="none")
 
     def _spatial_input(self, node, arg, rank: int = 4) -> _Value:
         """The input of a pooling / padding / mean op: rank ``rank``, channels last in the IR."""
@@ -1169,27 +1192,40 @@ class _Converter:
 
     def _adaptive_pool(self, node, kind: str, rank: int) -> _Value:
         """torch's adaptive bins [floor(i * n / o), ceil((i + 1) * n / o)): one pooling window when every bin
-        of an axis has the same size and the bins start at a fixed stride (always when o divides n)."""
+        of an axis has the same size and the bins start at a fixed stride (always when o divides n);
+        otherwise each run of such bins is pooled from its slice of the input and the pieces are
+        concatenated (STRIDED_SLICE -> pool -> CONCATENATION, all sharing the input's parameters), so every
+        output is the pool of exactly torch's bin."""
         v = self._spatial_input(node, node.args[0], rank)
         _, H, W, C = nhwc(self.shape(v))
         oh, ow = (1,) + _pair(node.args[1], 1) if rank == 3 else _pair(node.args[1])
         if kind == "avg_pool2d" and (oh, ow) == (1, 1):
             return self.add_op("mean", node, [v.name], (1,) * (rank - 1) + (C,), rank)
-        window = []
-        for n, o in ((H, oh), (W, ow)):
-            starts = [i * n // o for i in range(o)]
-            sizes = [-(-(i + 1) * n // o) - start for i, start in enumerate(starts)]
-            steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
-            if len(set(sizes)) != 1 or len(steps) != 1:
-                what = "AdaptiveAvgPool" if kind == "avg_pool2d" else "AdaptiveMaxPool"
-                raise self.unsupported(node, f"{what} from {n} to {o}: the bins differ in size "
-                                             f"({sorted(set(sizes))}), which no single pooling window computes")
-            window.append((sizes[0], steps.pop()))
-        (kh, sh), (kw, sw) = window
-        attrs = dict(kernel=(kh, kw), stride=(sh, sw), padding=(0, 0, 0, 0), activation="none",
-                     count_include_pad=True)
-        out_shape = (1, oh, ow, C) if rank == 4 else (1, ow, C)
-        return self.add_op(kind, node, [v.name], out_shape, rank, attrs)
+        if min(oh, ow) < 1:
+            raise self.unsupported(node, f"an adaptive pool to {(oh, ow)[rank - 3:]}: sizes must be at least 1")
+        rows, cols = _adaptive_runs(H, oh), _adaptive_runs(W, ow)
+        w_axis = rank - 2  # the IR axis of W (of L for a signal); H is axis 1 of a 4-d map
+        row_parts = []
+        for r_start, r_size, r_step, r_count in rows:
+            band = v
+            if len(rows) > 1:
+                band = self._slice_axis(node, v, 1, r_start, r_start + (r_count - 1) * r_step + r_size, 1)
+            parts = []
+            for c_start, c_size, c_step, c_count in cols:
+                piece = band
+                if len(cols) > 1:
+                    piece = self._slice_axis(node, band, w_axis, c_start, c_start + (c_count - 1) * c_step + c_size, 1)
+                attrs = dict(kernel=(r_size, c_size), stride=(r_step, c_step), padding=(0, 0, 0, 0),
+                             activation="none", count_include_pad=True)
+                shape = (1, r_count, c_count, C) if rank == 4 else (1, c_count, C)
+                parts.append(self.add_op(kind, node, [piece.name], shape, rank, attrs))
+            row_parts.append(parts[0] if len(parts) == 1 else self._concat_axis(node, parts, w_axis))
+        return row_parts[0] if len(row_parts) == 1 else self._concat_axis(node, row_parts, 1)
+
+    def _concat_axis(self, node, parts: list[_Value], axis: int) -> _Value:
+        shape = list(self.shape(parts[0]))
+        shape[axis] = sum(self.shape(p)[axis] for p in parts)
+        return self.add_op("concat", node, [p.name for p in parts], tuple(shape), parts[0].dims, dict(axis=axis))
 
     # 1-D pooling: the 2-D window with a height of 1 over the (1, L, C) signal
     def _op_max_pool1d(self, node):

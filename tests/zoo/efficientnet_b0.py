@@ -3,18 +3,7 @@ with a SiLU squeeze and a Sigmoid gate multiplied in, residuals, as torchvision'
 them out (stochastic depth is the identity in eval mode, so it is left out)."""
 from torch import nn
 
-
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, squeeze: int):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, squeeze, 1)
-        self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = nn.SiLU()
-        self.scale_activation = nn.Sigmoid()
-
-    def forward(self, x):
-        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+from .blocks import SqueezeExcitation
 
 
 def _conv_bn(cin, cout, k, stride=1, groups=1, act=True):
@@ -29,7 +18,8 @@ class MBConv(nn.Module):
         super().__init__()
         mid = cin * expand
         layers = [] if expand == 1 else [_conv_bn(cin, mid, 1)]
-        layers += [_conv_bn(mid, mid, k, stride, groups=mid), SqueezeExcitation(mid, max(4, cin // 4)),
+        layers += [_conv_bn(mid, mid, k, stride, groups=mid),
+                   SqueezeExcitation(mid, max(4, cin // 4), nn.SiLU, nn.Sigmoid),
                    _conv_bn(mid, cout, 1, act=False)]
         self.block = nn.Sequential(*layers)
         self.use_res_connect = stride == 1 and cin == cout

@@ -3,19 +3,7 @@
 mobilenet_v3_small lays them out (its SqueezeExcitation, its block order)."""
 from torch import nn
 
-
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, squeeze: int):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, squeeze, 1)
-        self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = nn.ReLU()
-        self.scale_activation = nn.Hardsigmoid()
-
-    def forward(self, x):
-        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-        return scale * x
+from .blocks import SqueezeExcitation
 
 
 def _conv_bn_act(cin, cout, k, stride=1, groups=1, act=nn.Hardswish):

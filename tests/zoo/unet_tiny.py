@@ -1,5 +1,5 @@
 """A tiny U-Net for 16x16 segmentation: two encoder levels, a bottleneck, one decoder step through
-ConvTranspose2d and one through Upsample (nearest), each concatenated with its skip connection."""
+ConvTranspose2d and one through Upsample (nearest, or bilinear), each concatenated with its skip connection."""
 import torch
 from torch import nn
 
@@ -9,7 +9,7 @@ def _block(cin, cout):
 
 
 class UNetTiny(nn.Module):
-    def __init__(self, cin=1, classes=2, width=8):
+    def __init__(self, cin=1, classes=2, width=8, upsample="nearest"):
         super().__init__()
         self.enc1 = _block(cin, width)
         self.enc2 = _block(width, 2 * width)
@@ -17,7 +17,7 @@ class UNetTiny(nn.Module):
         self.mid = _block(2 * width, 2 * width)
         self.up2 = nn.ConvTranspose2d(2 * width, 2 * width, 2, stride=2)
         self.dec2 = _block(4 * width, width)
-        self.up1 = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up1 = nn.Upsample(scale_factor=2, mode=upsample)
         self.dec1 = _block(2 * width, width)
         self.head = nn.Conv2d(width, classes, 1)
 

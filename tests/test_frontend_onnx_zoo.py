@@ -1,0 +1,125 @@
+"""Every architecture of tests/zoo/ through ONNX: torch -> ONNX (torch.onnx.export, the TorchScript exporter,
+opset 17) -> edgekit is the graph torch -> edgekit makes (same ops, shapes, attributes, layer names,
+weights) with bit-identical float and int8 outputs (exported with BatchNorm left to edgekit;
+test_frontend_onnx covers the exporter's own folding); onnxruntime's float outputs are within int8 error of the
+int8 graph; a QDQ model of a 1-D signal network keeps its own parameters. Small inputs, few samples: the
+point is the mapping, not accuracy (the zoo modules train these models)."""
+import numpy as np
+import pytest
+import torch
+
+import edgekit
+from edgekit.passes.fuse import prepare_float
+from test_frontend_onnx import _qdq, _signature, export
+from zoo.efficientnet_b0 import EfficientNetB0Style
+from zoo.gru_kws import GRUKWS
+from zoo.imu_cnn import IMUCNN
+from zoo.lstm_kws import LSTMKWS
+from zoo.m5 import M5
+from zoo.mobilenetv3_small import MobileNetV3Small
+from zoo.shufflenet_v2 import ShuffleNetV2
+from zoo.tc_resnet import TCResNet
+from zoo.unet_tiny import UNetTiny
+from zoo.yolov3_tiny import YoloV3Tiny
+from zoo.yolov8n_like import YoloV8nLike
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+# name: (constructor, input shape of one sample)
+ZOO = {
+    "efficientnet_b0": (EfficientNetB0Style, (1, 32, 32)),
+    "mobilenetv3_small": (MobileNetV3Small, (1, 32, 32)),
+    "yolov3_tiny": (YoloV3Tiny, (1, 32, 32)),
+    "yolov8n_like": (YoloV8nLike, (1, 32, 32)),
+    "shufflenet_v2": (ShuffleNetV2, (1, 32, 32)),
+    "unet_tiny": (UNetTiny, (1, 16, 16)),
+    "imu_cnn": (IMUCNN, (6, 64)),
+    "m5": (M5, (1, 800)),
+    "tc_resnet": (TCResNet, (8, 49)),
+    "lstm_kws": (LSTMKWS, (16, 8)),
+    "gru_kws": (GRUKWS, (16, 8)),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    model = ZOO[name][0]().eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():  # BatchNorm statistics that do something
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = np.random.default_rng(0).normal(size=(12,) + ZOO[name][1]).astype(np.float32)
+    return model, x
+
+
+def _int8_outputs(q, x):
+    """The raw int8 outputs of an int8 graph on float inputs."""
+    from edgekit import quant_math
+
+    p = q.tensors[q.inputs[0]].quant
+    xq = quant_math.quantize(edgekit.api.to_ir_inputs(q, x), p.scale[0], p.zero_point[0])
+    return _outputs(edgekit.reference_run(q, xq, int8=True))
+
+
+def _outputs(y):
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
+    model, x = _model(name)
+    path = export(model, x, tmp_path / f"{name}.onnx", fold=False)  # BatchNorm folded by edgekit: bit-identical
+    a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(model, x[:1]))
+    assert [a.source_layouts[n] for n in a.inputs] == [b.source_layouts[n] for n in b.inputs]
+    assert _signature(a) == _signature(b)
+    weighted = ("conv2d", "depthwise_conv2d", "transpose_conv2d", "fully_connected", "lstm")
+    assert [op.name for op in a.ops if op.kind in weighted] == [op.name for op in b.ops if op.kind in weighted]
+    for op_a, op_b in zip(a.ops, b.ops):
+        for ta, tb in zip(op_a.inputs, op_b.inputs):
+            assert a.tensors[ta].is_constant == b.tensors[tb].is_constant
+            if a.tensors[ta].is_constant:
+                np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        want = _outputs(model(torch.as_tensor(x[:4])))
+    got = _outputs(edgekit.reference_run(a, x[:4]))
+    for g_, w_ in zip(got, want):
+        np.testing.assert_allclose(g_, w_.numpy(), rtol=1e-4, atol=1e-4)
+    # int8: the same calibration, the same parameters, the same outputs
+    qa, qb = edgekit.quantize(path, x), edgekit.quantize(model, x)
+    for ya, yb in zip(_int8_outputs(qa, x), _int8_outputs(qb, x)):
+        assert np.array_equal(ya, yb), (np.abs(ya.astype(int) - yb.astype(int)).max(), (ya != yb).mean())
+    # onnxruntime's float outputs: within the int8 graph's error
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = sess.get_inputs()[0].name
+    runs = [sess.run(None, {feed: x[i:i + 1]}) for i in range(len(x))]
+    for k, got in enumerate(_outputs(edgekit.reference_run(qa, x))):
+        want = np.concatenate([r[k] for r in runs])
+        step = qa.tensors[qa.outputs[k]].quant.scale[0]
+        err = np.abs(got - want)
+        assert err.mean() <= 3 * step and err.max() <= 16 * step, (k, err.mean() / step, err.max() / step)
+
+
+def test_qdq_signal_network_keeps_its_parameters(tmp_path):
+    """IMU CNN (Conv1d, MaxPool1d, global pools, Concat, Linear) quantized by onnxruntime (which drops the
+    ReLUs into the activation ranges): edgekit runs the model's own activation parameters, and agrees with
+    onnxruntime's integer execution to a step or two."""
+    model, x = _model("imu_cnn")
+    float_path = export(model, x, tmp_path / "imu.onnx")
+    path = _qdq(float_path, tmp_path / "imu_qdq.onnx", x, "QInt8", True)
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    theirs = {(float(consts[n.input[1]]), int(consts[n.input[2]])) for n in m.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    q = edgekit.quantize(path, x[:4] * 3)  # another calibration on purpose: the model's parameters win
+    used = {(float(t.quant.scale[0]), int(t.quant.zero_point[0])) for t in q.tensors.values()
+            if not t.is_constant and t.quant is not None}
+    assert len(used) >= 3 and used <= theirs
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = sess.get_inputs()[0].name
+    want = np.concatenate([sess.run(None, {feed: x[i:i + 1]})[0] for i in range(len(x))])
+    got = edgekit.reference_run(q, x)
+    step = q.tensors[q.outputs[0]].quant.scale[0]
+    assert np.abs(got - want).max() <= 2.01 * step

@@ -129,6 +129,27 @@ def test_conv2d_neon_windows(xbuild, kw, h, w, c, o, padding, stride, act, board
     check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
 
 
+@given(st.integers(1, 9), st.integers(1, 5), st.sampled_from([1, 3, 4, 8, 13, 16, 20, 33]),
+       st.sampled_from([1, 5, 15, 16, 17, 32, 40]), st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 5)]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_tile(xbuild, h, w, c, o, k, padding, stride, act, seed):
+    """rpi5's packed SDOT convolution: 16-channel blocks (fewer than 16 channels, and a last block
+    overlapping the one before when out_c is not a multiple of 16), 4-pixel groups with the last
+    pixel repeated, K (= kh * kw * in_c) with 1..3 groups of 4 taps past the last 16, windows read
+    in place (1x1, K a multiple of 16) or gathered with padding."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh, padding[1], padding[2] + kw, padding[3])
+        out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+
+
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.sampled_from([8, 9, 15, 16, 17, 31, 40]),
        st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations, boards,
        st.integers(0, 2 ** 31))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgekitError
-from .safety import percentile_arg, positive_float, positive_int, tcp_port
+from .safety import byte_size, non_negative_float, percentile_arg, positive_float, positive_int, tcp_port
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
@@ -147,6 +147,8 @@ def cmd_thresholds(args) -> int:
         raise EdgekitError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
     if not 0.0 < args.max_drop < 1.0:
         raise EdgekitError(f"--max-drop must be between 0 and 1 (e.g. 0.01 = 1 pp), got {args.max_drop}")
+    if args.test_samples is not None and args.test_samples <= 0:
+        raise EdgekitError(f"--test-samples must be a positive number of samples, got {args.test_samples}")
     if args.json:
         check_output_file(args.json, "--json")
     x = _load_npy(args.inputs, "inputs")
@@ -186,7 +188,7 @@ def cmd_thresholds(args) -> int:
             sweep = sweep_path(args.project, x, y, path, costs=costs, int8=args.int8)
         else:
             sweep = sweep_reference(args.project, x, y, thresholds, costs=costs, int8=args.int8)
-    chosen = choose_threshold(sweep, args.max_drop, args.confidence)
+    chosen = choose_threshold(sweep, args.max_drop, args.confidence, args.test_samples)
     print(format_sweep(sweep, chosen))
     print()
     if chosen["promise"]["exits_off"]:
@@ -278,6 +280,42 @@ def cmd_compress(args) -> int:
     print(f"wrote {out_path}" + "".join(f" and {p}" for p in (args.report, args.html) if p))
     final = report.get("final")
     return 0 if final is None or final["c_equals_reference"] else 1
+
+
+def cmd_tune(args) -> int:
+    from .tune import pareto
+    from .tune.search import run_search
+
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise EdgekitError(f"model file not found: {model_path}")
+    summary = run_search(model_path, data=args.data, board=args.board, out_dir=args.output, trials=args.trials,
+                         workers=args.workers, address=args.address, seed=args.seed, space=args.space,
+                         max_flash=args.max_flash, max_ram=args.max_ram, max_drop=args.max_drop,
+                         max_instructions=args.max_instructions, prefer=args.prefer, resume=args.resume,
+                         profile_samples=args.profile_samples, quiet=args.quiet)
+    out = Path(args.output)
+    rows = summary["trials"]
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"\n{len(rows)} trials ({failed} failed) in {summary['seconds']:.0f} s; input model: accuracy "
+          f"{summary['baseline_accuracy'] * 100:.2f} % (float), weights {summary['float_weight_bytes']:,} B float32")
+    print("Pareto front (accuracy from the C program on the held-out split; * = best within the constraints):")
+    print(pareto.table(summary["front"], summary["baseline_accuracy"], summary["float_weight_bytes"],
+                       summary["unit"].replace(" instructions", " instr"), summary["best"]))
+    if summary["interrupted"]:
+        print(f"edgekit: the search stopped after {len(rows)} of {summary['requested_trials']} trials; continue it "
+              f"with the same command and --resume", file=sys.stderr)
+        return 130
+    print(f"wrote {out / 'pareto.csv'}, {out / 'trials.csv'}"
+          + (f", {out / 'pareto.png'}, {out / 'report.html'}" if (out / "report.html").exists() else ""))
+    if summary["best"] is None:
+        print("edgekit: error: " + pareto.no_fit_message(rows, summary["constraints"], summary["baseline_accuracy"]),
+              file=sys.stderr)
+        return 1
+    print(f"best within the constraints: trial {summary['best']['number']} "
+          f"({pareto.describe(summary['best']['config'])}); wrote {out / 'best.pt2'} and {out / 'best.toml'} "
+          f"(edgekit compress MODEL --recipe {out / 'best.toml'} runs it again)")
+    return 0
 
 
 def _stack_arg(value: str | None) -> int | str | None:
@@ -504,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the full network (default 0.01 = 1 pp), promised on unseen data with --confidence")
     th.add_argument("--confidence", type=float, default=0.95, help="the confidence of that promise: an exact "
                     "one-sided bound on the drop from the validation samples (default 0.95)")
+    th.add_argument("--test-samples", type=int, metavar="M", help="promise the drop a test set of M unseen samples "
+                    "will show (an exact prediction bound: M samples scatter around the population's drop); "
+                    "default: the population's drop")
     th.add_argument("--per-exit", metavar="SEARCH.npy", help="search one threshold per early exit on these inputs "
                     "(e.g. the training split, never the validation inputs; no labels needed), then test the "
                     "search's path on the validation inputs")
@@ -539,6 +580,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--build-dir", help="keep the final model's generated C project here")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(fn=cmd_compress)
+
+    t = sub.add_parser("tune", help="search compression choices for the smallest, fastest model that fits the "
+                       "board, every trial built, run as C and measured (Ray Tune; local or a cluster)")
+    t.add_argument("model", help="a torch.export file (.pt2) of a float model")
+    t.add_argument("--data", default="digits", help="'digits' (scikit-learn, held-out 20 %%) or an .npz with "
+                   "x_train, y_train, x_test, y_test")
+    t.add_argument("--board", default="host", help="where trials are measured: host (callgrind instructions) or "
+                   "an emulated Cortex-M (mps2-an386, ...), or a board file of your own (.toml)")
+    t.add_argument("-o", "--output", default="tune", help="directory for the results (default: tune/)")
+    t.add_argument("--trials", type=positive_int, default=48)
+    t.add_argument("--workers", type=positive_int, help="trials at a time (default: one per core, or per CPU of "
+                   "the cluster)")
+    t.add_argument("--address", help="a running Ray cluster (ray://head:10001 or host:port); default: this machine")
+    t.add_argument("--seed", type=int, default=0, help="the sampler's seed: the same seed repeats a search")
+    t.add_argument("--space", help="a TOML file overriding the default search space ([space] and [train])")
+    t.add_argument("--max-flash", type=byte_size, help="constraint: flash of the built program (e.g. 64KB)")
+    t.add_argument("--max-ram", type=byte_size, help="constraint: RAM of the built program, stack included")
+    t.add_argument("--max-drop", type=non_negative_float, help="constraint: accuracy loss against the input "
+                   "model, in percentage points")
+    t.add_argument("--max-instructions", type=positive_float, help="constraint: instructions per inference")
+    t.add_argument("--prefer", default="flash", choices=["flash", "ram", "instructions", "weights", "accuracy"],
+                   help="among the trials within the constraints, the best has the least of this (default flash)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted search in --output")
+    t.add_argument("--profile-samples", type=positive_int, default=8, help="inferences counted per trial "
+                   "(accuracy always uses the whole held-out split)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(fn=cmd_tune)
 
     b = sub.add_parser("build", help="compile a generated project")
     b.add_argument("project")

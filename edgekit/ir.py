@@ -36,6 +36,8 @@ split                  x -> y0, y1, ...                     axis (piece sizes fr
 slice                  x                                    begin, end, strides (IR axes, end exclusive)
 transpose_conv2d       x, weight (O,KH,KW,I), bias?         stride, padding(t,b,l,r) cropped from the full output
 reduce_max             x                                    axes (neighbouring IR axes; kept as size 1)
+reduce_min             x                                    axes (neighbouring IR axes; kept as size 1)
+reduce_mean            x                                    axes (any non-batch IR axes; kept as size 1)
 resize_bilinear        x                                    align_corners, half_pixel_centers
 resize_nearest         x                                    half_pixel_centers (size from the output)
 log_softmax            x                                    (over the last axis)

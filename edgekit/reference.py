@@ -208,7 +208,8 @@ def _f_mul(op, graph, a, b):
 
 
 def _f_concat(op, graph, *xs):
-    return np.concatenate(xs, axis=op.attrs["axis"])
+    n = max(x.shape[0] for x in xs)  # a constant part (a class token) has no batch: the same for every sample
+    return np.concatenate([np.broadcast_to(x, (n,) + x.shape[1:]) for x in xs], axis=op.attrs["axis"])
 
 
 def _f_reshape(op, graph, x):
@@ -343,6 +344,24 @@ def _reduce_max(op, graph, x):
     return x.max(axis=tuple(op.attrs["axes"]), keepdims=True)
 
 
+def _reduce_min(op, graph, x):
+    return x.min(axis=tuple(op.attrs["axes"]), keepdims=True)
+
+
+def _f_reduce_mean(op, graph, x):
+    return x.astype(np.float64).mean(axis=tuple(op.attrs["axes"]), keepdims=True).astype(np.float32)
+
+
+def _q_reduce_mean(op, graph, x):
+    """tflite-runtime 2.14's int8 MEAN over any axes other than NHWC's (1, 2) (reference_ops::
+    QuantizedMeanOrSum, dims kept): sum of (q - zp_in) in int32, 1/count folded into the multiplier as
+    the spatial mean does, requantized."""
+    a = op.attrs
+    acc = np.sum(x.astype(np.int64) + a["input_offset"], axis=tuple(a["axes"]), keepdims=True)
+    acc = qm.multiply_by_quantized_multiplier(acc, a["multiplier"], a["shift"])
+    return np.clip(acc + a["output_offset"], -128, 127).astype(np.int8)
+
+
 def _slice(op, graph, x):
     """x[begin:end:step] per axis (STRIDED_SLICE); the batch axis is kept whole."""
     index = (slice(None),) + tuple(slice(b, e, s) for b, e, s in
@@ -383,7 +402,8 @@ FLOAT_KERNELS = {
     "batch_norm": _f_batch_norm, "softmax": _f_softmax, "batch_matmul": _f_batch_matmul, "lstm": _f_lstm,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _f_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _f_transpose_conv2d,
-    "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max,
+    "resize_bilinear": _f_resize_bilinear, "reduce_max": _reduce_max, "reduce_min": _reduce_min,
+    "reduce_mean": _f_reduce_mean,
     "sub": _f_sub, "squared_difference": _f_squared_difference, "prelu": _f_prelu, "clamp": _f_clamp,
     **{kind: _f_unary for kind in pointwise.UNARY},
 }
@@ -533,8 +553,7 @@ def _q_lut(op, graph, x):
     return op.attrs["table"][x.astype(np.int64) + 128]
 
 
-def _q_concat(op, graph, *xs):
-    return np.concatenate(xs, axis=op.attrs["axis"])
+_q_concat = _f_concat
 
 
 def _q_reshape(op, graph, x):
@@ -696,7 +715,8 @@ INT8_KERNELS = {
     "softmax": _q_softmax, "exit": _q_exit, "batch_matmul": _q_batch_matmul, "lstm": _q_lstm,
     "transpose": _transpose, "split": _split, "slice": _slice, "log_softmax": _q_log_softmax,
     "resize_nearest": _resize_nearest, "transpose_conv2d": _q_transpose_conv2d,
-    "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max,
+    "resize_bilinear": _q_resize_bilinear, "reduce_max": _reduce_max, "reduce_min": _reduce_min,
+    "reduce_mean": _q_reduce_mean,
     "sub": _q_sub, "squared_difference": _q_squared_difference, "prelu": _q_prelu, "clamp": _q_clamp,
     **{kind: _q_lut for kind in pointwise.UNARY},
 }

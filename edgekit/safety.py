@@ -162,6 +162,33 @@ def positive_float(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "K": 1024, "MB": 1024 ** 2, "MIB": 1024 ** 2, "M": 1024 ** 2}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: 65536, 64KB, 64KiB, 1.5MB (KB and MB are binary here, as in memory maps)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or KB / MB (e.g. 64KB)")
+    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be zero or more")
+    return value
+
+
 def quiet_broken_pipe() -> None:
     """stdout went away (`edgekit ... | head`): stop writing to it, without a traceback at exit."""
     try:

@@ -375,6 +375,104 @@ def test_choice_refuses_what_the_sample_cannot_support():
         choose(points, dict(full), 100, 1.5)
 
 
+def _exact_prediction_count(k, n, m, confidence):
+    """The prediction bound's count, enumerated with whole numbers: the largest K on the m unseen samples
+    whose hypergeometric P(X <= k) (N = n + m, k + K events, n drawn) exceeds 1 - confidence."""
+    from math import comb
+    kept = [K for K in range(m + 1)
+            if sum(comb(k + K, i) * comb(n + m - k - K, n - i) for i in range(k + 1)) > (1 - confidence) * comb(n + m, n)]
+    return max(kept)
+
+
+def test_prediction_bound_holds_for_every_rate_by_enumeration():
+    """On small cases, enumerated exactly: for every population rate p, the chance that the test set's count
+    exceeds the bound computed from the validation count is at most 1 - confidence; the bound is the
+    whole-number hypergeometric one; it tends to the population bound as the test set grows."""
+    from math import comb
+
+    from edgekit.device.operating_point import drop_bound, prediction_bound, upper_bound
+    for n, m, conf in ((40, 25, 0.95), (60, 30, 0.9), (30, 50, 0.99)):
+        counts = [round(prediction_bound(k, n, m, conf) * m) for k in range(n)]
+        assert counts == [_exact_prediction_count(k, n, m, conf) for k in range(n)]
+        assert counts == sorted(counts)  # more wrong answers on validation never predict fewer on test
+        worst = 0.0
+        for p in np.linspace(0.0005, 0.6, 120):
+            miss = sum(comb(n, k) * p ** k * (1 - p) ** (n - k) *
+                       sum(comb(m, K) * p ** K * (1 - p) ** (m - K) for K in range(counts[k] + 1, m + 1))
+                       for k in range(n))
+            worst = max(worst, miss)
+        assert worst <= 1 - conf + 1e-12
+        assert worst > 0.4 * (1 - conf)  # and it is not loose beyond what whole counts force
+    assert prediction_bound(3, 720, 10 ** 6, 0.9) == pytest.approx(upper_bound(3, 720, 0.9), abs=1e-5)
+    assert drop_bound(2, 863, 0.95) == upper_bound(2, 863, 0.95)
+    # the benchmark's case: 863 validation images, 360 test images (1 pp = 3.6 images)
+    assert [round(prediction_bound(k, 863, 360, 0.95) * 360) for k in range(3)] == [2, 3, 4]
+    assert round(prediction_bound(0, 863, 360, 0.99) * 360) == 3
+    with pytest.raises(EdgekitError, match="test samples must be positive"):
+        prediction_bound(0, 100, 0)
+
+
+def test_the_choice_keeps_its_promise_on_the_test_set():
+    """Drawn validation and test sets from a known population: the chosen point's drop on the test set
+    stays within the promise in at least 95 % of the draws (fixed sequence over 40 thresholds, nested: a
+    lower threshold's wrong early answers include a higher one's). The population bound does not: its
+    choice shows more than the promised drop on the test set far more often."""
+    from edgekit.device.operating_point import choose
+    rng = np.random.default_rng(1)
+    p_worse = np.linspace(0.0, 0.03, 40)
+    n, m, draws = 500, 200, 400
+    broken = {"test": 0, "population": 0}
+    for _ in range(draws):
+        u_val, u_test = rng.random(n), rng.random(m)
+        better_test = rng.random(m) < 0.001
+        for kind, test_samples in (("test", m), ("population", None)):
+            points = [{"worse": int(np.sum(u_val < pw)), "better": 0, "work": 1.0 - i / 40, "i": i}
+                      for i, pw in enumerate(p_worse)]
+            chosen = choose(points, {"work": 1.0, "worse": 0, "better": 0}, n, 0.01, 0.95, test_samples)
+            if "i" in chosen:
+                test_drop = (np.sum(u_test < p_worse[chosen["i"]]) - np.sum(better_test & (u_test >= p_worse[chosen["i"]]))) / m
+                broken[kind] += test_drop > 0.01
+    assert broken["test"] <= 0.05 * draws
+    assert broken["population"] > 2 * broken["test"] and broken["population"] > 0.05 * draws
+
+
+def test_worse_so_far_keeps_the_bounds_nested():
+    from edgekit.device.operating_point import choose, prediction_bound
+    points = [{"worse": w, "better": 0, "work": 1.0 - i / 10, "i": i} for i, w in enumerate((0, 1, 0, 1, 3))]
+    chosen = choose(points, {"work": 1.0, "worse": 0, "better": 0}, 863, 0.01, 0.95, 360)
+    assert [p["worse_so_far"] for p in points] == [0, 1, 1, 1, 3]
+    assert points[2]["drop_bound"] == points[1]["drop_bound"] == prediction_bound(1, 863, 360, 0.95)
+    bounds = [p["drop_bound"] for p in points]
+    assert bounds == sorted(bounds)
+    assert [p["passed"] for p in points] == [True, True, True, True, False] and chosen is points[3]
+
+
+def test_refusal_on_a_test_set_says_how_many_validation_samples_it_needs():
+    from edgekit.device.operating_point import choose, describe_promise, samples_needed
+    points = [{"worse": 0, "better": 0, "work": 0.5, "threshold": 0.9}]
+    full = {"work": 1.0, "worse": 0, "better": 0, "threshold": None}
+    # 1 pp on 360 test images: 400 validation samples at 95 %, 776 at 99 %, even with no wrong early answer
+    assert samples_needed(0.01, 0.95, test_samples=360) == 400
+    assert samples_needed(0.01, 0.99, test_samples=360) == 776
+    chosen = choose(points, dict(full), 350, 0.01, 0.95, 360)
+    assert chosen["promise"]["exits_off"] and not chosen["promise"]["supported"]
+    text = "\n".join(describe_promise(chosen))
+    assert ("350 validation samples cannot support a drop of at most 1 pp on 360 test samples at 95 % confidence; "
+            "that needs at least 400 samples") in text and "exits off" in text
+    chosen = choose(points, dict(full), 450, 0.01, 0.95, 360)
+    assert chosen is points[0] and chosen["drop_bound"] == pytest.approx(3 / 360)
+    assert "at most 0.83 pp on 360 test samples at 95 % confidence (exact prediction bound" in \
+        "\n".join(describe_promise(chosen))
+    # a rate the test set's own scatter puts over the promise: no validation size helps
+    bad = [{"worse": 3, "better": 0, "work": 0.5, "threshold": 0.9}]
+    chosen = choose(bad, dict(full), 500, 0.01, 0.95, 360)
+    assert chosen["promise"]["exits_off"] and chosen["promise"]["needed_samples"] is None
+    assert "too often for any sample size (the 360 test samples alone scatter more than 1 pp)" in \
+        "\n".join(describe_promise(chosen))
+    with pytest.raises(EdgekitError, match="positive whole number"):
+        choose(points, dict(full), 450, 0.01, 0.95, 0)
+
+
 # ---------------------------------------------------------------------------
 # The protocol: SET_PARAM, the exit index in INVOKE's status, per-exit profiles
 # ---------------------------------------------------------------------------
@@ -614,6 +712,14 @@ def test_cli_exits_generate_run_thresholds_profile(trained_cnn, digits, tmp_path
     bad = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--confidence", "95",
                    cwd=tmp_path)
     assert bad.returncode == 1 and "--confidence must be between 0 and 1" in bad.stderr
+    on_test = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--max-drop", "0.1",
+                       "--confidence", "0.9", "--test-samples", "200", cwd=tmp_path)
+    assert on_test.returncode == 0, on_test.stderr
+    assert ("on 200 test samples at 90 % confidence (exact prediction bound for a test set of that size)" in on_test.stdout
+            or "of at most 10 pp on 200 test samples at 90 % confidence" in on_test.stdout)
+    bad = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--test-samples", "0",
+                   cwd=tmp_path)
+    assert bad.returncode == 1 and "--test-samples must be a positive number" in bad.stderr
     np.save(tmp_path / "search.npy", digits.x_train[:200])
     per_exit = _edgekit("thresholds", "--project", "out", "--inputs", "x.npy", "--labels", "y.npy", "--per-exit",
                         "search.npy", "--max-drop", "0.1", cwd=tmp_path)

@@ -317,6 +317,11 @@ def test_bad_onnx_inputs_are_refused_clearly(tmp_path):
                          [("x", [1, 4, 5, 5])], ["y"], [("w", np.ones((4, 4, 3, 3, 3)))])
     with pytest.raises(EdgekitError, match="a 3-D convolution"):
         edgekit.load(conv3d)
+    seq_first = _onnx_model([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="/attn/Transpose"),
+                             helper.make_node("Relu", ["t"], ["y"], name="/attn/Relu")], [("x", [1, 5, 4])], ["y"])
+    with pytest.raises(EdgekitError, match=r"'/attn/Transpose' \(Transpose\): a transpose \[1, 0, 2\] that moves the "
+                                           "batch dimension"):
+        edgekit.load(seq_first)
     dynamic = _onnx_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, "h", 4])], ["y"])
     with pytest.raises(EdgekitError, match="fixed sizes"):
         edgekit.load(dynamic)

@@ -279,7 +279,7 @@ def requant_exes(tmp_path_factory):
     for name in ("rpi4", "rpi5"):
         board = load_board(name)
         d = tmp_path_factory.mktemp(f"requant_{name}")
-        generate_project(q, d, board)
+        generate_project(q, d, board, threads=1)  # a plain (not thread-local) scratch below
         (d / "requant.c").write_text(REQUANT_MAIN)
         subprocess.run([board["cc"], *board["cflags"], *CHECKS, "-I", str(d / "include"), str(d / "requant.c"),
                         "-o", str(d / "requant")], check=True, capture_output=True, text=True)

@@ -229,33 +229,49 @@ def _arena(buffers, offsets, align) -> int:
     return _align(max((o + b.size for b, o in zip(buffers, offsets)), default=0), align)
 
 
-def _place(plan: MemoryPlan, order, align: int) -> list[int]:
+def _neighbours(plan: MemoryPlan) -> list[list[tuple]]:
+    """For each buffer k, the buffers j whose lifetimes overlap it, as (j, size of j, delta when k is
+    j's in-place output, delta when k is j's in-place input): computed once a plan, since _search places
+    hundreds of orders of the same buffers (an unrolled GRU has hundreds)."""
+    bufs = plan.buffers
+    pairs = {(p.input, p.output): p.delta for p in plan.inplace}
+    by_first = sorted(range(len(bufs)), key=lambda k: bufs[k].first)
+    together: list[list[tuple]] = [[] for _ in bufs]
+    for a, k in enumerate(by_first):
+        for j in by_first[a + 1:]:
+            if bufs[j].first > bufs[k].last:
+                break
+            together[k].append((j, bufs[j].size, pairs.get((j, k)), pairs.get((k, j))))
+            together[j].append((k, bufs[k].size, pairs.get((k, j)), pairs.get((j, k))))
+    return together
+
+
+def _place(plan: MemoryPlan, order, align: int, neighbours=None) -> list[int]:
     """Each buffer in ``order`` at the lowest aligned offset that keeps it apart from the placed
     buffers it lives with, or in the relation an in-place pair allows."""
     bufs = plan.buffers
-    pairs: dict[tuple[int, int], int] = {}
-    for p in plan.inplace:
-        pairs[(p.input, p.output)] = p.delta
+    neighbours = neighbours if neighbours is not None else _neighbours(plan)
     offsets: list[int | None] = [None] * len(bufs)
     for k in order:
-        b = bufs[k]
+        size = bufs[k].size
         forbidden = []  # open intervals (lo, hi) of offsets b may not take
-        for j, o in enumerate(offsets):
-            if o is None or bufs[j].last < b.first or b.last < bufs[j].first:
+        for j, size_j, as_output, as_input in neighbours[k]:
+            o = offsets[j]
+            if o is None:
                 continue
-            lo, hi = o - b.size, o + bufs[j].size
-            if (j, k) in pairs:  # b is the output, j its input: b.offset <= o - delta is allowed
-                lo = max(lo, o - pairs[(j, k)])
-            elif (k, j) in pairs:  # b is the input, j its output: b.offset >= o + delta is allowed
-                hi = min(hi, o + pairs[(k, j)])
+            lo, hi = o - size, o + size_j
+            if as_output is not None:  # k is j's output: k.offset <= o - delta is allowed
+                lo = max(lo, o - as_output)
+            elif as_input is not None:  # k is j's input: k.offset >= o + delta is allowed
+                hi = min(hi, o + as_input)
             if lo + 1 < hi:
                 forbidden.append((lo, hi))
+        # the lowest aligned offset inside no interval: intervals by their start, up past each that covers it
+        # (an interval passed by is never reached again: the offset only grows)
         offset = 0
-        while True:  # up past every interval that covers the offset
-            covering = [hi for lo, hi in forbidden if lo < offset < hi]
-            if not covering:
-                break
-            offset = _align(max(covering), align)
+        for lo, hi in sorted(forbidden):
+            if lo < offset < hi:
+                offset = _align(hi, align)
         offsets[k] = offset
     return offsets  # type: ignore[return-value]
 
@@ -264,6 +280,7 @@ def _search(plan: MemoryPlan, greedy_order, greedy, align: int) -> list[int]:
     """Near-exact offsets: a few orders, then seeded pair swaps of the best order, kept when the
     arena does not grow; stops at the lower bound."""
     bufs = plan.buffers
+    neighbours = _neighbours(plan)
     bound = _align(plan.lower_bound(), align)
     best_order, best = list(greedy_order), greedy
     best_arena = _arena(bufs, greedy, align)
@@ -275,7 +292,7 @@ def _search(plan: MemoryPlan, greedy_order, greedy, align: int) -> list[int]:
         if best_arena <= bound:
             return best
         order = sorted(range(n), key=key)
-        offsets = _place(plan, order, align)
+        offsets = _place(plan, order, align, neighbours)
         arena = _arena(bufs, offsets, align)
         if arena < best_arena:
             best_order, best, best_arena = order, offsets, arena
@@ -286,7 +303,7 @@ def _search(plan: MemoryPlan, greedy_order, greedy, align: int) -> list[int]:
             break
         i, j = rng.randrange(n), rng.randrange(n)
         order[i], order[j] = order[j], order[i]
-        offsets = _place(plan, order, align)
+        offsets = _place(plan, order, align, neighbours)
         arena = _arena(bufs, offsets, align)
         if arena <= best_arena:
             best, best_arena = offsets, arena

@@ -335,6 +335,19 @@ class _Builder:
         out_shape = self.graph.tensors[op.outputs[0]].shape
         layer.params["outer"] = int(np.prod(out_shape[:axis]))
         layer.params["chunks"] = [int(np.prod(self.graph.tensors[n].shape[axis:])) for n in op.inputs]
+        # each part: ("buffer", index among the activation inputs) or ("array", a constant part's C array)
+        parts, k = [], 0
+        for n in op.inputs:
+            t = self.graph.tensors[n]
+            if t.is_constant:
+                if self.weight_only:
+                    raise EdgekitError(f"layer '{op.name}': a concatenation with a constant part has no weight-only "
+                                       "kernel; generate an int8 model")
+                parts.append(("array", self.array(f"{layer.id}_part{len(parts)}", t.data.astype(np.int8))))
+            else:
+                parts.append(("buffer", k))
+                k += 1
+        layer.params["parts"] = parts
 
     def _clamp(self, layer, op):
         """ReLU, ReLU6, and clamp / Hardtanh with any bounds (int8 keeps the parameters: a clamp of raw values)."""
@@ -485,6 +498,40 @@ class _Builder:
         shape, axes = self.graph.tensors[op.inputs[0]].shape, op.attrs["axes"]
         layer.params.update(outer=int(np.prod(shape[:axes[0]])), reduce=int(np.prod(shape[axes[0]:axes[-1] + 1])),
                             inner=int(np.prod(shape[axes[-1] + 1:])))
+
+    def _reduce_min(self, layer, op):
+        self._refuse_weight_only(op)
+        self._reduce_max(layer, op)
+        layer.kernel = "ek_reduce_min_s8"
+
+    def _reduce_mean(self, layer, op):
+        """Python groups the axes: runs of kept and of reduced axes (size-1 axes dropped) become up to
+        three (size, input stride) loops each; the kernel walks them."""
+        self._refuse_weight_only(op)
+        shape, axes = self.graph.tensors[op.inputs[0]].shape, set(op.attrs["axes"])
+        strides = [int(np.prod(shape[a + 1:])) for a in range(len(shape))]
+        groups: list[list] = []  # [reduced?, size, stride of the group's last axis]
+        for a in range(len(shape)):
+            if shape[a] == 1:
+                continue
+            if groups and groups[-1][0] == (a in axes):  # neighbours (only size-1 axes between): one loop
+                groups[-1][1] *= shape[a]
+                groups[-1][2] = strides[a]
+            else:
+                groups.append([a in axes, shape[a], strides[a]])
+        kept = [(n, st) for red, n, st in groups if not red]
+        reduced = [(n, st) for red, n, st in groups if red]
+        if len(kept) > 3 or len(reduced) > 3:
+            raise EdgekitError(f"layer '{op.name}' (mean): axes {sorted(axes)} of a {list(shape)} tensor split into "
+                               "more than three runs; reduce neighbouring axes")
+        kept = [(1, 0)] * (3 - len(kept)) + kept
+        reduced = [(1, 0)] * (3 - len(reduced)) + reduced
+        a = op.attrs
+        layer.kernel = "ek_reduce_mean_s8"
+        layer.params.update(out_size=[n for n, _ in kept], out_stride=[st for _, st in kept],
+                            red_size=[n for n, _ in reduced], red_stride=[st for _, st in reduced],
+                            input_offset=a["input_offset"], output_offset=a["output_offset"],
+                            multiplier=a["multiplier"], shift=a["shift"])
 
     def _resize_bilinear(self, layer, op):
         """Source rows / columns and their 1/1024 weights are tables (ir.bilinear_taps, TFLite's integers)."""

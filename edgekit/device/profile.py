@@ -592,17 +592,20 @@ def _test_order(sweep: dict) -> list[dict]:
                                                    else min(p["threshold_raw"])))
 
 
-def choose_threshold(sweep: dict, max_drop: float = 0.01, confidence: float = 0.95) -> dict:
+def choose_threshold(sweep: dict, max_drop: float = 0.01, confidence: float = 0.95,
+                     test_samples: int | None = None) -> dict:
     """The operating point: the least work among the points whose accuracy drop against the full network
     is at most ``max_drop`` with ``confidence`` (an exact one-sided bound from the paired disagreements,
     the points tested in a fixed order: see ``device.operating_point``); the full network when none passes.
-    The returned point carries ``drop``, ``drop_bound`` and ``promise`` (what the sample size supports)."""
+    ``test_samples``: promise the drop a test set of that many unseen samples will show (an exact
+    prediction bound) instead of the population's. The returned point carries ``drop``, ``drop_bound`` and
+    ``promise`` (what the sample size supports)."""
     from .operating_point import choose
 
     full = sweep["full"]
     if "accuracy" not in full:
         raise EdgekitError("choosing a threshold needs labels")
-    return choose(_test_order(sweep), full, sweep["samples"], max_drop, confidence)
+    return choose(_test_order(sweep), full, sweep["samples"], max_drop, confidence, test_samples)
 
 
 def format_sweep(sweep: dict, chosen: dict | None = None, rows: int = 16) -> str:

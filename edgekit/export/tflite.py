@@ -28,7 +28,7 @@ _VERSIONS = {S.CONV_2D: 3, S.DEPTHWISE_CONV_2D: 3, S.FULLY_CONNECTED: 4, S.AVERA
              S.QUANTIZE: 2, S.DEQUANTIZE: 2, S.RELU: 2, S.RELU6: 2, S.SUB: 2, S.SQUARED_DIFFERENCE: 2,
              S.LOGISTIC: 2, S.TANH: 2, S.LEAKY_RELU: 2, S.MAXIMUM: 2, S.MINIMUM: 2, S.RSQRT: 2}
 _VERSIONS.update({S.TRANSPOSE: 2, S.STRIDED_SLICE: 2, S.SPLIT: 2, S.SPLIT_V: 2, S.LOG_SOFTMAX: 2, S.SUM: 2,
-                  S.REDUCE_MAX: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
+                  S.REDUCE_MAX: 2, S.REDUCE_MIN: 2, S.RESIZE_NEAREST_NEIGHBOR: 3, S.RESIZE_BILINEAR: 3, S.TRANSPOSE_CONV: 3,
                   S.MIRROR_PAD: 2, S.BATCH_MATMUL: 2})
 _UNARY_CODES = {"logistic": S.LOGISTIC, "tanh": S.TANH, "hard_swish": S.HARD_SWISH, "elu": S.ELU, "rsqrt": S.RSQRT}
 
@@ -504,6 +504,17 @@ class _Exporter:
     def _reduce_max(self, op):
         axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
         self.m.op(S.REDUCE_MAX, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", True)})
+
+    def _reduce_min(self, op):
+        axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
+        self.m.op(S.REDUCE_MIN, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
+                  {0: Scalar("?", True)})
+
+    def _reduce_mean(self, op):
+        """MEAN over the IR axes, dims kept (a rank-4 (1, 2) mean is the `mean` op, TFLite's other kernel)."""
+        axes = self._i32(f"{op.outputs[0]}.axes", op.attrs["axes"])
+        self.m.op(S.MEAN, [self.t(op.inputs[0]), axes], [self.t(op.outputs[0])], "ReducerOptions",
                   {0: Scalar("?", True)})
 
     def _log_softmax(self, op):

@@ -35,8 +35,8 @@ from . import pytorch as pt
 SUPPORTED_OPS = (
     "Conv (1-D, 2-D; any groups, uneven pads), ConvTranspose (2-D), Gemm, MatMul (+ Add of a bias; and between "
     "activations), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish, HardSigmoid, LeakyRelu, Elu, PRelu, "
-    "Gelu (and its Erf formula), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, constants), "
-    "Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
+    "Gelu (and its erf and tanh formulas), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, "
+    "constants), Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
     "Pad (constant, reflect, edge), Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, "
     "Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), LSTM and GRU (one way, "
     "zero initial state), Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), and constant "
@@ -398,7 +398,7 @@ class _Converter(pt._Converter):
 # ---------------------------------------------------------------------------
 
 def _fuse_patterns(nodes: list, consts: dict) -> list:
-    """GELU's Erf formula (x * 0.5 * (1 + erf(x / sqrt 2)), in the orders exporters write it) becomes one
+    """GELU's formulas (erf, and the tanh approximation; in the orders exporters write them) become one
     Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT)."""
     from onnx import helper
 
@@ -418,38 +418,86 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
     def other(n, name):
         return n.input[1] if n.input[0] == name else n.input[0]
 
-    drop, replace = set(), {}
-    for erf in nodes:
-        if erf.op_type != "Erf":
-            continue
-        div = next((n for n in nodes if erf.input[0] in n.output), None)
-        if div is None or not ((div.op_type == "Div" and scalar(div.input[1], np.sqrt(2.0))) or
-                               (div.op_type == "Mul" and scalar(other(div, div.input[0]), 1 / np.sqrt(2.0)))):
-            continue
-        x = div.input[0] if div.op_type == "Div" or not scalar(div.input[0], 1 / np.sqrt(2.0)) else div.input[1]
-        add = only_user(erf.output[0])
-        if add is None or add.op_type != "Add" or not scalar(other(add, erf.output[0]), 1.0):
-            continue
-        chain, last = [div, erf, add], add.output[0]
-        ok, seen_x, seen_half = True, False, False
-        while not (seen_x and seen_half):  # two Muls: by x and by 0.5, in either order (x * 0.5 first too)
+    def producer(name):
+        return next((n for n in nodes if name in n.output), None)
+
+    def times(n, value):
+        """The other operand of a Mul by the constant ``value`` (None if ``n`` is not one)."""
+        if n is None or n.op_type != "Mul":
+            return None
+        return n.input[1] if scalar(n.input[0], value) else n.input[0] if scalar(n.input[1], value) else None
+
+    def tail(first, x):
+        """The common end of both GELU formulas, from the Erf / Tanh node ``first``: + 1, then * x and * 0.5 in
+        either order. The nodes and the last output, or None."""
+        add = only_user(first.output[0])
+        if add is None or add.op_type != "Add" or not scalar(other(add, first.output[0]), 1.0):
+            return None
+        chain, last, seen_x, seen_half = [add], add.output[0], False, False
+        while not (seen_x and seen_half):
             mul = only_user(last)
             if mul is None or mul.op_type != "Mul":
-                ok = False
-                break
+                return None
             o = other(mul, last)
             if not seen_x and o == x:
                 seen_x = True
             elif not seen_half and scalar(o, 0.5):
                 seen_half = True
             else:
-                ok = False
-                break
+                return None
             chain.append(mul)
             last = mul.output[0]
-        if not ok or (div.op_type == "Div" and len(users.get(div.output[0], [])) != 1):
+        return chain, last
+
+    def erf_gelu(erf):
+        """x * 0.5 * (1 + erf(x / sqrt 2)) (x * (1 / sqrt 2) too)."""
+        div = producer(erf.input[0])
+        if div is not None and div.op_type == "Div" and scalar(div.input[1], np.sqrt(2.0)):
+            x = div.input[0]
+        else:
+            x = times(div, 1 / np.sqrt(2.0))
+        if x is None or len(users.get(div.output[0], [])) != 1:
+            return None
+        end = tail(erf, x)
+        return None if end is None else ([div, erf] + end[0], x, end[1], "none")
+
+    def tanh_gelu(tanh):
+        """x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), x^3 as x * (x * x) or Pow(x, 3)."""
+        scale = producer(tanh.input[0])
+        inner = times(scale, np.sqrt(2 / np.pi))
+        add = producer(inner) if inner else None
+        if add is None or add.op_type != "Add":
+            return None
+        for x, cubic in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            mul = producer(cubic)
+            cube = producer(times(mul, 0.044715) or "")
+            if cube is None:
+                continue
+            if cube.op_type == "Pow" and cube.input[0] == x and scalar(cube.input[1], 3.0):
+                parts = [cube]
+            elif cube.op_type == "Mul" and x in cube.input:
+                square = producer(other(cube, x))
+                if square is None or square.op_type != "Mul" or list(square.input) != [x, x]:
+                    continue
+                parts = [square, cube]
+            else:
+                continue
+            chain = parts + [mul, add, scale, tanh]
+            if any(len(users.get(n.output[0], [])) != 1 for n in chain):
+                continue
+            end = tail(tanh, x)
+            if end is not None:
+                return chain + end[0], x, end[1], "tanh"
+        return None
+
+    drop, replace = set(), {}
+    for node in nodes:
+        found = erf_gelu(node) if node.op_type == "Erf" else tanh_gelu(node) if node.op_type == "Tanh" else None
+        if found is None:
             continue
-        gelu = helper.make_node("Gelu", [x], [last], name=chain[-1].name.rsplit("/", 1)[0] + "/Gelu")
+        chain, x, last, approximate = found
+        gelu = helper.make_node("Gelu", [x], [last], approximate=approximate,
+                                name=chain[-1].name.rsplit("/", 1)[0] + "/Gelu")
         drop.update(id(n) for n in chain)
         replace[id(chain[-1])] = gelu
     for sqrt in nodes:
@@ -901,6 +949,13 @@ def _transpose(c: _Converter, node):
     fake = c.fake(node, "permute", c.ref(node.input[0]), list(perm))
     c._op_permute(fake)
     c.finish(node, fake)
+    # edgekit keeps the batch first; only an LSTM / GRU reads a time-major (L, N, C) tensor (and the Shape
+    # that sizes its initial state)
+    if c.values[fake.name].dims[0] != 0 and not all(u.op_type in ("LSTM", "GRU", "Shape")
+                                                       for u in c.users.get(node.output[0], ())):
+        raise c.unsupported(node, f"a transpose {list(perm)} that moves the batch dimension (edgekit keeps it "
+                                  "first; a sequence-first layout, as an exported nn.MultiheadAttention has, "
+                                  "is not supported)")
 
 
 @handles("Concat")

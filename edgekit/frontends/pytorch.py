@@ -23,10 +23,11 @@ SUPPORTED_LAYERS = (
     "int8 fake quantization (from edgekit.qat), "
     "Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU, LeakyReLU, PReLU, clamp / Hardtanh, torch.rsqrt, "
     "x + y, x - y, x * y (broadcasting (N,C,1,1) with (N,C,H,W)), x + c, x * c, x / c with constants or "
-    "parameter tensors, (x - y) ** 2"
+    "parameter tensors, (x - y) ** 2, LayerNorm, GroupNorm, InstanceNorm1d/2d, "
+    "MultiheadAttention (batch_first, no masks), TransformerEncoderLayer, scaled_dot_product_attention"
 )
-SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / amax "
-                     "over spatial dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / sum "
+                     "over any dims, amax / amin over neighbouring dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
                      "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
                      "Upsample nearest / bilinear, ConvTranspose2d")
 
@@ -122,8 +123,8 @@ def from_torch(model, example_input=None, *, input_shape=None) -> Graph:
 _POISON = object()  # the value of a node that could not be converted
 _NO_HANDLER = "this operation is not supported"
 # Layers refused as a whole: their first ATen op (an LSTM's zeros, an attention's linear) says nothing.
-_UNSUPPORTED_MODULES = ("RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention",
-                        "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "Transformer")
+_UNSUPPORTED_MODULES = ("RNN", "LSTMCell", "GRUCell", "RNNCell", "TransformerDecoderLayer", "TransformerDecoder",
+                        "Transformer")
 
 
 def _layer_of(node) -> tuple[str, str]:
@@ -254,6 +255,7 @@ class _Converter:
         self.node_name: dict[str, str] = {}
         self.transposes: dict[tuple, _Value] = {}  # (IR tensor, dims) -> its transposed value
         self.reshape_source: dict[str, str] = {}  # reshape output -> the tensor it views
+        self.attention_done: set[str] = set()  # nn.MultiheadAttention calls converted as a whole
         if program is not None:  # the ONNX frontend reuses this converter with its own constants
             self._load_constants()
 
@@ -464,6 +466,16 @@ class _Converter:
 
     def _call(self, node):
         target = node.target
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            key, (path, type_) = list(stack.items())[-1]
+            if str(type_).rsplit(".", 1)[-1] == "MultiheadAttention":
+                if key not in self.attention_done:
+                    self.attention_done.add(key)
+                    self._multihead_attention(node, key, path)
+                elif self.values.get(node.name) is _POISON:
+                    raise _Poisoned()
+                return
         if target is operator.getitem:
             src = self.values.get(node.args[0].name)
             if src is _POISON:
@@ -608,7 +620,7 @@ class _Converter:
                 pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
             else:
                 raise self.unsupported(node, f"padding mode {padding!r} is not supported")
-        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): uneven, as ONNX and TF "SAME" pad
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right): ONNX's uneven pads
             pads = tuple(int(p) for p in padding)
         else:
             ph, pw = _pair(padding)
@@ -696,23 +708,24 @@ class _Converter:
     def _op_linear(self, node):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        v = self.value(x)
+        self._linear(node, self.value(x), self.const(w, "weight", node), self.const(b, "bias", node))
+
+    def _linear(self, node, v: _Value, weight: np.ndarray, bias: np.ndarray | None, name: str = "") -> _Value:
+        """FULLY_CONNECTED over the last torch dim of an (N, features) or (N, L, features) value."""
         if v.torch_rank not in (2, 3):
             raise self.unsupported(node, f"Linear on a rank-{v.torch_rank} tensor (edgekit takes (N, features) and "
                                          "(N, L, features))")
         if v.dims != tuple(range(v.torch_rank)):  # the features (torch's last dim) last in the IR
             v = self.transposed(v, tuple(range(v.torch_rank)), node, "a Linear layer")
-        weight = self.const(w, "weight", node)
-        bias = self.const(b, "bias", node)
         if v.perm is not None:
             weight = weight[:, v.perm]
         path, _ = _layer_of(node)
-        base = path or node.name
+        base = name or path or node.name
         inputs = [v.name, self.new_tensor(f"{base}.weight", weight.shape, np.ascontiguousarray(weight))]
         if bias is not None:
             inputs.append(self.new_tensor(f"{base}.bias", bias.shape, bias))
         out_shape = self.shape(v)[:-1] + (weight.shape[0],)  # rank 3: every row (TFLite keep_num_dims)
-        self.add_op("fully_connected", node, inputs, out_shape, v.dims, dict(activation="none"))
+        return self.add_op("fully_connected", node, inputs, out_shape, v.dims, dict(activation="none"))
 
     # recurrent layers
     def _op_zeros(self, node):
@@ -909,8 +922,7 @@ class _Converter:
     _op_matmul = _op_bmm
 
     def _op__scaled_dot_product_flash_attention_for_cpu(self, node):
-        """softmax(q k^T x scale) v as BATCH_MATMUL (k read transposed through adj_y), SOFTMAX with the
-        scale as its beta, BATCH_MATMUL: exactly what TFLite's int8 kernels run."""
+        """F.scaled_dot_product_attention (no mask, causal flag or dropout): see _attention."""
         q, k, v = node.args[:3]
         fused = getattr(node.target, "__name__", "").startswith("_scaled_dot_product_flash")
         names = ("dropout_p", "is_causal") if fused else ("attn_mask", "dropout_p", "is_causal")
@@ -921,17 +933,97 @@ class _Converter:
         scale = node.kwargs.get("scale")
         depth = self._torch_shape(self.value(q))[-1]
         scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(depth))
-        kv = self.value(k)
-        rank = kv.torch_rank
-        swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
-        transposed_name = f"{node.name}_key_transposed"
-        self.values[transposed_name] = _Value(kv.name, tuple(swap[d] for d in kv.dims))
-        scores = self._batch_matmul(node, q, _Named(transposed_name))
-        probs = self.add_op("softmax", node, [scores.name], self.shape(scores), scores.dims, dict(beta=scale))
-        self.values[f"{node.name}_probs"] = probs
-        out = self._batch_matmul(node, _Named(f"{node.name}_probs"), v)
+        out = self._attention(node, self.value(q), self.value(k), self.value(v), scale)
         # the flash variant also returns the log-sum-exp, which nothing in inference reads
         self.values[node.name] = (out, None) if fused else out
+
+    def _attention(self, node, q: _Value, k: _Value, v: _Value, scale: float) -> _Value:
+        """Every head's softmax(q k^T x scale) v, heads on a batch dim ((N, heads, L, d) or (N, L, d) values):
+        BATCH_MATMUL(q, k, adj_y: k read transposed) -> SOFTMAX with the scale as its beta ->
+        BATCH_MATMUL(p, v): exactly what TFLite's int8 kernels run, no extra multiply."""
+        rank = k.torch_rank
+        swap = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+        for role, value in (("query", q), ("value", v)):
+            self.values[f"{node.name}_{role}"] = value
+        self.values[f"{node.name}_key_transposed"] = _Value(k.name, tuple(swap[d] for d in k.dims))
+        scores = self._batch_matmul(node, _Named(f"{node.name}_query"), _Named(f"{node.name}_key_transposed"))
+        probs = self.add_op("softmax", node, [scores.name], self.shape(scores), scores.dims, dict(beta=scale))
+        self.values[f"{node.name}_probs"] = probs
+        return self._batch_matmul(node, _Named(f"{node.name}_probs"), _Named(f"{node.name}_value"))
+
+    # nn.MultiheadAttention: converted as a whole from its parameters (its traced ops move the batch dim)
+    def _module_nodes(self, key: str) -> list:
+        return [n for n in self.program.graph.nodes if n.op == "call_function"
+                and key in (n.meta.get("nn_module_stack") or {})]
+
+    def _multihead_attention(self, node, key: str, path: str):
+        """nn.MultiheadAttention(batch_first=True) from its parameters and the tensors it reads: per input a
+        FULLY_CONNECTED projection (in_proj split in q, k, v), the head split (RESHAPE to (N, L, heads, d),
+        the heads moved before L), the per-head attention (_attention), the heads merged back to (N, L, E)
+        and the output projection. Its own traced ops are skipped: they move the batch dim around."""
+        from torch.fx.node import map_arg
+
+        nodes = self._module_nodes(key)
+        inside = {n.name for n in nodes}
+        outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
+        reads: list = []
+        for n in nodes:
+            map_arg((n.args, n.kwargs), lambda a: reads.append(a) if a.name not in inside and a.name not in
+                    self.consts and a not in reads else None)
+        try:
+            if len(outputs) != 1:
+                raise self.unsupported(node, "its attention weights are read (call it with need_weights=False or "
+                                             "ignore them)")
+            params = {target[len(path) + 1:]: self.consts[ph] for ph, target in
+                      self.program.graph_signature.inputs_to_parameters.items() if target.startswith(path + ".")}
+            if any(name in params for name in ("bias_k", "bias_v")):
+                raise self.unsupported(node, "add_bias_kv is not supported")
+            # batch_first: each of query, key, value (one tensor when they are the same) is first transposed
+            inputs = [a for a in reads if any(getattr(n.target, "__name__", "").startswith("transpose") and
+                                              n.args[0] is a and sorted(int(d) % 3 for d in n.args[1:3]) == [0, 1]
+                                              for n in nodes)]
+            if not inputs:
+                raise self.unsupported(node, "a sequence-first MultiheadAttention is not supported; use "
+                                             "batch_first=True")
+            if len(inputs) != len(reads):
+                raise self.unsupported(node, "an attention mask or key padding mask is not supported")
+            query, key_in, value_in = {1: inputs * 3, 2: inputs + inputs[1:], 3: inputs}[len(inputs)]
+            E = params["out_proj.weight"].shape[0]
+            if "in_proj_weight" in params:
+                w = params["in_proj_weight"]
+                weights = [w[:E], w[E:2 * E], w[2 * E:]]
+            else:
+                weights = [params[f"{r}_proj_weight"] for r in "qkv"]
+            b = params.get("in_proj_bias")
+            biases = [None] * 3 if b is None else [b[:E], b[E:2 * E], b[2 * E:]]
+            lq = int(self._torch_shape(self.value(query))[1])
+            heads = next((int(n.meta["val"].shape[1]) for n in nodes
+                          if getattr(n.target, "__name__", "").split(".")[0] in ("view", "reshape", "_unsafe_view")
+                          and len(n.meta["val"].shape) == 3 and int(n.meta["val"].shape[0]) == lq
+                          and int(n.meta["val"].shape[1]) * int(n.meta["val"].shape[2]) == E), None)
+            if heads is None:
+                raise self.unsupported(node, "edgekit could not find its number of heads")
+            depth = E // heads
+            projected = []
+            for role, arg, w_, b_ in zip("qkv", (query, key_in, value_in), weights, biases):
+                x = self.value(arg)
+                if x.torch_rank != 3:
+                    raise self.unsupported(node, f"a rank-{x.torch_rank} {role} input (expected (N, L, E))")
+                y = self._linear(node, x, w_.astype(np.float32), None if b_ is None else b_.astype(np.float32),
+                                 f"{path}.{role}_proj")
+                L = self._torch_shape(y)[1]
+                split = self._reshape(node, y, (1, L, heads, depth))
+                projected.append(_Value(split.name, tuple((0, 2, 1, 3).index(d) for d in split.dims)))
+            out = self._attention(node, *projected, 1.0 / float(np.sqrt(depth)))
+            merged = self._reshape(node, _Value(out.name, tuple((0, 2, 1, 3).index(d) for d in out.dims)), (1, lq, E))
+            y = self._linear(node, merged, params["out_proj.weight"].astype(np.float32),
+                             params["out_proj.bias"].astype(np.float32) if "out_proj.bias" in params else None,
+                             f"{path}.out_proj")
+        except (EdgekitError, _Poisoned):
+            for n in outputs:
+                self.values[n.name] = _POISON
+            raise
+        self.values[outputs[0].name] = y
 
     _op_scaled_dot_product_attention = _op__scaled_dot_product_flash_attention_for_cpu
 
@@ -953,6 +1045,124 @@ class _Converter:
         inputs = [v.name, self.new_tensor(f"{base}.scale", scale.shape, scale),
                   self.new_tensor(f"{base}.offset", offset.shape, offset)]
         return self.add_op("batch_norm", node, inputs, self.shape(v), v.dims)
+
+    def _ir_op(self, node, kind: str, inputs, shape, attrs=None, tag: str = "") -> str:
+        """One IR op of a lowering, its output named after the layer; returns the output tensor."""
+        path, _ = _layer_of(node)
+        out = self.new_tensor(f"{path or node.name}.{tag or kind}", shape)
+        self.graph.ops.append(Op(kind, path or node.name, list(inputs), [out], dict(attrs or {})))
+        return out
+
+    def _ir_mean(self, node, x: str, axes, tag: str) -> str:
+        """The mean over IR ``axes``, dims kept: the global-average op over the NHWC height and width,
+        MEAN over any axes otherwise (both are TFLite's integer MEAN)."""
+        shape = self.graph.tensors[x].shape
+        kept = tuple(1 if a in axes else s for a, s in enumerate(shape))
+        spatial = (1, 2) if len(shape) == 4 else (1,)
+        if tuple(axes) == spatial and len(shape) in (3, 4):
+            return self._ir_op(node, "mean", [x], kept, tag=tag)
+        return self._ir_op(node, "reduce_mean", [x], kept, dict(axes=tuple(axes)), tag=tag)
+
+    def _normalize(self, node, x: str, axes, eps: float, gamma=None, beta=None) -> str:
+        """(x - mean) / sqrt(var + eps) * gamma + beta over IR ``axes``, lowered the way TFLite's converter
+        does it, every step an int8 op TFLite runs: MEAN -> SUB and SQUARED_DIFFERENCE -> MEAN -> ADD eps
+        -> RSQRT -> MUL -> MUL gamma -> ADD beta (gamma / beta: IR-shaped constants)."""
+        shape = self.graph.tensors[x].shape
+        path, _ = _layer_of(node)
+        base = path or node.name
+        scalar = (1,) * len(shape)
+        mean = self._ir_mean(node, x, axes, "mean")
+        centred = self._ir_op(node, "sub", [x, mean], shape, dict(activation="none"), "centred")
+        square = self._ir_op(node, "squared_difference", [x, mean], shape, {}, "squared")
+        var = self._ir_mean(node, square, axes, "variance")
+        eps_name = self.new_tensor(f"{base}.eps", scalar, np.full(scalar, eps, np.float32))
+        var = self._ir_op(node, "add", [var, eps_name], self.graph.tensors[var].shape, dict(activation="none"),
+                          "variance_eps")
+        inv = self._ir_op(node, "rsqrt", [var], self.graph.tensors[var].shape, {}, "inv_std")
+        y = self._ir_op(node, "mul", [centred, inv], shape, dict(activation="none"), "normalized")
+        if gamma is not None:
+            g = self.new_tensor(f"{base}.weight", gamma.shape, np.ascontiguousarray(gamma, np.float32))
+            y = self._ir_op(node, "mul", [y, g], shape, dict(activation="none"), "scaled")
+        if beta is not None:
+            b = self.new_tensor(f"{base}.bias", beta.shape, np.ascontiguousarray(beta, np.float32))
+            y = self._ir_op(node, "add", [y, b], shape, dict(activation="none"), "shifted")
+        return y
+
+    def _op_layer_norm(self, node):
+        """aten.layer_norm(x, normalized_shape, weight, bias, eps): over the last len(normalized_shape)
+        torch dims, wherever they sit in the IR."""
+        a = list(node.args) + [None] * 5
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        k = len(a[1])
+        dims = list(range(v.torch_rank - k, v.torch_rank))
+        if 0 in dims:
+            raise self.unsupported(node, "a LayerNorm over the batch dimension is not supported")
+        axes = sorted(v.dims.index(d) for d in dims)
+        eps = float(a[4]) if a[4] is not None else 1e-5
+        full = [1] + self._torch_shape(v)[1:]
+        gamma = self.const(a[2], "weight", node)
+        beta = self.const(a[3], "bias", node)
+        gamma = None if gamma is None else self._ir_constant(gamma.reshape(full[-k:]), v, node)
+        beta = None if beta is None else self._ir_constant(beta.reshape(full[-k:]), v, node)
+        y = self._normalize(node, v.name, axes, eps, gamma, beta)
+        self.values[node.name] = _Value(y, v.dims)
+
+    def _op_group_norm(self, node):
+        """aten.group_norm(x, groups, weight, bias, eps) on (N, C, H, W) or (N, C, L): in the IR's channels-last
+        layout the channels split into (groups, C / groups) by a free reshape to (1, H * W, groups, C / groups);
+        the statistics are a MEAN over axes (1, 3); back to the input shape for the per-channel weight and bias."""
+        a = list(node.args) + [None] * 5
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        if v.torch_rank not in (3, 4):
+            raise self.unsupported(node, f"GroupNorm on a rank-{v.torch_rank} tensor (edgekit takes (N, C, L) and "
+                                         "(N, C, H, W))")
+        v = self.require_channels_first(v, node, "a GroupNorm")
+        groups = int(a[1])
+        shape = self.shape(v)
+        C = shape[-1]
+        positions = int(np.prod(shape[1:-1]))
+        path, _ = _layer_of(node)
+        base = path or node.name
+        grouped = self._plain_reshape(v.name, (1, positions, groups, C // groups), f"{base}.grouped", base)
+        y = self._normalize(node, grouped, (1, 3), float(a[4]) if a[4] is not None else 1e-5)
+        y = self._plain_reshape(y, shape, f"{base}.ungrouped", base)
+        self._affine(node, y, v.dims, a[2], a[3])
+
+    def _affine(self, node, y: str, dims, weight, bias):
+        """x * weight + bias with one weight / bias per channel (torch dim 1), as MUL and ADD."""
+        shape = self.graph.tensors[y].shape
+        per_channel = tuple(s if d == 1 else 1 for s, d in zip(shape, dims))  # torch dim 1 on its IR axis
+        gamma = self.const(weight, "weight", node)
+        beta = self.const(bias, "bias", node)
+        path, _ = _layer_of(node)
+        base = path or node.name
+        if gamma is not None:
+            g = self.new_tensor(f"{base}.weight", per_channel, gamma.reshape(per_channel))
+            y = self._ir_op(node, "mul", [y, g], shape, dict(activation="none"), "scaled")
+        if beta is not None:
+            b = self.new_tensor(f"{base}.bias", per_channel, beta.reshape(per_channel))
+            y = self._ir_op(node, "add", [y, b], shape, dict(activation="none"), "shifted")
+        self.values[node.name] = _Value(y, dims)
+
+    def _op_instance_norm(self, node):
+        """aten.instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, ...):
+        with the input's own statistics, a GroupNorm with one group per channel: the statistics over the
+        spatial axes; with running statistics (track_running_stats, eval), a BatchNorm."""
+        a = list(node.args) + [None] * 9
+        use_input_stats = bool(a[5]) if a[5] is not None else True
+        eps = float(a[7]) if a[7] is not None else 1e-5
+        if not use_input_stats:
+            return self._batch_norm(node, a[0], a[1], a[2], a[3], a[4], eps)
+        v = self.value(a[0])
+        self.require_plain(v, node)
+        if v.torch_rank not in (3, 4):
+            raise self.unsupported(node, f"InstanceNorm on a rank-{v.torch_rank} tensor")
+        v = self.require_channels_first(v, node, "an InstanceNorm")
+        axes = tuple(range(1, len(self.shape(v)) - 1))
+        y = self._normalize(node, v.name, axes, eps)
+        self._affine(node, y, v.dims, a[1], a[2])
 
     def _op_batch_norm(self, node):
         x, gamma, beta, mean, var, training, _, eps = node.args[:8]
@@ -1256,36 +1466,50 @@ class _Converter:
     def _op_amax(self, node):
         self._reduce(node, "amax")
 
+    def _op_amin(self, node):
+        self._reduce(node, "amin")
+
+    def _op_sum(self, node):
+        self._reduce(node, "sum")
+
     def _reduce(self, node, what: str):
-        """mean / amax over the spatial axes of a value whose torch channels sit last in the IR (NCHW over
-        (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a max pool over the whole
-        map, on the NHWC view."""
+        """mean / sum / amax / amin over torch dims. Over the spatial axes of a value whose torch channels sit
+        last in the IR (NCHW over (2, 3), an NCL signal over L, an NLC sequence over L): the global mean, or a
+        max pool over the whole map, on the NHWC view. Over any other axes: MEAN (any axes) or REDUCE_MAX /
+        REDUCE_MIN (neighbouring IR axes). A sum is that mean times the count (see docs/DESIGN-NOTES.md)."""
         v = self.value(node.args[0])
         self.require_plain(v, node)
-        dims = node.args[1] if len(node.args) > 1 else None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         rank = v.torch_rank
         dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else (dims or []))})
+        if not dims or 0 in dims:
+            raise self.unsupported(node, f"{what} over the batch dimension (give the dims to reduce, not 0)")
         spatial = sorted(v.dims[1:-1])
         axes = sorted(v.dims.index(d) for d in dims)
-        if what == "amax" and dims and 0 not in dims and (rank < 3 or dims != spatial) \
-                and axes == list(range(axes[0], axes[-1] + 1)):
-            # any other run of neighbouring IR axes (e.g. the channels): REDUCE_MAX
-            shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
-            out = self.add_op("reduce_max", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
-            if not keepdim:
-                self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
-            return
-        if rank < 3 or not dims or dims != spatial:
-            raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit reduces the "
-                                         "spatial dims of (N, C, H, W) / (N, C, L) and the L of (N, L, C)")
-        _, H, W, C = nhwc(self.shape(v))
-        kept = tuple(1 for _ in v.dims[1:-1]) + (C,)
-        if what == "mean":
-            out = self.add_op("mean", node, [v.name], (1,) + kept, v.dims)
+        shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
+        count = int(np.prod([self.shape(v)[a] for a in axes]))
+        if rank >= 3 and dims == spatial and what != "amin":
+            _, H, W, C = nhwc(self.shape(v))
+            if what == "amax":
+                attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
+                out = self.add_op("max_pool2d", node, [v.name], shape, v.dims, attrs)
+            else:
+                out = self.add_op("mean", node, [v.name], shape, v.dims)
+        elif what in ("amax", "amin"):
+            if axes != list(range(axes[0], axes[-1] + 1)):
+                raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit takes the "
+                                             "maximum / minimum over neighbouring dims (permute first)")
+            kind = "reduce_max" if what == "amax" else "reduce_min"
+            out = self.add_op(kind, node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
         else:
-            attrs = dict(kernel=(H, W), stride=(H, W), padding=(0, 0, 0, 0), activation="none")
-            out = self.add_op("max_pool2d", node, [v.name], (1,) + kept, v.dims, attrs)
+            out = self.add_op("reduce_mean", node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
+        if what == "sum":
+            path, _ = _layer_of(node)
+            ones = (1,) * len(shape)
+            factor = self.new_tensor(f"{path or node.name}.count", ones, np.full(ones, float(count), np.float32))
+            self.values[f"{node.name}_mean"] = out
+            out = self.add_op("mul", node, [out.name, factor], shape, v.dims, dict(activation="none"))
         if not keepdim:
             self._reshape(node, out, [s for d, s in enumerate(self._torch_shape(out)) if d not in dims])
 
@@ -1343,7 +1567,7 @@ class _Converter:
         in_shape = self._torch_shape(v)
         if tuple(out_shape) == tuple(in_shape):
             self.values[node.name] = v
-            return
+            return v
         if out_shape[0] != in_shape[0] or not 2 <= len(out_shape) <= 6:
             raise self.unsupported(node, f"reshape of {in_shape} to {list(out_shape)} (edgekit keeps the batch "
                                          "dimension first and tensors of rank 2 to 6)")
@@ -1380,6 +1604,7 @@ class _Converter:
         path, _ = _layer_of(node)
         name = self._plain_reshape(v.name, ir_shape, node.name, path or node.name)
         self.values[node.name] = _Value(name, new_axes)
+        return self.values[node.name]
 
     # upsampling
     def _op_upsample_nearest2d(self, node, half_pixel=False):
@@ -1643,8 +1868,25 @@ class _Converter:
     _op_div_ = _op_div
 
     def _op_cat(self, node):
-        parts = [self.value(t) for t in node.args[0]]
         dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
+        tensors = [t for t in node.args[0] if not (hasattr(t, "name") and t.name in self.consts)]
+        if not tensors:
+            raise self.unsupported(node, "every concatenated tensor is a constant")
+        like = self.value(tensors[0])
+        parts = []
+        for t in node.args[0]:  # a constant part (a class token) in the layout of the tensors it joins
+            if hasattr(t, "name") and t.name in self.consts:
+                self.require_plain(like, node)
+                data = self.const(t, "constant part", node)
+                if data.ndim != like.torch_rank:
+                    raise self.unsupported(node, f"a constant part of shape {list(data.shape)} against rank "
+                                                 f"{like.torch_rank}")
+                data = np.ascontiguousarray(np.transpose(data, like.dims))
+                path, _ = _layer_of(node)
+                parts.append(_Value(self.new_tensor(f"{path or node.name}.constant_part", data.shape, data),
+                                    like.dims))
+            else:
+                parts.append(self.value(t))
         for p in parts:
             self.require_plain(p, node)
         parts = [parts[0]] + [p if p.dims == parts[0].dims else self.transposed(p, parts[0].dims, node, "torch.cat")

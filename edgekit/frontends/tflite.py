@@ -28,7 +28,7 @@ SUPPORTED = ("CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, MAX_
              "SUB, SQUARED_DIFFERENCE, LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU, ELU, GELU, RSQRT, PRELU, "
              "MAXIMUM / MINIMUM with a constant (clamp)")
 SUPPORTED += (", TRANSPOSE, SPLIT, SPLIT_V, STRIDED_SLICE, LOG_SOFTMAX, RESIZE_NEAREST_NEIGHBOR, TRANSPOSE_CONV, "
-              "RESIZE_BILINEAR, REDUCE_MAX")
+              "RESIZE_BILINEAR, REDUCE_MAX, REDUCE_MIN, MEAN over any axes")
 SUPPORTED += (", BATCH_MATMUL, UNIDIRECTIONAL_SEQUENCE_LSTM (integer, no peephole / projection / "
               "layer norm)")
 _ACTIVATIONS = {S.ACT_NONE: "none", S.ACT_RELU: "relu", S.ACT_RELU6: "relu6"}
@@ -357,19 +357,34 @@ class _Importer:
 
     def mean(self, op: _Operator):
         x = self.activation(op.inputs[0])
-        axes = self.constant(op.inputs[1], np.int32, "axes").reshape(-1)
         in_shape = self.t[op.inputs[0]].shape
-        if len(in_shape) != 4 or sorted(int(a) % 4 for a in axes) != [1, 2]:
-            raise _Unsupported(f"mean over axes {axes.tolist()} of a rank-{len(in_shape)} tensor "
-                               "(edgekit averages height and width of NHWC)")
+        rank = len(in_shape)
+        axes = sorted({int(a) % rank for a in self.constant(op.inputs[1], np.int32, "axes").reshape(-1)})
         keep = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
+        if rank == 4 and axes == [1, 2] and keep:  # TFLite's integer mean over height and width
+            self.add_op("mean", op, [x], {})
+            return
+        if not axes or 0 in axes:
+            raise _Unsupported(f"mean over axes {axes} (edgekit reduces non-batch axes)")
         out_p = self._per_tensor(self.t[op.outputs[0]], "output")
         in_p = self.g.tensors[x].quant
         if not keep and np.float32(in_p.scale[0]) == np.float32(out_p.scale[0]) \
                 and in_p.zero_point[0] == out_p.zero_point[0]:
             raise _Unsupported("keep_dims=false with identical input and output quantization takes TFLite's "
                                "truncating integer mean, which edgekit does not implement")
-        self.add_op("mean", op, [x], {})
+        self._reduce(op, x, "reduce_mean", axes, keep)
+
+    def _reduce(self, op: _Operator, x: str, kind: str, axes: list[int], keep: bool):
+        """A reduction with its dims kept in the IR; keep_dims=false adds a reshape to the file's shape."""
+        if keep:
+            self.add_op(kind, op, [x], dict(axes=tuple(axes)))
+            return
+        kept = tuple(1 if a in axes else s for a, s in enumerate(self.t[op.inputs[0]].shape))
+        out = self.g.unique_name(f"{self.t[op.outputs[0]].name}.kept")
+        y = self.activation(op.outputs[0])
+        self.g.add_tensor(Tensor(out, kept, "int8", quant=self.g.tensors[y].quant))
+        self.g.ops.append(Op(kind, out, [x], [out], dict(axes=tuple(axes))))
+        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [out], [y], {}))
 
     def binary(self, op: _Operator, kind: str):
         options = {"add": "AddOptions", "mul": "MulOptions", "sub": "SubOptions"}.get(kind)
@@ -540,23 +555,20 @@ class _Importer:
         self.same_params(op, [op.inputs[0]])
         self.add_op("resize_bilinear", op, [x], dict(align_corners=align, half_pixel_centers=half))
 
-    def reduce_max(self, op: _Operator):
+    def refuse_sum(self):
+        raise _Unsupported("int8 SUM is not supported: tflite-runtime's kernel casts its float result to int8 "
+                           "without saturating, which edgekit does not reproduce; edgekit writes a sum as MEAN "
+                           "followed by MUL by the count")
+
+    def reduce_max(self, op: _Operator, kind: str = "reduce_max"):
         x = self.activation(op.inputs[0])
         rank = len(self.t[op.inputs[0]].shape)
         axes = sorted({int(a) % rank for a in self.constant(op.inputs[1], np.int32, "axes").reshape(-1)})
         keep = bool(op.options.scalar(0, "?", False)) if op.options is not None else False
         if not axes or 0 in axes or axes != list(range(axes[0], axes[-1] + 1)):
-            raise _Unsupported(f"max over axes {axes} (edgekit reduces neighbouring non-batch axes)")
+            raise _Unsupported(f"{kind[7:]} over axes {axes} (edgekit reduces neighbouring non-batch axes)")
         self.same_params(op, [op.inputs[0]])
-        kept = tuple(1 if a in axes else s for a, s in enumerate(self.t[op.inputs[0]].shape))
-        if keep:
-            self.add_op("reduce_max", op, [x], dict(axes=tuple(axes)))
-            return
-        out = self.g.unique_name(f"{self.t[op.outputs[0]].name}.kept")
-        self.g.add_tensor(Tensor(out, kept, "int8", quant=self.g.tensors[x].quant))
-        self.g.ops.append(Op("reduce_max", out, [x], [out], dict(axes=tuple(axes))))
-        self.g.ops.append(Op("reshape", self.t[op.outputs[0]].name or f"op{op.index}", [out],
-                             [self.activation(op.outputs[0])], {}))
+        self._reduce(op, x, kind, axes, keep)
 
     def resize_nearest(self, op: _Operator):
         x = self.activation(op.inputs[0])
@@ -605,7 +617,17 @@ class _Importer:
         o = self.options(op, "ConcatenationOptions")
         if o.scalar(1, "b", 0) != S.ACT_NONE:
             raise _Unsupported("a fused activation on concatenation")
-        xs = [self.activation(i) for i in op.inputs]
+        xs = []
+        for i in op.inputs:  # a constant part (a class token): int8 data with the shared parameters
+            if self.t[i].data is None:
+                xs.append(self.activation(i))
+                continue
+            name = self._name(i)
+            if name not in self.g.tensors:
+                data = self.constant(i, np.int8, "constant part")
+                self.g.add_tensor(Tensor(name, (1,) * (len(self.t[op.outputs[0]].shape) - data.ndim) + data.shape,
+                                         "int8", data, self._per_tensor(self.t[i], "constant part")))
+            xs.append(name)
         self.same_params(op, op.inputs)
         rank = len(self.t[op.outputs[0]].shape)
         axis = o.scalar(0, "i", 0)
@@ -719,6 +741,8 @@ class _Importer:
                          S.TRANSPOSE_CONV: lambda: self.transpose_conv(op),
                          S.RESIZE_BILINEAR: lambda: self.resize_bilinear(op),
                          S.REDUCE_MAX: lambda: self.reduce_max(op),
+                         S.REDUCE_MIN: lambda: self.reduce_max(op, "reduce_min"),
+                         S.SUM: lambda: self.refuse_sum(),
                          S.BATCH_MATMUL: lambda: self.batch_matmul(op),
                          S.UNIDIRECTIONAL_SEQUENCE_LSTM: lambda: self.lstm(op)})
         if c not in handlers:

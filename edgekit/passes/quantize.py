@@ -25,7 +25,7 @@ from ..progress import progress
 
 WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected", "transpose_conv2d")
 SAME_PARAMS = ("max_pool2d", "avg_pool2d", "reshape", "concat", "relu", "relu6", "pad", "transpose", "split", "slice",
-               "resize_nearest", "resize_bilinear", "reduce_max", "clamp")
+               "resize_nearest", "resize_bilinear", "reduce_max", "reduce_min", "clamp")
 # Ops whose constant operands (a scalar, per-channel factors, a layer scale, PReLU slopes, a matmul's
 # constant side) are quantized like activations: per-tensor asymmetric int8 from their own range.
 CONSTANT_OPERANDS = ("mul", "add", "sub", "squared_difference", "prelu", "batch_matmul")
@@ -280,6 +280,8 @@ def derive_kernel_params(graph: Graph) -> None:
             _, h, w, _ = nhwc(t[op.inputs[0]].shape)
             m, s = qm.fold_divisor(m, s, h * w)
             op.attrs.update(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s)
+        elif op.kind == "reduce_mean":
+            op.attrs.update(reduce_mean_params(t[op.inputs[0]], (out_s, out_zp), op.attrs["axes"]))
         elif op.kind in pointwise.UNARY:
             in_s, in_zp = _scalar(t[op.inputs[0]].quant)
             op.attrs["table"] = pointwise.int8_table(op.kind, op.attrs, in_s, in_zp, out_s, out_zp)
@@ -351,6 +353,17 @@ def derive_kernel_params(graph: Graph) -> None:
             max_rescaled = 1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift)
             op.attrs.update(input_multiplier=m, input_left_shift=left_shift, reverse_multiplier=rm, reverse_shift=rs,
                             diff_min=-int(np.floor(max_rescaled)))
+
+
+def reduce_mean_params(x: Tensor, out: tuple[float, int], axes) -> dict:
+    """tflite-runtime's int8 MEAN over general axes (dims kept): the spatial mean's arithmetic, 1/count
+    folded into the multiplier, also when input and output share parameters."""
+    in_s, in_zp = _scalar(x.quant)
+    out_s, out_zp = out
+    count = int(np.prod([x.shape[a] for a in axes]))
+    m, s = qm.quantize_multiplier(float(np.float32(in_s)) / float(np.float32(out_s)))
+    m, s = qm.fold_divisor(m, s, count)
+    return dict(input_offset=-in_zp, output_offset=out_zp, multiplier=m, shift=s, count=count)
 
 
 def lstm_kernel_params(graph: Graph, op: Op) -> dict:
@@ -435,6 +448,13 @@ def quantize(graph: Graph, ranges: dict[str, tuple[float, float]], one_scale_whe
                 scale, zp = qm.choose_activation_params(float(c.data.min()), float(c.data.max()))
                 c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
                 c.quant = QuantParams.per_tensor(scale, zp)
+        if op.kind == "concat":  # a constant part (a class token) takes the parameters every part shares
+            for name in op.inputs:
+                c = g.tensors[name]
+                if c.is_constant and c.dtype == "float32":
+                    scale, zp = _scalar(g.tensors[op.outputs[0]].quant)
+                    c.data, c.dtype = qm.quantize(c.data, scale, zp), "int8"
+                    c.quant = QuantParams.per_tensor(scale, zp)
         if op.kind == "lstm":
             _quantize_lstm(g, op, ranges)
         if op.kind not in WEIGHTED:

@@ -62,6 +62,10 @@ def check_int8_arithmetic(graph: Graph) -> None:
             bound = shape[1] * shape[2] * _max_abs_input(op.attrs["input_offset"])
             if bound << max(op.attrs["shift"], 0) > ACCUMULATOR_LIMIT:  # then requantized, offset added
                 raise EdgekitError(f"{where}: the sum over {shape[1]}x{shape[2]} positions can overflow int32")
+        elif op.kind == "reduce_mean":
+            bound = op.attrs["count"] * _max_abs_input(op.attrs["input_offset"])
+            if bound << max(op.attrs["shift"], 0) > ACCUMULATOR_LIMIT:
+                raise EdgekitError(f"{where}: the sum over {op.attrs['count']} values can overflow int32")
         elif op.kind == "avg_pool2d":
             kh, kw = op.attrs["kernel"]
             if kh * kw * 256 > LIMIT:

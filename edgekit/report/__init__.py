@@ -314,3 +314,40 @@ def thresholds_page(sweep: dict, chosen: dict, project_dir=None, rows: int = 24)
                                                                                        for n in names]], table)]
     sections += _project_sections(project_dir)
     return _render("edgekit thresholds", "early-exit operating curve", facts, verdict, sections)
+
+
+def tune_page(summary: dict, png: bytes) -> str:
+    """The page for an `edgekit tune` search (``tune.search.run_search``'s summary)."""
+    from ..tune.pareto import describe, no_fit_message
+
+    base, fb, unit = summary["baseline_accuracy"], summary["float_weight_bytes"], summary["unit"]
+    rows, best = summary["trials"], summary["best"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    c = summary["constraints"]
+    limits = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in c.items() if v is not None) or "none"
+    facts = [("model", str(summary["model"])), ("board", summary["board"]), ("data", summary["data"]),
+             ("trials", f"{len(rows)} ({len(failed)} failed), {summary['workers']} at a time"),
+             ("input model", f"accuracy {_pct(base)} (float), weights {fb:,} B float32"),
+             ("constraints", limits), ("sampler", summary["sampler"])]
+    if best:
+        facts.append(("best within the constraints", f"trial {best['number']}: accuracy {_pct(best['accuracy'])}, "
+                      f"{_count(best['instructions'])} {unit}, flash {_bytes(best['flash'])}, RAM "
+                      f"{_bytes(best['ram'])}, weights {fb / max(best['weight_bytes'], 1):.1f}x smaller"))
+        verdict = {"ok": True, "text": f"Trial {best['number']} meets every constraint: {describe(best['config'])}. "
+                                       "Saved as best.pt2 with its recipe best.toml."}
+    else:
+        verdict = {"ok": False, "text": no_fit_message(rows, c, base)}
+
+    def line(r):
+        return [str(r["number"]), _pct(r["accuracy"]), f"{(base - r['accuracy']) * 100:.2f}", _count(r["instructions"]),
+                _bytes(r["flash"]), _bytes(r["ram"]), _bytes(r["weight_bytes"]),
+                f"{fb / max(r['weight_bytes'], 1):.1f}x", describe(r["config"])]
+    columns = ["trial", "accuracy", "drop (pp)", unit, "flash", "RAM", "weights", "smaller", "choices"]
+    sections = [_section("Pareto front", "The trials no other trial beats on accuracy, instructions, flash and RAM "
+                         "at once. Every trial was compiled, run as C on the held-out split and measured on the "
+                         "board.", _image(png, "Pareto front"), columns, [line(r) for r in summary["front"]])]
+    if failed:
+        sections.append(_section("Failed trials", "Recorded, not retried: the search went on without them.", None,
+                                 ["trial", "choices", "reason"],
+                                 [[str(r["number"]), describe(r["config"]), r["reason"]] for r in failed]))
+    return _render("edgekit tune", f"{summary['model']} on {summary['board']}", facts, verdict, sections)

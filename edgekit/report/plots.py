@@ -225,3 +225,31 @@ def exit_curve(points: list[dict], full: dict, chosen: dict | None, names: list[
     shares.set_title("which exit answers", fontsize=10, loc="left")
     shares.legend(fontsize=8, loc="upper left")
     return _png(fig)
+
+
+def pareto_front(points: list[tuple], front: list[tuple], best: tuple | None, unit: str,
+                 max_flash: int | None = None) -> bytes:
+    """`edgekit tune`: every successful trial (flash, accuracy, instructions) as a dot, the Pareto front
+    joined, the best trial within the constraints ringed; right, instructions against flash."""
+    fig = _figure(10, 4.2)
+    acc, work = fig.subplots(1, 2)
+    for ax, ys, label in ((acc, [p[1] * 100 for p in points], "accuracy (%)"),
+                          (work, [p[2] for p in points], unit)):
+        ax.scatter([p[0] for p in points], ys, color=GREY, s=18, label="trial")
+        ax.set_xlabel("flash (bytes)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _compact(v)))
+        if max_flash is not None:
+            ax.axvline(max_flash, color=RED, linestyle="--", linewidth=1, label="--max-flash")
+    # The front is over four objectives: a trial on it may look dominated in one projection, so dots, no line.
+    acc.scatter([p[0] for p in front], [p[1] * 100 for p in front], color=BLUE, s=24, label="Pareto front")
+    work.scatter([p[0] for p in front], [p[2] for p in front], color=BLUE, s=24, label="Pareto front")
+    work.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _compact(v)))
+    if best:
+        acc.scatter([best[0]], [best[1] * 100], s=110, facecolor="none", edgecolor=RED, linewidth=2, zorder=4,
+                    label="best within the constraints")
+    acc.set_title("accuracy against flash", fontsize=10, loc="left")
+    work.set_title("work per inference against flash", fontsize=10, loc="left")
+    acc.legend(fontsize=8, loc="lower right")
+    return _png(fig)

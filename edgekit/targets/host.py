@@ -40,3 +40,38 @@ def run_raw(out_dir: Path, data: np.ndarray, out_elems: int, dtype, sanitize: bo
     if out.size != n * out_elems:
         raise EdgekitError(f"{binary.name} wrote {out.size} values, expected {n * out_elems}")
     return out.reshape(n, out_elems)
+
+
+def count_instructions(out_dir: Path, data: np.ndarray, dtype=np.int8, timeout: float = 600) -> float:
+    """Instructions per inference of the project's program on this machine, counted by valgrind's
+    callgrind inside ek_model_invoke only (no file I/O, no start-up): deterministic, unlike a clock on a
+    shared machine. ``data``: raw samples as ``run_raw`` takes them.
+
+    Valgrind does not decode AVX-512, which ``-march=native`` may emit: on x86-64 the count is taken on
+    a copy built for x86-64-v3 (AVX2 + FMA, what the x86 kernels use), the rest of the flags unchanged."""
+    import platform
+    import re
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        raise EdgekitError("counting instructions on the host needs valgrind: sudo apt-get install valgrind "
+                           "(or run `make setup`)")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "project"
+        shutil.copytree(out_dir, copy, ignore=shutil.ignore_patterns(RUNNER, "model_runner_sanitize"))
+        make = ["make", "-s", RUNNER]
+        if platform.machine() in ("x86_64", "AMD64"):
+            make.append("OPT=-O2 -march=x86-64-v3")
+        run_checked(make, cwd=copy, what="building the program to count its instructions", timeout=600)
+        src, dst, log = Path(tmp) / "in.bin", Path(tmp) / "out.bin", Path(tmp) / "callgrind.out"
+        np.ascontiguousarray(data, dtype=dtype).tofile(src)
+        proc = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=ek_model_invoke",
+                               f"--callgrind-out-file={log}", str(copy / RUNNER), str(src), str(dst)],
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not log.exists():
+            raise EdgekitError(f"callgrind could not run {RUNNER} (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-1000:]}")
+        totals = re.search(r"^(?:summary|totals):\s+(\d+)", log.read_text(), re.MULTILINE)
+    if totals is None:
+        raise EdgekitError(f"callgrind wrote no instruction total for {RUNNER}")
+    return int(totals.group(1)) / len(data)

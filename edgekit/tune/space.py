@@ -1,0 +1,232 @@
+"""The search space of `edgekit tune`: which compression choices a trial draws, and the recipe they make.
+
+    [space]                        # each key: the list of values the search may pick from
+    prune_ratio = [0.0, 0.5, 0.6]  # structured pruning (0 = no pruning step)
+    prune_criterion = ["l1", "apoz"]
+    prune_scope = ["layer", "global"]
+    sparsity = [0.0, 0.8, 0.9]     # unstructured magnitude pruning (0 = none)
+    cluster_bits = [0, 4]          # k-means weight sharing (0 = none)
+    distill = [true, false]        # fine-tune on the input model's outputs
+    qat = [false, true]            # quantization-aware training at the end
+    weights = ["dense", "auto"]    # flash encoding of the generated C
+
+    [space.prune_layers]           # per-layer pruning ratios, replacing prune_ratio for these layers
+    conv1 = [0.25, 0.5]
+
+    [train]                        # the training budget of every trial (not searched)
+    prune_steps = 3
+    prune_epochs = 8
+
+A TOML file overrides the defaults key by key (a key left out keeps its default list); a list of
+one value fixes that choice. Every value is checked with the recipe's own checks before any trial
+runs, so a typo fails at once, not in the middle of a search.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgekitError
+from ..compress import recipe as rc
+
+# The default space holds the hand recipes' choices (bench/recipes/*.toml: pruning 0.5-0.6 by APoZ or L1,
+# sparsity 0.5-0.9, 4-bit clusters, distillation) and their neighbours on both sides, so a default search
+# can find them and what beats them; "global" scope lets the pruner spend the ratio unevenly across layers.
+DEFAULT_SPACE = {
+    "prune_ratio": [0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "prune_criterion": ["l1", "apoz"],
+    "prune_scope": ["layer", "global"],
+    "sparsity": [0.0, 0.5, 0.7, 0.8, 0.9, 0.95],
+    "cluster_bits": [0, 3, 4, 5, 6],
+    "distill": [True, False],
+    "qat": [False, True],
+    "weights": ["dense", "codebook", "auto"],
+}
+
+# The first trials of a search: the hand recipes' choices, where the space holds them (a user's space may
+# not). The sampler then learns around points known to work instead of starting from random ones.
+ANCHORS = [
+    {"prune_ratio": 0.6, "prune_criterion": "l1", "prune_scope": "layer", "sparsity": 0.9, "cluster_bits": 4,
+     "distill": True, "qat": False, "weights": "auto"},         # bench/recipes/mlp_deep_compression.toml
+    {"prune_ratio": 0.5, "prune_criterion": "apoz", "prune_scope": "layer", "sparsity": 0.5, "cluster_bits": 4,
+     "distill": True, "qat": False, "weights": "auto"},         # bench/recipes/cnn_structured.toml
+]
+
+DEFAULT_TRAIN = {
+    "prune_steps": 3, "prune_epochs": 8,
+    "sparsify_steps": 3, "sparsify_epochs": 8,
+    "cluster_epochs": 5,
+    "qat_epochs": 3,
+    "lr": 3e-3,
+    "calib_samples": 300,
+}
+
+
+def _zero_or(check):
+    def checked(v):
+        if v == 0 and not isinstance(v, bool):
+            return 0
+        return check(v)
+    return checked
+
+
+# key -> (check of one value, what it must be)
+_VALUE = {
+    "prune_ratio": rc._fraction,
+    "prune_criterion": rc._one_of("l1", "l2", "apoz"),
+    "prune_scope": rc._one_of("layer", "global"),
+    "sparsity": rc._fraction,
+    "cluster_bits": _zero_or(rc._bits),
+    "distill": rc._bool,
+    "qat": rc._bool,
+    "weights": rc._one_of(*rc.ENCODINGS),
+}
+_TRAIN = {
+    "prune_steps": rc._positive_int, "prune_epochs": rc._count,
+    "sparsify_steps": rc._positive_int, "sparsify_epochs": rc._count,
+    "cluster_epochs": rc._count, "qat_epochs": rc._positive_int,
+    "lr": rc._positive, "calib_samples": rc._positive_int,
+}
+
+
+def load_space(source=None) -> dict:
+    """The checked space: the defaults, overridden by a TOML file / text / dict when given.
+    Returns {"space": {key: [values]}, "prune_layers": {layer: [ratios]}, "train": {...}}."""
+    import tomllib
+
+    where = "the search space"
+    raw: dict = {}
+    if isinstance(source, dict):
+        raw = source
+    elif source is not None:
+        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        if path is not None:
+            if not path.is_file():
+                raise EdgekitError(f"search space file not found: {path}")
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        else:
+            text = source
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise EdgekitError(f"{where} is not valid TOML: {exc}") from None
+    unknown = set(raw) - {"space", "train"}
+    if unknown:
+        raise EdgekitError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; a search space has a "
+                           "[space] table (lists of values to search) and an optional [train] table")
+    given = dict(raw.get("space", {}))
+    layers_raw = given.pop("prune_layers", {})
+    space = {k: list(v) for k, v in DEFAULT_SPACE.items()}
+    for key, values in given.items():
+        if key not in _VALUE:
+            raise EdgekitError(f"{where}: [space] has unknown key {key!r}; it takes: {', '.join(_VALUE)}, "
+                               "prune_layers")
+        space[key] = _check_list(where, f"[space] {key}", values, _VALUE[key])
+    if not isinstance(layers_raw, dict):
+        raise EdgekitError(f"{where}: [space.prune_layers] must be a table of layer name = [ratios]")
+    prune_layers = {str(name): _check_list(where, f"[space.prune_layers] {name}", values, rc._fraction)
+                    for name, values in layers_raw.items()}
+    train = dict(DEFAULT_TRAIN)
+    for key, value in raw.get("train", {}).items():
+        if key not in _TRAIN:
+            raise EdgekitError(f"{where}: [train] has unknown key {key!r}; it takes: {', '.join(_TRAIN)}")
+        try:
+            train[key] = _TRAIN[key](value)
+        except ValueError as exc:
+            raise EdgekitError(f"{where}: [train] {key} must be {exc}, got {value!r}") from None
+    return {"space": space, "prune_layers": prune_layers, "train": train}
+
+
+def _check_list(where: str, what: str, values, check) -> list:
+    if not isinstance(values, list) or not values:
+        raise EdgekitError(f"{where}: {what} must be a non-empty list of values to search")
+    out = []
+    for v in values:
+        try:
+            out.append(check(v))
+        except ValueError as exc:
+            raise EdgekitError(f"{where}: {what}: each value must be {exc}, got {v!r}") from None
+    return out
+
+
+def check_layers(space: dict, prunable: list[str]) -> None:
+    """Per-layer ratios must name layers the pruner can shrink (before any trial runs)."""
+    unknown = [name for name in space["prune_layers"] if name not in prunable]
+    if unknown:
+        raise EdgekitError(f"the search space's [space.prune_layers] names {', '.join(unknown)}, which the model "
+                           f"has no prunable layer of; prunable layers: {', '.join(prunable) or 'none'}")
+
+
+def parameters(space: dict) -> dict:
+    """Every searched parameter name -> its list of values (per-layer ratios as prune_layer.<name>)."""
+    params = dict(space["space"])
+    for name, values in space["prune_layers"].items():
+        params[f"prune_layer.{name}"] = values
+    return params
+
+
+def anchors(space: dict) -> list[dict]:
+    """The ANCHORS the space can express (every value among its choices; per-layer ratios: their first)."""
+    params = parameters(space)
+    out = []
+    for anchor in ANCHORS:
+        point = {k: v for k, v in anchor.items() if k in params}
+        if all(v in params[k] for k, v in point.items()):
+            point.update({k: v[0] for k, v in params.items() if k not in point})
+            if point not in out:
+                out.append(point)
+    return out
+
+
+def to_recipe(config: dict, space: dict) -> dict:
+    """The recipe (``compress.recipe`` format, checked) one trial's choices make."""
+    t = space["train"]
+    steps = []
+    layers = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("prune_layer.")}
+    distill = bool(config.get("distill", False))
+    if config.get("prune_ratio", 0) > 0 or any(v > 0 for v in layers.values()):
+        step = {"kind": "prune", "ratio": config.get("prune_ratio", 0.0),
+                "criterion": config.get("prune_criterion", "l1"), "scope": config.get("prune_scope", "layer"),
+                "steps": t["prune_steps"], "epochs": t["prune_epochs"], "lr": t["lr"], "distill": distill}
+        if layers:
+            step["layers"] = layers
+        steps.append(step)
+    if config.get("sparsity", 0) > 0:
+        steps.append({"kind": "sparsify", "sparsity": config["sparsity"], "scope": "global",
+                      "steps": t["sparsify_steps"], "epochs": t["sparsify_epochs"], "lr": t["lr"],
+                      "distill": distill})
+    if config.get("cluster_bits", 0):
+        steps.append({"kind": "cluster", "bits": config["cluster_bits"], "epochs": t["cluster_epochs"]})
+    if config.get("qat", False):
+        steps.append({"kind": "qat", "epochs": t["qat_epochs"], "calib_samples": t["calib_samples"],
+                      "distill": distill})
+    if not steps:  # nothing chosen: the input model, quantized as it is (a finetune of 0 epochs changes nothing)
+        steps.append({"kind": "finetune", "epochs": 0})
+    weights = config.get("weights", "dense")
+    return rc.load_recipe({"step": steps, "output": {"weights": weights, "encodings": [weights],
+                                                      "calib_samples": t["calib_samples"]}})
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def recipe_toml(recipe: dict, comment: str = "") -> str:
+    """A checked recipe as TOML text that `edgekit compress --recipe` reads back to the same recipe."""
+    lines = [f"# {line}" for line in comment.splitlines()] + ([""] if comment else [])
+    for step in recipe["steps"]:
+        lines.append("[[step]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in step.items()]
+        lines.append("")
+    lines.append("[output]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in recipe["output"].items()]
+    return "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
                                          (void *)(uintptr_t)qemu_plugin_tb_n_insns(tb));
 }
 
-static void on_exit(qemu_plugin_id_t id, void *udata)
+static void report_at_exit(qemu_plugin_id_t id, void *udata)
 {
     (void)id;
     (void)udata;
@@ -79,6 +79,6 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
     (void)argc;
     (void)argv;
     qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
-    qemu_plugin_register_atexit_cb(id, on_exit, NULL);
+    qemu_plugin_register_atexit_cb(id, report_at_exit, NULL);
     return 0;
 }

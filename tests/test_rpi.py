@@ -359,7 +359,8 @@ def test_whole_model_bit_exact_under_qemu(kws_projects, board):
     y = edgekit.run(projects[board], x)  # model_runner under qemu-aarch64 -cpu cortex-a72 / cortex-a76
     assert np.array_equal(y, edgekit.reference_run(q, x))
     kernels = (projects[board] / "kernels" / "ek_conv2d_s8.c").read_text()
-    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text() and "ek_neon_dot_4x2(" in kernels
+    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text()
+    assert ("vdotq_laneq_s32(" if board == "rpi5" else "ek_neon_dot_4x2(") in kernels  # rpi5: the SDOT tile
 
 
 def test_rpi5_build_uses_sdot_and_needs_the_a76(kws_projects):

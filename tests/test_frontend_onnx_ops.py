@@ -96,7 +96,38 @@ class Sequence(nn.Module):
         return torch.bmm(att, y)[:, 0] + y.permute(0, 2, 1).mean(-1)
 
 
+class Norms(nn.Module):
+    """GroupNorm (torch exports it as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add before opset
+    18), InstanceNorm2d, GroupNorm(affine=False), LayerNorm over the last dim, sum and amin over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.gn, self.inn = nn.GroupNorm(2, 8), nn.InstanceNorm2d(8, affine=True)
+        self.plain, self.ln = nn.GroupNorm(4, 8, affine=False), nn.LayerNorm(6)
+        for m in (self.gn, self.inn, self.ln):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+
+    def forward(self, x):
+        y = self.plain(self.inn(self.gn(self.conv(x))))
+        return self.ln(y) + y.sum(1, keepdim=True) - torch.amin(y, dim=1, keepdim=True)
+
+
+class SequenceNorm(nn.Module):
+    """LayerNormalization on (N, L, C) after a Linear, ReduceSum over the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(6, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(self.fc(x)).sum(-1)
+
+
 MODELS = {
+    "norms": (Norms, (4, 6, 6)),
+    "sequence_norm": (SequenceNorm, (5, 6)),
     "arith": (Arith, (4, 6, 6)),
     "activations": (Activations, (4, 5, 5)),
     "structure": (Structure, (4, 4, 4)),
@@ -168,3 +199,43 @@ def test_hand_written_graphs_against_onnxruntime(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
     np.testing.assert_allclose(_float_out(g, x).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization_node_against_onnxruntime(opset, tmp_path):
+    """A GroupNormalization node as other exporters write it (torch never does): opset 18's scale and bias
+    per group, opset 21's per channel."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    per = 2 if opset == 18 else 6  # 6 channels in 2 groups
+    model = _onnx_model([helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2, epsilon=1e-5,
+                                          name="/gn/GroupNormalization")], [("x", [1, 6, 4, 5])], ["y"],
+                        [("s", rng.normal(1, 0.3, per)), ("b", rng.normal(0, 0.3, per))], opset=opset)
+    onnx.save(model, tmp_path / "gn.onnx")
+    g = edgekit.load(tmp_path / "gn.onnx")
+    x = rng.normal(size=(4, 6, 4, 5)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "gn.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(_float_out(g, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_nhwc_input_of_a_tensorflow_style_export_needs_no_transpose(tmp_path):
+    """tf2onnx-style graphs take NHWC and transpose to NCHW for the Conv: edgekit keeps the input NHWC, so
+    the transposes are relabellings and no TRANSPOSE op runs; outputs equal onnxruntime's."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    model = _onnx_model([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="/in/Transpose"),
+                         helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+                         helper.make_node("Relu", ["c"], ["r"], name="/act/Relu"),
+                         helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1], name="/out/Transpose")],
+                        [("x", [1, 6, 6, 3])], ["y"], [("w", rng.normal(size=(4, 3, 3, 3)))])
+    onnx.save(model, tmp_path / "nhwc.onnx")
+    g = edgekit.load(tmp_path / "nhwc.onnx")
+    assert [op.kind for op in g.ops] == ["conv2d", "relu"]
+    assert g.source_layouts[g.inputs[0]] == "NHWC" and g.source_layouts[g.outputs[0]] == "NHWC"
+    x = rng.normal(size=(3, 6, 6, 3)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "nhwc.onnx"), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(edgekit.reference_run(g, x), want, rtol=1e-5, atol=1e-5)

@@ -101,7 +101,8 @@ def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
         assert err.mean() <= 3 * step and err.max() <= 16 * step, (k, err.mean() / step, err.max() / step)
 
 
-@pytest.mark.parametrize("name", ["imu_cnn", "m5", "tc_resnet", "mobilenetv3_small", "shufflenet_v2", "yolov8n_like"])
+@pytest.mark.parametrize("name", ["imu_cnn", "m5", "tc_resnet", "mobilenetv3_small", "shufflenet_v2", "yolov8n_like",
+                                  "unet_tiny"])
 def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
     """A zoo model quantized by onnxruntime (quantize_static, QDQ, per-channel int8 weights; it drops ReLUs
     into the activation ranges): edgekit runs the model's own activation parameters whatever its own
@@ -116,9 +117,15 @@ def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
               if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
     q = edgekit.quantize(path, x[:4] * 3)  # another calibration on purpose: the model's parameters win
     # except where edgekit's int8 ops fix them: LOGISTIC / TANH / SOFTMAX outputs, and one set of parameters
-    # for all the tensors a CONCATENATION or SPLIT joins
+    # for all the tensors a CONCATENATION or SPLIT joins (and those a MAX_POOL / RESHAPE / ... passes it to)
     fixed = {op.outputs[0] for op in q.ops if op.kind in ("logistic", "tanh", "softmax", "log_softmax")}
     fixed |= {n for op in q.ops if op.kind in ("concat", "split") for n in op.inputs + op.outputs}
+    same = [op for op in q.ops if op.kind in ("max_pool2d", "reshape", "resize_nearest", "slice", "transpose", "pad")]
+    while True:  # ops whose output keeps its input's parameters carry a joined set along
+        grown = fixed | {n for op in same if {op.inputs[0], op.outputs[0]} & fixed for n in (op.inputs[0], op.outputs[0])}
+        if grown == fixed:
+            break
+        fixed = grown
     given = set(q.meta.get("activation_params", {})) - fixed
     used = {(float(t.quant.scale[0]), int(t.quant.zero_point[0])) for n, t in q.tensors.items() if n in given}
     assert len(given) >= 3 and used <= theirs
@@ -129,3 +136,22 @@ def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
         want = np.concatenate([r[k] for r in runs])
         step = q.tensors[q.outputs[k]].quant.scale[0]
         assert np.abs(got - want).max() <= 2.01 * step
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small", "shufflenet_v2", "lstm_kws"])
+def test_opset_11_export_is_the_same_graph(name, tmp_path):
+    """Older exports spell some ops differently: Hardswish as x * HardSigmoid(x) (before opset 14),
+    Unsqueeze / Squeeze / Split with attributes instead of inputs (before 13), which the constant folding
+    must evaluate at the model's own opset."""
+    import warnings
+
+    model, x = _model(name)
+    path = tmp_path / f"{name}_11.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.as_tensor(x[:1]),), str(path), dynamo=False, opset_version=11,
+                          do_constant_folding=False)
+    a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(model, x[:1]))
+    assert _signature(a) == _signature(b)
+    for ya, yb in zip(_outputs(edgekit.reference_run(a, x[:4])), _outputs(edgekit.reference_run(b, x[:4]))):
+        np.testing.assert_array_equal(ya, yb)

@@ -17,6 +17,7 @@ from edgekit.errors import EdgekitError
 from zoo.efficientnet_b0 import EfficientNetB0Style
 from zoo.gru_kws import GRUKWS
 from zoo.imu_cnn import IMUCNN
+from zoo.kws_transformer import KeywordTransformer
 from zoo.lstm_kws import LSTMKWS
 from zoo.m5 import M5
 from zoo.mobilenetv3_small import MobileNetV3Small
@@ -43,6 +44,8 @@ ARCHITECTURES = {
     "m5": (M5, (1, 1, 256), FITS_BOTH),
     "lstm_kws": (LSTMKWS, (1, 16, 8), FITS_BOTH),
     "gru_kws": (GRUKWS, (1, 16, 8), FITS_BOTH),
+    "kws_transformer": (KeywordTransformer, (1, 16, 8), FITS_BOTH),
+    "kws_transformer_relu": (lambda: KeywordTransformer(activation="relu"), (1, 16, 8), FITS_BOTH),
     # deployment sizes: a 96x96 U-Net's activations (RAM), a wide ShuffleNetV2's weights (flash)
     "unet_tiny_96x96_width16": (lambda: UNetTiny(width=16), (1, 1, 96, 96),
                                 {"mps2-an386": True, "nucleo-f446re": False}),

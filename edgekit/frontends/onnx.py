@@ -30,13 +30,15 @@ import numpy as np
 
 from ..errors import EdgekitError
 from ..ir import Graph, Op
+from ..passes.fuse import _FUSES_ACTIVATION  # the ops whose kernels apply a fused ReLU
 from . import pytorch as pt
 
 SUPPORTED_OPS = (
     "Conv (1-D, 2-D; any groups, uneven pads), ConvTranspose (2-D), Gemm, MatMul (+ Add of a bias; and between "
     "activations), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish, HardSigmoid, LeakyRelu, Elu, PRelu, "
     "Gelu (and its erf and tanh formulas), Sqrt + Reciprocal / Div (rsqrt), Add / Sub / Mul / Div (broadcasting, "
-    "constants), Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, "
+    "constants), Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, ReduceSum, ReduceMin, "
+    "LayerNormalization, InstanceNormalization, GroupNormalization (and torch's exported form of it), "
     "Pad (constant, reflect, edge), Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, "
     "Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), LSTM and GRU (one way, "
     "zero initial state), Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), and constant "
@@ -177,20 +179,31 @@ class _Converter(pt._Converter):
         self.quantized: dict[str, tuple[pt._Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
         for init in self.onnx_graph.initializer:
             self.consts[self.ident(init.name)] = numpy_helper.to_array(init)
-        self.nodes = _fuse_patterns(list(self.onnx_graph.node), self._constant_values())
+        self.nodes = _fuse_patterns(list(self.onnx_graph.node), *self._constant_values())
         for node in self.nodes:
             for i in node.input:
                 self.users.setdefault(i, []).append(node)
 
-    def _constant_values(self) -> dict[str, np.ndarray]:
-        """The initializers and Constant nodes by ONNX name (for recognising patterns before the walk)."""
+    def _constant_values(self) -> tuple[dict[str, np.ndarray], set[str]]:
+        """The initializers, Constant nodes and small reshapes of them (an Unsqueeze of a constant) by ONNX
+        name, for recognising patterns before the walk; and which of them are the model's parameters (the
+        initializers and their reshapes)."""
         from onnx import numpy_helper
 
         found = {i.name: numpy_helper.to_array(i) for i in self.onnx_graph.initializer}
+        parameters = set(found)
         for node in self.onnx_graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        return found
+            elif node.op_type in ("Unsqueeze", "Reshape", "Identity") and all(i in found for i in node.input if i):
+                try:
+                    out = _evaluate(node, {i: found[i] for i in node.input if i}, self.opset)
+                except Exception:  # noqa: BLE001 - not evaluable here: the walk will say why
+                    continue
+                found[node.output[0]] = np.asarray(out[0])
+                if node.input[0] in parameters:
+                    parameters.add(node.output[0])
+        return found, parameters
 
     # -- names -------------------------------------------------------------
     def ident(self, onnx_name: str) -> str:
@@ -328,6 +341,10 @@ class _Converter(pt._Converter):
         dims = pt.CHANNELS_FIRST[len(shape)]
         if len(shape) == 3 and not self._reads_channels_first(inp.name):
             dims = (0, 1, 2)  # a sequence (N, L, C), as LSTM / MatMul read it
+        readers = self.users.get(inp.name, [])
+        if len(shape) == 4 and readers and all(u.op_type == "Transpose" and list(_attrs(u).get("perm", [])) ==
+                                               [0, 3, 1, 2] for u in readers):
+            dims = (0, 1, 2, 3)  # an NHWC input (TensorFlow / Keras exports): as it is, no TRANSPOSE
         name = self.new_tensor(self.ident(inp.name), (1,) + tuple(shape[d] for d in dims[1:]))
         self.graph.inputs.append(name)
         self.graph.source_layouts[name] = pt.LAYOUT_NAMES[dims]
@@ -358,11 +375,9 @@ class _Converter(pt._Converter):
 
     def _fold(self, node, problems: list[str]):
         """A node on constants only: evaluate it now with onnx's reference implementation."""
-        from onnx.reference import ReferenceEvaluator
-
         try:
             inputs = {i: self.consts[self.ident(i)] for i in node.input if i}
-            results = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, inputs)
+            results = _evaluate(node, inputs, self.opset)
         except Exception as exc:  # noqa: BLE001 - any failure of the evaluator is the model's
             problems.append(f"ONNX node '{node.name}' ({node.op_type}): computes on constants and could not be "
                             f"evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -397,9 +412,24 @@ class _Converter(pt._Converter):
 # Patterns exporters spell as several nodes, put back together before the walk
 # ---------------------------------------------------------------------------
 
-def _fuse_patterns(nodes: list, consts: dict) -> list:
+def _evaluate(node, inputs: dict, opset: int) -> list:
+    """One node on constants, by onnx's reference implementation of the model's opset (a node alone would be
+    run with the newest: Unsqueeze's axes moved from an attribute to an input in opset 13)."""
+    import onnx
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = helper.make_graph([node], "fold", [helper.make_value_info(i, onnx.TypeProto()) for i in inputs],
+                              [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, inputs)
+
+
+def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
     """GELU's formulas (erf, and the tanh approximation; in the orders exporters write them) become one
-    Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT)."""
+    Gelu node; Reciprocal(Sqrt(x)) and 1 / Sqrt(x) become one Rsqrt node (edgekit's RSQRT); x * HardSigmoid(x)
+    (Hardswish before opset 14) becomes one HardSwish; torch's exported GroupNorm (Reshape ->
+    InstanceNormalization -> Reshape -> Mul -> Add) becomes one GroupNormalization."""
     from onnx import helper
 
     users: dict[str, list] = {}
@@ -500,6 +530,16 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
                                 name=chain[-1].name.rsplit("/", 1)[0] + "/Gelu")
         drop.update(id(n) for n in chain)
         replace[id(chain[-1])] = gelu
+    for hs in nodes:  # before opset 14 torch exports Hardswish as x * HardSigmoid(x)
+        mul = only_user(hs.output[0]) if hs.op_type == "HardSigmoid" else None
+        if mul is None or mul.op_type != "Mul" or other(mul, hs.output[0]) != hs.input[0]:
+            continue
+        alpha = next((helper.get_attribute_value(a) for a in hs.attribute if a.name == "alpha"), 0.2)
+        beta = next((helper.get_attribute_value(a) for a in hs.attribute if a.name == "beta"), 0.5)
+        if abs(alpha - 1 / 6) > 1e-6 or abs(beta - 0.5) > 1e-6:
+            continue
+        drop.update((id(hs), id(mul)))
+        replace[id(mul)] = helper.make_node("HardSwish", [hs.input[0]], [mul.output[0]], name=mul.name)
     for sqrt in nodes:
         if sqrt.op_type != "Sqrt":
             continue
@@ -509,6 +549,12 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
             continue
         drop.update((id(sqrt), id(inv)))
         replace[id(inv)] = helper.make_node("Rsqrt", [sqrt.input[0]], [inv.output[0]], name=inv.name)
+    for inorm in nodes:  # GroupNorm as torch.onnx.export writes it before opset 18
+        fused = _group_norm_pattern(inorm, nodes, users, consts, parameters)
+        if fused is not None:
+            chain, node = fused
+            drop.update(id(n) for n in chain)
+            replace[id(chain[-1])] = node
     out = []
     for n in nodes:
         if id(n) in replace:
@@ -517,6 +563,54 @@ def _fuse_patterns(nodes: list, consts: dict) -> list:
             out.append(n)
     # a Gelu replaces the last node of its chain: nodes between that read x still come first
     return out
+
+
+def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict, parameters: set[str]):
+    """Reshape(x, (0, G, -1)) -> InstanceNormalization(scale 1, bias 0) -> Reshape(Shape(x)) [-> Mul(weight)
+    -> Add(bias)]: (chain, one GroupNormalization node with per-channel weight and bias), or None. A weight of
+    ones and a bias of zeros that are not the model's parameters (GroupNorm(affine=False)) are left out."""
+    from onnx import helper
+
+    if inorm.op_type != "InstanceNormalization":
+        return None
+
+    def producer(name):
+        return next((n for n in nodes if name in n.output), None)
+
+    def only_user(name):
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 else None
+
+    first = producer(inorm.input[0])
+    scale, bias = consts.get(inorm.input[1]), consts.get(inorm.input[2]) if len(inorm.input) > 2 else None
+    target = consts.get(first.input[1]) if first is not None and first.op_type == "Reshape" else None
+    if target is None or scale is None or bias is None or target.size != 3 or int(target[2]) != -1 or             np.any(scale != 1) or np.any(bias != 0) or len(users.get(first.output[0], [])) != 1:
+        return None
+    x, groups = first.input[0], int(target[1])
+    back = only_user(inorm.output[0])
+    shape_of = producer(back.input[1]) if back is not None and back.op_type == "Reshape" else None
+    if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != x:
+        return None
+    chain, last, weight, shift = [first, inorm, back], back.output[0], "", ""
+    mul = only_user(last)
+    if mul is not None and mul.op_type == "Mul" and (mul.input[1] if mul.input[0] == last else mul.input[0]) in consts:
+        weight = mul.input[1] if mul.input[0] == last else mul.input[0]
+        chain.append(mul)
+        last = mul.output[0]
+        add = only_user(last)
+        if add is not None and add.op_type == "Add" and (add.input[1] if add.input[0] == last else add.input[0]) \
+                in consts:
+            shift = add.input[1] if add.input[0] == last else add.input[0]
+            chain.append(add)
+            last = add.output[0]
+    if weight and weight not in parameters and np.all(consts[weight] == 1):
+        weight = ""
+    if shift and shift not in parameters and not np.any(consts[shift]):
+        shift = ""
+    eps = next((helper.get_attribute_value(a) for a in inorm.attribute if a.name == "epsilon"), 1e-5)
+    name = inorm.name.rsplit("/", 1)[0] + "/GroupNormalization"
+    return chain, helper.make_node("GroupNormalization", [x, weight, shift], [last], num_groups=groups,
+                                   epsilon=eps, name=name)
 
 
 def _slices_to_split(graph: Graph, cut: set[str]) -> None:
@@ -854,6 +948,59 @@ def _reduce(what: str):
 
 HANDLERS["ReduceMean"] = _reduce("mean")
 HANDLERS["ReduceMax"] = _reduce("amax")
+HANDLERS["ReduceMin"] = _reduce("amin")
+HANDLERS["ReduceSum"] = _reduce("sum")
+
+
+@handles("LayerNormalization")
+def _layer_norm(c: _Converter, node):
+    a = _attrs(node)
+    v = c.onnx_value(node.input[0], node)
+    if any(c.users.get(o) for o in node.output[1:] if o):
+        raise c.unsupported(node, "its mean / inverse standard deviation outputs are read")
+    axis = int(a.get("axis", -1)) % v.torch_rank
+    c.cval(node, 1, "scale")
+    c.cval(node, 2, "bias")
+    fake = c.fake(node, "layer_norm", c.ref(node.input[0]), c._torch_shape(v)[axis:], c.ref(node.input[1]),
+                  c.ref(node.input[2]) if len(node.input) > 2 else None, _f32(a.get("epsilon", 1e-5)))
+    c._op_layer_norm(fake)
+    c.finish(node, fake)
+
+
+@handles("InstanceNormalization")
+def _instance_norm(c: _Converter, node):
+    c.cval(node, 1, "scale")
+    c.cval(node, 2, "bias")
+    fake = c.fake(node, "instance_norm", c.ref(node.input[0]), c.ref(node.input[1]), c.ref(node.input[2]), None,
+                  None, True, 0.1, _f32(_attrs(node).get("epsilon", 1e-5)))
+    c._op_instance_norm(fake)
+    c.finish(node, fake)
+
+
+@handles("GroupNormalization")
+def _group_norm(c: _Converter, node):
+    """GroupNormalization: opset 21's per-channel scale and bias, opset 18's per-group ones (repeated over
+    each group's channels), or torch's exported Reshape / InstanceNormalization pattern put back together."""
+    a = _attrs(node)
+    v = c.onnx_value(node.input[0], node)
+    groups, channels = int(a["num_groups"]), c._torch_shape(v)[1]
+    if channels % groups:
+        raise c.unsupported(node, f"{channels} channels in {groups} groups")
+    refs = []
+    for i, what in ((1, "scale"), (2, "bias")):
+        data = c.cval(node, i, what)
+        if data is None:
+            refs.append(None)
+            continue
+        data = data.astype(np.float32).reshape(-1)
+        if data.size == groups and groups != channels:
+            data = np.repeat(data, channels // groups)
+        if data.size != channels:
+            raise c.unsupported(node, f"a {what} of {data.size} values for {channels} channels")
+        refs.append(c.const_ref(data, f"{layer_name(node)}.{what}"))
+    fake = c.fake(node, "group_norm", c.ref(node.input[0]), groups, *refs, _f32(a.get("epsilon", 1e-5)))
+    c._op_group_norm(fake)
+    c.finish(node, fake)
 
 
 @handles("Pad")
@@ -1207,4 +1354,10 @@ def _dequantize_linear(c: _Converter, node):
     if zp < -128 or zp > 127:
         raise c.unsupported(node, f"it uses zero point {zp}, outside int8")
     c.graph.meta.setdefault("activation_params", {})[v.name] = (scale, zp)
+    if zp == -128:  # the pair clamps at 0: onnxruntime drops a ReLU into such a range, so keep the clamp as
+        # a fused ReLU; it costs nothing and still holds where edgekit must change the parameters (a
+        # CONCATENATION's inputs share one set, which may reach below 0)
+        op = next((o for o in reversed(c.graph.ops) if v.name in o.outputs), None)
+        if op is not None and op.kind in _FUSES_ACTIVATION and op.attrs.get("activation") == "none":
+            op.attrs["activation"] = "relu"
     c.values[c.ident(node.output[0])] = v

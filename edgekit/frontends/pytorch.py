@@ -27,7 +27,7 @@ SUPPORTED_LAYERS = (
     "MultiheadAttention (batch_first, no masks), TransformerEncoderLayer, scaled_dot_product_attention"
 )
 SUPPORTED_LAYERS += ("; structure: grouped Conv1d/2d, MaxPool1d, AvgPool1d, AdaptiveAvg/MaxPool1d/2d, mean / sum "
-                     "over any dims, amax / amin over neighbouring dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
+                     "over any dims, amax / amin over any dims, permute / transpose, view / reshape / squeeze / unsqueeze, chunk / split, "
                      "slicing x[:, a:b], x[:, i], Linear on (N, L, C), softmax / log_softmax on any dim, "
                      "Upsample nearest / bilinear, ConvTranspose2d")
 
@@ -978,6 +978,9 @@ class _Converter:
                       self.program.graph_signature.inputs_to_parameters.items() if target.startswith(path + ".")}
             if any(name in params for name in ("bias_k", "bias_v")):
                 raise self.unsupported(node, "add_bias_kv is not supported")
+            if any(getattr(n.target, "__name__", "").split(".")[0] in ("cat", "zeros", "pad", "constant_pad_nd")
+                   for n in nodes):  # a zero key / value row appended
+                raise self.unsupported(node, "add_zero_attn is not supported")
             # batch_first: each of query, key, value (one tensor when they are the same) is first transposed
             inputs = [a for a in reads if any(getattr(n.target, "__name__", "").startswith("transpose") and
                                               n.args[0] is a and sorted(int(d) % 3 for d in n.args[1:3]) == [0, 1]
@@ -1497,9 +1500,10 @@ class _Converter:
             else:
                 out = self.add_op("mean", node, [v.name], shape, v.dims)
         elif what in ("amax", "amin"):
-            if axes != list(range(axes[0], axes[-1] + 1)):
-                raise self.unsupported(node, f"{what} over dims {dims} of a rank-{rank} tensor: edgekit takes the "
-                                             "maximum / minimum over neighbouring dims (permute first)")
+            if axes != list(range(axes[0], axes[-1] + 1)):  # REDUCE_MAX / MIN walk neighbouring axes: one TRANSPOSE
+                v = self.transposed(v, tuple(d for d in v.dims if d not in dims) + tuple(dims), node, what)
+                axes = list(range(rank - len(dims), rank))
+                shape = tuple(1 if a in axes else s for a, s in enumerate(self.shape(v)))
             kind = "reduce_max" if what == "amax" else "reduce_min"
             out = self.add_op(kind, node, [v.name], shape, v.dims, dict(axes=tuple(axes)))
         else:

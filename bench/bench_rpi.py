@@ -29,11 +29,11 @@ HERE = Path(__file__).resolve().parent
 
 def build_runner(project: Path, board) -> Path:
     record = json.loads((project / "edgekit_project.json").read_text())
-    sources = [str(HERE / "bench_runner.c"), "model.c", "model_weights.c", "ek_port.c", "ek_protocol.c"] + \
+    sources = [str(HERE / "bench_runner.c"), "model.c", "model_weights.c", "ek_port.c", "ek_protocol.c", "ek_pool.c"] + \
         [f"kernels/{k}.c" for k in record["kernels"]]
     exe = project / "bench_runner"
     subprocess.run([board["cc"], *board["cflags"], "-std=c99", "-Wall", "-Wextra", "-Werror", "-Iinclude", "-I.",
-                    *sources, "-o", str(exe), "-lm"], cwd=project, check=True)
+                    *sources, "-o", str(exe), "-lm", "-pthread"], cwd=project, check=True)
     return exe
 
 

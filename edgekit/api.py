@@ -118,7 +118,7 @@ DEFAULT_EXIT_THRESHOLD = 0.9
 
 
 def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_threshold=DEFAULT_EXIT_THRESHOLD,
-             force: bool = False, library: bool = False, example_input=None, memory_off=()) -> dict:
+             force: bool = False, library: bool = False, example_input=None, memory_off=(), threads=None) -> dict:
     """Write the C project. Returns its record (arena bytes, weight bytes, layers...).
 
     ``weights``: how the weighted layers store their int8 filters in flash:
@@ -137,14 +137,18 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     its API header and build files for CMake, Arduino, PlatformIO, Zephyr and Make
     (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input.
     ``memory_off``: arena techniques to turn off, "all" (today's greedy plan) or names among
-    inplace-depthwise, inplace-conv, inplace-elementwise, offset-search."""
+    inplace-depthwise, inplace-conv, inplace-elementwise, offset-search.
+    ``threads`` (Raspberry Pi boards): the threads that share each large layer's output, bit for bit
+    the same results (default: the board's cores; 1: no worker threads; a library runs one)."""
     if library:
         from .codegen.library import generate_library
+        if threads not in (None, 1):
+            raise EdgekitError("a library runs on the caller's thread: threads > 1 is for the Pi's own runners")
         return generate_library(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold,
                                 example_input=example_input, force=force, memory_off=memory_off)
     from .codegen.project import generate_project  # here, not at the top: compression imports api, not codegen
     return generate_project(graph, out_dir, board, weights=weights, exit_threshold=exit_threshold, force=force,
-                            memory_off=memory_off)
+                            memory_off=memory_off, threads=threads)
 
 
 def load_project(out_dir) -> dict:

@@ -62,7 +62,8 @@ def cmd_generate(args) -> int:
     example = _load_npy(args.calib, "calibration")[:1] if args.library and args.calib else None
     record = api.generate(graph, args.output, board=args.board, weights=args.weights,
                           exit_threshold=args.exit_threshold, force=args.force, library=args.library,
-                          example_input=example, memory_off=[t for t in (args.memory_off or "").split(",") if t])
+                          example_input=example, memory_off=[t for t in (args.memory_off or "").split(",") if t],
+                          threads=args.threads)
     print(f"generated {'the library ' if args.library else ''}{args.output}: {len(record['layers'])} layers, "
           f"{record['mode']}, weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, "
           f"board {record['board']}")
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "src/edgekit_model.h and build files for CMake, Arduino, PlatformIO, Zephyr and Make")
     g.add_argument("--memory-off", help="comma-separated arena techniques to turn off (to measure them): all, "
                    "inplace-depthwise, inplace-conv, inplace-elementwise, offset-search")
+    g.add_argument("--threads", type=int, default=None, help="Raspberry Pi boards: threads that share each large "
+                   "layer's output (default: the board's cores, 4; 1: no worker threads)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("exits", help="add early-exit classifiers after chosen layers of a model and train them")

@@ -43,19 +43,20 @@ class CrossBuild:
         record = load_project(project)
         flags = board["cflags"] + CHECKS + ["-I", str(project / "include"), "-I", str(project)]
         objs = []
+        threads = record.get("threads", 1)  # with threads the kernels' scratch is thread-local
         for k in record["kernels"]:
             with self.lock:
-                key = (board.name, k)
+                key = (board.name, k, threads > 1)
                 if key not in self.objects:
-                    obj = self.root / f"{board.name}_{k}.o"
+                    obj = self.root / f"{board.name}_{k}{'_mt' if threads > 1 else ''}.o"
                     subprocess.run([board["cc"], *flags, "-c", str(project / "kernels" / f"{k}.c"), "-o", str(obj)],
                                    check=True, capture_output=True, text=True)
                     self.objects[key] = obj
                 objs.append(str(self.objects[key]))
         exe = project / "model_runner_test"
         proc = subprocess.run([board["cc"], *flags, *(str(project / f) for f in ("model_runner.c", "ek_port.c",
-                               "ek_protocol.c", "model.c", "model_weights.c")), *objs, "-o", str(exe), "-lm"],
-                              capture_output=True, text=True)
+                               "ek_protocol.c", "ek_pool.c", "model.c", "model_weights.c")), *objs, "-o", str(exe),
+                               "-lm", "-pthread"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return exe
 
@@ -76,18 +77,21 @@ def run_qemu(exe: Path, cpu: str, data: np.ndarray, out_elems: int) -> np.ndarra
     return out.reshape(data.shape[0], out_elems)
 
 
-def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax"):
+def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax", threads=1):
+    """The graph quantized, generated for the board (with ``threads``), built with UBSan, run under
+    qemu-aarch64 on 10 random samples and compared with the reference. Returns the project record."""
     from edgekit import reference
     q = quantize_with_random_data(g, rng, ranges, observer)
     xs = {name: rng.integers(-128, 128, size=(10,) + q.tensors[name].shape[1:]).astype(np.int8) for name in q.inputs}
     data = np.concatenate([xs[name].reshape(10, -1) for name in q.inputs], axis=1)  # the runner reads per sample
     board = load_board(board_name)
     with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, board)
+        record = generate_project(q, tmp, board, threads=threads)
         exe = xbuild.build(Path(tmp), board)
         got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
     ref = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board_name}"
+    return record
 
 
 boards = st.sampled_from(["rpi4", "rpi5"])
@@ -123,6 +127,27 @@ def test_conv2d_neon_windows(xbuild, kw, h, w, c, o, padding, stride, act, board
     attrs = dict(stride=(1, stride), dilation=(1, 1), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
     check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(1, 9), st.integers(1, 5), st.sampled_from([1, 3, 4, 8, 13, 16, 20, 33]),
+       st.sampled_from([1, 5, 15, 16, 17, 32, 40]), st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 5)]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_tile(xbuild, h, w, c, o, k, padding, stride, act, seed):
+    """rpi5's packed SDOT convolution: 16-channel blocks (fewer than 16 channels, and a last block
+    overlapping the one before when out_c is not a multiple of 16), 4-pixel groups with the last
+    pixel repeated, K (= kh * kw * in_c) with 1..3 groups of 4 taps past the last 16, windows read
+    in place (1x1, K a multiple of 16) or gathered with padding."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh, padding[1], padding[2] + kw, padding[3])
+        out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.sampled_from([8, 9, 15, 16, 17, 31, 40]),
@@ -254,7 +279,7 @@ def requant_exes(tmp_path_factory):
     for name in ("rpi4", "rpi5"):
         board = load_board(name)
         d = tmp_path_factory.mktemp(f"requant_{name}")
-        generate_project(q, d, board)
+        generate_project(q, d, board, threads=1)  # a plain (not thread-local) scratch below
         (d / "requant.c").write_text(REQUANT_MAIN)
         subprocess.run([board["cc"], *board["cflags"], *CHECKS, "-I", str(d / "include"), str(d / "requant.c"),
                         "-o", str(d / "requant")], check=True, capture_output=True, text=True)
@@ -334,7 +359,8 @@ def test_whole_model_bit_exact_under_qemu(kws_projects, board):
     y = edgekit.run(projects[board], x)  # model_runner under qemu-aarch64 -cpu cortex-a72 / cortex-a76
     assert np.array_equal(y, edgekit.reference_run(q, x))
     kernels = (projects[board] / "kernels" / "ek_conv2d_s8.c").read_text()
-    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text() and "ek_neon_dot_4x2(" in kernels
+    assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text()
+    assert ("vdotq_laneq_s32(" if board == "rpi5" else "ek_neon_dot_4x2(") in kernels  # rpi5: the SDOT tile
 
 
 def test_rpi5_build_uses_sdot_and_needs_the_a76(kws_projects):

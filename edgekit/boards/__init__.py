@@ -119,6 +119,11 @@ def _board_from(path: Path, source: Path | None) -> Board:
         raise EdgekitError(f"{what}: templates {bad} are not edgekit template folders ({', '.join(_TEMPLATE_DIRS)})")
     if data.get("kernel_variant") not in (None, *_VARIANTS):
         raise EdgekitError(f"{what}: kernel_variant {data['kernel_variant']!r} is not one of {', '.join(_VARIANTS)}")
+    cores = data.get("cores", 1)
+    if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= 64:
+        raise EdgekitError(f"{what}: cores = {cores!r} is not a whole number from 1 to 64")
+    if cores > 1 and data["kind"] != "linux-aarch64":
+        raise EdgekitError(f"{what}: cores = {cores}: only linux-aarch64 boards run layers on several threads")
     flags = data.get("cflags", [])
     for value in [data.get("cc", "cc"), data.get("description", ""), *(flags if isinstance(flags, list) else [flags])]:
         if not isinstance(value, str) or any(ord(c) < 0x20 or c in "#$`\\" for c in value):

@@ -18,6 +18,32 @@ import numpy as np
 from ..ir import Graph, Op
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
+SDOT_BLOCK = 16  # output channels of the SDOT convolution's register tile (kernels/neon/ek_conv2d_s8)
+
+
+def sdot_block_starts(out_c: int) -> list[int]:
+    """The first channel of each 16-channel block of the SDOT convolution: 0, 16, 32, ..., and when
+    out_c is not a multiple of 16 a last block ending at out_c (channels computed twice, the same
+    values); fewer than 16 channels: one block from 0 (the missing channels' weights are zero)."""
+    starts = list(range(0, out_c - SDOT_BLOCK + 1, SDOT_BLOCK))
+    if not starts or starts[-1] + SDOT_BLOCK < out_c:
+        starts.append(max(out_c - SDOT_BLOCK, 0))
+    return starts
+
+
+def pack_conv_sdot(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the SDOT kernel reads it:
+    per block of 16 output channels (sdot_block_starts), per group of 4 taps of the window (K = kh *
+    kw * in_c rounded up to a multiple of 4, zeros past K), the 16 channels' 4 weights side by side:
+    one 64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps. Channels past out_c are zero."""
+    out_c = w.shape[0]
+    flat = w.reshape(out_c, -1).astype(np.int8)
+    k = flat.shape[1]
+    k4 = (k + 3) // 4
+    padded = np.zeros((out_c + SDOT_BLOCK, 4 * k4), np.int8)
+    padded[:out_c, :k] = flat
+    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, k4, 4).transpose(1, 0, 2) for s in sdot_block_starts(out_c)]
+    return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
 
 
 def channel_weight_sums(graph: Graph, op: Op) -> np.ndarray:
@@ -53,7 +79,10 @@ def scratch_bytes(layers, board) -> int:
     for layer in layers:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
-            need = max(need, (4 if variant == "dsp" else 2) * kh * kw * k_in)
+            # four pixels' windows for the SDOT kernel (rpi5), rounded up to whole 16-byte loads
+            windows = 4 * ((kh * kw * k_in + 15) // 16 * 16) if variant == "neon" and board.get("dotprod") else \
+                (4 if variant == "dsp" else 2) * kh * kw * k_in
+            need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
             need = max(need, 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK))  # never 0: defined
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "dsp":

@@ -101,10 +101,10 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, pad_left) -> int:
+def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, pad_left, group: int = PIXEL_GROUP) -> int:
     """The smallest input offset minus output offset (bytes, int8 NHWC) at which a convolution
     kernel that writes output pixels in raster order, each after reading its window, may write its
-    output over its input (see the module's doc)."""
+    output over its input (see the module's doc); ``group``: the pixels it finishes together."""
     _, in_h, in_w, in_c = nhwc(in_shape)  # a rank-3 (1, L, C) signal is (1, 1, L, C)
     _, out_h, out_w, out_c = nhwc(out_shape)
     kh, kw = kernel
@@ -122,7 +122,7 @@ def conv_inplace_delta(in_shape, out_shape, kernel, stride, dilation, pad_top, p
     first_after = np.minimum.accumulate(first[::-1])[::-1]  # min over the pixels >= p
     pixels = np.arange(out_h * out_w)
     # pixel q is written while its group's windows are still read (pair kernels: pixels 2k, 2k + 1)
-    group_start = pixels - pixels % PIXEL_GROUP
+    group_start = pixels - pixels % group
     return max(ANY_OVERLAP, int(np.max((pixels + 1) * out_c - in_c * first_after[group_start])))
 
 
@@ -139,8 +139,10 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
         a = op.attrs
         w = nhwc(graph.tensors[op.inputs[1]].shape)  # a Conv1d's rank-3 tensors: height 1
         kernel = (w[1], w[2])
+        # the NEON convolution (SDOT on rpi5) finishes four pixels together, the others two
+        group = 4 if op.kind == "conv2d" and variant == "neon" else PIXEL_GROUP
         delta = conv_inplace_delta(nhwc(graph.tensors[op.inputs[0]].shape), nhwc(graph.tensors[op.outputs[0]].shape),
-                                   kernel, a["stride"], a["dilation"], a["padding"][0], a["padding"][2])
+                                   kernel, a["stride"], a["dilation"], a["padding"][0], a["padding"][2], group)
         return ("inplace-depthwise" if op.kind == "depthwise_conv2d" else "inplace-conv"), delta
     return None
 

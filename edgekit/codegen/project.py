@@ -20,7 +20,7 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, scratch_bytes
+from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -58,6 +58,7 @@ class Layer:
     head_exits: tuple = ()  # a head-only layer runs when one of these early exits is on
     head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
     head_end: bool = False
+    split: str | None = None  # with threads: how the output is shared, "rows" / "flat" / "channels" (thread_split)
 
 
 def c_identifier(text: str) -> str:
@@ -96,8 +97,9 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense"):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False):
         self.graph = graph
+        self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -158,10 +160,15 @@ class _Builder:
             layer.params.update(act_min=lo, act_max=hi)
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
-            if op.inputs[1] not in self.shared_filters:
+            if self.sdot_conv and op.kind == "conv2d":
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for SDOT "
+                                                    "(16-channel blocks x 4 taps)")
+            elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
-            layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
+            if "filter" not in layer.arrays:
+                layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
@@ -615,6 +622,52 @@ def _io_record(graph: Graph, name: str, weight_only: bool) -> dict:
     return rec
 
 
+# A layer is shared among the threads only when it has this much work (MACs, or elements of an
+# elementwise op): waking the pool costs a few microseconds on a Pi, which small layers do not repay.
+SPLIT_MIN_MACS = 16_384
+SPLIT_MIN_ELEMENTS = 2_048
+_SPLIT_BINARY = ("add", "sub", "mul", "squared_difference")
+
+
+def thread_split(layer: Layer, weight_only: bool) -> str | None:
+    """How the threads share a layer's output (None: the calling thread runs it alone).
+    "rows": output rows of a dense convolution or depthwise layer (each thread's rows read their own
+    window of input rows, with the padding above the first one), or of a broadcasting elementwise op;
+    "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
+    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group). A dense
+    convolution splits by rows only: its kernels write whole pixels (all channels), so a channel
+    slice would need an output stride they do not take."""
+    if weight_only or not layer.kernel:
+        return None
+    out = layer.dims.get("output")
+    if layer.kind in ("conv2d", "depthwise_conv2d") and layer.encoding == "dense":
+        return "rows" if out[1] >= 2 and layer.macs >= SPLIT_MIN_MACS else None
+    if layer.kind == "fully_connected" and layer.encoding == "dense" and layer.params.get("rows", 1) == 1:
+        return "channels" if layer.dims["filter"][0] >= 8 and layer.macs >= SPLIT_MIN_MACS else None
+    if layer.kind in _SPLIT_BINARY and out is not None and int(np.prod(out)) >= SPLIT_MIN_ELEMENTS:
+        same = all(int(np.prod(layer.dims[r])) == int(np.prod(out)) for r in ("input1", "input2"))
+        return "flat" if same else ("rows" if out[1] >= 2 else None)
+    return None
+
+
+def resolve_threads(board: Board, threads, library: bool, weight_only: bool) -> int:
+    """The threads a project runs its layers on: ``threads``, or the board's cores (board file
+    ``cores``; boards without it run one). Only the aarch64 Linux boards have the thread pool."""
+    cores = int(board.get("cores", 1))
+    if threads is None:
+        return 1 if library or weight_only else cores
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
+        raise EdgekitError(f"threads must be a whole number from 1 to 64, not {threads!r}")
+    if threads > 1 and board.kind != "linux-aarch64":
+        raise EdgekitError(f"board {board.name!r} runs one thread: threads > 1 needs a Raspberry Pi board "
+                           "(kind linux-aarch64)")
+    if threads > 1 and library:
+        raise EdgekitError("a library runs on the caller's thread: threads > 1 is for the Pi's own runners")
+    if threads > 1 and weight_only:
+        raise EdgekitError("the weight-only (float) kernels run one thread: generate an int8 model for threads > 1")
+    return threads
+
+
 def _inplace_ops(graph: Graph, weights) -> set[int]:
     """The ops whose kernels may write over their input: int8, dense weights (the encoded kernels'
     read order is not part of the in-place contract), no early exits."""
@@ -625,7 +678,7 @@ def _inplace_ops(graph: Graph, weights) -> set[int]:
 
 
 def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                     exit_threshold=0.9, force: bool = False, memory_off=()) -> dict:
+                     exit_threshold=0.9, force: bool = False, memory_off=(), threads=None) -> dict:
     """Write the C project for ``graph`` into ``out_dir``: a new or empty directory, or an edgekit project
     (replaced in one step; ``force`` also overwrites generated files the user edited), see output_dir.py."""
     from ..safety import check_exit_threshold, check_graph_shapes
@@ -635,11 +688,11 @@ def generate_project(graph: Graph, out_dir: str | Path, board: str | Board = "ho
     if graph.meta.get("exits"):
         check_exit_threshold(exit_threshold, graph.meta["exits"].get("criterion", "softmax"))
     with staged_output(out_dir, force=force) as stage:
-        return write_project(graph, stage, board, weights, exit_threshold, memory_off=memory_off)
+        return write_project(graph, stage, board, weights, exit_threshold, memory_off=memory_off, threads=threads)
 
 
 def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host", weights="dense",
-                  exit_threshold=0.9, library: bool = False, memory_off=()) -> dict:
+                  exit_threshold=0.9, library: bool = False, memory_off=(), threads=None) -> dict:
     """Write the C project for ``graph`` (int8, or weight-only) into ``out_dir``.
 
     ``weights``: how weighted layers store their filters in flash, "dense",
@@ -652,6 +705,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     ``library``: only the model's C, in ``src/`` with its headers beside it and no board files (no main,
     UART or protocol); ``codegen/library.py`` adds the API and the build glue.
     ``memory_off``: arena techniques to turn off ("all", or names from memory_plan.TECHNIQUES).
+    ``threads``: the threads of the Pi boards' pool (default: the board's cores; see thread_split).
     Returns the project record also saved as ``edgekit_project.json``.
     """
     board = resolve_board(board)
@@ -665,11 +719,20 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     if out.exists() and not out.is_dir():
         raise EdgekitError(f"{out} exists and is not a directory")
 
+    threads = resolve_threads(board, threads, library, weight_only)
+    inplace_ops = _inplace_ops(graph, weights)
+    if threads > 1:
+        # A convolution over its own input is safe only in one thread's raster order; elementwise ops
+        # (element i read, then written, by the one thread that owns it) keep their in-place plan.
+        inplace_ops = {i for i in inplace_ops if graph.ops[i].kind not in ("conv2d", "depthwise_conv2d")}
     plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
-                                    inplace_ops=_inplace_ops(graph, weights))
-    builder = _Builder(graph, plan, weight_only, weights)
+                                    inplace_ops=inplace_ops)
+    builder = _Builder(graph, plan, weight_only, weights,
+                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")))
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
+    for layer in layers if threads > 1 else ():
+        layer.split = thread_split(layer, weight_only)
     head_only = head_only_ops(graph)
     needed_by = head_exits(graph)
     every_exit = tuple(range(len(graph.outputs) - 1))
@@ -697,7 +760,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board), library=library)
+                   scratch_bytes=scratch_bytes(layers, board), library=library, threads=threads)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.
@@ -740,12 +803,14 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         "arena_lower_bound": memory["lower_bound"],
         "memory": {**memory, **describe(plan)},  # codegen/memory_plan.py: today's greedy arena, what each technique saved
         "scratch_bytes": context["scratch_bytes"],  # static, outside the arena (kernels/dsp: im2col, widened inputs)
+        "threads": threads,  # > 1: the Pi's thread pool (ek_pool.c) shares the "split" layers' outputs
         "weight_bytes": weight_bytes,
         "float_weight_bytes": int(graph.meta.get("float_weight_bytes", 0)),
         "inputs": [_io_record(graph, n, weight_only) for n in graph.inputs],
         "outputs": [_io_record(graph, n, weight_only) for n in graph.outputs],
         "layers": [{"index": l.index, "name": l.name, "kind": l.kind, "kernel": l.kernel, "macs": l.macs,
-                    **({"encoding": l.encoding} if l.kind in _WEIGHTED else {})}
+                    **({"encoding": l.encoding} if l.kind in _WEIGHTED else {}),
+                    **({"split": l.split} if l.split else {})}
                    for l in layers],
         "kernels": kernels,
         "budget_before_build": budget_lines,

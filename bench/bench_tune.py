@@ -41,11 +41,11 @@ sparsity = [0.0, 0.8, 0.9]
 cluster_bits = [0, 4]
 qat = [false]
 [train]
-prune_steps = 1
-prune_epochs = 2
-sparsify_steps = 1
-sparsify_epochs = 2
-cluster_epochs = 1
+prune_steps = 2
+prune_epochs = 6
+sparsify_steps = 2
+sparsify_epochs = 6
+cluster_epochs = 2
 """
 
 
@@ -132,7 +132,7 @@ def part_scaling(tmp: Path, trials: int) -> list[dict]:
                     "configs": [r["config"] for r in s["trials"]]})
     finally:
         cluster.shutdown()
-    print(f"\n## scaling: {trials} trials of a small search (digits MLP, 2 epochs per step)")
+    print(f"\n## scaling: {trials} trials of a small search (digits MLP, 2 x 6 epochs per step)")
     print("| setup | wall s | trials/min | mean s per trial (inside the trial) |\n|---|---|---|---|")
     for r in out:
         print(f"| {r['setup']} | {r['seconds']:.0f} | {r['trials'] / r['seconds'] * 60:.2f} | {r['trial_seconds']:.1f} |")
@@ -157,7 +157,7 @@ def main() -> int:
         elif args.part == "cnn":
             result = part_cnn(tmp, args.trials or 12, args.workers)
         else:
-            result = part_scaling(tmp, args.trials or 6)
+            result = part_scaling(tmp, args.trials or 8)
     print(f"\n(bench wall time {(time.monotonic() - start) / 60:.1f} min)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")

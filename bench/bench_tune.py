@@ -115,7 +115,8 @@ def part_scaling(tmp: Path, trials: int) -> list[dict]:
     model = mlp_model(tmp / "mlp-scaling.pt2")
     (tmp / "space.toml").write_text(SCALING_SPACE)
     out = []
-    for label, kwargs in (("1 local worker", {"workers": 1}), ("2 local workers", {"workers": 2})):
+    for label, kwargs in (("1 local worker", {"workers": 1}), ("2 local workers", {"workers": 2}),
+                          ("2 local workers, --unbatched", {"workers": 2, "batched": False})):
         s = run_search(model, out_dir=tmp / label.replace(" ", "-"), trials=trials, space=tmp / "space.toml",
                        quiet=True, **kwargs)
         out.append({"setup": label, "seconds": s["seconds"], "trials": len(s["trials"]),
@@ -136,7 +137,7 @@ def part_scaling(tmp: Path, trials: int) -> list[dict]:
     print("| setup | wall s | trials/min | mean s per trial (inside the trial) |\n|---|---|---|---|")
     for r in out:
         print(f"| {r['setup']} | {r['seconds']:.0f} | {r['trials'] / r['seconds'] * 60:.2f} | {r['trial_seconds']:.1f} |")
-    same = out[1]["configs"] == out[2]["configs"]
+    same = out[1]["configs"] == out[3]["configs"]
     print(f"2 local workers and the 2-node cluster asked for the same trials: {same}")
     return out
 

@@ -293,7 +293,7 @@ def cmd_tune(args) -> int:
                          workers=args.workers, address=args.address, seed=args.seed, space=args.space,
                          max_flash=args.max_flash, max_ram=args.max_ram, max_drop=args.max_drop,
                          max_instructions=args.max_instructions, prefer=args.prefer, resume=args.resume,
-                         profile_samples=args.profile_samples, quiet=args.quiet)
+                         profile_samples=args.profile_samples, quiet=args.quiet, batched=not args.unbatched)
     out = Path(args.output)
     rows = summary["trials"]
     failed = sum(r["status"] != "ok" for r in rows)
@@ -605,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted search in --output")
     t.add_argument("--profile-samples", type=positive_int, default=8, help="inferences counted per trial "
                    "(accuracy always uses the whole held-out split)")
+    t.add_argument("--unbatched", action="store_true", help="start a trial as soon as a worker is free (faster "
+                   "with several workers; the seed then repeats the search exactly only with one worker)")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(fn=cmd_tune)
 

@@ -202,7 +202,8 @@ def test_a_board_the_model_does_not_fit_records_failed_trials(tiny, cluster, tmp
     (tmp_path / "tiny-an386.toml").write_text(board)
     out = tmp_path / "tune"
     code = cli.main(["tune", str(tiny / "mlp.pt2"), "--space", str(tiny / "space.toml"), "--trials", "2",
-                     "--address", cluster.address, "--board", str(tmp_path / "tiny-an386.toml"), "-o", str(out)])
+                     "--address", cluster.address, "--board", str(tmp_path / "tiny-an386.toml"), "-o", str(out),
+                     "--unbatched"])
     captured = capsys.readouterr()
     assert code == 1
     rows = _csv(out / "trials.csv")
@@ -212,6 +213,7 @@ def test_a_board_the_model_does_not_fit_records_failed_trials(tiny, cluster, tmp
     assert "no trial meets every constraint (2 trials, 2 failed): every trial failed: the model does not fit" \
         in captured.err
     assert not (out / "best.pt2").exists()
+    assert json.loads((out / "summary.json").read_text())["batched"] is False
 
 
 def _tune_cmd(tiny: Path, out: Path, *extra: str) -> list[str]:

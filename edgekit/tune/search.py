@@ -125,7 +125,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
                workers: int | None = None, address: str | None = None, seed: int = 0, space=None,
                max_flash: int | None = None, max_ram: int | None = None, max_drop: float | None = None,
                max_instructions: float | None = None, prefer: str = "flash", resume: bool = False,
-               profile_samples: int = 8, quiet: bool = False, log=print) -> dict:
+               profile_samples: int = 8, quiet: bool = False, batched: bool = True, log=print) -> dict:
     """Search compression choices for ``model_path`` (a .pt2) and write the results into ``out_dir``.
 
     ``max_drop`` is in percentage points of held-out accuracy against the input model (float);
@@ -198,7 +198,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
             sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
             searcher = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler,
                                     points_to_evaluate=anchors(checked)[:trials] or None)
-            searcher = ConcurrencyLimiter(searcher, max_concurrent=workers, batch=True)
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=workers, batch=batched)
             param_space = {k: tune.choice(v) for k, v in parameters(checked).items()}
             tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials,
@@ -222,7 +222,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
             ray.shutdown()
     summary = {"model": str(model_path), "board": board.name, "data": split.name, "trials": rows,
                "requested_trials": trials, "workers": workers, "address": address, "seed": seed,
-               "seconds": round(seconds, 1), "baseline_accuracy": baseline, "float_weight_bytes": float_bytes,
+               "seconds": round(seconds, 1), "batched": batched, "baseline_accuracy": baseline, "float_weight_bytes": float_bytes,
                "constraints": constraints, "prefer": prefer, "unit": unit,
                "sampler": f"Optuna multi-objective TPE (seed {seed}) through Ray Tune",
                "space": parameters(checked), "train": checked["train"]}

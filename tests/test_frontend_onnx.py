@@ -112,6 +112,20 @@ def _signature(graph):
     return [(op.kind, tuple(graph.tensors[op.outputs[0]].shape), dict(op.attrs)) for op in graph.ops]
 
 
+WEIGHTED = ("conv2d", "depthwise_conv2d", "transpose_conv2d", "fully_connected", "lstm")
+
+
+def assert_same_graph(a, b):
+    """The same ops, shapes and attributes; weighted layers keep their module names; the same constants."""
+    assert _signature(a) == _signature(b)
+    assert [op.name for op in a.ops if op.kind in WEIGHTED] == [op.name for op in b.ops if op.kind in WEIGHTED]
+    for op_a, op_b in zip(a.ops, b.ops):
+        for ta, tb in zip(op_a.inputs, op_b.inputs):
+            assert a.tensors[ta].is_constant == b.tensors[tb].is_constant
+            if a.tensors[ta].is_constant:
+                np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_torch_onnx_edgekit_equals_torch_edgekit(test_models, name, tmp_path):
     model, x = test_models[name]
@@ -120,14 +134,7 @@ def test_torch_onnx_edgekit_equals_torch_edgekit(test_models, name, tmp_path):
     assert via_onnx.source_layouts[via_onnx.inputs[0]] == direct.source_layouts[direct.inputs[0]]
     # the exporter folds BatchNorm into the convolutions itself: compare after edgekit folds its own
     a, b = prepare_float(via_onnx), prepare_float(direct)
-    assert _signature(a) == _signature(b)
-    weighted = ("conv2d", "depthwise_conv2d", "fully_connected")  # layers keep their module names
-    assert [op.name for op in a.ops if op.kind in weighted] == [op.name for op in b.ops if op.kind in weighted]
-    for op_a, op_b in zip(a.ops, b.ops):
-        for ta, tb in zip(op_a.inputs, op_b.inputs):
-            assert a.tensors[ta].is_constant == b.tensors[tb].is_constant
-            if a.tensors[ta].is_constant:
-                np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
+    assert_same_graph(a, b)
     with torch.no_grad():
         want = model.eval()(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(_float_out(a, x), want, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 import edgekit
 from edgekit.passes.fuse import prepare_float
-from test_frontend_onnx import _qdq, _signature, export
+from test_frontend_onnx import _qdq, _signature, assert_same_graph, export
 from zoo.efficientnet_b0 import EfficientNetB0Style
 from zoo.gru_kws import GRUKWS
 from zoo.imu_cnn import IMUCNN
@@ -63,6 +63,13 @@ def _int8_outputs(q, x):
     return _outputs(edgekit.reference_run(q, xq, int8=True))
 
 
+def _onnxruntime_runs(path, x):
+    """onnxruntime's outputs, one sample at a time (the exported models have batch 1)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = sess.get_inputs()[0].name
+    return [sess.run(None, {feed: x[i:i + 1]}) for i in range(len(x))]
+
+
 def _outputs(y):
     return list(y) if isinstance(y, (list, tuple)) else [y]
 
@@ -73,14 +80,7 @@ def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
     path = export(model, x, tmp_path / f"{name}.onnx", fold=False)  # BatchNorm folded by edgekit: bit-identical
     a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(model, x[:1]))
     assert [a.source_layouts[n] for n in a.inputs] == [b.source_layouts[n] for n in b.inputs]
-    assert _signature(a) == _signature(b)
-    weighted = ("conv2d", "depthwise_conv2d", "transpose_conv2d", "fully_connected", "lstm")
-    assert [op.name for op in a.ops if op.kind in weighted] == [op.name for op in b.ops if op.kind in weighted]
-    for op_a, op_b in zip(a.ops, b.ops):
-        for ta, tb in zip(op_a.inputs, op_b.inputs):
-            assert a.tensors[ta].is_constant == b.tensors[tb].is_constant
-            if a.tensors[ta].is_constant:
-                np.testing.assert_allclose(a.tensors[ta].data, b.tensors[tb].data, rtol=1e-5, atol=1e-6)
+    assert_same_graph(a, b)
     with torch.no_grad():
         want = _outputs(model(torch.as_tensor(x[:4])))
     got = _outputs(edgekit.reference_run(a, x[:4]))
@@ -91,9 +91,7 @@ def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
     for ya, yb in zip(_int8_outputs(qa, x), _int8_outputs(qb, x)):
         assert np.array_equal(ya, yb), (np.abs(ya.astype(int) - yb.astype(int)).max(), (ya != yb).mean())
     # onnxruntime's float outputs: within the int8 graph's error
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = sess.get_inputs()[0].name
-    runs = [sess.run(None, {feed: x[i:i + 1]}) for i in range(len(x))]
+    runs = _onnxruntime_runs(path, x)
     for k, got in enumerate(_outputs(edgekit.reference_run(qa, x))):
         want = np.concatenate([r[k] for r in runs])
         step = qa.tensors[qa.outputs[k]].quant.scale[0]
@@ -129,9 +127,7 @@ def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
     given = set(q.meta.get("activation_params", {})) - fixed
     used = {(float(t.quant.scale[0]), int(t.quant.zero_point[0])) for n, t in q.tensors.items() if n in given}
     assert len(given) >= 3 and used <= theirs
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = sess.get_inputs()[0].name
-    runs = [sess.run(None, {feed: x[i:i + 1]}) for i in range(len(x))]
+    runs = _onnxruntime_runs(path, x)
     for k, got in enumerate(_outputs(edgekit.reference_run(q, x))):
         want = np.concatenate([r[k] for r in runs])
         step = q.tensors[q.outputs[k]].quant.scale[0]

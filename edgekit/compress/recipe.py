@@ -141,31 +141,37 @@ OUTPUT = {"weights": _one_of(*ENCODINGS), "encodings": lambda v: [_one_of(*ENCOD
           "calib_samples": _positive_int}
 
 
-def load_recipe(source) -> dict:
-    """Parse and check a recipe: a .toml path, TOML text, or an already parsed dict."""
+def read_toml(source, what: str, shape: str) -> tuple[dict, str]:
+    """A TOML table from a file path, or from text (text has a newline); also says where it came from, for
+    messages. `what` names the kind of file ("recipe"), `shape` says what such a file holds."""
     import tomllib
 
+    path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+    if path is None:
+        text, where = source, f"the {what}"
+    else:
+        if not path.exists():
+            raise EdgekitError(f"{what} file not found: {path}")
+        if not path.is_file():
+            raise EdgekitError(f"{what} {path} is not a file ({shape})")
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise EdgekitError(f"{what} {path} is not UTF-8 text (TOML files are UTF-8)") from None
+    try:
+        return tomllib.loads(text), where
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgekitError(f"{where} is not valid TOML: {exc}") from None
+
+
+def load_recipe(source) -> dict:
+    """Parse and check a recipe: a .toml path, TOML text, or an already parsed dict."""
     if isinstance(source, dict):
         raw, where = source, "the recipe"
         if "steps" in raw and "step" not in raw:  # an already checked recipe: check it again
             raw = {"step": raw["steps"], **({"output": raw["output"]} if "output" in raw else {})}
     else:
-        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-        if path is not None:
-            if not path.exists():
-                raise EdgekitError(f"recipe file not found: {path}")
-            if not path.is_file():
-                raise EdgekitError(f"recipe {path} is not a file (a .toml with [[step]] entries)")
-            try:
-                text, where = path.read_text(encoding="utf-8"), str(path)
-            except UnicodeDecodeError:
-                raise EdgekitError(f"recipe {path} is not UTF-8 text (TOML files are UTF-8)") from None
-        else:
-            text, where = source, "the recipe"
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise EdgekitError(f"{where} is not valid TOML: {exc}") from None
+        raw, where = read_toml(source, "recipe", "a .toml with [[step]] entries")
     unknown = set(raw) - {"step", "output"}
     if unknown:
         raise EdgekitError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; a recipe has [[step]] "

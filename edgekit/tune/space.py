@@ -23,8 +23,6 @@ runs, so a typo fails at once, not in the middle of a search.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import EdgekitError
 from ..compress import recipe as rc
 
@@ -91,24 +89,12 @@ _TRAIN = {
 def load_space(source=None) -> dict:
     """The checked space: the defaults, overridden by a TOML file / text / dict when given.
     Returns {"space": {key: [values]}, "prune_layers": {layer: [ratios]}, "train": {...}}."""
-    import tomllib
-
     where = "the search space"
     raw: dict = {}
     if isinstance(source, dict):
         raw = source
     elif source is not None:
-        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-        if path is not None:
-            if not path.is_file():
-                raise EdgekitError(f"search space file not found: {path}")
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        else:
-            text = source
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise EdgekitError(f"{where} is not valid TOML: {exc}") from None
+        raw, where = rc.read_toml(source, "search space", "a .toml with a [space] table")
     unknown = set(raw) - {"space", "train"}
     if unknown:
         raise EdgekitError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; a search space has a "

@@ -120,7 +120,7 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
-def scratch_bytes(layers, board) -> int:
+def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
     convolution gathers the windows of two output pixels (2 x K int16, K = kh * kw * in_c), a
@@ -130,10 +130,11 @@ def scratch_bytes(layers, board) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
-    (64-bit pointers) and the zero-point row."""
-    variant = board.get("kernel_variant")
+    (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
+    source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
     for layer in layers:
+        variant = None if layer.kernel in portable else board.get("kernel_variant")
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))

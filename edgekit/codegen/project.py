@@ -20,7 +20,7 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
+from .kernel_prep import depthwise_dsp_shapes, folded_bias, pack_conv_sdot, scratch_bytes
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -760,7 +760,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board), library=library, threads=threads)
+                   scratch_bytes=scratch_bytes(layers, board), library=library, threads=threads,
+                   dw_dsp=depthwise_dsp_shapes(layers, board))
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

@@ -82,3 +82,59 @@ def ds_cnn_kws(num_classes: int = 12, filters: int = 64) -> nn.Module:
         layers += block()
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(filters, num_classes)]
     return nn.Sequential(*layers)
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's channel rounding: the nearest multiple of 8, never more than 10 % below v."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _conv_bn_relu6(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (skipped at ratio 1), 3x3 depthwise, linear 1x1 projection;
+    the residual add when the stride is 1 and the width stays."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = int(round(cin * expand_ratio))
+        layers = [_conv_bn_relu6(cin, hidden, 1)] if expand_ratio != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2 architecture written out (its compiled ops do not load against every
+    torch build): the same inverted-residual settings, channel rounding, last 1280-wide 1x1 conv,
+    global average pool, dropout and classifier. ``width`` is torchvision's width_mult; the input
+    size is free (224x224 for the standard model)."""
+
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]  # expansion t, channels c, repeats n, first stride s
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        cin = _make_divisible(32 * width)
+        last = _make_divisible(1280 * max(1.0, width))
+        layers = [_conv_bn_relu6(in_channels, cin, 3, 2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = _make_divisible(c * width)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers.append(_conv_bn_relu6(cin, last, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))

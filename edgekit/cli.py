@@ -296,14 +296,14 @@ def cmd_tune(args) -> int:
                          profile_samples=args.profile_samples, quiet=args.quiet, batched=not args.unbatched)
     out = Path(args.output)
     rows = summary["trials"]
-    failed = sum(r["status"] != "ok" for r in rows)
-    print(f"\n{len(rows)} trials ({failed} failed) in {summary['seconds']:.0f} s; input model: accuracy "
+    trials, failed = pareto.counts(rows)
+    print(f"\n{trials} trials ({failed} failed) in {summary['seconds']:.0f} s; input model: accuracy "
           f"{summary['baseline_accuracy'] * 100:.2f} % (float), weights {summary['float_weight_bytes']:,} B float32")
     print("Pareto front (accuracy from the C program on the held-out split; * = best within the constraints):")
     print(pareto.table(summary["front"], summary["baseline_accuracy"], summary["float_weight_bytes"],
                        summary["unit"].replace(" instructions", " instr"), summary["best"]))
     if summary["interrupted"]:
-        print(f"edgekit: the search stopped after {len(rows)} of {summary['requested_trials']} trials; continue it "
+        print(f"edgekit: the search stopped after {trials} of {summary['requested_trials']} trials; continue it "
               f"with the same command and --resume", file=sys.stderr)
         return 130
     print(f"wrote {out / 'pareto.csv'}, {out / 'trials.csv'}"

@@ -19,7 +19,8 @@ from edgekit import cli
 from edgekit.compress.recipe import load_recipe
 from edgekit.errors import EdgekitError
 from edgekit.tune import pareto
-from edgekit.tune.space import DEFAULT_SPACE, anchors, load_space, recipe_toml, to_recipe
+from edgekit.tune.space import (CONV_DEFAULTS, DEFAULT_SPACE, anchors, is_convolutional, load_space, parameters,
+                                recipe_toml, to_recipe)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,10 @@ def test_space_overrides_defaults_and_makes_recipes_compress_reads_back():
               "cluster_bits": 4, "distill": True, "qat": True, "weights": "auto", "prune_layer.0": 0.25}
     recipe = to_recipe(config, space)
     assert [s["kind"] for s in recipe["steps"]] == ["prune", "sparsify", "cluster", "qat"]
+    # The encoding is measured on every trial, not drawn: not a searched parameter; a recipe per encoding.
+    assert "weights" not in parameters(space) and space["space"]["weights"] == ["dense", "auto"]
+    assert to_recipe(config, space, weights="codebook")["output"]["weights"] == "codebook"
+    assert to_recipe({k: v for k, v in config.items() if k != "weights"}, space)["output"]["weights"] == "dense"
     assert recipe["steps"][0]["layers"] == {"0": 0.25} and recipe["steps"][0]["distill"] is True
     assert recipe["output"]["weights"] == "auto"
     assert load_recipe(recipe_toml(recipe, "a comment\non two lines")) == recipe
@@ -96,6 +101,13 @@ def test_default_space_holds_the_hand_recipes_choices():
                 {k: v for k, v in s.items() if k != "lr"} for s in steps]
     assert same_terms(made[1]["steps"]) == same_terms(hand)
     assert anchors(load_space(SMALL_SPACE)) == []  # a space without those values starts at random
+    # A model with convolutions searches lower sparsities (CONV_DEFAULTS): it starts at cnn_structured.toml.
+    conv = load_space(convolutional=True)
+    assert conv["space"]["sparsity"] == CONV_DEFAULTS["sparsity"] and max(CONV_DEFAULTS["sparsity"]) < 0.8
+    assert [same_terms(to_recipe(a, conv)["steps"]) for a in anchors(conv)] == [same_terms(hand)]
+    assert load_space("[space]\nsparsity = [0.9]\n", convolutional=True)["space"]["sparsity"] == [0.9]
+    from edgekit import models
+    assert is_convolutional(models.DigitsCNN()) and not is_convolutional(models.digits_mlp())
 
 
 def _row(n, acc, instr, flash, ram, weights=100):
@@ -119,6 +131,35 @@ def test_front_best_and_the_message_naming_the_violated_constraint():
     both = pareto.no_fit_message(rows, {"max_flash": 10000, "max_drop": 1.0}, base)
     # trial 1 is 100 % over the drop, trial 2 20 % over the flash: the closest is trial 2
     assert "none meets all; the closest, trial 2, breaks --max-flash 10,000 B by 2,000 B" in both
+
+
+def test_the_sampler_spends_no_trial_on_a_configuration_already_measured():
+    """TPE asks again for categorical choices it has seen; the searcher answers those from what was measured
+    (and asks again), so each trial it hands out is new until the space is used up; the same seed hands out
+    the same sequence."""
+    pytest.importorskip("ray")
+    import optuna
+    from ray import tune
+
+    from edgekit.tune.sampler import FreshOptunaSearch
+
+    def search():
+        searcher = FreshOptunaSearch(space={"a": tune.choice([0, 1, 2]), "b": tune.choice([False, True])},
+                                     metric=["accuracy", "flash"], mode=["max", "min"],
+                                     sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
+        handed = []
+        for i in range(8):
+            config = searcher.suggest(str(i))
+            handed.append((config["a"], config["b"]))
+            searcher.on_trial_complete(str(i), {"accuracy": 0.5 + 0.1 * config["a"], "flash": 100.0 + config["b"]})
+        return handed, searcher.repeats_skipped
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    handed, skipped = search()
+    assert len(set(handed[:6])) == 6  # the 6 configurations, none twice
+    assert set(handed[6:]) <= set(handed[:6])  # then the space is used up: repeats run (after REASK asks each)
+    assert skipped >= 2 * 25
+    assert search() == (handed, skipped)  # seeded: the same sequence
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,13 +208,24 @@ def test_tune_on_a_cluster_writes_the_front_and_a_best_model_compress_reruns(tin
     assert code == 0, text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["address"] == cluster.address and summary["workers"] == 2
-    assert [r["number"] for r in summary["trials"]] == [1, 2]
-    assert all(r["status"] == "ok" for r in summary["trials"])
-    for r in summary["trials"]:  # measured for real: a host program's instructions, its sections, the C's accuracy
+    rows = summary["trials"]
+    assert sorted({r["number"] for r in rows}) == [1, 2]
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:  # measured for real: a host program's instructions, its sections, the C's accuracy
         assert r["instructions"] > 100 and r["flash"] > r["weight_bytes"] > 0 and 0.1 < r["accuracy"] <= 1.0
+    # One training per trial, a row per encoding that makes different C (auto may choose dense for every
+    # layer: then it is not measured twice): the same accuracy (lossless), each its own bytes and count.
+    for n in (1, 2):
+        mine = {r["config"]["weights"]: r for r in rows if r["number"] == n}
+        assert "dense" in mine and set(mine) <= {"dense", "auto"}
+        assert len({r["accuracy"] for r in mine.values()}) == 1
+        if "auto" in mine:
+            assert mine["auto"]["weight_bytes"] < mine["dense"]["weight_bytes"]
+    assert any(len([r for r in rows if r["number"] == n]) == 2 for n in (1, 2))  # a clustered trial: auto differs
     front = _csv(out / "pareto.csv")
-    assert {int(r["trial"]) for r in front} == {r["number"] for r in summary["front"]}
-    assert len(_csv(out / "trials.csv")) == 2
+    assert {(int(r["trial"]), json.loads(r["config"])["weights"]) for r in front} == \
+        {(r["number"], r["config"]["weights"]) for r in summary["front"]}
+    assert len(_csv(out / "trials.csv")) == len(rows)
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "Pareto front" in (out / "report.html").read_text()
     best = summary["best"]
@@ -184,7 +236,7 @@ def test_tune_on_a_cluster_writes_the_front_and_a_best_model_compress_reruns(tin
                      str(tmp_path / "again.pt2"), "--report", str(report), "--quiet"]) == 0
     again = json.loads(report.read_text())["final"]
     assert again["accuracy_c"] == pytest.approx(best["accuracy"])
-    assert again["weight_bytes"] == best["weight_bytes"]
+    assert again["weight_bytes"] == best["weight_bytes"] and again["weights"] == best["config"]["weights"]
     from edgekit.compress import fxgraph
     assert fxgraph.load_model(out / "best.pt2")[1] == (64,)
     # The same output directory again without --resume is refused, not overwritten.
@@ -248,7 +300,7 @@ def test_local_search_resumes_after_an_interruption(tiny, cluster, tmp_path, cap
     assert code == 130, first
     assert "this machine" in first and "continue it with the same command and --resume" in first
     done_first = json.loads((out / "summary.json").read_text())["trials"]
-    assert len(done_first) == 1
+    assert {r["number"] for r in done_first} == {1}
     trial_dirs = {p.name: p for p in (out / "ray" / "search").iterdir() if p.is_dir()}
     one = next(p for name, p in trial_dirs.items() if "_1_" in name)
     saved = [p for p in one.glob("checkpoint_*/model.pt2")]
@@ -257,8 +309,7 @@ def test_local_search_resumes_after_an_interruption(tiny, cluster, tmp_path, cap
     assert cli.main(_tune_cmd(tiny, out, "--resume", "--address", cluster.address)[3:]) == 0
     assert "resuming the search" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["number"] for r in summary["trials"]] == [1, 2]
+    assert sorted({r["number"] for r in summary["trials"]}) == [1, 2]
     # The finished trial did not run again: its saved model untouched, its own timing kept.
     assert [p.stat().st_mtime_ns for p in one.glob("checkpoint_*/model.pt2")] == [stamp]
-    again = next(r for r in summary["trials"] if r["number"] == 1)
-    assert again == done_first[0]
+    assert [r for r in summary["trials"] if r["number"] == 1] == done_first

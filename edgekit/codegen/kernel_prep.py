@@ -63,7 +63,7 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
-def scratch_bytes(layers, board) -> int:
+def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
     convolution gathers the windows of two output pixels (2 x K int16, K = kh * kw * in_c), a
@@ -73,10 +73,11 @@ def scratch_bytes(layers, board) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
-    (64-bit pointers) and the zero-point row."""
-    variant = board.get("kernel_variant")
+    (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
+    source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
     for layer in layers:
+        variant = None if layer.kernel in portable else board.get("kernel_variant")
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the SDOT kernel (rpi5), rounded up to whole 16-byte loads

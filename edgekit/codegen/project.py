@@ -28,6 +28,12 @@ from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, en
 PROJECT_FILE = "edgekit_project.json"
 _WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
 FLT_MAX = 3.402823466e38
+# Cortex-M flash: a kernel whose layers do less than this share of the model's work is "cold": it is
+# built for size (-Os) and from its portable source rather than the board's faster, larger variant.
+COLD_SHARE = 0.01
+# Work of a layer for that share: its MACs plus this many per element it reads or writes (an elementwise
+# layer's requantization costs about as much per element as a dozen or more MACs).
+ELEMENT_WORK = 16
 
 
 @dataclass
@@ -765,6 +771,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     exits = _exits_context(graph, builder, exit_threshold)
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
+    cold = cold_kernels(layers, kernels) if board.kind == "cortex-m" else []
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
     budget_lines = cost.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
                                            cost.estimate_code_bytes(kernels))
@@ -778,7 +785,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board), library=library, threads=threads)
+                   scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
+                   cold_kernels=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.
@@ -800,8 +808,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     if variant:
         render_to(inc / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
-        source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
-            else f"kernels/{k}.c.j2"
+        source = f"kernels/{variant}/{k}.c.j2" if variant and k not in cold and \
+            (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() else f"kernels/{k}.c.j2"
         render_to(src / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
         render_to(src / name, f"model/{name}.j2", **context)
@@ -831,6 +839,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                     **({"split": l.split} if l.split else {})}
                    for l in layers],
         "kernels": kernels,
+        "cold_kernels": cold,  # built for size, portable (cold_kernels)
         "budget_before_build": budget_lines,
         "library": library,
     }
@@ -847,6 +856,21 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def cold_kernels(layers: list[Layer], kernels: list[str]) -> list[str]:
+    """The kernels whose layers together do less than COLD_SHARE of the model's work (MACs plus
+    ELEMENT_WORK per element read or written): on Cortex-M they are built for size and from their
+    portable source, since their speed hardly counts and their code does (e.g. ResNet-8's softmax,
+    average pool and 64 x 10 dense layer: 0.04 % of its work, 3 KB of DSP code and -O2 unrolling).
+    A kernel no layer names (the softmax an early exit calls) counts as cold."""
+    work: dict[str, int] = {k: 0 for k in kernels}
+    for l in layers:
+        if l.kernel:
+            elements = sum(b.size for b in l.inputs) + sum(b.size for b in l.outputs)
+            work[l.kernel] = work.get(l.kernel, 0) + l.macs + ELEMENT_WORK * elements
+    total = sum(work.values())
+    return sorted(k for k in kernels if work[k] < COLD_SHARE * total)
 
 
 def load_project(out_dir: str | Path) -> dict:

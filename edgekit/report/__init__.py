@@ -318,7 +318,7 @@ def thresholds_page(sweep: dict, chosen: dict, project_dir=None, rows: int = 24)
 
 def tune_page(summary: dict, png: bytes) -> str:
     """The page for an `edgekit tune` search (``tune.search.run_search``'s summary)."""
-    from ..tune.pareto import describe, no_fit_message
+    from ..tune.pareto import counts, describe, no_fit_message
 
     base, fb, unit = summary["baseline_accuracy"], summary["float_weight_bytes"], summary["unit"]
     rows, best = summary["trials"], summary["best"]
@@ -326,7 +326,8 @@ def tune_page(summary: dict, png: bytes) -> str:
     c = summary["constraints"]
     limits = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in c.items() if v is not None) or "none"
     facts = [("model", str(summary["model"])), ("board", summary["board"]), ("data", summary["data"]),
-             ("trials", f"{len(rows)} ({len(failed)} failed), {summary['workers']} at a time"),
+             ("trials", "{} ({} failed), {} at a time; each trial's model measured with every weight encoding of "
+                        "the space".format(*counts(rows), summary["workers"])),
              ("input model", f"accuracy {_pct(base)} (float), weights {fb:,} B float32"),
              ("constraints", limits), ("sampler", summary["sampler"])]
     if best:
@@ -347,7 +348,8 @@ def tune_page(summary: dict, png: bytes) -> str:
                          "at once. Every trial was compiled, run as C on the held-out split and measured on the "
                          "board.", _image(png, "Pareto front"), columns, [line(r) for r in summary["front"]])]
     if failed:
-        sections.append(_section("Failed trials", "Recorded, not retried: the search went on without them.", None,
+        sections.append(_section("Failed trials", "Recorded, not retried: the search went on without them (a "
+                                 "trial's encoding that failed, e.g. too big for the board, is listed here too).", None,
                                  ["trial", "choices", "reason"],
                                  [[str(r["number"]), describe(r["config"]), r["reason"]] for r in failed]))
     return _render("edgekit tune", f"{summary['model']} on {summary['board']}", facts, verdict, sections)

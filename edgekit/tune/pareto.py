@@ -1,6 +1,7 @@
 """What a search found: the Pareto front, the best trial within the constraints, and the files.
 
-A trial is a row: its number, its choices (``config``), its status and measurements (``trial.run_trial``).
+A row is one trial's model with one weight encoding: the trial's number, its choices (``config``, with the
+encoding as ``weights``), its status and measurements (``trial.run_trial``); a failed trial is one row.
 The front is the successful trials no other successful trial dominates on the four objectives (higher
 accuracy; fewer instructions, less flash, less RAM). The best trial is, among those meeting every
 constraint, the one with the least of ``prefer`` (ties: fewer instructions, then higher accuracy).
@@ -27,7 +28,12 @@ def dominates(a: dict, b: dict) -> bool:
 
 def front(rows: list[dict]) -> list[dict]:
     ok = [r for r in rows if r["status"] == "ok"]
-    return sorted((r for r in ok if not any(dominates(o, r) for o in ok)), key=lambda r: (r["flash"], r["number"]))
+    out, seen = [], set()
+    for r in sorted((r for r in ok if not any(dominates(o, r) for o in ok)), key=lambda r: (r["flash"], r["number"])):
+        if _objectives(r) not in seen:  # a point measured twice (a repeated configuration) is listed once
+            seen.add(_objectives(r))
+            out.append(r)
+    return out
 
 
 def fmt_bytes(n) -> str:
@@ -64,12 +70,19 @@ def best(rows: list[dict], constraints: dict, baseline: float, prefer: str = "fl
     return min(feasible, key=_key(prefer)) if feasible else None
 
 
+def counts(rows: list[dict]) -> tuple[int, int]:
+    """(trials, failed trials): a trial is failed when none of its encodings ran."""
+    numbers = {r["number"] for r in rows}
+    ok = {r["number"] for r in rows if r["status"] == "ok"}
+    return len(numbers), len(numbers - ok)
+
+
 def no_fit_message(rows: list[dict], constraints: dict, baseline: float) -> str:
     """Why no trial fits: each constraint not even the best trial for it meets, by how much; or, when every
     constraint alone is met by some trial, the closest trial and what it breaks."""
     ok = [r for r in rows if r["status"] == "ok"]
-    failed = len(rows) - len(ok)
-    head = f"no trial meets every constraint ({len(rows)} trials, {failed} failed)"
+    trials, failed = counts(rows)
+    head = f"no trial meets every constraint ({trials} trials, {failed} failed)"
     if not ok:
         reasons = sorted({r["reason"].splitlines()[0] for r in rows if r["status"] != "ok"})
         return head + ": every trial failed: " + "; ".join(reasons[:3])
@@ -113,8 +126,9 @@ def describe(config: dict) -> str:
         parts.append("qat")
     if config.get("distill") and (config.get("prune_ratio", 0) > 0 or config.get("sparsity", 0) > 0 or layers):
         parts.append("distilled")
-    parts.append(config.get("weights", "dense"))
-    return ", ".join(parts)
+    if config.get("weights"):
+        parts.append(config["weights"])
+    return ", ".join(parts) or "as given"
 
 
 def table(rows: list[dict], baseline: float, float_bytes: int, unit: str, chosen: dict | None = None) -> str:

@@ -4,7 +4,8 @@ Why these: Ray Tune schedules trials on the cores of this machine or, given ``ad
 cluster, with nothing else changed; it keeps the experiment on disk, so an interrupted search resumes
 where it stopped. Optuna's TPE sampler handles several objectives at once (accuracy, instructions,
 flash, RAM: MOTPE), learns from a few dozen trials (NSGA-II's first generation alone would take 50),
-and is seeded. Trials are handed out in batches of ``workers`` and the sampler sees a batch only when
+and is seeded (``sampler.py``: a configuration it asks for again is answered from the measurements, not
+re-run). Trials are handed out in batches of ``workers`` and the sampler sees a batch only when
 all of it is done, so the same seed on the same machine asks for the same trials in the same order,
 whichever trial of a batch finishes first.
 
@@ -12,6 +13,7 @@ Each trial is one CPU (single-threaded torch, one compiler, one emulator on its 
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -76,16 +78,17 @@ class _Progress:
             return
         # Called as the trial ends, before Ray marks it so.
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial]
-        rows = [_row(_tag_number(t), t.config, t.last_result, t.error_file if t.status == "ERROR" else None)
-                for t in ended]
+        rows = [row for t in ended
+                for row in _rows(_tag_number(t), t.config, t.last_result, t.error_file if t.status == "ERROR" else None)]
         rows.sort(key=lambda r: r["number"])
-        done = len(rows)
+        done = len(ended)
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-        failed = sum(r["status"] != "ok" for r in rows)
+        failed = sum(all(r["status"] != "ok" for r in rows if r["number"] == n) for n in {r["number"] for r in rows})
         b = pareto.best(rows, self.constraints, self.baseline, self.prefer)
         best = (f"best so far: trial {b['number']}, {b['accuracy'] * 100:.2f} %, flash {b['flash']:,} B, "
                 f"{b['instructions']:,.0f} {self.unit}") if b else "no trial within the constraints yet"
-        this = next((r for r in rows if r["number"] == _tag_number(trial)), None)
+        mine = [r for r in rows if r["number"] == _tag_number(trial)]
+        this = max(mine, key=lambda r: (r["status"] == "ok", -r["flash"]), default=None)
         last = ""
         if this is not None:
             last = (f"trial {this['number']} failed: {this['reason'].splitlines()[0][:120]}" if this["status"] != "ok"
@@ -94,9 +97,12 @@ class _Progress:
               f"{failed} failed | {last} | {best}", flush=True)
 
 
-def _row(number: int, config: dict, metrics: dict | None, error=None) -> dict:
+def _rows(number: int, config: dict, metrics: dict | None, error=None) -> list[dict]:
+    """A finished trial as rows of the front: one per weight encoding measured (its config names the
+    encoding), or one failed row."""
     metrics = metrics or {}
-    row = {"number": number, "config": dict(config)}
+    base = {"number": number, "config": dict(config), "macs": metrics.get("macs", 0),
+            "seconds": metrics.get("seconds", 0.0)}
     if error is not None or "status" not in metrics:
         reason = "the trial crashed"
         if error is not None:
@@ -105,12 +111,14 @@ def _row(number: int, config: dict, metrics: dict | None, error=None) -> dict:
             except OSError:
                 text = str(error)
             reason = f"the trial crashed: {text.strip().splitlines()[-1] if text.strip() else error}"
-        row.update(status="failed", reason=reason, **WORST, weight_bytes=0, arena_bytes=0, macs=0, seconds=0.0,
-                   unit="")
-        return row
-    for key in ("status", "reason", *OBJECTIVES, "weight_bytes", "arena_bytes", "macs", "seconds", "unit"):
-        row[key] = metrics.get(key)
-    return row
+        return [{**base, "status": "failed", "reason": reason, **WORST, "weight_bytes": 0, "arena_bytes": 0,
+                 "unit": ""}]
+    variants = [v for v in json.loads(metrics.get("variants") or "[]") if "same_as" not in v]
+    if metrics["status"] != "ok" or not variants:
+        return [{**base, "status": "failed", "reason": metrics.get("reason", ""), **WORST, "weight_bytes": 0,
+                 "arena_bytes": 0, "unit": ""}]
+    return [{**base, **{k: v[k] for k in ("status", "reason", *OBJECTIVES, "weight_bytes", "arena_bytes", "unit")},
+             "config": {**config, "weights": v["weights"]}} for v in variants]
 
 
 def _baseline(model, split) -> tuple[float, int]:
@@ -134,12 +142,13 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
     from ..boards import resolve_board
     from ..compress import fxgraph
     from ..compress.data import prepare
-    from .space import anchors, check_layers, load_space, parameters
+    from .space import anchors, check_layers, is_convolutional, load_space, parameters
 
     ray = require_ray()
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from .sampler import FreshOptunaSearch
     import optuna
 
     if prefer not in pareto.PREFER:
@@ -148,9 +157,9 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
         raise EdgekitError("--trials must be at least 1")
     board = resolve_board(board)
     check_board(board)
-    checked = load_space(space)
     model_path = Path(model_path)
     model, sample_shape = fxgraph.load_model(model_path)
+    checked = load_space(space, convolutional=is_convolutional(model))
     split = prepare(data, model, sample_shape)
     if checked["prune_layers"]:
         from ..compress.prune import prunable_layers
@@ -196,8 +205,8 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
         else:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-            searcher = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler,
-                                    points_to_evaluate=anchors(checked)[:trials] or None)
+            searcher = FreshOptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler,
+                                         points_to_evaluate=anchors(checked)[:trials] or None)
             searcher = ConcurrencyLimiter(searcher, max_concurrent=workers, batch=batched)
             param_space = {k: tune.choice(v) for k, v in parameters(checked).items()}
             tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
@@ -213,9 +222,10 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
             metrics = result.metrics or {}
             if "status" not in metrics and result.error is None:
                 continue  # not finished: the search was interrupted (a resume runs it again)
-            rows.append(_row(_trial_number(result.path), result.config, metrics, result.error))
+            number = _trial_number(result.path)
+            rows += _rows(number, result.config, metrics, result.error)
             if result.checkpoint is not None:
-                checkpoints[rows[-1]["number"]] = result.checkpoint
+                checkpoints[number] = result.checkpoint
         rows.sort(key=lambda r: r["number"])
     finally:
         if started:
@@ -225,10 +235,10 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
                "seconds": round(seconds, 1), "batched": batched, "baseline_accuracy": baseline, "float_weight_bytes": float_bytes,
                "constraints": constraints, "prefer": prefer, "unit": unit,
                "sampler": f"Optuna multi-objective TPE (seed {seed}) through Ray Tune",
-               "space": parameters(checked), "train": checked["train"]}
+               "space": parameters(checked), "encodings": checked["space"]["weights"], "train": checked["train"]}
     summary["front"] = pareto.front(rows)
     summary["best"] = pareto.best(rows, constraints, baseline, prefer)
-    summary["interrupted"] = len(rows) < trials
+    summary["interrupted"] = len({r["number"] for r in rows}) < trials
     if summary["best"] is not None and not summary["interrupted"]:
         ckpt = checkpoints.get(summary["best"]["number"])
         if ckpt is not None:
@@ -237,7 +247,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
                 (out / "best.toml").write_text(
                     f"# edgekit tune: trial {summary['best']['number']} of {out}, "
                     f"the best within the constraints ({pareto.describe(summary['best']['config'])})\n"
-                    + (Path(d) / "recipe.toml").read_text())
+                    + (Path(d) / f"recipe-{summary['best']['config']['weights']}.toml").read_text())
     pareto.write_outputs(summary, out)
     return summary
 

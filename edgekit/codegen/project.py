@@ -20,7 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, depthwise_dsp_shapes, folded_bias,
+                          pack_conv_4x2, pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -103,9 +104,12 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False,
+                 dsp_conv: bool = False):
         self.graph = graph
         self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
+        # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
+        self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -166,19 +170,29 @@ class _Builder:
             layer.params.update(act_min=lo, act_max=hi)
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
+            block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
             if self.sdot_conv and op.kind == "conv2d":
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
+            elif block_4x2:
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
+                                                    "SMLAD blocks (channel pairs x 4 taps)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
-            layer.kernel = f"ek_{op.kind}_s8"
+            layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
-            layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
-                                              "bias + input_offset * sum(weights of the channel)")
+            if block_4x2:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
+                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
+                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+            else:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
+                                                  "bias + input_offset * sum(weights of the channel)")
             layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
             layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
@@ -753,7 +767,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
-                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")))
+                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")),
+                       dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
@@ -786,7 +801,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
-                   cold_kernels=cold)
+                   cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

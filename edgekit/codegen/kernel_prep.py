@@ -174,3 +174,53 @@ def scratch_bytes(layers, board, portable=()) -> int:
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":
             need = max(need, 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8
+
+
+DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
+DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
+# Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
+# 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries with the most MACs get it first.
+DW_DSP_CODE_BUDGET = 5000
+DW_DSP_TAP_BYTES = 108
+DW_DSP_BODY_BYTES = 1050
+
+
+def depthwise_dsp_shapes(layers, board) -> list[dict]:
+    """The window geometries the Cortex-M DSP depthwise kernel gets an unrolled interior path for:
+    the distinct (input width and channels, window, stride_w, dilation) of the model's dense int8
+    depthwise layers with a depth multiplier of 1 and at least four channels. For an output pixel
+    whose window lies inside the input, each tap's input and filter byte offsets (from the window's
+    top-left pixel, channel c) are constants of the geometry, so the generated code reads them as LDR
+    immediates: no tap table, no bounds checks, no loop counter. ``step`` is the next output pixel's
+    offset (stride_w * channels), for the pair path. Each geometry costs flash, so the ones with the
+    most MACs are unrolled first, within DW_DSP_CODE_BUDGET; the others, windows larger than
+    DW_DSP_MAX_TAPS and offsets past an LDR immediate keep the tap-table path (the kernel matches
+    the layer's shape at run time)."""
+    if board.get("kernel_variant") != "dsp":
+        return []
+    found: dict[tuple, dict] = {}
+    for layer in layers:
+        if layer.kernel != "ek_depthwise_conv2d_s8" or layer.params.get("depth_multiplier", 1) != 1:
+            continue
+        _, _, in_w, in_c = layer.dims["input"]
+        _, kh, kw, out_c = layer.dims["filter"]
+        p = layer.params
+        if out_c < 4 or in_c != out_c or kh * kw > DW_DSP_MAX_TAPS:
+            continue
+        key = (in_w, in_c, kh, kw, p["stride_w"], p["dilation_h"], p["dilation_w"])
+        taps = [((ky * p["dilation_h"] * in_w + kx * p["dilation_w"]) * in_c, (ky * kw + kx) * out_c)
+                for ky in range(kh) for kx in range(kw)]
+        step = p["stride_w"] * in_c
+        if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
+            continue
+        shape = found.setdefault(key, dict(zip(("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w"), key),
+                                           taps=taps, step=step, macs=0))
+        shape["macs"] += layer.macs
+    chosen, spent = [], 0
+    for shape in sorted(found.values(), key=lambda s: -s["macs"]):
+        cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
+        if spent + cost <= DW_DSP_CODE_BUDGET:
+            chosen.append(shape)
+            spent += cost
+    return [{**shape, "id": i} for i, shape in enumerate(chosen)]

@@ -113,3 +113,30 @@ def test_sdot_packing_is_the_filter_in_the_tile_order(out_c, k):
             if start + j < out_c:
                 want[:k] = w[start + j].reshape(-1)
             assert np.array_equal(got, want), (b, j)
+
+
+def test_cold_kernels_build_portable_and_for_size(tmp_path):
+    """On Cortex-M a kernel whose layers do under 1 % of the work (here the classifier head) comes from
+    its portable source and is built -Os; the hot convolution keeps the DSP variant and -O2; the host
+    board keeps every variant. Bit-exactness on the emulated cores: test_cortex_m's demo models."""
+    import torch
+
+    import edgekit
+    from edgekit import models
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(8, 1, 49, 10)).astype(np.float32)
+    g = edgekit.quantize(models.ds_cnn_kws(filters=16).eval(), x)
+    rec = edgekit.generate(g, tmp_path / "m4", board="mps2-an386")
+    assert "ek_fully_connected_s8" in rec["cold_kernels"] and "ek_conv2d_s8" not in rec["cold_kernels"]
+    kernels = tmp_path / "m4" / "kernels"
+    assert "ek_dsp.h" not in (kernels / "ek_fully_connected_s8.c").read_text()
+    assert "ek_dsp.h" in (kernels / "ek_conv2d_s8.c").read_text()
+    make = (tmp_path / "m4" / "Makefile").read_text()
+    size_sources = next(l for l in make.splitlines() if l.startswith("SIZE_SOURCES ="))
+    assert "kernels/ek_fully_connected_s8.c" in size_sources and "ek_protocol.c" in size_sources
+    assert "kernels/ek_conv2d_s8.c" not in size_sources
+    host = edgekit.generate(g, tmp_path / "host", board="host")
+    assert host["cold_kernels"] == []
+    if shutil.which("arm-none-eabi-gcc"):
+        built = edgekit.build(tmp_path / "m4", stack="auto")
+        assert built["stack_bound"] is not None  # the -Os objects' call-graph records are read too

@@ -20,7 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, folded_bias, pack_conv_4x2,
+                          pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -28,6 +29,12 @@ from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, en
 PROJECT_FILE = "edgekit_project.json"
 _WEIGHTED = ("conv2d", "depthwise_conv2d", "fully_connected")
 FLT_MAX = 3.402823466e38
+# Cortex-M flash: a kernel whose layers do less than this share of the model's work is "cold": it is
+# built for size (-Os) and from its portable source rather than the board's faster, larger variant.
+COLD_SHARE = 0.01
+# Work of a layer for that share: its MACs plus this many per element it reads or writes (an elementwise
+# layer's requantization costs about as much per element as a dozen or more MACs).
+ELEMENT_WORK = 16
 
 
 @dataclass
@@ -97,9 +104,12 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False,
+                 dsp_conv: bool = False):
         self.graph = graph
         self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
+        # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
+        self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -160,19 +170,29 @@ class _Builder:
             layer.params.update(act_min=lo, act_max=hi)
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
+            block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
             if self.sdot_conv and op.kind == "conv2d":
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
+            elif block_4x2:
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
+                                                    "SMLAD blocks (channel pairs x 4 taps)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
-            layer.kernel = f"ek_{op.kind}_s8"
+            layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
-            layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
-                                              "bias + input_offset * sum(weights of the channel)")
+            if block_4x2:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
+                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
+                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+            else:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
+                                                  "bias + input_offset * sum(weights of the channel)")
             layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
             layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
@@ -729,7 +749,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
-                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")))
+                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")),
+                       dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only)
@@ -747,6 +768,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     exits = _exits_context(graph, builder, exit_threshold)
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
+    cold = cold_kernels(layers, kernels) if board.kind == "cortex-m" else []
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
     budget_lines = cost.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
                                            cost.estimate_code_bytes(kernels))
@@ -760,7 +782,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
-                   scratch_bytes=scratch_bytes(layers, board), library=library, threads=threads)
+                   scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
+                   cold_kernels=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.
@@ -782,8 +805,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     if variant:
         render_to(inc / f"ek_{variant}.h", f"include/ek_{variant}.h.j2", **context)
     for k in kernels:
-        source = f"kernels/{variant}/{k}.c.j2" if variant and (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() \
-            else f"kernels/{k}.c.j2"
+        source = f"kernels/{variant}/{k}.c.j2" if variant and k not in cold and \
+            (TEMPLATES / "kernels" / variant / f"{k}.c.j2").exists() else f"kernels/{k}.c.j2"
         render_to(src / "kernels" / f"{k}.c", source, **context)
     for name in ("model.h", "model.c", "model_weights.h", "model_weights.c"):
         render_to(src / name, f"model/{name}.j2", **context)
@@ -813,6 +836,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                     **({"split": l.split} if l.split else {})}
                    for l in layers],
         "kernels": kernels,
+        "cold_kernels": cold,  # built for size, portable (cold_kernels)
         "budget_before_build": budget_lines,
         "library": library,
     }
@@ -829,6 +853,21 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     save_graph(graph, out)
     (out / PROJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def cold_kernels(layers: list[Layer], kernels: list[str]) -> list[str]:
+    """The kernels whose layers together do less than COLD_SHARE of the model's work (MACs plus
+    ELEMENT_WORK per element read or written): on Cortex-M they are built for size and from their
+    portable source, since their speed hardly counts and their code does (e.g. ResNet-8's softmax,
+    average pool and 64 x 10 dense layer: 0.04 % of its work, 3 KB of DSP code and -O2 unrolling).
+    A kernel no layer names (the softmax an early exit calls) counts as cold."""
+    work: dict[str, int] = {k: 0 for k in kernels}
+    for l in layers:
+        if l.kernel:
+            elements = sum(b.size for b in l.inputs) + sum(b.size for b in l.outputs)
+            work[l.kernel] = work.get(l.kernel, 0) + l.macs + ELEMENT_WORK * elements
+    total = sum(work.values())
+    return sorted(k for k in kernels if work[k] < COLD_SHARE * total)
 
 
 def load_project(out_dir: str | Path) -> dict:

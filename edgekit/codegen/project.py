@@ -20,7 +20,7 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, folded_bias, pack_conv_4x2,
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, depthwise_dsp_shapes, folded_bias,
                           pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
@@ -176,9 +176,10 @@ class _Builder:
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
             elif block_4x2:
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                packed, table = conv_4x2_layout(g, op)
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
                                                     f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
-                                                    "SMLAD blocks (channel pairs x 4 taps)")
+                                                    "SMLAD blocks (channel pairs x 4 taps; all-zero channels left out)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
@@ -187,9 +188,10 @@ class _Builder:
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
-                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
-                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
-                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
+                                                  "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
+                                                  "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
+                                                  "| right shift - 1}, per all-zero channel channel << 8 | value")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
@@ -649,19 +651,37 @@ SPLIT_MIN_ELEMENTS = 2_048
 _SPLIT_BINARY = ("add", "sub", "mul", "squared_difference")
 
 
-def thread_split(layer: Layer, weight_only: bool) -> str | None:
+CHANNEL_BLOCK = 16  # a dense convolution's channel share: whole blocks of 16 channels (the rpi5 SDOT tile)
+
+
+def _longest_share(units: int, threads: int) -> float:
+    """The largest fraction of ``units`` equal pieces any one of ``threads`` shares gets (ek_pool_share)."""
+    return max(units * (p + 1) // threads - units * p // threads for p in range(threads)) / units
+
+
+def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channels: bool = True) -> str | None:
     """How the threads share a layer's output (None: the calling thread runs it alone).
     "rows": output rows of a dense convolution or depthwise layer (each thread's rows read their own
     window of input rows, with the padding above the first one), or of a broadcasting elementwise op;
     "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
-    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group). A dense
-    convolution splits by rows only: its kernels write whole pixels (all channels), so a channel
-    slice would need an output stride they do not take."""
+    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group), or a dense
+    convolution's output channels in blocks of 16 (the last share also takes the channels past the
+    last whole block, so it ends where the SDOT-packed filter's last tile does) when they share out
+    more evenly than its rows (a 3-row layer on 4 threads leaves one thread idle, its longest share
+    1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
+    (ek_conv_params.output_stride). ``conv_channels``: the board's conv kernels take that
+    stride (the portable and NEON ones; the Pi boards)."""
     if weight_only or not layer.kernel:
         return None
     out = layer.dims.get("output")
     if layer.kind in ("conv2d", "depthwise_conv2d") and layer.encoding == "dense":
-        return "rows" if out[1] >= 2 and layer.macs >= SPLIT_MIN_MACS else None
+        if layer.macs < SPLIT_MIN_MACS:
+            return None
+        rows = _longest_share(out[1], threads) if out[1] >= 2 else 1.0
+        blocks = out[3] // CHANNEL_BLOCK
+        if layer.kind == "conv2d" and conv_channels and blocks >= 2 and _longest_share(blocks, threads) < rows:
+            return "channels"
+        return "rows" if out[1] >= 2 else None
     if layer.kind == "fully_connected" and layer.encoding == "dense" and layer.params.get("rows", 1) == 1:
         return "channels" if layer.dims["filter"][0] >= 8 and layer.macs >= SPLIT_MIN_MACS else None
     if layer.kind in _SPLIT_BINARY and out is not None and int(np.prod(out)) >= SPLIT_MIN_ELEMENTS:
@@ -753,7 +773,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                        dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
-        layer.split = thread_split(layer, weight_only)
+        layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
     head_only = head_only_ops(graph)
     needed_by = head_exits(graph)
     every_exit = tuple(range(len(graph.outputs) - 1))
@@ -783,7 +803,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
-                   cold_kernels=cold)
+                   cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

@@ -252,18 +252,25 @@ int main(void)
 {
     int32_t r[15];
     while (fread(r, sizeof r, 1, stdin) == 1) {
-        int32_t acc[4], mult[4], shift[4], got[4];
+        int32_t acc[4], mult[4], shift[4], got[4], got_right[4] = {0, 0, 0, 0};
         for (int i = 0; i < 4; ++i) {
             acc[i] = r[3 * i];
             mult[i] = r[3 * i + 1];
             shift[i] = r[3 * i + 2];
         }
-        vst1q_s32(got, ek_neon_requantize4(vld1q_s32(acc), ek_neon_quant4(mult, shift), vdupq_n_s32(r[12]),
-                                           vdupq_n_s32(r[13]), vdupq_n_s32(r[14])));
+        const ek_neon_quant q = ek_neon_quant4(mult, shift);
+        vst1q_s32(got, ek_neon_requantize4(vld1q_s32(acc), q, vdupq_n_s32(r[12]), vdupq_n_s32(r[13]),
+                                           vdupq_n_s32(r[14]), 0));
+        /* the variant without the left shift, where it applies (no lane shifts left) */
+        const int right = ek_neon_shifts_right(shift, 4);
+        if (right) {
+            vst1q_s32(got_right, ek_neon_requantize4(vld1q_s32(acc), q, vdupq_n_s32(r[12]), vdupq_n_s32(r[13]),
+                                                     vdupq_n_s32(r[14]), 1));
+        }
         for (int i = 0; i < 4; ++i) {
             const int32_t want = ek_clamp(ek_requantize_acc(acc[i], mult[i], shift[i]) + r[12], r[13], r[14]);
-            const int32_t pair[2] = {want, got[i]};
-            fwrite(pair, sizeof pair, 1, stdout);
+            const int32_t triple[3] = {want, got[i], right ? got_right[i] : want};
+            fwrite(triple, sizeof triple, 1, stdout);
         }
     }
     return 0;
@@ -325,15 +332,17 @@ def requant_case(draw):
 @settings(SETTINGS, max_examples=max(20, SETTINGS.max_examples))
 def test_neon_requantize_equals_scalar(requant_exes, records, board):
     """The vector requantization (vqrdmulhq_s32, rounding shift with the negative fix-up) equals
-    ek_requantize_acc lane by lane, over extreme multipliers, shifts and accumulators."""
+    ek_requantize_acc lane by lane, over extreme multipliers, shifts and accumulators; so does its
+    variant without the left shift on every record whose four shifts are all right shifts."""
     exe, cpu = requant_exes[board]
     data = np.array([[v for lane in r[:4] for v in lane] + [r[4], min(r[5], r[6]), max(r[5], r[6])]
                      for r in records], np.int32)
     proc = subprocess.run(QEMU + ["-cpu", cpu, str(exe)], input=data.tobytes(), capture_output=True, timeout=60)
     assert proc.returncode == 0 and b"runtime error" not in proc.stderr, proc.stderr[-3000:]
-    pairs = np.frombuffer(proc.stdout, np.int32).reshape(-1, 2)
-    assert len(pairs) == 4 * len(records)
-    assert np.array_equal(pairs[:, 0], pairs[:, 1]), pairs[pairs[:, 0] != pairs[:, 1]][:5]
+    got = np.frombuffer(proc.stdout, np.int32).reshape(-1, 3)  # scalar, vector, vector without the left shift
+    assert len(got) == 4 * len(records)
+    assert np.array_equal(got[:, 0], got[:, 1]), got[got[:, 0] != got[:, 1]][:5]
+    assert np.array_equal(got[:, 0], got[:, 2]), got[got[:, 0] != got[:, 2]][:5]
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, depthwise_dsp_shapes,
-                          dsp_fallbacks_unused, folded_bias, pack_conv_4x2, pack_conv_sdot, scratch_bytes)
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, depthwise_dsp_shapes,
+                          dsp_fallbacks_unused, folded_bias, pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -176,9 +176,10 @@ class _Builder:
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
             elif block_4x2:
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                packed, table = conv_4x2_layout(g, op)
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
                                                     f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
-                                                    "SMLAD blocks (channel pairs x 4 taps)")
+                                                    "SMLAD blocks (channel pairs x 4 taps; all-zero channels left out)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
@@ -187,9 +188,10 @@ class _Builder:
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
-                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
-                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
-                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
+                                                  "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
+                                                  "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
+                                                  "| right shift - 1}, per all-zero channel channel << 8 | value")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")

@@ -176,6 +176,47 @@ def scratch_bytes(layers, board, portable=()) -> int:
     return (need + 7) // 8 * 8
 
 
+# The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8")
+
+
+def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
+    """The kernels of DSP_FALLBACK_KERNELS this model uses whose portable fallback no layer reaches:
+    the project builds them without it (EK_<KERNEL>_FALLBACK 0 in ek_nn.h), since the fallback's
+    code is most of a kernel's flash again (ResNet-8: 1.7 KB). "ek_conv2d_s8_shift_any" in the list:
+    no dense convolution has a channel shift >= 0, so the DSP convolution drops that output stage
+    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). The tests mirror the first lines of
+    each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
+    shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
+    from their portable source anyway (project.cold_kernels)."""
+    if board.get("kernel_variant") != "dsp":
+        return []
+    used, reached = set(), set()
+    shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
+    for layer in layers:
+        k = layer.kernel
+        if k not in DSP_FALLBACK_KERNELS or k in portable:
+            continue
+        used.add(k)
+        if k == "ek_conv2d_s8":
+            _, kh, kw, _ = layer.dims["filter"]
+            k_len = kh * kw * layer.dims["input"][3]
+            fallback = 4 * k_len > scratch or k_len < 4
+            shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
+        elif k == "ek_add_s8":
+            p = layer.params
+            same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
+            fallback = (p["left_shift"] > 22 or max(p["input1_shift"], p["input2_shift"], p["output_shift"]) > 0
+                        or not same)
+        else:  # fully connected: the sums of a chunk of rows must fit the scratch
+            vec_c = layer.dims["filter"][0] & ~3
+            fallback = 4 * min(vec_c, FC_DSP_CHUNK) > scratch
+        if fallback:
+            reached.add(k)
+    unused = sorted(used - reached)
+    return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
+
+
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
 # Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's

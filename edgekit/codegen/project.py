@@ -20,7 +20,7 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
+from .kernel_prep import conv_tile_group, folded_bias, pack_conv_tile, scratch_bytes
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -103,9 +103,10 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", conv_tile_group: int = 0):
         self.graph = graph
-        self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
+        # dense convolutions' filters packed for the NEON register tile, this many taps a group (0: not packed)
+        self.conv_tile_group = conv_tile_group
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -166,10 +167,11 @@ class _Builder:
             layer.params.update(act_min=lo, act_max=hi)
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
-            if self.sdot_conv and op.kind == "conv2d":
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
-                                                    f"{op.name}: weights {list(w.shape)}, packed for SDOT "
-                                                    "(16-channel blocks x 4 taps)")
+            if self.conv_tile_group and op.kind == "conv2d":
+                g = self.conv_tile_group
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, g),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the NEON "
+                                                    f"tile (16-channel blocks x {g} tap{'s' if g > 1 else ''})")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
@@ -735,7 +737,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
-                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")))
+                       conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0)
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only)

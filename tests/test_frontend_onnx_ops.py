@@ -12,6 +12,7 @@ import edgekit
 from edgekit import quant_math
 from edgekit.passes.fuse import prepare_float
 from test_frontend_onnx import _float_out, _onnx_model, _signature, export
+from test_ops_norm_attn import Attentions, CrossAttentionOtherWidths
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -125,7 +126,25 @@ class SequenceNorm(nn.Module):
         return self.ln(self.fc(x)).sum(-1)
 
 
+class Encoder(nn.Module):
+    """nn.TransformerEncoder of two post-norm ReLU layers (batch_first) after a Linear embedding."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, activation="relu")
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.encoder(self.embed(x))
+
+
 MODELS = {
+    # exported nn.MultiheadAttention is sequence first inside: recognised as a whole (self attention with its
+    # weights returned and ignored, cross attention with a packed k|v, separate q / k / v with kdim / vdim)
+    "attentions": (Attentions, (5, 6)),
+    "cross_attention_kdim": (CrossAttentionOtherWidths, (5, 4)),
+    "transformer_encoder": (Encoder, (6, 4)),
     "norms": (Norms, (4, 6, 6)),
     "sequence_norm": (SequenceNorm, (5, 6)),
     "arith": (Arith, (4, 6, 6)),
@@ -158,6 +177,64 @@ def test_op_through_onnx_is_the_same_graph(name, tmp_path):
     feed = sess.get_inputs()[0].name
     np.testing.assert_allclose(np.concatenate([sess.run(None, {feed: x[i:i + 1]})[0] for i in range(2)]), want[:2],
                                rtol=1e-4, atol=1e-4)
+
+
+class SequenceFirstAttention(nn.Module):
+    """nn.MultiheadAttention(batch_first=False) between the model's own transposes (N, L, E) <-> (L, N, E)."""
+
+    def __init__(self, batch_first=False, mask=False):
+        super().__init__()
+        self.batch_first, self.mask = batch_first, mask
+        self.embed = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        e = self.embed(x)
+        e = e if self.batch_first else e.transpose(0, 1)
+        mask = torch.triu(torch.full((5, 5), float("-inf")), 1) if self.mask else None
+        y = self.attn(e, e, e, need_weights=False, attn_mask=mask)[0]
+        return y if self.batch_first else y.transpose(0, 1)
+
+
+def test_sequence_first_attention_is_the_batch_first_graph(tmp_path):
+    """torch refuses nothing here but edgekit's PyTorch frontend does (a sequence-first module); through ONNX
+    the block reads and writes the (L, 1, E) tensors as relabelled views of the (1, L, E) ones: the graph and
+    the int8 outputs of the same weights in a batch_first=True module."""
+    torch.manual_seed(0)
+    seq, bf = SequenceFirstAttention().eval(), SequenceFirstAttention(batch_first=True).eval()
+    bf.load_state_dict(seq.state_dict())
+    x = np.random.default_rng(0).normal(size=(8, 5, 6)).astype(np.float32)
+    path = export(seq, x, tmp_path / "seq.onnx", fold=False)
+    a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(bf, x[:1]))
+    assert _signature(a) == _signature(b)
+    with torch.no_grad():
+        np.testing.assert_allclose(_float_out(a, x), seq(torch.as_tensor(x)).numpy(), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(_int8(edgekit.quantize(path, x), x), _int8(edgekit.quantize(bf, x), x))
+
+
+def test_attention_refusals(tmp_path):
+    """A masked attention is refused as a whole (the block is run against the plain formula); a
+    sequence-first TransformerEncoderLayer reads the (L, N, E) tensor with ops that keep the batch first."""
+    from edgekit.errors import EdgekitError
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
+    path = export(SequenceFirstAttention(batch_first=True, mask=True), x, tmp_path / "mask.onnx", fold=False)
+    with pytest.raises(EdgekitError, match=r"'/attn/MultiHeadAttention' \(MultiHeadAttention\): an attention block "
+                                           "that is not a plain multi-head attention"):
+        edgekit.load(path)
+
+    class SequenceFirstEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+
+        def forward(self, x):
+            return self.layer(self.embed(x).transpose(0, 1)).transpose(0, 1)
+
+    path = export(SequenceFirstEncoder(), x, tmp_path / "encoder.onnx", fold=False)
+    with pytest.raises(EdgekitError, match=r"moves the batch dimension .*not by \['Add'\]"):
+        edgekit.load(path)
 
 
 def _int8(q, x):

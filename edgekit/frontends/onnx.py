@@ -179,7 +179,9 @@ class _Converter(pt._Converter):
         self.quantized: dict[str, tuple[pt._Value, float, int]] = {}  # QuantizeLinear output -> (value, s, zp)
         for init in self.onnx_graph.initializer:
             self.consts[self.ident(init.name)] = numpy_helper.to_array(init)
-        self.nodes = _fuse_patterns(list(self.onnx_graph.node), *self._constant_values())
+        # exported nn.MultiheadAttention blocks, each one node (their members, by its name) converted whole
+        nodes, self.attention_members = _attention_blocks(list(self.onnx_graph.node), self.onnx_graph)
+        self.nodes = _fuse_patterns(nodes, *self._constant_values())
         for node in self.nodes:
             for i in node.input:
                 self.users.setdefault(i, []).append(node)
@@ -563,6 +565,66 @@ def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
             out.append(n)
     # a Gelu replaces the last node of its chain: nodes between that read x still come first
     return out
+
+
+def _static_names(nodes: list, graph) -> set[str]:
+    """The tensors computed from initializers and Constant nodes only (no model input, no Shape)."""
+    static = {i.name for i in graph.initializer} | {""}
+    for n in nodes:
+        if n.op_type != "Shape" and all(i in static for i in n.input):
+            static.update(n.output)
+    return static
+
+
+def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
+    """torch.onnx.export writes an nn.MultiheadAttention (and so a TransformerEncoderLayer's self attention)
+    sequence first inside, the batch moved behind the sequence, the heads split by Reshape / Transpose /
+    Gather and the scale applied to q and k: ops edgekit cannot run one by one (it keeps the batch first). Such
+    a block is recognised by its scope (the module path of a Softmax, with a product of two activations and a
+    Transpose moving the first dim among the same scope's nodes) and replaced by one edgekit-only
+    "MultiHeadAttention" node at the place of its last member; its inputs are the activations the block
+    reads, its outputs those read outside it. ``_multi_head_attention`` converts it like the PyTorch
+    frontend converts the module, after checking numerically that the block is that computation."""
+    from onnx import helper
+
+    static = _static_names(nodes, graph)
+    graph_outputs = {o.name for o in graph.output}
+    members_of: dict[str, list] = {}
+    for sm in nodes:
+        if sm.op_type != "Softmax" or len([p for p in sm.name.split("/") if p]) < 2:
+            continue
+        scope = layer_name(sm)
+        name = sm.name.rsplit("/", 1)[0] + "/MultiHeadAttention"
+        if name in members_of:
+            continue
+        members = [n for n in nodes if n.output and not all(o in static for o in n.output)
+                   and (layer_name(n) == scope or layer_name(n).startswith(scope + "."))]
+        if not any(n.op_type == "MatMul" and not any(i in static for i in n.input) for n in members) or \
+                not any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [0]))[0] != 0 for n in members):
+            continue  # an attention written batch first (bmm / scaled_dot_product_attention): op by op
+        members_of[name] = members
+    if not members_of:
+        return nodes, {}
+    out, replaced, kept = list(nodes), {}, {}
+    for name, members in members_of.items():
+        inside = {id(n) for n in members}
+        produced = {o for n in members for o in n.output}
+        reads = []
+        for n in members:
+            for i in n.input:
+                if i and i not in produced and i not in static and i not in reads:
+                    reads.append(i)
+        outputs = [o for n in members for o in n.output if o and (o in graph_outputs or any(
+            id(u) not in inside and o in u.input for u in nodes))]
+        last = max(out.index(n) for n in members)
+        if any(out.index(u) < last for u in nodes if id(u) not in inside and any(o in u.input for o in outputs)):
+            continue  # read outside before the block ends: left to the op-by-op walk (which says why not)
+        block = helper.make_node("MultiHeadAttention", reads, outputs, name=name, domain="edgekit")
+        replaced[id(out[last])] = block
+        kept[name] = members
+        for n in members:
+            replaced.setdefault(id(n), None)
+    return [replaced.get(id(n), n) for n in out if replaced.get(id(n), n) is not None], kept
 
 
 def _group_norm_pattern(inorm, nodes: list, users: dict, consts: dict, parameters: set[str]):
@@ -1097,12 +1159,16 @@ def _transpose(c: _Converter, node):
     c._op_permute(fake)
     c.finish(node, fake)
     # edgekit keeps the batch first; only an LSTM / GRU reads a time-major (L, N, C) tensor (and the Shape
-    # that sizes its initial state)
-    if c.values[fake.name].dims[0] != 0 and not all(u.op_type in ("LSTM", "GRU", "Shape")
+    # that sizes its initial state), and a recognised attention block a sequence-first one
+    if c.values[fake.name].dims[0] != 0 and not all(u.op_type in _READS_SEQUENCE_FIRST
                                                        for u in c.users.get(node.output[0], ())):
         raise c.unsupported(node, f"a transpose {list(perm)} that moves the batch dimension (edgekit keeps it "
-                                  "first; a sequence-first layout, as an exported nn.MultiheadAttention has, "
-                                  "is not supported)")
+                                  "first; a sequence-first tensor is read only by nn.MultiheadAttention, LSTM and "
+                                  "GRU, not by "
+                                  f"{sorted({u.op_type for u in c.users.get(node.output[0], ())} - set(_READS_SEQUENCE_FIRST))})")
+
+
+_READS_SEQUENCE_FIRST = ("LSTM", "GRU", "Shape", "MultiHeadAttention")
 
 
 @handles("Concat")
@@ -1361,3 +1427,140 @@ def _dequantize_linear(c: _Converter, node):
         if op is not None and op.kind in _FUSES_ACTIVATION and op.attrs.get("activation") == "none":
             op.attrs["activation"] = "relu"
     c.values[c.ident(node.output[0])] = v
+
+
+# An exported nn.MultiheadAttention, recognised as a whole before the walk (_attention_blocks).
+
+def _mha_reference(q, k, v, weights, biases, out_w, out_b, heads: int) -> np.ndarray:
+    """torch's multi-head attention in float64 (inputs (1, L, E_in), weights and biases of q, k, v): the
+    computation a recognised block must be."""
+    E = out_w.shape[0]
+    d = E // heads
+
+    def split(x, w, b):
+        y = x @ w.T + b
+        return y.reshape(y.shape[0], y.shape[1], heads, d).transpose(0, 2, 1, 3)
+
+    Q, K, V = (split(x, w, b) for x, w, b in zip((q, k, v), weights, biases))
+    s = Q @ K.transpose(0, 1, 3, 2) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o = (p / p.sum(-1, keepdims=True)) @ V
+    return o.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], E) @ out_w.T + out_b
+
+
+@handles("MultiHeadAttention")
+def _multi_head_attention(c: _Converter, node):
+    """The block's projections read from its MatMul / Gemm nodes with constant weights: the in-projections
+    (those reading a block input through its entry Transpose; one packed q|k|v for self attention, q and k|v,
+    or q, k, v for cross attention), and the output projection (the one left). The heads are found by
+    running the block (onnx's reference evaluator) on random inputs against torch's formula with each
+    number of heads; a block that matches none (a mask, add_bias_kv, add_zero_attn, ...) is refused."""
+    import onnx
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    members = c.attention_members[node.name]
+    if len(node.output) != 1:
+        raise c.unsupported(node, "its attention weights are read (call it with need_weights=False or ignore them)")
+    reads = list(node.input)
+    values = [c.onnx_value(r, node) for r in reads]
+    produced = {o: m for m in members for o in m.output}
+    users = {}
+    for m in members:
+        for i in m.input:
+            users.setdefault(i, []).append(m)
+    # each input enters through a Transpose (1, 0, 2) (batch_first=True), or is read as it is: then it is
+    # sequence first already (the exporter cancels a block's closing Transpose against the next one's opening
+    # one), an (L, 1, E) tensor over the memory of the (1, L, E) one: read through a relabelled alias
+    entries, batch_first = {}, {}
+    for r, v in zip(reads, values):
+        entry = users.get(r, [])
+        if v.torch_rank != 3:
+            raise c.unsupported(node, f"a rank-{v.torch_rank} input (expected (N, L, E) or (L, N, E))")
+        if all(u.op_type == "Transpose" and list(_attrs(u).get("perm", [])) == [1, 0, 2] for u in entry):
+            entries.update((u.output[0], r) for u in entry)
+            batch_first[r] = r
+        else:
+            if c._torch_shape(v)[1] != 1:
+                raise c.unsupported(node, f"a sequence-first input of shape {c._torch_shape(v)} (edgekit: batch 1)")
+            entries[r] = r
+            alias = c.ident(f"{r}.batch_first")
+            c.values[alias] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
+            batch_first[r] = f"{r}.batch_first"
+
+    linears = []  # (weight (out, in), bias, block input it reads or None)
+    for m in members:
+        if m.op_type == "MatMul" and c.is_const(m.input[1]) and not c.is_const(m.input[0]):
+            w = c.cval(m, 1, "weight")
+            if w.ndim != 2:
+                continue
+            w, bias = w.T, None
+            adds = [u for u in users.get(m.output[0], []) if u.op_type == "Add"]
+            if len(adds) == 1:
+                other = adds[0].input[1] if adds[0].input[0] == m.output[0] else adds[0].input[0]
+                if c.is_const(other) and c.consts[c.ident(other)].size == w.shape[0]:
+                    bias = c.consts[c.ident(other)].reshape(-1)
+        elif m.op_type == "Gemm" and c.is_const(m.input[1]):
+            a = _attrs(m)
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                raise c.unsupported(node, f"its Gemm '{m.name}' scales or transposes its input")
+            w = c.cval(m, 1, "weight")
+            w = w if a.get("transB", 0) else w.T
+            bias = c.cval(m, 2, "bias")
+            bias = None if bias is None else np.broadcast_to(bias.reshape(-1), (w.shape[0],))
+        else:
+            continue
+        linears.append((np.asarray(w, np.float64), None if bias is None else np.asarray(bias, np.float64),
+                        entries.get(m.input[0])))
+    inputs = [(w, b, r) for w, b, r in linears if r is not None]
+    rest = [(w, b) for w, b, r in linears if r is None]
+    if not inputs or len(rest) != 1:
+        raise c.unsupported(node, "edgekit could not find its input and output projections")
+    out_w, out_b = rest[0]
+    E = out_w.shape[0]
+    inputs.sort(key=lambda p: reads.index(p[2]))  # the query's projection first (rows q, then k, then v)
+    weights, biases, roles = [], [], []
+    for w, b, r in inputs:  # a packed projection's rows: E for each role
+        for i in range(w.shape[0] // E if w.shape[0] % E == 0 else 0):
+            weights.append(w[i * E:(i + 1) * E])
+            biases.append(None if b is None else b[i * E:(i + 1) * E])
+            roles.append(r)
+    if len(roles) != 3 or out_w.shape != (E, E):
+        raise c.unsupported(node, f"projections of shapes {[list(p[0].shape) for p in inputs]} and "
+                                  f"{list(out_w.shape)} are not those of a multi-head attention")
+
+    # run the block as exported, then torch's formula with each number of heads
+    rng = np.random.default_rng(0)
+    feeds = {r: rng.normal(size=c._torch_shape(v)).astype(np.float32) for r, v in zip(reads, values)}
+    for m in members:
+        for i in m.input:
+            if i and i not in produced and i not in feeds:
+                if not c.is_const(i):
+                    raise c.unsupported(node, f"it reads '{i}', which is not an activation edgekit computes")
+                feeds[i] = c.consts[c.ident(i)]
+    graph = helper.make_graph(members, "attention", [helper.make_value_info(i, onnx.TypeProto()) for i in feeds],
+                              [helper.make_value_info(node.output[0], onnx.TypeProto())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.opset)])
+    got = np.asarray(ReferenceEvaluator(model).run(None, feeds)[0], np.float64)
+    q, k, v = (feeds[r].astype(np.float64) if batch_first[r] == r else feeds[r].transpose(1, 0, 2).astype(np.float64)
+               for r in roles)
+    seq_first = got.ndim == 3 and got.shape == (q.shape[1], 1, E) and q.shape[1] != 1  # (L, 1, E) out
+    got = got.transpose(1, 0, 2) if seq_first else got
+    zero = np.zeros(E)
+    heads = next((h for h in range(1, E + 1) if E % h == 0 and got.shape == q.shape[:2] + (E,) and np.allclose(
+        got, _mha_reference(q, k, v, weights, [zero if b is None else b for b in biases], out_w,
+                            zero if out_b is None else out_b, h), rtol=1e-3, atol=1e-4)), None)
+    if heads is None:
+        raise c.unsupported(node, "an attention block that is not a plain multi-head attention (an attention or "
+                                  "key padding mask, add_bias_kv or add_zero_attn are not supported)")
+    fake = c.fake(node, "multihead_attention")
+    y = c._attention_layers(fake, layer_name(node), [c.ref(batch_first[r]) for r in roles], weights, biases, out_w,
+                            out_b, heads)
+    if seq_first:  # (L, 1, E) out: a relabelled view, for a Transpose back to batch first or another block
+        readers = {u.op_type for u in c.users.get(node.output[0], ())} - {"Transpose", "MultiHeadAttention"}
+        if readers or node.output[0] in {o.name for o in c.onnx_graph.output}:
+            raise c.unsupported(node, "its sequence-first (L, N, E) output is read by "
+                                      f"{sorted(readers) or 'the model output'}; edgekit keeps the batch first (an "
+                                      "nn.TransformerEncoderLayer needs batch_first=True)")
+        y = pt._Value(y.name, tuple({0: 1, 1: 0}.get(d, d) for d in y.dims))
+    c.values[c.ident(node.output[0])] = y

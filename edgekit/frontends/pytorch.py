@@ -1006,27 +1006,36 @@ class _Converter:
                           and int(n.meta["val"].shape[1]) * int(n.meta["val"].shape[2]) == E), None)
             if heads is None:
                 raise self.unsupported(node, "edgekit could not find its number of heads")
-            depth = E // heads
-            projected = []
-            for role, arg, w_, b_ in zip("qkv", (query, key_in, value_in), weights, biases):
-                x = self.value(arg)
-                if x.torch_rank != 3:
-                    raise self.unsupported(node, f"a rank-{x.torch_rank} {role} input (expected (N, L, E))")
-                y = self._linear(node, x, w_.astype(np.float32), None if b_ is None else b_.astype(np.float32),
-                                 f"{path}.{role}_proj")
-                L = self._torch_shape(y)[1]
-                split = self._reshape(node, y, (1, L, heads, depth))
-                projected.append(_Value(split.name, tuple((0, 2, 1, 3).index(d) for d in split.dims)))
-            out = self._attention(node, *projected, 1.0 / float(np.sqrt(depth)))
-            merged = self._reshape(node, _Value(out.name, tuple((0, 2, 1, 3).index(d) for d in out.dims)), (1, lq, E))
-            y = self._linear(node, merged, params["out_proj.weight"].astype(np.float32),
-                             params["out_proj.bias"].astype(np.float32) if "out_proj.bias" in params else None,
-                             f"{path}.out_proj")
+            y = self._attention_layers(node, path, (query, key_in, value_in), weights, biases,
+                                       params["out_proj.weight"], params.get("out_proj.bias"), heads)
         except (EdgekitError, _Poisoned):
             for n in outputs:
                 self.values[n.name] = _POISON
             raise
         self.values[outputs[0].name] = y
+
+    def _attention_layers(self, node, path: str, inputs, weights, biases, out_weight, out_bias, heads: int) -> _Value:
+        """The layers of a multi-head attention (also the ONNX frontend's, for an exported one): per input
+        (query, key, value: fx arguments, (N, L, E)) a FULLY_CONNECTED projection named "<path>.q_proj" ...,
+        the head split (RESHAPE to (N, L, heads, d), the heads moved before L), the per-head attention
+        (_attention), the heads merged back to (N, L, E) and the output projection "<path>.out_proj"."""
+        E = out_weight.shape[0]
+        depth = E // heads
+        lq = int(self._torch_shape(self.value(inputs[0]))[1])
+        projected = []
+        for role, arg, w_, b_ in zip("qkv", inputs, weights, biases):
+            x = self.value(arg)
+            if x.torch_rank != 3:
+                raise self.unsupported(node, f"a rank-{x.torch_rank} {role} input (expected (N, L, E))")
+            y = self._linear(node, x, w_.astype(np.float32), None if b_ is None else b_.astype(np.float32),
+                             f"{path}.{role}_proj")
+            L = self._torch_shape(y)[1]
+            split = self._reshape(node, y, (1, L, heads, depth))
+            projected.append(_Value(split.name, tuple((0, 2, 1, 3).index(d) for d in split.dims)))
+        out = self._attention(node, *projected, 1.0 / float(np.sqrt(depth)))
+        merged = self._reshape(node, _Value(out.name, tuple((0, 2, 1, 3).index(d) for d in out.dims)), (1, lq, E))
+        return self._linear(node, merged, out_weight.astype(np.float32),
+                            None if out_bias is None else out_bias.astype(np.float32), f"{path}.out_proj")
 
     _op_scaled_dot_product_attention = _op__scaled_dot_product_flash_attention_for_cpu
 

@@ -43,8 +43,9 @@ def split_everything():
 @st.composite
 def shared_layer(draw):
     """A layer the pool shares: a convolution or depthwise layer by output rows (1 to 9 of them, so
-    that some threads get none; strides, padding on every side, dilation), a fully connected layer
-    by groups of 4 neurons (1 to 40), or ADD / MUL by runs of 16 or, broadcasting, by rows."""
+    that some threads get none; strides, padding on every side, dilation), a convolution with 32 to
+    67 output channels by blocks of 16 when there are fewer rows than that shares well, a fully
+    connected layer by groups of 4 neurons (1 to 40), or ADD / MUL by runs of 16 or, broadcasting, by rows."""
     kind = draw(st.sampled_from(["conv2d", "conv2d", "depthwise_conv2d", "depthwise_conv2d", "fully_connected", "add",
                                  "mul"]))
     seed = draw(st.integers(0, 2 ** 31))
@@ -57,7 +58,8 @@ def shared_layer(draw):
         other = tuple(1 if i > 0 and draw(st.booleans()) else d for i, d in enumerate((1, h, w, c)))
         return dict(kind=kind, shape=(1, h, w, c), other=other, seed=seed, act=draw(activations))
     k = draw(st.sampled_from([(1, 1), (3, 3), (3, 1), (5, 3)]))
-    return dict(kind=kind, h=h, w=w, c=c, k=k, o=draw(st.integers(1, 12)), stride=draw(st.integers(1, 2)),
+    o = draw(st.one_of(st.integers(1, 12), st.sampled_from([32, 35, 48, 64, 67])))
+    return dict(kind=kind, h=h, w=w, c=c, k=k, o=o, stride=draw(st.integers(1, 2)),
                 dilation=draw(st.integers(1, 2)), padding=draw(st.tuples(*(st.integers(0, 3) for _ in range(4)))),
                 seed=seed, act=draw(activations))
 
@@ -83,6 +85,13 @@ def layer_graph(case, rng):
     return float_graph(kind, [(1, case["h"], case["w"], c)], attrs, weights, (1, *out, o))
 
 
+def channel_blocks_share_better(rows: int, blocks: int, threads: int) -> bool:
+    """A convolution's 16-channel blocks give the busiest thread less than its rows do."""
+    def longest(units):  # the most units one thread gets, as a fraction
+        return max(units * (p + 1) // threads - units * p // threads for p in range(threads)) / units
+    return blocks >= 2 and longest(blocks) < (longest(rows) if rows >= 2 else 1.0)
+
+
 @given(shared_layer(), st.sampled_from(["rpi4", "rpi5"]), st.integers(2, 4))
 @PI_SETTINGS
 def test_shared_layer_bit_exact(xbuild_mt, split_everything, case, board, threads):
@@ -95,9 +104,27 @@ def test_shared_layer_bit_exact(xbuild_mt, split_everything, case, board, thread
     want = {"conv2d": "rows", "depthwise_conv2d": "rows", "fully_connected": "channels"}.get(case["kind"])
     if case["kind"] in ("add", "mul"):
         want = "flat" if case["other"] == case["shape"] else "rows"
-    if (want == "rows" and out[1] < 2) or (want == "channels" and case["n_out"] < 8):
+    if case["kind"] == "conv2d" and channel_blocks_share_better(out[1], out[3] // 16, threads):
+        want = "channels"
+    elif (want == "rows" and out[1] < 2) or (want == "channels" and case["n_out"] < 8):
         want = None  # one row (or fewer than 8 neurons): nothing to share
     assert layer.get("split") == want, (layer, want)
+
+
+@pytest.mark.parametrize("board", ["rpi4", "rpi5"])
+@pytest.mark.parametrize("k, o", [((1, 1), 64), ((3, 3), 67)])
+def test_conv_channel_shares_bit_exact(xbuild_mt, split_everything, board, k, o):
+    """A convolution with 3 output rows on 4 threads shares its output channels: 64 channels as 4
+    blocks of 16; 67 as 16 + 16 + 16 + 19 (the share ending at the last whole block takes the 3 past it, which
+    the SDOT kernel reads from the packed filter's last, overlapping tile). Every share writes a slice
+    of each pixel; the outputs equal the reference."""
+    rng = np.random.default_rng(o)
+    pad = (1, 1, 1, 1) if k == (3, 3) else (0, 0, 0, 0)
+    case = dict(kind="conv2d", h=5, w=4, c=17, k=k, o=o, stride=2, dilation=1, padding=pad, seed=0, act="relu")
+    g = layer_graph(case, rng)
+    assert g.tensors[g.outputs[0]].shape[1] == 3
+    record = check_on_pi(g, rng, xbuild_mt, board, {"x0": (-1.0, 3.0)}, threads=4)
+    assert [l.get("split") for l in record["layers"] if l["kernel"]] == ["channels"]
 
 
 def _quantized_res_cnn():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir import Graph, Op
+from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
 SDOT_BLOCK = 16  # output channels of the SDOT convolution's register tile (kernels/neon/ek_conv2d_s8)
@@ -44,6 +44,63 @@ def pack_conv_sdot(w: np.ndarray) -> np.ndarray:
     padded[:out_c, :k] = flat
     blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, k4, 4).transpose(1, 0, 2) for s in sdot_block_starts(out_c)]
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
+
+
+CONV_4X2_SCRATCH = 2048  # bytes of scratch the 4x2 kernel may take beyond what ek_conv2d_s8 needs
+
+
+def conv_4x2_scratch_cap(graph: Graph) -> int:
+    """The largest scratch a 4x2 convolution may use in this model: what the dense convolutions need
+    with ek_conv2d_s8 (two int16 windows each), or CONV_4X2_SCRATCH if more. A larger window keeps
+    ek_conv2d_s8, so the 4x2 kernel never adds more than CONV_4X2_SCRATCH bytes of RAM."""
+    need = [4 * int(np.prod(nhwc(graph.tensors[op.inputs[1]].shape)[1:]))
+            for op in graph.ops if op.kind == "conv2d"]
+    return max([CONV_4X2_SCRATCH] + need)
+
+
+def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
+    """Whether a dense int8 convolution runs the Cortex-M DSP kernel with 4 pixel x 2 channel register
+    blocks (kernels/dsp/ek_conv2d_s8_4x2): its blocks pay off from a few pixels and a window of at
+    least two words, its scratch (4 windows of K int16) must stay within ``cap``
+    (conv_4x2_scratch_cap), and its output stage takes right shifts 2..20 (every channel). Others keep
+    ek_conv2d_s8, as do convolutions with few input channels (in_c <= 8, e.g. a first layer over an
+    image), whose gather ek_conv2d_s8 is tuned for."""
+    _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
+    pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
+    k4 = (kh * kw * in_c + 3) // 4 * 4
+    right = -np.asarray(op.attrs["shift"], np.int64)
+    return (in_c > 8 and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
+            and bool(np.all((right >= 2) & (right <= 20))))
+
+
+def conv_4x2_records(graph: Graph, op: Op) -> np.ndarray:
+    """ek_conv2d_s8_4x2's per-channel records, int32 (out_c, 4): {folded bias, multiplier, c, r - 1}
+    with r = -shift (2..20) and c = 2^(r - 2) + output_offset * 2^(r - 1), the constants of its
+    output stage (see the template: one SMLAL on a 64-bit constant, then a shift by r - 1)."""
+    r = -np.asarray(op.attrs["shift"], np.int64)
+    assert np.all((r >= 2) & (r <= 20)), "conv_4x2_chosen refuses other shifts"
+    c = (1 << (r - 2)) + int(op.attrs["output_offset"]) * (1 << (r - 1))
+    rec = np.stack([folded_bias(graph, op).astype(np.int64), np.asarray(op.attrs["multiplier"], np.int64), c, r - 1],
+                   axis=1)
+    return rec.astype(np.int32)
+
+
+def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order ek_conv2d_s8_4x2 reads it:
+    per pair of output channels (c0, c1) (an odd last channel beside zeros), per block of four window
+    positions k0..k3 (K = kh * kw * in_c rounded up to a multiple of 4, zeros past K), the words
+    [c0 k0, c1 k0, c0 k2, c1 k2] and [c0 k1, c1 k1, c0 k3, c1 k3]: SXTB16 and SXTB16 ROR #8 of a word
+    are then channel c0's and c1's int16 pairs for the pixels' (k0, k2) or (k1, k3) pairs."""
+    out_c = w.shape[0]
+    flat = w.reshape(out_c, -1).astype(np.int8)
+    k = flat.shape[1]
+    k4 = (k + 3) // 4 * 4
+    pairs = (out_c + 1) // 2
+    padded = np.zeros((2 * pairs, k4), np.int8)
+    padded[:out_c, :k] = flat
+    # [pair, channel j, block b, r] -> [pair, b, word r & 1, lane r >> 1, j]
+    blocks = padded.reshape(pairs, 2, k4 // 4, 2, 2)  # r = 2 * lane + word
+    return np.ascontiguousarray(blocks.transpose(0, 2, 4, 3, 1)).reshape(-1)
 
 
 def channel_weight_sums(graph: Graph, op: Op) -> np.ndarray:
@@ -79,7 +136,9 @@ def scratch_bytes(layers, board, portable=()) -> int:
     for layer in layers:
         variant = None if layer.kernel in portable else board.get("kernel_variant")
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
-        if layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
+        if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
+            need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
+        elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the SDOT kernel (rpi5), rounded up to whole 16-byte loads
             windows = 4 * ((kh * kw * k_in + 15) // 16 * 16) if variant == "neon" and board.get("dotprod") else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
@@ -93,3 +152,53 @@ def scratch_bytes(layers, board, portable=()) -> int:
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":
             need = max(need, 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8
+
+
+DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
+DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
+# Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
+# 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries with the most MACs get it first.
+DW_DSP_CODE_BUDGET = 5000
+DW_DSP_TAP_BYTES = 108
+DW_DSP_BODY_BYTES = 1050
+
+
+def depthwise_dsp_shapes(layers, board) -> list[dict]:
+    """The window geometries the Cortex-M DSP depthwise kernel gets an unrolled interior path for:
+    the distinct (input width and channels, window, stride_w, dilation) of the model's dense int8
+    depthwise layers with a depth multiplier of 1 and at least four channels. For an output pixel
+    whose window lies inside the input, each tap's input and filter byte offsets (from the window's
+    top-left pixel, channel c) are constants of the geometry, so the generated code reads them as LDR
+    immediates: no tap table, no bounds checks, no loop counter. ``step`` is the next output pixel's
+    offset (stride_w * channels), for the pair path. Each geometry costs flash, so the ones with the
+    most MACs are unrolled first, within DW_DSP_CODE_BUDGET; the others, windows larger than
+    DW_DSP_MAX_TAPS and offsets past an LDR immediate keep the tap-table path (the kernel matches
+    the layer's shape at run time)."""
+    if board.get("kernel_variant") != "dsp":
+        return []
+    found: dict[tuple, dict] = {}
+    for layer in layers:
+        if layer.kernel != "ek_depthwise_conv2d_s8" or layer.params.get("depth_multiplier", 1) != 1:
+            continue
+        _, _, in_w, in_c = layer.dims["input"]
+        _, kh, kw, out_c = layer.dims["filter"]
+        p = layer.params
+        if out_c < 4 or in_c != out_c or kh * kw > DW_DSP_MAX_TAPS:
+            continue
+        key = (in_w, in_c, kh, kw, p["stride_w"], p["dilation_h"], p["dilation_w"])
+        taps = [((ky * p["dilation_h"] * in_w + kx * p["dilation_w"]) * in_c, (ky * kw + kx) * out_c)
+                for ky in range(kh) for kx in range(kw)]
+        step = p["stride_w"] * in_c
+        if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
+            continue
+        shape = found.setdefault(key, dict(zip(("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w"), key),
+                                           taps=taps, step=step, macs=0))
+        shape["macs"] += layer.macs
+    chosen, spent = [], 0
+    for shape in sorted(found.values(), key=lambda s: -s["macs"]):
+        cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
+        if spent + cost <= DW_DSP_CODE_BUDGET:
+            chosen.append(shape)
+            spent += cost
+    return [{**shape, "id": i} for i, shape in enumerate(chosen)]

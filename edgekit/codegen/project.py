@@ -20,7 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import folded_bias, pack_conv_sdot, scratch_bytes
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, depthwise_dsp_shapes, folded_bias,
+                          pack_conv_4x2, pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -103,9 +104,12 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False):
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False,
+                 dsp_conv: bool = False):
         self.graph = graph
         self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
+        # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
+        self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -166,19 +170,29 @@ class _Builder:
             layer.params.update(act_min=lo, act_max=hi)
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
+            block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
             if self.sdot_conv and op.kind == "conv2d":
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
+            elif block_4x2:
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
+                                                    "SMLAD blocks (channel pairs x 4 taps)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
-            layer.kernel = f"ek_{op.kind}_s8"
+            layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
-            layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
-                                              "bias + input_offset * sum(weights of the channel)")
+            if block_4x2:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
+                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
+                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+            else:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
+                                                  "bias + input_offset * sum(weights of the channel)")
             layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
             layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
@@ -635,19 +649,37 @@ SPLIT_MIN_ELEMENTS = 2_048
 _SPLIT_BINARY = ("add", "sub", "mul", "squared_difference")
 
 
-def thread_split(layer: Layer, weight_only: bool) -> str | None:
+CHANNEL_BLOCK = 16  # a dense convolution's channel share: whole blocks of 16 channels (the rpi5 SDOT tile)
+
+
+def _longest_share(units: int, threads: int) -> float:
+    """The largest fraction of ``units`` equal pieces any one of ``threads`` shares gets (ek_pool_share)."""
+    return max(units * (p + 1) // threads - units * p // threads for p in range(threads)) / units
+
+
+def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channels: bool = True) -> str | None:
     """How the threads share a layer's output (None: the calling thread runs it alone).
     "rows": output rows of a dense convolution or depthwise layer (each thread's rows read their own
     window of input rows, with the padding above the first one), or of a broadcasting elementwise op;
     "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
-    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group). A dense
-    convolution splits by rows only: its kernels write whole pixels (all channels), so a channel
-    slice would need an output stride they do not take."""
+    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group), or a dense
+    convolution's output channels in blocks of 16 (the last share also takes the channels past the
+    last whole block, so it ends where the SDOT-packed filter's last tile does) when they share out
+    more evenly than its rows (a 3-row layer on 4 threads leaves one thread idle, its longest share
+    1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
+    (ek_conv_params.output_stride). ``conv_channels``: the board's conv kernels take that
+    stride (the portable and NEON ones; the Pi boards)."""
     if weight_only or not layer.kernel:
         return None
     out = layer.dims.get("output")
     if layer.kind in ("conv2d", "depthwise_conv2d") and layer.encoding == "dense":
-        return "rows" if out[1] >= 2 and layer.macs >= SPLIT_MIN_MACS else None
+        if layer.macs < SPLIT_MIN_MACS:
+            return None
+        rows = _longest_share(out[1], threads) if out[1] >= 2 else 1.0
+        blocks = out[3] // CHANNEL_BLOCK
+        if layer.kind == "conv2d" and conv_channels and blocks >= 2 and _longest_share(blocks, threads) < rows:
+            return "channels"
+        return "rows" if out[1] >= 2 else None
     if layer.kind == "fully_connected" and layer.encoding == "dense" and layer.params.get("rows", 1) == 1:
         return "channels" if layer.dims["filter"][0] >= 8 and layer.macs >= SPLIT_MIN_MACS else None
     if layer.kind in _SPLIT_BINARY and out is not None and int(np.prod(out)) >= SPLIT_MIN_ELEMENTS:
@@ -735,10 +767,11 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
-                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")))
+                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")),
+                       dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
-        layer.split = thread_split(layer, weight_only)
+        layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
     head_only = head_only_ops(graph)
     needed_by = head_exits(graph)
     every_exit = tuple(range(len(graph.outputs) - 1))
@@ -768,7 +801,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
-                   cold_kernels=cold)
+                   cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

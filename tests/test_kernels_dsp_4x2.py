@@ -1,0 +1,152 @@
+"""The Cortex-M DSP convolution in 4 pixel x 2 channel register blocks (kernels/dsp/ek_conv2d_s8_4x2,
+filter packed by codegen/kernel_prep.pack_conv_4x2) on the emulated M4 (mps2-an386) and M7
+(mps2-an500): self-test firmware built with -Wall -Wextra -Werror, run under QEMU, compared with the
+numpy reference, 0 differing elements. Random shapes reach pixel counts that are not a multiple of 4,
+odd output channels, K = kh * kw * in_c not a multiple of 4, strides, dilation and padding; the
+kernel's portable form over the packed filter runs on the host under ASan / UBSan."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from edgekit import reference
+from edgekit.codegen.kernel_prep import conv_4x2_chosen, pack_conv_4x2
+from helpers import float_graph, quantize_with_random_data
+from test_kernels_c import activations, conv_out
+from test_kernels_dsp import DSP_SETTINGS, BOARDS
+
+needs_qemu = [pytest.mark.qemu,
+              pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
+                                 reason="needs qemu-system-arm and arm-none-eabi-gcc (make setup)")]
+
+
+@st.composite
+def conv_4x2_case(draw):
+    """A convolution the 4x2 kernel is chosen for: in_c > 8, at least 4 output pixels, K <= 256 (the
+    scratch cap of a model without larger convolutions)."""
+    c = draw(st.integers(9, 28))
+    kh, kw = draw(st.sampled_from([(1, 1), (1, 1), (3, 3), (1, 3), (2, 2)]))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if kh * kw > 1 else (1, 1)
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4)) if kh * kw > 1 else (0, 0, 0, 0)
+    h, w = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    oh, ow = conv_out(h, w, (kh, kw), stride, dilation, padding)
+    if oh < 1 or ow < 1 or oh * ow < 4:
+        stride, dilation, padding = (1, 1), (1, 1), (kh // 2, kh - 1 - kh // 2, kw // 2, kw - 1 - kw // 2)
+        oh, ow = h, w
+    return dict(h=h, w=w, c=c, o=draw(st.integers(1, 11)), k=(kh, kw), stride=stride, dilation=dilation,
+                padding=padding, out=(oh, ow), act=draw(activations), bias=draw(st.booleans()),
+                wscale=draw(st.floats(0.05, 1.5)), seed=draw(st.integers(0, 2 ** 31)))
+
+
+def _graph(case, rng):
+    kh, kw = case["k"]
+    weights = {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, case["c"]))}
+    if case["bias"]:
+        weights["b"] = rng.normal(0, case["wscale"], case["o"])
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
+    g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights, (1, *case["out"], case["o"]))
+    return quantize_with_random_data(g, rng, {"x0": (-1.5, 2.0)})
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (3, 1, 1, 9), (5, 3, 3, 7), (2, 1, 2, 13)])
+def test_pack_conv_4x2_order(shape):
+    """Every weight lands where the kernel reads it (the index of ek_conv4x2_weight in the template):
+    pair oc // 2, block k // 4, word (k % 4) & 1, lane (k % 4) >> 1, channel oc % 2; zeros elsewhere."""
+    w = np.random.default_rng(0).integers(-128, 128, size=shape).astype(np.int8)
+    packed = pack_conv_4x2(w)
+    out_c, k = shape[0], int(np.prod(shape[1:]))
+    k4 = (k + 3) // 4 * 4
+    assert packed.size == (out_c + 1) // 2 * 2 * k4
+    flat = w.reshape(out_c, -1)
+    seen = np.zeros(packed.size, bool)
+    for oc in range(out_c):
+        for i in range(k):
+            r = i & 3
+            idx = (oc >> 1) * 2 * k4 + (i & ~3) * 2 + 4 * (r & 1) + 2 * (r >> 1) + (oc & 1)
+            assert packed[idx] == flat[oc, i]
+            seen[idx] = True
+    assert not packed[~seen].any()
+
+
+def test_conv_4x2_choice():
+    """Python decides per layer: wide inputs, a few pixels, a window within the scratch cap and the
+    usual right shifts take the 4x2 kernel; the rest keep ek_conv2d_s8."""
+    rng = np.random.default_rng(0)
+
+    def conv(k, c, o, hw, shift=None):
+        attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4, activation="relu")
+        g = float_graph("conv2d", [(1, *hw, c)], attrs, {"w": rng.normal(0, 0.3, (o, k, k, c))}, (1, *hw, o))
+        q = quantize_with_random_data(g, rng, {"x0": (-1.5, 2.0)})
+        if shift is not None:
+            q.ops[0].attrs["shift"] = np.full(o, shift)
+        return q, q.ops[0]
+
+    assert conv_4x2_chosen(*conv(1, 64, 64, (25, 5)), cap=2048)  # the keyword spotter's 1x1 layers
+    assert conv_4x2_chosen(*conv(3, 16, 16, (8, 8)), cap=2048)  # ResNet-8's first 3x3 layers
+    assert not conv_4x2_chosen(*conv(3, 4, 16, (8, 8)), cap=2048)  # few input channels: ek_conv2d_s8
+    assert not conv_4x2_chosen(*conv(1, 32, 16, (1, 3)), cap=2048)  # fewer than 4 pixels
+    assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)  # 4 windows of 576 int16: over the cap
+    assert conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=8 * 576)
+    assert not conv_4x2_chosen(*conv(1, 64, 16, (4, 4), shift=-1), cap=2048)  # outside the output stage's shifts
+    assert not conv_4x2_chosen(*conv(1, 64, 16, (4, 4), shift=-21), cap=2048)
+
+
+@given(conv_4x2_case(), BOARDS)
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_on_cortex_m(case, board):
+    if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
+    from cortex_m_selftest import run_selftest
+
+    rng = np.random.default_rng(case["seed"])
+    q = _graph(case, rng)
+    assume(conv_4x2_chosen(q, q.ops[0], 2048))  # a channel scale outside the output stage's shifts: rare
+    x = rng.integers(-128, 128, size=(3, case["h"], case["w"], case["c"])).astype(np.int8)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_selftest(q, board, x, Path(tmp))
+        kernels = [p.stem for p in (Path(tmp) / "project" / "kernels").glob("*.c")]
+    assert kernels == ["ek_conv2d_s8_4x2"]
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    diff = int(np.sum(got != ref))
+    assert diff == 0, f"{board} {case}: {diff} of {got.size} elements differ"
+
+
+HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
+# compiles its portable code (ek_conv2d_s8_4x2 its loops over the packed filter and records).
+name = "host-dsp-portable"
+description = "host process built from kernels/dsp (their portable paths)"
+kind = "host"
+templates = ["host", "runtime"]
+cc = "cc"
+cflags = ["-O2"]
+kernel_variant = "dsp"
+"""
+
+
+@given(conv_4x2_case())
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_portable_host_asan(case):
+    """The packed filter, the per-channel records and the gather order through the kernel's portable
+    form, on the host under ASan / UBSan, bit-exact with the numpy reference."""
+    from edgekit.boards import load_board_file
+    from edgekit.codegen.project import generate_project
+    from helpers import CBuild, run_c
+
+    rng = np.random.default_rng(case["seed"])
+    q = _graph(case, rng)
+    assume(conv_4x2_chosen(q, q.ops[0], 2048))
+    x = rng.integers(-128, 128, size=(3, case["h"], case["w"], case["c"])).astype(np.int8)
+    with tempfile.TemporaryDirectory() as tmp:
+        board_file = Path(tmp) / "host-dsp.toml"
+        board_file.write_text(HOST_DSP_BOARD)
+        record = generate_project(q, Path(tmp) / "project", load_board_file(board_file))
+        assert record["kernels"] == ["ek_conv2d_s8_4x2"]
+        exe = CBuild(Path(tmp), sanitize=True).build(Path(tmp) / "project")
+        got = run_c(exe, [x], int(np.prod(q.tensors[q.outputs[0]].shape)))
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0

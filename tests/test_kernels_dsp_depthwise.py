@@ -1,0 +1,117 @@
+"""The Cortex-M DSP depthwise kernel's unrolled interior path (kernels/dsp/ek_depthwise_conv2d_s8,
+codegen/kernel_prep.depthwise_dsp_shapes) on the emulated M4 (mps2-an386) and M7 (mps2-an500).
+
+Each example is a one-layer model generated for the board, built with -Wall -Wextra -Werror as
+self-test firmware and run under QEMU; every output element must equal the numpy reference. The shapes
+are drawn so that the interior path runs next to the border (tap-table) path: four or more channels
+(odd counts reach the scalar tail channels), widths 1..9 (pairs, a last single pixel, pairs that start
+on odd pixel indices and are refused), stride 1 and 2, every padding side, dilation, windows 1x1 to
+5x5; a depth multiplier of 2 falls back to the portable loop. A chain of in-place depthwise layers
+checks the raster-order contract the in-place schedule relies on. The DSP kernel is Cortex-M code
+(SXTB16 / SMLABB in inline assembly), so it has no host ASan build; the portable kernel's host
+ASan/UBSan tests are in test_kernels_c.py."""
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import edgekit
+from edgekit import reference
+from edgekit.boards import load_board
+from edgekit.codegen.kernel_prep import depthwise_dsp_shapes
+from helpers import conv_out, float_graph, quantize_with_random_data
+from test_kernels_c import activations
+from test_kernels_dsp import DSP_SETTINGS, _check_on_board
+
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
+                                 reason="needs qemu-system-arm and arm-none-eabi-gcc (make setup)")]
+
+BOARDS = st.sampled_from(["mps2-an386", "mps2-an386", "mps2-an500"])
+
+
+@st.composite
+def dw_case(draw):
+    kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (3, 3), (1, 1), (5, 5), (3, 1), (2, 3)]))
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (2, 1)]))
+    dilation = draw(st.sampled_from([(1, 1), (1, 1), (1, 1), (2, 1), (1, 2)]))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    oh, ow = conv_out(h, w, (kh, kw), stride, dilation, padding)
+    if oh < 1 or ow < 1:
+        padding = (padding[0] + kh * dilation[0], padding[1], padding[2] + kw * dilation[1], padding[3])
+        oh, ow = conv_out(h, w, (kh, kw), stride, dilation, padding)
+    c = draw(st.integers(4, 21))
+    mult = draw(st.sampled_from([1, 1, 1, 1, 2]))
+    return dict(h=h, w=w, c=c, k=(kh, kw), stride=stride, dilation=dilation, padding=padding, out=(oh, ow),
+                mult=mult, act=draw(activations), bias=draw(st.booleans()),
+                wscale=draw(st.floats(0.02, 2.0)), seed=draw(st.integers(0, 2 ** 31)))
+
+
+def _graph(case, rng):
+    kh, kw = case["k"]
+    o = case["c"] * case["mult"]
+    weights = {"w": rng.normal(0, case["wscale"], (1, kh, kw, o))}
+    if case["bias"]:
+        weights["b"] = rng.normal(0, case["wscale"], o)
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"],
+                 depth_multiplier=case["mult"])
+    return float_graph("depthwise_conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights,
+                       (1, *case["out"], o))
+
+
+@given(dw_case(), BOARDS)
+@DSP_SETTINGS
+def test_depthwise_dsp_interior_and_border(case, board):
+    rng = np.random.default_rng(case["seed"])
+    _check_on_board(_graph(case, rng), rng, board, {"x0": (-1.5, 2.0)}, n=3)
+
+
+def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
+    """Python picks the unrolled path per layer shape: a 3x3 depthwise with 8 channels gets it (and the
+    firmware contains it), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
+    rng = np.random.default_rng(3)
+    shapes = {}
+    for name, (c, mult) in {"c8": (8, 1), "c3": (3, 1), "m2": (4, 2)}.items():
+        case = dict(h=6, w=5, c=c, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(6, 5),
+                    mult=mult, act="relu", bias=True, wscale=0.5)
+        q = quantize_with_random_data(_graph(case, rng), rng)
+        record = edgekit.generate(q, tmp_path / name, board="mps2-an386")
+        source = (tmp_path / name / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
+        shapes[name] = "ek_dw_interior_0(" in source
+        assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
+    assert shapes == {"c8": True, "c3": False, "m2": False}
+    assert depthwise_dsp_shapes([], load_board("mps2-an385")) == []  # no DSP extension: no variant
+
+
+def test_inplace_depthwise_chain_on_m4(tmp_path):
+    """Three 3x3 depthwise layers (stride 1, 2, 1) whose outputs the plan lays over their inputs, on the
+    M4: the interior pairs' raster order keeps the in-place schedule bit-exact."""
+    from cortex_m_selftest import run_selftest
+    from edgekit.ir import Graph, Op, Tensor
+    rng = np.random.default_rng(11)
+    g = Graph()
+    g.add_tensor(Tensor("x0", (1, 9, 8, 12)))
+    g.inputs.append("x0")
+    g.source_layouts["x0"] = "NHWC"
+    prev, shape = "x0", (9, 8)
+    for i, (stride, pad) in enumerate([((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((1, 1), (1, 1, 1, 1))]):
+        w, b, y = f"w{i}", f"b{i}", f"y{i}" if i < 2 else "y"
+        g.add_tensor(Tensor(w, (1, 3, 3, 12), "float32", rng.normal(0, 0.5, (1, 3, 3, 12)).astype(np.float32)))
+        g.add_tensor(Tensor(b, (12,), "float32", rng.normal(0, 0.5, 12).astype(np.float32)))
+        shape = conv_out(*shape, (3, 3), stride, (1, 1), pad)
+        g.add_tensor(Tensor(y, (1, *shape, 12)))
+        g.ops.append(Op("depthwise_conv2d", f"dw{i}", [prev, w, b], [y],
+                        dict(stride=stride, dilation=(1, 1), padding=pad, activation="relu", depth_multiplier=1)))
+        prev = y
+    g.outputs.append("y")
+    g.source_layouts["y"] = "NHWC"
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 2.0)})
+    x = rng.integers(-128, 128, size=(3, 9, 8, 12)).astype(np.int8)
+    got = run_selftest(q, "mps2-an386", x, tmp_path)
+    record = edgekit.codegen.project.load_project(tmp_path / "project")
+    assert record["memory"]["in_place_layers"]  # the plan really overlaps a depthwise layer
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0

@@ -57,7 +57,7 @@ def _prepare_inputs(project: dict, graph, inputs: np.ndarray, int8: bool) -> np.
 
 def _stats(values) -> dict:
     a = np.asarray(values, dtype=np.float64)
-    return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())}
+    return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
 
 
 def _connect(link: DeviceLink, project_dir):

@@ -74,7 +74,8 @@ def cnn_model(path: Path) -> Path:
 
 def show(summary: dict, title: str) -> None:
     rows = summary["trials"]
-    print(f"\n## {title}: {len(rows)} trials ({sum(r['status'] != 'ok' for r in rows)} failed) in "
+    trials, failed = pareto.counts(rows)
+    print(f"\n## {title}: {trials} trials ({failed} failed; {len(rows)} rows: one per encoding) in "
           f"{summary['seconds'] / 60:.1f} min, {summary['workers']} at a time; input model "
           f"{summary['baseline_accuracy'] * 100:.2f} % float, {summary['float_weight_bytes']:,} B float32")
     print(pareto.table(rows, summary["baseline_accuracy"], summary["float_weight_bytes"], summary["unit"],

@@ -140,3 +140,30 @@ def test_cold_kernels_build_portable_and_for_size(tmp_path):
     if shutil.which("arm-none-eabi-gcc"):
         built = edgekit.build(tmp_path / "m4", stack="auto")
         assert built["stack_bound"] is not None  # the -Os objects' call-graph records are read too
+
+
+@pytest.mark.parametrize("in_c, shift_zero, dropped", [
+    (5, False, {"FALLBACK", "SHIFT_ANY"}),  # K = 45: the DSP path, every channel shift < 0
+    (5, True, {"FALLBACK"}),  # a channel with shift 0: its output stage stays
+    (1, False, {"SHIFT_ANY"}),  # a 1x1 convolution on one channel (K = 1 < 4): the portable loop stays
+])
+def test_dsp_paths_no_layer_reaches_are_left_out(tmp_path, in_c, shift_zero, dropped):
+    """ek_nn.h turns off the DSP convolution's portable fallback and its output stage for shifts >= 0
+    when no layer reaches them (kernel_prep.dsp_fallbacks_unused); the same checks as the kernel's.
+    The random shapes of test_kernels_dsp run both states bit-exact on the emulated M4 / M7."""
+    rng = np.random.default_rng(in_c)
+    k = 3 if in_c > 1 else 1
+    g = float_graph("conv2d", [(1, 6, 6, in_c)], dict(stride=(1, 1), dilation=(1, 1),
+                                                      padding=(k // 2,) * 4, activation="relu"),
+                    {"w": rng.normal(0, 1, (4, k, k, in_c))}, (1, 6, 6, 4))
+    q = quantize_with_random_data(g, rng)
+    assert np.max(q.ops[0].attrs["shift"]) < 0
+    if shift_zero:
+        q.ops[0].attrs["shift"] = np.array(q.ops[0].attrs["shift"]).copy()
+        q.ops[0].attrs["shift"][1] = 0
+    generate_project(q, tmp_path / "m4", load_board("mps2-an386"))
+    header = (tmp_path / "m4" / "include" / "ek_nn.h").read_text()
+    for path in ("FALLBACK", "SHIFT_ANY"):
+        assert (f"#define EK_CONV2D_S8_{path} 0" in header) == (path in dropped), path
+    generate_project(q, tmp_path / "host", load_board("host"))
+    assert "EK_CONV2D_S8_FALLBACK" not in (tmp_path / "host" / "include" / "ek_nn.h").read_text()

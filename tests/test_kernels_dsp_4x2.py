@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgekit import reference
-from edgekit.codegen.kernel_prep import conv_4x2_chosen, pack_conv_4x2
+from edgekit.codegen.kernel_prep import conv_4x2_chosen, conv_4x2_layout, pack_conv_4x2
 from helpers import float_graph, quantize_with_random_data
 from test_kernels_c import activations, conv_out
 from test_kernels_dsp import DSP_SETTINGS, BOARDS
@@ -38,9 +38,12 @@ def conv_4x2_case(draw):
     if oh < 1 or ow < 1 or oh * ow < 4:
         stride, dilation, padding = (1, 1), (1, 1), (kh // 2, kh - 1 - kh // 2, kw // 2, kw - 1 - kw // 2)
         oh, ow = h, w
-    return dict(h=h, w=w, c=c, o=draw(st.integers(1, 11)), k=(kh, kw), stride=stride, dilation=dilation,
-                padding=padding, out=(oh, ow), act=draw(activations), bias=draw(st.booleans()),
-                wscale=draw(st.floats(0.05, 1.5)), seed=draw(st.integers(0, 2 ** 31)))
+    o = draw(st.integers(1, 11))
+    # output channels whose weights are all zero (a pruned model's): written as constants
+    dead = draw(st.lists(st.integers(0, o - 1), max_size=3, unique=True)) if draw(st.booleans()) else []
+    return dict(h=h, w=w, c=c, o=o, k=(kh, kw), stride=stride, dilation=dilation, padding=padding, out=(oh, ow),
+                act=draw(activations), bias=draw(st.booleans()), wscale=draw(st.floats(0.05, 1.5)), dead=dead,
+                seed=draw(st.integers(0, 2 ** 31)))
 
 
 def _graph(case, rng):
@@ -50,7 +53,9 @@ def _graph(case, rng):
         weights["b"] = rng.normal(0, case["wscale"], case["o"])
     attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
     g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs, weights, (1, *case["out"], case["o"]))
-    return quantize_with_random_data(g, rng, {"x0": (-1.5, 2.0)})
+    q = quantize_with_random_data(g, rng, {"x0": (-1.5, 2.0)})
+    q.tensors[q.ops[0].inputs[1]].data[case.get("dead", [])] = 0
+    return q
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 4), (3, 1, 1, 9), (5, 3, 3, 7), (2, 1, 2, 13)])
@@ -74,16 +79,14 @@ def test_pack_conv_4x2_order(shape):
 
 
 def test_conv_4x2_choice():
-    """Python decides per layer: wide inputs, a few pixels, a window within the scratch cap and the
-    usual right shifts take the 4x2 kernel; the rest keep ek_conv2d_s8."""
+    """Python decides per layer: wide inputs, a few pixels and a window within the scratch cap take
+    the 4x2 kernel; the rest keep ek_conv2d_s8."""
     rng = np.random.default_rng(0)
 
-    def conv(k, c, o, hw, shift=None):
+    def conv(k, c, o, hw):
         attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4, activation="relu")
         g = float_graph("conv2d", [(1, *hw, c)], attrs, {"w": rng.normal(0, 0.3, (o, k, k, c))}, (1, *hw, o))
         q = quantize_with_random_data(g, rng, {"x0": (-1.5, 2.0)})
-        if shift is not None:
-            q.ops[0].attrs["shift"] = np.full(o, shift)
         return q, q.ops[0]
 
     assert conv_4x2_chosen(*conv(1, 64, 64, (25, 5)), cap=2048)  # the keyword spotter's 1x1 layers
@@ -92,8 +95,6 @@ def test_conv_4x2_choice():
     assert not conv_4x2_chosen(*conv(1, 32, 16, (1, 3)), cap=2048)  # fewer than 4 pixels
     assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)  # 4 windows of 576 int16: over the cap
     assert conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=8 * 576)
-    assert not conv_4x2_chosen(*conv(1, 64, 16, (4, 4), shift=-1), cap=2048)  # outside the output stage's shifts
-    assert not conv_4x2_chosen(*conv(1, 64, 16, (4, 4), shift=-21), cap=2048)
 
 
 @given(conv_4x2_case(), BOARDS)
@@ -105,7 +106,6 @@ def test_conv2d_s8_4x2_on_cortex_m(case, board):
 
     rng = np.random.default_rng(case["seed"])
     q = _graph(case, rng)
-    assume(conv_4x2_chosen(q, q.ops[0], 2048))  # a channel scale outside the output stage's shifts: rare
     x = rng.integers(-128, 128, size=(3, case["h"], case["w"], case["c"])).astype(np.int8)
     with tempfile.TemporaryDirectory() as tmp:
         got = run_selftest(q, board, x, Path(tmp))
@@ -139,7 +139,6 @@ def test_conv2d_s8_4x2_portable_host_asan(case):
 
     rng = np.random.default_rng(case["seed"])
     q = _graph(case, rng)
-    assume(conv_4x2_chosen(q, q.ops[0], 2048))
     x = rng.integers(-128, 128, size=(3, case["h"], case["w"], case["c"])).astype(np.int8)
     with tempfile.TemporaryDirectory() as tmp:
         board_file = Path(tmp) / "host-dsp.toml"
@@ -148,5 +147,39 @@ def test_conv2d_s8_4x2_portable_host_asan(case):
         assert record["kernels"] == ["ek_conv2d_s8_4x2"]
         exe = CBuild(Path(tmp), sanitize=True).build(Path(tmp) / "project")
         got = run_c(exe, [x], int(np.prod(q.tensors[q.outputs[0]].shape)))
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0
+
+
+@pytest.mark.parametrize("board", ["mps2-an386", "host-dsp-portable"])
+def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
+    """Channels whose right shift is outside the fast output stage's 2..20 (shift 0 or -1: a scale
+    >= 0.25; -21, -24: tiny scales, as channels of zero weights have) take the generic stage, next to
+    fast channels in the same pair, and channels of zero weights are written as constants (an odd
+    number left to compute); on the M4 and through the portable form on the host (ASan)."""
+    rng = np.random.default_rng(7)
+    case = dict(h=5, w=3, c=12, o=9, k=(1, 1), stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0), out=(5, 3),
+                act="relu6", bias=True, wscale=0.3, dead=[1, 5, 6, 8])
+    q = _graph(case, rng)
+    op = q.ops[0]
+    op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+    op.attrs["shift"][[0, 3, 4, 7]] = [0, -1, -21, -24]
+    x = rng.integers(-128, 128, size=(3, 5, 3, 12)).astype(np.int8)
+    if board == "mps2-an386":
+        if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
+            pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
+        from cortex_m_selftest import run_selftest
+        got = run_selftest(q, board, x, tmp_path)
+    else:
+        from edgekit.boards import load_board_file
+        from edgekit.codegen.project import generate_project
+        from helpers import CBuild, run_c
+        board_file = tmp_path / "host-dsp.toml"
+        board_file.write_text(HOST_DSP_BOARD)
+        generate_project(q, tmp_path / "project", load_board_file(board_file))
+        got = run_c(CBuild(tmp_path, sanitize=True).build(tmp_path / "project"), [x], 5 * 3 * 9)
+    assert (tmp_path / "project" / "kernels" / "ek_conv2d_s8_4x2.c").exists()
+    _, table = conv_4x2_layout(q, op)
+    assert list(table[:2]) == [3, 4]  # 5 computed channels in 3 pairs, 4 constants
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0

@@ -418,6 +418,10 @@ def test_runner_over_tcp_with_profile(kws_projects):
         runner.wait()
     assert report["bit_exact"], "outputs over the protocol differ from the reference"
     assert report["unit"] == "nanoseconds" and report["total"]["median"] > 0
+    # the runner's 4 threads' CPU time (THREAD_COUNTS): the caller's whole inference, each worker's shares
+    assert [t["thread"] for t in report["threads"]] == [0, 1, 2, 3], report.get("threads")
+    assert all(t["min"] > 0 for t in report["threads"])
+    assert "CPU time per thread" in format_report(report)
     assert len(report["layers"]) == sum(1 for l in load_project(projects["rpi5"])["layers"] if l["kernel"])
     assert "bit-exact with the reference: yes" in format_report(report)
 
@@ -429,10 +433,13 @@ def test_runner_over_stdio(kws_projects):
     import struct
     size = q.tensors[q.inputs[0]].size
     frames = (P.encode_frame(P.IDENTIFY, 1) + P.encode_frame(P.SET_INPUT, 2, struct.pack("<BI", 0, 0) + bytes(size)) +
-              P.encode_frame(P.INVOKE, 3))
+              P.encode_frame(P.INVOKE, 3) + P.encode_frame(P.THREAD_COUNTS, 4))
     proc = subprocess.run(QEMU + ["-cpu", "cortex-a76", str(projects["rpi5"] / "edgekit_runner")], input=frames,
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     answers = [P.decode_frame(f) for f in proc.stdout.split(b"\x00") if f]
-    assert [a[0] for a in answers] == [P.IDENTIFY | 0x80, P.SET_INPUT | 0x80, P.INVOKE | 0x80]
+    assert [a[0] for a in answers] == [P.IDENTIFY | 0x80, P.SET_INPUT | 0x80, P.INVOKE | 0x80, P.THREAD_COUNTS | 0x80]
+    threads = answers[3][2]
+    assert threads[0] == 4 and len(threads) == 1 + 8 * 4  # CPU ns of the caller and the 3 workers
+    assert all(ns > 0 for ns in struct.unpack("<4Q", threads[1:]))
     assert q.fingerprint().encode() in answers[0][2] and b"rpi5" in answers[0][2]

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgekit import cli
@@ -266,6 +267,44 @@ def test_a_board_the_model_does_not_fit_records_failed_trials(tiny, cluster, tmp
         in captured.err
     assert not (out / "best.pt2").exists()
     assert json.loads((out / "summary.json").read_text())["batched"] is False
+
+
+def test_a_model_with_early_exits_gets_a_row_per_threshold_measured_from_the_c(tiny, cluster, tmp_path):
+    """A multi-exit model: compressed without its exits, heads trained for the compressed network, and every
+    threshold of the space run on the same program: accuracy from the C's answering exits, instructions the
+    mean over the held-out split (callgrind follows each input's exit)."""
+    from edgekit import api, datasets, train
+    from edgekit.compress import exits, fxgraph
+    from edgekit.tune.search import run_search
+
+    model, _ = fxgraph.load_model(tiny / "mlp.pt2")
+    multi = exits.add_exits(model, ["0"], "digits", epochs=3, show_progress=False, sample_shape=(64,))
+    exits.save_model(multi, (64,), tmp_path / "multi.pt2")
+    space = SMALL_SPACE.replace('weights = ["dense", "auto"]', 'weights = ["dense"]\nexit_threshold = [0.3, "off"]')
+    space = space.replace("prune_ratio = [0.0, 0.5]", "prune_ratio = [0.5]").replace("sparsity = [0.0, 0.8]", "sparsity = [0.0]")
+    space = space.replace("cluster_bits = [0, 4]", "cluster_bits = [0]").replace("[train]", "[train]\nexit_epochs = 6")
+    (tmp_path / "space.toml").write_text(space)
+    summary = run_search(tmp_path / "multi.pt2", out_dir=tmp_path / "tune", trials=1, space=tmp_path / "space.toml",
+                         address=cluster.address, quiet=True)
+    assert summary["exits_after"] == ["0"] and summary["exit_thresholds"] == [0.3, "off"]
+    rows = {r["config"]["exit_threshold"]: r for r in summary["trials"]}
+    assert set(rows) == {0.3, "off"} and all(r["status"] == "ok" for r in rows.values())
+    # The trial's model (best.pt2, with its new heads) run here as C at each threshold: the same accuracy.
+    trained, _ = exits.load_model(tmp_path / "tune" / "best.pt2")
+    assert trained.edgekit_exits == ["0", "final"]
+    d = datasets.digits(flat=True)
+    graph = api.quantize(trained, d.x_train[:64])
+    api.generate(graph, tmp_path / "c", "host")
+    api.build(tmp_path / "c")
+    hit = {}
+    for t, row in rows.items():
+        outs, index = api.run(tmp_path / "c", d.x_test, exit_threshold=t, with_exit=True)
+        answers = np.stack(outs)[index, np.arange(len(index))]
+        assert train.accuracy(answers, d.y_test) == pytest.approx(row["accuracy"])
+        hit[t] = float(np.mean(index == 0))
+    assert hit["off"] == 0 and 0 < hit[0.3] < 1  # the threshold changes which exit answers
+    assert rows[0.3]["instructions"] != rows["off"]["instructions"]  # ... and the mean count
+    assert "early exits" in (tmp_path / "tune" / "best.toml").read_text()
 
 
 def _tune_cmd(tiny: Path, out: Path, *extra: str) -> list[str]:

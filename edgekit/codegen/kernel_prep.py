@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import quant_math
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
@@ -61,28 +62,13 @@ def conv_4x2_scratch_cap(graph: Graph) -> int:
 def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     """Whether a dense int8 convolution runs the Cortex-M DSP kernel with 4 pixel x 2 channel register
     blocks (kernels/dsp/ek_conv2d_s8_4x2): its blocks pay off from a few pixels and a window of at
-    least two words, its scratch (4 windows of K int16) must stay within ``cap``
-    (conv_4x2_scratch_cap), and its output stage takes right shifts 2..20 (every channel). Others keep
-    ek_conv2d_s8, as do convolutions with few input channels (in_c <= 8, e.g. a first layer over an
-    image), whose gather ek_conv2d_s8 is tuned for."""
+    least two words, and its scratch (4 windows of K int16) must stay within ``cap``
+    (conv_4x2_scratch_cap). Others keep ek_conv2d_s8, as do convolutions with few input channels
+    (in_c <= 8, e.g. a first layer over an image), whose gather ek_conv2d_s8 is tuned for."""
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
     k4 = (kh * kw * in_c + 3) // 4 * 4
-    right = -np.asarray(op.attrs["shift"], np.int64)
-    return (in_c > 8 and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
-            and bool(np.all((right >= 2) & (right <= 20))))
-
-
-def conv_4x2_records(graph: Graph, op: Op) -> np.ndarray:
-    """ek_conv2d_s8_4x2's per-channel records, int32 (out_c, 4): {folded bias, multiplier, c, r - 1}
-    with r = -shift (2..20) and c = 2^(r - 2) + output_offset * 2^(r - 1), the constants of its
-    output stage (see the template: one SMLAL on a 64-bit constant, then a shift by r - 1)."""
-    r = -np.asarray(op.attrs["shift"], np.int64)
-    assert np.all((r >= 2) & (r <= 20)), "conv_4x2_chosen refuses other shifts"
-    c = (1 << (r - 2)) + int(op.attrs["output_offset"]) * (1 << (r - 1))
-    rec = np.stack([folded_bias(graph, op).astype(np.int64), np.asarray(op.attrs["multiplier"], np.int64), c, r - 1],
-                   axis=1)
-    return rec.astype(np.int32)
+    return in_c > 8 and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
@@ -101,6 +87,42 @@ def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
     # [pair, channel j, block b, r] -> [pair, b, word r & 1, lane r >> 1, j]
     blocks = padded.reshape(pairs, 2, k4 // 4, 2, 2)  # r = 2 * lane + word
     return np.ascontiguousarray(blocks.transpose(0, 2, 4, 3, 1)).reshape(-1)
+
+
+def _conv_4x2_record(op: Op, oc: int, bias: int) -> list[int]:
+    """{folded bias, multiplier, c, (oc << 8) | (r - 1)} for r = -shift in 2..20, else
+    {folded bias, multiplier, shift, (oc << 8) | 0xFF} (the generic stage); see the template."""
+    m, shift = int(op.attrs["multiplier"][oc]), int(op.attrs["shift"][oc])
+    r = -shift
+    if 2 <= r <= 20:
+        return [bias, m, (1 << (r - 2)) + int(op.attrs["output_offset"]) * (1 << (r - 1)), (oc << 8) | (r - 1)]
+    return [bias, m, shift, (oc << 8) | 0xFF]
+
+
+def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
+    """ek_conv2d_s8_4x2's filter and table. Output channels with a nonzero weight are packed
+    (pack_conv_4x2, in pairs); the table is [pairs, constants], a record per packed channel
+    (_conv_4x2_record; the odd last one's partner {0, 0, 0, 0xFE}: nothing to write), then
+    (oc << 8) | value for each channel whose weights are all zero: its output is the same for every
+    pixel, the requantized bias clamped to the activation (a pruned model's channels), so the kernel
+    writes it instead of computing it."""
+    w = graph.tensors[op.inputs[1]].data
+    out_c = w.shape[0]
+    live = np.any(w.reshape(out_c, -1) != 0, axis=1)
+    bias = folded_bias(graph, op).astype(np.int64)
+    computed = np.flatnonzero(live)
+    packed = pack_conv_4x2(w[computed]) if len(computed) else np.zeros(4, np.int8)
+    records = [_conv_4x2_record(op, int(oc), int(bias[oc])) for oc in computed]
+    if len(records) % 2:
+        records.append([0, 0, 0, 0xFE])
+    dead = np.flatnonzero(~live)
+    # all weights zero: the accumulator is the bias (folded_bias adds offset * 0)
+    value = quant_math.multiply_by_quantized_multiplier(bias[dead], op.attrs["multiplier"][dead],
+                                                        op.attrs["shift"][dead]) + int(op.attrs["output_offset"])
+    value = np.clip(value, int(op.attrs["act_min"]), int(op.attrs["act_max"]))
+    constants = [(int(oc) << 8) | (int(v) & 0xFF) for oc, v in zip(dead, value)]
+    table = [len(records) // 2, len(constants)] + [x for rec in records for x in rec] + constants
+    return packed, np.array(table, np.int64).astype(np.int32)
 
 
 def channel_weight_sums(graph: Graph, op: Op) -> np.ndarray:
@@ -152,6 +174,47 @@ def scratch_bytes(layers, board, portable=()) -> int:
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":
             need = max(need, 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8
+
+
+# The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8")
+
+
+def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
+    """The kernels of DSP_FALLBACK_KERNELS this model uses whose portable fallback no layer reaches:
+    the project builds them without it (EK_<KERNEL>_FALLBACK 0 in ek_nn.h), since the fallback's
+    code is most of a kernel's flash again (ResNet-8: 1.7 KB). "ek_conv2d_s8_shift_any" in the list:
+    no dense convolution has a channel shift >= 0, so the DSP convolution drops that output stage
+    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). The tests mirror the first lines of
+    each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
+    shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
+    from their portable source anyway (project.cold_kernels)."""
+    if board.get("kernel_variant") != "dsp":
+        return []
+    used, reached = set(), set()
+    shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
+    for layer in layers:
+        k = layer.kernel
+        if k not in DSP_FALLBACK_KERNELS or k in portable:
+            continue
+        used.add(k)
+        if k == "ek_conv2d_s8":
+            _, kh, kw, _ = layer.dims["filter"]
+            k_len = kh * kw * layer.dims["input"][3]
+            fallback = 4 * k_len > scratch or k_len < 4
+            shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
+        elif k == "ek_add_s8":
+            p = layer.params
+            same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
+            fallback = (p["left_shift"] > 22 or max(p["input1_shift"], p["input2_shift"], p["output_shift"]) > 0
+                        or not same)
+        else:  # fully connected: the sums of a chunk of rows must fit the scratch
+            vec_c = layer.dims["filter"][0] & ~3
+            fallback = 4 * min(vec_c, FC_DSP_CHUNK) > scratch
+        if fallback:
+            reached.add(k)
+    unused = sorted(used - reached)
+    return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
 
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls

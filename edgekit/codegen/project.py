@@ -20,8 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_records, conv_4x2_scratch_cap, depthwise_dsp_shapes, folded_bias,
-                          pack_conv_4x2, pack_conv_sdot, scratch_bytes)
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, depthwise_dsp_shapes,
+                          dsp_fallbacks_unused, folded_bias, pack_conv_sdot, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -176,9 +176,10 @@ class _Builder:
                                                     f"{op.name}: weights {list(w.shape)}, packed for SDOT "
                                                     "(16-channel blocks x 4 taps)")
             elif block_4x2:
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_4x2(w.data),
+                packed, table = conv_4x2_layout(g, op)
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
                                                     f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
-                                                    "SMLAD blocks (channel pairs x 4 taps)")
+                                                    "SMLAD blocks (channel pairs x 4 taps; all-zero channels left out)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
@@ -187,9 +188,10 @@ class _Builder:
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
-                layer.arrays["bias"] = self.array(f"{layer.id}_bias", conv_4x2_records(self.graph, op),
-                                                  "per channel: {bias + input_offset * sum(weights), multiplier, "
-                                                  "c, right shift - 1} (ek_conv2d_s8_4x2)")
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
+                                                  "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
+                                                  "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
+                                                  "| right shift - 1}, per all-zero channel channel << 8 | value")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
@@ -802,6 +804,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
                    cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
+    context["no_fallback"] = dsp_fallbacks_unused(graph, layers, board, context["scratch_bytes"], portable=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.
@@ -855,6 +858,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    for l in layers],
         "kernels": kernels,
         "cold_kernels": cold,  # built for size, portable (cold_kernels)
+        "kernels_without_fallback": context["no_fallback"],  # DSP kernels built without their portable loop
         "budget_before_build": budget_lines,
         "library": library,
     }
@@ -885,7 +889,9 @@ def cold_kernels(layers: list[Layer], kernels: list[str]) -> list[str]:
             elements = sum(b.size for b in l.inputs) + sum(b.size for b in l.outputs)
             work[l.kernel] = work.get(l.kernel, 0) + l.macs + ELEMENT_WORK * elements
     total = sum(work.values())
-    return sorted(k for k in kernels if work[k] < COLD_SHARE * total)
+    # only kernels with a portable source: a variant-only kernel (its own filter order) stays as it is
+    return sorted(k for k in kernels
+                  if work[k] < COLD_SHARE * total and (TEMPLATES / "kernels" / f"{k}.c.j2").exists())
 
 
 def load_project(out_dir: str | Path) -> dict:

@@ -297,6 +297,33 @@ def calibrate(model: nn.Module, data="digits") -> list[float]:
     return temperatures
 
 
+def backbone(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    """A multi-exit model without its early exits: (the single-exit network, the layers the exits sat
+    after). Compress that, then ``add_exits(compressed, after)`` trains heads that fit the new backbone
+    (``edgekit tune`` does so). ``model`` is untouched."""
+    names = exit_names(model)
+    gm = fxgraph.clone(model) if isinstance(model, fx.GraphModule) else fxgraph.trace(model)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)) or len(outs) != len(names):
+        raise EdgekitError(f"the model names {len(names)} exits but returns "
+                           f"{len(outs) if isinstance(outs, (tuple, list)) else 1} outputs")
+    output.args = (outs[-1],)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    for attribute in ("edgekit_exits", "edgekit_exit_temperatures"):
+        if hasattr(gm, attribute):
+            delattr(gm, attribute)
+        try:
+            from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+            gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}).pop(attribute, None)
+        except ImportError:
+            pass
+    return gm.eval(), names[:-1]
+
+
 def exit_names(model) -> list[str]:
     names = getattr(model, "edgekit_exits", None)
     if not names:

@@ -42,10 +42,11 @@ def run_raw(out_dir: Path, data: np.ndarray, out_elems: int, dtype, sanitize: bo
     return out.reshape(n, out_elems)
 
 
-def count_instructions(out_dir: Path, data: np.ndarray, dtype=np.int8, timeout: float = 600) -> float:
-    """Instructions per inference of the project's program on this machine, counted by valgrind's
-    callgrind inside ek_model_invoke only (no file I/O, no start-up): deterministic, unlike a clock on a
-    shared machine. ``data``: raw samples as ``run_raw`` takes them.
+def count_instructions(out_dir: Path, data: np.ndarray, dtype=np.int8, timeout: float = 600, args=()) -> float:
+    """Instructions per inference of the project's program on this machine (the mean over ``data``),
+    counted by valgrind's callgrind inside ek_model_invoke only (no file I/O, no start-up): deterministic,
+    unlike a clock on a shared machine. ``data``: raw samples as ``run_raw`` takes them; ``args`` as there
+    (an early-exit threshold: the count then follows each input's exit).
 
     Valgrind does not decode AVX-512, which ``-march=native`` may emit: on x86-64 the count is taken on
     a copy built for x86-64-v3 (AVX2 + FMA, what the x86 kernels use), the rest of the flags unchanged."""
@@ -66,7 +67,7 @@ def count_instructions(out_dir: Path, data: np.ndarray, dtype=np.int8, timeout: 
         src, dst, log = Path(tmp) / "in.bin", Path(tmp) / "out.bin", Path(tmp) / "callgrind.out"
         np.ascontiguousarray(data, dtype=dtype).tofile(src)
         proc = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=ek_model_invoke",
-                               f"--callgrind-out-file={log}", str(copy / RUNNER), str(src), str(dst)],
+                               f"--callgrind-out-file={log}", str(copy / RUNNER), str(src), str(dst), *map(str, args)],
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not log.exists():
             raise EdgekitError(f"callgrind could not run {RUNNER} (exit {proc.returncode}): "

@@ -128,6 +128,9 @@ def describe(config: dict) -> str:
         parts.append("distilled")
     if config.get("weights"):
         parts.append(config["weights"])
+    if config.get("exit_threshold") is not None:
+        t = config["exit_threshold"]
+        parts.append(f"exits {t}" if isinstance(t, str) else f"exits at {t:g}")
     return ", ".join(parts) or "as given"
 
 

@@ -98,8 +98,8 @@ class _Progress:
 
 
 def _rows(number: int, config: dict, metrics: dict | None, error=None) -> list[dict]:
-    """A finished trial as rows of the front: one per weight encoding measured (its config names the
-    encoding), or one failed row."""
+    """A finished trial as rows of the front: one per weight encoding (and early-exit threshold) measured,
+    named in its config, or one failed row."""
     metrics = metrics or {}
     base = {"number": number, "config": dict(config), "macs": metrics.get("macs", 0),
             "seconds": metrics.get("seconds", 0.0)}
@@ -118,10 +118,14 @@ def _rows(number: int, config: dict, metrics: dict | None, error=None) -> list[d
         return [{**base, "status": "failed", "reason": metrics.get("reason", ""), **WORST, "weight_bytes": 0,
                  "arena_bytes": 0, "unit": ""}]
     return [{**base, **{k: v[k] for k in ("status", "reason", *OBJECTIVES, "weight_bytes", "arena_bytes", "unit")},
-             "config": {**config, "weights": v["weights"]}} for v in variants]
+             "config": {**config, "weights": v["weights"],
+                        **({"exit_threshold": v["exit_threshold"]} if "exit_threshold" in v else {})}}
+            for v in variants]
 
 
 def _baseline(model, split) -> tuple[float, int]:
+    """The input network's float accuracy and float32 weight bytes (a multi-exit model: its backbone, the
+    full network without the exits)."""
     from .. import train
     from ..compress.report import float_graph
 
@@ -140,7 +144,7 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
     ``max_flash`` / ``max_ram`` in bytes of the built program. Returns the summary (also
     ``out_dir/summary.json``): every trial, the Pareto front, the best trial within the constraints."""
     from ..boards import resolve_board
-    from ..compress import fxgraph
+    from ..compress import exits
     from ..compress.data import prepare
     from .space import anchors, check_layers, is_convolutional, load_space, parameters
 
@@ -158,7 +162,10 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
     board = resolve_board(board)
     check_board(board)
     model_path = Path(model_path)
-    model, sample_shape = fxgraph.load_model(model_path)
+    model, sample_shape = exits.load_model(model_path)
+    exit_after = None
+    if getattr(model, "edgekit_exits", None):  # trials compress the network without its exits (trial.py)
+        model, exit_after = exits.backbone(model)
     checked = load_space(space, convolutional=is_convolutional(model))
     split = prepare(data, model, sample_shape)
     if checked["prune_layers"]:
@@ -235,7 +242,9 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
                "seconds": round(seconds, 1), "batched": batched, "baseline_accuracy": baseline, "float_weight_bytes": float_bytes,
                "constraints": constraints, "prefer": prefer, "unit": unit,
                "sampler": f"Optuna multi-objective TPE (seed {seed}) through Ray Tune",
-               "space": parameters(checked), "encodings": checked["space"]["weights"], "train": checked["train"]}
+               "space": parameters(checked), "encodings": checked["space"]["weights"], "train": checked["train"],
+               "exits_after": exit_after,
+               "exit_thresholds": checked["space"]["exit_threshold"] if exit_after else None}
     summary["front"] = pareto.front(rows)
     summary["best"] = pareto.best(rows, constraints, baseline, prefer)
     summary["interrupted"] = len({r["number"] for r in rows}) < trials
@@ -247,6 +256,9 @@ def run_search(model_path, *, data="digits", board="host", out_dir="tune", trial
                 (out / "best.toml").write_text(
                     f"# edgekit tune: trial {summary['best']['number']} of {out}, "
                     f"the best within the constraints ({pareto.describe(summary['best']['config'])})\n"
+                    + (f"# the model has early exits: this recipe compressed it without them, then heads were trained "
+                       f"after {', '.join(exit_after)} ({checked['train']['exit_epochs']} epochs, edgekit exits); "
+                       f"best.pt2 has them\n" if exit_after else "")
                     + (Path(d) / f"recipe-{summary['best']['config']['weights']}.toml").read_text())
     pareto.write_outputs(summary, out)
     return summary

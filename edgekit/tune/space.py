@@ -9,6 +9,7 @@
     distill = [true, false]        # fine-tune on the input model's outputs
     qat = [false, true]            # quantization-aware training at the end
     weights = ["dense", "auto"]    # flash encodings of the generated C: each one measured on every trial
+    exit_threshold = [0.9, 0.99]   # a model with early exits: each one measured on every trial
 
     [space.prune_layers]           # per-layer pruning ratios, replacing prune_ratio for these layers
     conv1 = [0.25, 0.5]
@@ -17,9 +18,13 @@
     prune_steps = 3
     prune_epochs = 8
 
-``weights`` is not drawn: a weight encoding is lossless (the same outputs bit for bit), so every trial's
+``weights`` and ``exit_threshold`` are not drawn: a weight encoding is lossless (the same outputs bit for bit), so every trial's
 model is trained once and then generated, built and measured with each encoding of the list; each is a
 point of its own on the Pareto front (Huffman: the least flash, codebook: a few times fewer instructions).
+An early-exit threshold is a run-time setting of the same program: a model with early exits (``edgekit
+exits``) is compressed without them, gets heads trained for the compressed network (``exit_epochs``),
+and every encoding is run at every threshold (accuracy from the C's answering exits, instructions the
+mean over the held-out split, each input counted at its exit); a model without exits ignores the list.
 
 The defaults depend on the model where a measurement said so (``CONV_DEFAULTS``: lower sparsities for
 a model with convolutions). A TOML file overrides the defaults key by key (a key left out keeps its default list); a list of
@@ -43,6 +48,7 @@ DEFAULT_SPACE = {
     "distill": [True, False],
     "qat": [False, True],
     "weights": ["dense", "codebook", "sparse", "huffman", "auto"],
+    "exit_threshold": [0.8, 0.9, 0.95, 0.99],
 }
 # A model with convolutions searches lower sparsities: a conv layer has few weights, each used at every
 # position, and one global magnitude threshold takes the small-valued layers first. Measured on the demo
@@ -52,7 +58,7 @@ DEFAULT_SPACE = {
 # sparsity 0.5, pruning 0.5 / 0.7 on that CNN it keeps the int8 accuracy: not narrowed.)
 CONV_DEFAULTS = {"sparsity": [0.0, 0.3, 0.5, 0.7]}
 # Measured on every trial, not drawn by the sampler (see the module's docstring).
-MEASURED = ("weights",)
+MEASURED = ("weights", "exit_threshold")
 
 # The first trials of a search: the hand recipes' choices, where the space holds them (a user's space may
 # not). The sampler then learns around points known to work instead of starting from random ones.
@@ -68,9 +74,18 @@ DEFAULT_TRAIN = {
     "sparsify_steps": 3, "sparsify_epochs": 8,
     "cluster_epochs": 5,
     "qat_epochs": 3,
+    "exit_epochs": 10,
     "lr": 3e-3,
     "calib_samples": 300,
 }
+
+
+def _exit_threshold(v):
+    if isinstance(v, str) and v.strip().lower() == "off":
+        return "off"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise ValueError('a probability in (0, 1] or "off"')
+    return float(v)
 
 
 def _zero_or(check):
@@ -91,11 +106,12 @@ _VALUE = {
     "distill": rc._bool,
     "qat": rc._bool,
     "weights": rc._one_of(*rc.ENCODINGS),
+    "exit_threshold": lambda v: _exit_threshold(v),
 }
 _TRAIN = {
     "prune_steps": rc._positive_int, "prune_epochs": rc._count,
     "sparsify_steps": rc._positive_int, "sparsify_epochs": rc._count,
-    "cluster_epochs": rc._count, "qat_epochs": rc._positive_int,
+    "cluster_epochs": rc._count, "qat_epochs": rc._positive_int, "exit_epochs": rc._positive_int,
     "lr": rc._positive, "calib_samples": rc._positive_int,
 }
 

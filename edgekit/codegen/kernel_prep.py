@@ -19,7 +19,7 @@ from .. import quant_math
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
-SDOT_BLOCK = 16  # output channels of the SDOT convolution's register tile (kernels/neon/ek_conv2d_s8)
+SDOT_BLOCK = 16  # output channels of the NEON convolution's register tile (kernels/neon/ek_conv2d_s8)
 
 
 def sdot_block_starts(out_c: int) -> list[int]:
@@ -32,19 +32,27 @@ def sdot_block_starts(out_c: int) -> list[int]:
     return starts
 
 
-def pack_conv_sdot(w: np.ndarray) -> np.ndarray:
-    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the SDOT kernel reads it:
-    per block of 16 output channels (sdot_block_starts), per group of 4 taps of the window (K = kh *
-    kw * in_c rounded up to a multiple of 4, zeros past K), the 16 channels' 4 weights side by side:
-    one 64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps. Channels past out_c are zero."""
+def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the NEON register tile reads
+    it (kernels/neon/ek_conv2d_s8): per block of 16 output channels (sdot_block_starts), per group of
+    ``group`` taps of the window (K = kh * kw * in_c rounded up to a multiple of ``group``, zeros past
+    K), the 16 channels' ``group`` weights side by side. rpi5's SDOT tile reads groups of 4 (one
+    64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps), rpi4's SMLAL tile groups of 1 (16
+    bytes, one tap of 16 channels). Channels past out_c are zero."""
     out_c = w.shape[0]
     flat = w.reshape(out_c, -1).astype(np.int8)
     k = flat.shape[1]
-    k4 = (k + 3) // 4
-    padded = np.zeros((out_c + SDOT_BLOCK, 4 * k4), np.int8)
+    kg = (k + group - 1) // group
+    padded = np.zeros((out_c + SDOT_BLOCK, group * kg), np.int8)
     padded[:out_c, :k] = flat
-    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, k4, 4).transpose(1, 0, 2) for s in sdot_block_starts(out_c)]
+    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, kg, group).transpose(1, 0, 2)
+              for s in sdot_block_starts(out_c)]
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
+
+
+def conv_tile_group(board) -> int:
+    """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
+    return 4 if board.get("dotprod") else 1
 
 
 CONV_4X2_SCRATCH = 2048  # bytes of scratch the 4x2 kernel may take beyond what ek_conv2d_s8 needs
@@ -151,7 +159,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     word boundary; otherwise it sign-extends in its loop), a depthwise one lists its
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
-    kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
+    kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
+    to whole 16-byte (SDOT) or 8-byte loads; the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
@@ -161,8 +170,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
         elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
-            # four pixels' windows for the SDOT kernel (rpi5), rounded up to whole 16-byte loads
-            windows = 4 * ((kh * kw * k_in + 15) // 16 * 16) if variant == "neon" and board.get("dotprod") else \
+            # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
+            # bytes, rpi4 8)
+            load = 16 if board.get("dotprod") else 8
+            windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":

@@ -638,6 +638,12 @@ def _static_names(nodes: list, graph) -> set[str]:
     return static
 
 
+# what the exporters write for nn.MultiheadAttention (and its need_weights average, QDQ pairs in it)
+_ATTENTION_OPS = {"Transpose", "MatMul", "Gemm", "Add", "Mul", "Div", "Sqrt", "Softmax", "Reshape", "Unsqueeze",
+                  "Squeeze", "Gather", "Slice", "Split", "Concat", "Shape", "Cast", "CastLike", "Expand", "Where",
+                  "Equal", "Identity", "Dropout", "ReduceMean", "QuantizeLinear", "DequantizeLinear"}
+
+
 def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
     """torch.onnx.export writes an nn.MultiheadAttention (and so a TransformerEncoderLayer's self attention)
     sequence first inside, the batch moved behind the sequence, the heads split by Reshape / Transpose /
@@ -663,7 +669,8 @@ def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
         members = [n for n in nodes if n.output and not all(o in static for o in n.output)
                    and (layer_name(n) == scope or layer_name(n).startswith(scope + "."))]
         if not any(n.op_type == "MatMul" and not any(i in static for i in n.input) for n in members) or \
-                not any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [0]))[0] != 0 for n in members):
+                not any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [0]))[0] != 0 for n in members) or \
+                any(n.op_type not in _ATTENTION_OPS for n in members):  # e.g. an LSTM and attention pooling
             continue  # an attention written batch first (bmm / scaled_dot_product_attention): op by op
         members_of[name] = members
         softmax_of[name] = sm

@@ -56,7 +56,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     fi
     echo "setup: installing edgekit and its test dependencies (with the tune extra: Ray Tune, Optuna)"
     .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest, matplotlib, onnx, onnxruntime, ray.tune, optuna" \
+    .venv/bin/python -c "import edgekit, torch, numpy, jinja2, serial, elftools, sklearn, hypothesis, pytest, matplotlib, onnx, onnxruntime, onnxscript, ray.tune, optuna" \
         || { echo "setup: the Python environment is incomplete"; exit 1; }
     touch "$stamp"
 fi

@@ -87,7 +87,7 @@ def test_scratch_is_planned_per_board(tmp_path):
     q = quantize_with_random_data(g, rng)
     k = 3 * 3 * 5
     expect = {"mps2-an386": (4 * k + 7) // 8 * 8, "host": (2 * k + 7) // 8 * 8, "mps2-an385": 0,
-              "rpi4": (2 * k + 7) // 8 * 8, "rpi5": 4 * ((k + 15) // 16 * 16)}  # rpi5: 4 windows, 16-byte loads
+              "rpi4": 4 * ((k + 7) // 8 * 8), "rpi5": 4 * ((k + 15) // 16 * 16)}  # 4 windows, 8 / 16-byte loads
     for board, scratch in expect.items():
         record = generate_project(q, tmp_path / board, load_board(board))
         assert record["scratch_bytes"] == scratch, board
@@ -95,21 +95,22 @@ def test_scratch_is_planned_per_board(tmp_path):
         assert (f"ek_kernel_scratch[{scratch // 4}]" in model_c) == (scratch > 0)
 
 
+@pytest.mark.parametrize("group", [4, 1])
 @pytest.mark.parametrize("out_c, k", [(1, 1), (5, 9), (16, 16), (17, 45), (40, 7), (64, 144)])
-def test_sdot_packing_is_the_filter_in_the_tile_order(out_c, k):
-    """pack_conv_sdot puts w[c][t] at block b (first channel sdot_block_starts[b]), group t // 4,
-    channel c - start, byte t % 4; every other byte is zero."""
-    from edgekit.codegen.kernel_prep import pack_conv_sdot, sdot_block_starts
+def test_tile_packing_is_the_filter_in_the_tile_order(out_c, k, group):
+    """pack_conv_tile puts w[c][t] at block b (first channel sdot_block_starts[b]), group t // group,
+    channel c - start, byte t % group; every other byte is zero (group 4: rpi5's SDOT tile, 1: rpi4's)."""
+    from edgekit.codegen.kernel_prep import pack_conv_tile, sdot_block_starts
     w = np.random.default_rng(out_c * 100 + k).integers(-128, 128, (out_c, 1, 1, k)).astype(np.int8)
-    packed = pack_conv_sdot(w)
-    starts, k4 = sdot_block_starts(out_c), (k + 3) // 4
-    assert packed.size == len(starts) * k4 * 16 * 4
+    packed = pack_conv_tile(w, group)
+    starts, k4 = sdot_block_starts(out_c), (k + group - 1) // group
+    assert packed.size == len(starts) * k4 * 16 * group
     assert starts[-1] + min(out_c, 16) == out_c and all(b - a == 16 for a, b in zip(starts, starts[1:-1]))
-    tiles = packed.reshape(len(starts), k4, 16, 4)
+    tiles = packed.reshape(len(starts), k4, 16, group)
     for b, start in enumerate(starts):
         for j in range(16):
             got = tiles[b, :, j, :].reshape(-1)
-            want = np.zeros(4 * k4, np.int8)
+            want = np.zeros(group * k4, np.int8)
             if start + j < out_c:
                 want[:k] = w[start + j].reshape(-1)
             assert np.array_equal(got, want), (b, j)

@@ -131,13 +131,15 @@ def test_conv2d_neon_windows(xbuild, kw, h, w, c, o, padding, stride, act, board
 
 @given(st.integers(1, 9), st.integers(1, 5), st.sampled_from([1, 3, 4, 8, 13, 16, 20, 33]),
        st.sampled_from([1, 5, 15, 16, 17, 32, 40]), st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 5)]),
-       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), activations, boards,
+       st.integers(0, 2 ** 31))
 @PI_SETTINGS
-def test_conv2d_sdot_tile(xbuild, h, w, c, o, k, padding, stride, act, seed):
-    """rpi5's packed SDOT convolution: 16-channel blocks (fewer than 16 channels, and a last block
-    overlapping the one before when out_c is not a multiple of 16), 4-pixel groups with the last
-    pixel repeated, K (= kh * kw * in_c) with 1..3 groups of 4 taps past the last 16, windows read
-    in place (1x1, K a multiple of 16) or gathered with padding."""
+def test_conv2d_tile(xbuild, h, w, c, o, k, padding, stride, act, board, seed):
+    """The packed register tile (rpi5 SDOT, rpi4 SMLAL by lane): 16-channel blocks (fewer than 16
+    channels, and a last block overlapping the one before when out_c is not a multiple of 16),
+    4-pixel groups with the last pixel repeated, K (= kh * kw * in_c) with a tail past the last
+    whole load (1..3 groups of 4 taps past 16 on rpi5, 1..7 taps past 8 on rpi4), windows read in
+    place (1x1 / 1xN inside the input) or gathered with padding."""
     rng = np.random.default_rng(seed)
     kh, kw = k
     out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
@@ -147,7 +149,22 @@ def test_conv2d_sdot_tile(xbuild, h, w, c, o, k, padding, stride, act, seed):
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
-    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+    check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(1, 9), st.integers(1, 7), st.sampled_from([1, 3, 8, 13, 16, 20, 33]),
+       st.sampled_from([1, 5, 16, 17, 40]), activations, boards, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_pointwise_gemm(xbuild, h, w, c, o, act, board, seed):
+    """A 1x1 stride-1 unpadded convolution walks the pixels as a GEMM (each window is its input
+    pixel, no window function): every pixel count (odd, not a multiple of 4), and in_c not a
+    multiple of 16, where rpi5's last pixels' padded loads would leave the input and go through
+    the gathered windows instead."""
+    rng = np.random.default_rng(seed)
+    weights = {"w": rng.normal(0, 1, (o, 1, 1, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0), activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, h, w, o))
+    check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.sampled_from([8, 9, 15, 16, 17, 31, 40]),
@@ -369,7 +386,7 @@ def test_whole_model_bit_exact_under_qemu(kws_projects, board):
     assert np.array_equal(y, edgekit.reference_run(q, x))
     kernels = (projects[board] / "kernels" / "ek_conv2d_s8.c").read_text()
     assert "arm_neon" in (projects[board] / "include" / "ek_neon.h").read_text()
-    assert ("vdotq_laneq_s32(" if board == "rpi5" else "ek_neon_dot_4x2(") in kernels  # rpi5: the SDOT tile
+    assert ("vdotq_laneq_s32(" if board == "rpi5" else "vmlal_laneq_s16(") in kernels  # the SDOT / SMLAL tile
 
 
 def test_rpi5_build_uses_sdot_and_needs_the_a76(kws_projects):
@@ -418,6 +435,10 @@ def test_runner_over_tcp_with_profile(kws_projects):
         runner.wait()
     assert report["bit_exact"], "outputs over the protocol differ from the reference"
     assert report["unit"] == "nanoseconds" and report["total"]["median"] > 0
+    # the runner's 4 threads' CPU time (THREAD_COUNTS): the caller's whole inference, each worker's shares
+    assert [t["thread"] for t in report["threads"]] == [0, 1, 2, 3], report.get("threads")
+    assert all(t["min"] > 0 for t in report["threads"])
+    assert "CPU time per thread" in format_report(report)
     assert len(report["layers"]) == sum(1 for l in load_project(projects["rpi5"])["layers"] if l["kernel"])
     assert "bit-exact with the reference: yes" in format_report(report)
 
@@ -429,10 +450,13 @@ def test_runner_over_stdio(kws_projects):
     import struct
     size = q.tensors[q.inputs[0]].size
     frames = (P.encode_frame(P.IDENTIFY, 1) + P.encode_frame(P.SET_INPUT, 2, struct.pack("<BI", 0, 0) + bytes(size)) +
-              P.encode_frame(P.INVOKE, 3))
+              P.encode_frame(P.INVOKE, 3) + P.encode_frame(P.THREAD_COUNTS, 4))
     proc = subprocess.run(QEMU + ["-cpu", "cortex-a76", str(projects["rpi5"] / "edgekit_runner")], input=frames,
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     answers = [P.decode_frame(f) for f in proc.stdout.split(b"\x00") if f]
-    assert [a[0] for a in answers] == [P.IDENTIFY | 0x80, P.SET_INPUT | 0x80, P.INVOKE | 0x80]
+    assert [a[0] for a in answers] == [P.IDENTIFY | 0x80, P.SET_INPUT | 0x80, P.INVOKE | 0x80, P.THREAD_COUNTS | 0x80]
+    threads = answers[3][2]
+    assert threads[0] == 4 and len(threads) == 1 + 8 * 4  # CPU ns of the caller and the 3 workers
+    assert all(ns > 0 for ns in struct.unpack("<4Q", threads[1:]))
     assert q.fingerprint().encode() in answers[0][2] and b"rpi5" in answers[0][2]

@@ -19,7 +19,7 @@ from .. import quant_math
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
-SDOT_BLOCK = 16  # output channels of the SDOT convolution's register tile (kernels/neon/ek_conv2d_s8)
+SDOT_BLOCK = 16  # output channels of the NEON convolution's register tile (kernels/neon/ek_conv2d_s8)
 
 
 def sdot_block_starts(out_c: int) -> list[int]:
@@ -32,19 +32,27 @@ def sdot_block_starts(out_c: int) -> list[int]:
     return starts
 
 
-def pack_conv_sdot(w: np.ndarray) -> np.ndarray:
-    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the SDOT kernel reads it:
-    per block of 16 output channels (sdot_block_starts), per group of 4 taps of the window (K = kh *
-    kw * in_c rounded up to a multiple of 4, zeros past K), the 16 channels' 4 weights side by side:
-    one 64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps. Channels past out_c are zero."""
+def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the NEON register tile reads
+    it (kernels/neon/ek_conv2d_s8): per block of 16 output channels (sdot_block_starts), per group of
+    ``group`` taps of the window (K = kh * kw * in_c rounded up to a multiple of ``group``, zeros past
+    K), the 16 channels' ``group`` weights side by side. rpi5's SDOT tile reads groups of 4 (one
+    64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps), rpi4's SMLAL tile groups of 1 (16
+    bytes, one tap of 16 channels). Channels past out_c are zero."""
     out_c = w.shape[0]
     flat = w.reshape(out_c, -1).astype(np.int8)
     k = flat.shape[1]
-    k4 = (k + 3) // 4
-    padded = np.zeros((out_c + SDOT_BLOCK, 4 * k4), np.int8)
+    kg = (k + group - 1) // group
+    padded = np.zeros((out_c + SDOT_BLOCK, group * kg), np.int8)
     padded[:out_c, :k] = flat
-    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, k4, 4).transpose(1, 0, 2) for s in sdot_block_starts(out_c)]
+    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, kg, group).transpose(1, 0, 2)
+              for s in sdot_block_starts(out_c)]
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
+
+
+def conv_tile_group(board) -> int:
+    """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
+    return 4 if board.get("dotprod") else 1
 
 
 CONV_4X2_SCRATCH = 2048  # bytes of scratch the 4x2 kernel may take beyond what ek_conv2d_s8 needs
@@ -63,12 +71,13 @@ def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     """Whether a dense int8 convolution runs the Cortex-M DSP kernel with 4 pixel x 2 channel register
     blocks (kernels/dsp/ek_conv2d_s8_4x2): its blocks pay off from a few pixels and a window of at
     least two words, and its scratch (4 windows of K int16) must stay within ``cap``
-    (conv_4x2_scratch_cap). Others keep ek_conv2d_s8, as do convolutions with few input channels
-    (in_c <= 8, e.g. a first layer over an image), whose gather ek_conv2d_s8 is tuned for."""
+    (conv_4x2_scratch_cap). Others keep ek_conv2d_s8, as do spatial convolutions with few input
+    channels (in_c <= 8, e.g. a first layer over an image), whose gather ek_conv2d_s8 is tuned for; a
+    1x1 convolution over 8 channels takes the 4x2 kernel (VWW's 48x48x8 -> 16: 5.8 -> 3.4 per MAC)."""
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
     k4 = (kh * kw * in_c + 3) // 4 * 4
-    return in_c > 8 and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
+    return (in_c > 8 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
@@ -151,7 +160,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     word boundary; otherwise it sign-extends in its loop), a depthwise one lists its
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
-    kernels gather two windows as int8 (2 x K bytes); the NEON depthwise kernel keeps the tap table
+    kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
+    to whole 16-byte (SDOT) or 8-byte loads; the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
@@ -161,8 +171,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
         elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
-            # four pixels' windows for the SDOT kernel (rpi5), rounded up to whole 16-byte loads
-            windows = 4 * ((kh * kw * k_in + 15) // 16 * 16) if variant == "neon" and board.get("dotprod") else \
+            # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
+            # bytes, rpi4 8)
+            load = 16 if board.get("dotprod") else 8
+            windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
@@ -221,10 +233,13 @@ DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel un
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
 # Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
 # 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries with the most MACs get it first.
+# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries that save the most get it first.
 DW_DSP_CODE_BUDGET = 5000
 DW_DSP_TAP_BYTES = 108
 DW_DSP_BODY_BYTES = 1050
+# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 600.
+DW_DSP_EDGE_TAP_BYTES = 40
+DW_DSP_EDGE_BODY_BYTES = 600
 
 
 def depthwise_dsp_shapes(layers, board) -> list[dict]:
@@ -234,8 +249,9 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
     whose window lies inside the input, each tap's input and filter byte offsets (from the window's
     top-left pixel, channel c) are constants of the geometry, so the generated code reads them as LDR
     immediates: no tap table, no bounds checks, no loop counter. ``step`` is the next output pixel's
-    offset (stride_w * channels), for the pair path. Each geometry costs flash, so the ones with the
-    most MACs are unrolled first, within DW_DSP_CODE_BUDGET; the others, windows larger than
+    offset (stride_w * channels), for the pair path. Each geometry costs flash, so the ones whose
+    interior pixels save the most (estimated from their count and channels) are unrolled first,
+    within DW_DSP_CODE_BUDGET; the others, windows larger than
     DW_DSP_MAX_TAPS and offsets past an LDR immediate keep the tap-table path (the kernel matches
     the layer's shape at run time)."""
     if board.get("kernel_variant") != "dsp":
@@ -256,12 +272,55 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
             continue
         shape = found.setdefault(key, dict(zip(("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w"), key),
-                                           taps=taps, step=step, macs=0))
+                                           taps=taps, step=step, macs=0, gain=0, edges={}))
         shape["macs"] += layer.macs
+        # what the interior code saves, for ranking the geometries: per interior pixel its tap table
+        # (~8 instructions a tap) and ~15 instructions per channel (measured on the MLPerf Tiny layers:
+        # 17 per 8 MACs against 14 per 4 plus the loop's call)
+        (_, out_h, out_w, _), (_, in_h, _, _) = layer.dims["output"], layer.dims["input"]
+        rows_in = sum(1 for oy in range(out_h) if 0 <= oy * p["stride_h"] - p["pad_top"] and
+                      oy * p["stride_h"] - p["pad_top"] + (kh - 1) * p["dilation_h"] < in_h)
+        cols_in = sum(1 for ox in range(out_w) if 0 <= ox * p["stride_w"] - p["pad_left"] and
+                      ox * p["stride_w"] - p["pad_left"] + (kw - 1) * p["dilation_w"] < in_w)
+        shape["gain"] += rows_in * cols_in * (8 * kh * kw + 15 * in_c)
+        _, _, out_w, _ = layer.dims["output"]
+        rows = layer.dims["output"][1]
+        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
+            x0 = ox * p["stride_w"] - p["pad_left"]
+            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
+            if inside and len(inside) < kw:
+                edge = (inside[0], inside[-1] + 1)
+                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
     chosen, spent = [], 0
-    for shape in sorted(found.values(), key=lambda s: -s["macs"]):
+    for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             chosen.append(shape)
             spent += cost
-    return [{**shape, "id": i} for i, shape in enumerate(chosen)]
+    # then the edge functions of the chosen geometries (left / right border pixels whose rows are inside),
+    # most MACs first, in what is left of the budget
+    edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
+                   key=lambda e: -e[0])
+    kept: dict[int, list] = {}
+    for _, i, (kx0, kx1) in edges:
+        cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
+        if spent + cost <= DW_DSP_CODE_BUDGET:
+            spent += cost
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+    return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
+            for i, shape in enumerate(chosen)]
+
+
+def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
+    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
+    the padding, which adds weight x zero point), filter offsets as in the interior."""
+    taps = []
+    for ky in range(shape["kh"]):
+        for kx in range(shape["kw"]):
+            f_off = (ky * shape["kw"] + kx) * shape["in_c"]
+            if kx0 <= kx < kx1:
+                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+                taps.append((in_off, f_off))
+            else:
+                taps.append((None, f_off))
+    return {"kx0": kx0, "kx1": kx1, "taps": taps}

@@ -20,8 +20,8 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, depthwise_dsp_shapes,
-                          dsp_fallbacks_unused, folded_bias, pack_conv_sdot, scratch_bytes)
+from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
+                          depthwise_dsp_shapes, dsp_fallbacks_unused, folded_bias, pack_conv_tile, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -104,10 +104,11 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", sdot_conv: bool = False,
+    def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", conv_tile_group: int = 0,
                  dsp_conv: bool = False):
         self.graph = graph
-        self.sdot_conv = sdot_conv  # dense convolutions' filters packed for the SDOT kernel (rpi5)
+        # dense convolutions' filters packed for the NEON register tile, this many taps a group (0: not packed)
+        self.conv_tile_group = conv_tile_group
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
         self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.plan = plan
@@ -171,10 +172,11 @@ class _Builder:
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
-            if self.sdot_conv and op.kind == "conv2d":
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_sdot(w.data),
-                                                    f"{op.name}: weights {list(w.shape)}, packed for SDOT "
-                                                    "(16-channel blocks x 4 taps)")
+            if self.conv_tile_group and op.kind == "conv2d":
+                group = self.conv_tile_group
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the NEON "
+                                                    f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
             elif block_4x2:
                 packed, table = conv_4x2_layout(g, op)
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
@@ -667,9 +669,9 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
     output neurons of a dense fully connected layer, in groups of 4 (its NEON row group), or a dense
     convolution's output channels in blocks of 16 (the last share also takes the channels past the
-    last whole block, so it ends where the SDOT-packed filter's last tile does) when they share out
-    more evenly than its rows (a 3-row layer on 4 threads leaves one thread idle, its longest share
-    1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
+    last whole block, so it ends where the SDOT-packed filter's last tile does) when there are more
+    blocks than rows and they share out more evenly (a 3-row layer on 4 threads leaves one thread
+    idle, its longest share 1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
     (ek_conv_params.output_stride). ``conv_channels``: the board's conv kernels take that
     stride (the portable and NEON ones; the Pi boards)."""
     if weight_only or not layer.kernel:
@@ -680,7 +682,11 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
             return None
         rows = _longest_share(out[1], threads) if out[1] >= 2 else 1.0
         blocks = out[3] // CHANNEL_BLOCK
-        if layer.kind == "conv2d" and conv_channels and blocks >= 2 and _longest_share(blocks, threads) < rows:
+        # Channels only when there are more blocks than rows: every channel share walks every pixel's
+        # window, so with rows to spare a channel split repeats that per-pixel work on each thread
+        # (DS-CNN's 25-row 1x1 layers: 1.29x the one-thread work on rpi4, 1.48x on rpi5, measured).
+        if (layer.kind == "conv2d" and conv_channels and blocks >= 2 and blocks > out[1]
+                and _longest_share(blocks, threads) < rows):
             return "channels"
         return "rows" if out[1] >= 2 else None
     if layer.kind == "fully_connected" and layer.encoding == "dense" and layer.params.get("rows", 1) == 1:
@@ -770,7 +776,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
-                       sdot_conv=board.get("kernel_variant") == "neon" and bool(board.get("dotprod")),
+                       conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
                        dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():

@@ -89,7 +89,8 @@ def _inferences(link: DeviceLink, info, project: dict, samples: np.ndarray, expe
     read = range(len(sizes)) if project.get("exits") else range(1)  # a plain model: output 0, as always
     outputs = [np.zeros((n, sizes[j]), dtype=dtype) for j in read]
     exits = np.zeros(n, np.int64)
-    totals, per_layer, per_sample, mismatches = [], [], np.zeros(n), []
+    totals, per_layer, per_sample, mismatches, per_thread = [], [], np.zeros(n), [], []
+    threads = project.get("threads", 1) > 1 or None  # the Pi runner reports each thread's CPU time
     bar = Progress(runs, bar_label, enabled=show_progress, unit=" runs")
     for r in range(runs):
         i = r % n
@@ -105,6 +106,11 @@ def _inferences(link: DeviceLink, info, project: dict, samples: np.ndarray, expe
                 same = False
             outputs[j][i] = y
         layers = link.layer_counts(info.num_layers)
+        if threads:
+            counts = link.thread_counts()
+            threads = counts is not None
+            if counts:
+                per_thread.append(counts)
         if not same:
             mismatches.append({"run": r, "sample": i, "differing": differing,
                                **({"exit": int(status), "expected_exit": int(expected_exit[i])}
@@ -116,7 +122,7 @@ def _inferences(link: DeviceLink, info, project: dict, samples: np.ndarray, expe
         bar.update(postfix=f"{totals[-1]:,.0f} {unit}")
     bar.close()
     return {"totals": totals, "per_layer": np.asarray(per_layer), "outputs": outputs, "exits": exits,
-            "per_sample": per_sample, "mismatches": mismatches}
+            "per_sample": per_sample, "mismatches": mismatches, "per_thread": np.asarray(per_thread, np.float64)}
 
 
 def _layer_costs_from_passes(project: dict, early: np.ndarray, full: np.ndarray) -> list:
@@ -269,6 +275,10 @@ def profile(port: str, inputs, *, project_dir=None, labels=None, runs: int | Non
             "link": {"requests": link.stats.requests, "retries": link.stats.retries,
                      "damaged_frames": link.stats.bad_frames, "timeouts": link.stats.timeouts},
         }
+        if len(result["per_thread"]):
+            # CPU time (not the counter's unit): thread 0 ran the whole inference, the others their shares
+            report["threads"] = [{"thread": t, **_stats(result["per_thread"][:, t])}
+                                 for t in range(result["per_thread"].shape[1])]
         if unit == "cycles" and info.clock_hz:
             report["latency_ms"] = {k: v / info.clock_hz * 1e3 for k, v in report["total"].items()}
         elif unit == "ns":
@@ -296,6 +306,12 @@ def format_report(report: dict) -> str:
         lines.append(f"latency at {report['clock_hz'] / 1e6:g} MHz: median {report['latency_ms']['median']:.3f} ms")
     if "accuracy" in report:
         lines.append(f"accuracy on the device: {report['accuracy'] * 100:.2f} %")
+    if report.get("threads"):
+        th = report["threads"]
+        busiest = max(t["median"] for t in th[1:]) if len(th) > 1 else th[0]["median"]
+        lines.append("CPU time per thread (ns, median): " + "  ".join(f"{t['thread']}: {t['median']:,.0f}" for t in th)
+                     + f" (thread 0: the whole inference; the others: their shares; busiest worker / thread 0 "
+                     f"{busiest / (th[0]['median'] or 1):.2f})")
     if "exits" in report:
         lines += [""] + format_exits(report["exits"], unit)
     lines.append(f"flash {report['flash_bytes'] or 0:,} B (weights {report['weight_bytes']:,} B), RAM "

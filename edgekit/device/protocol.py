@@ -21,7 +21,7 @@ from .port import PortUser, open_port
 VERSION = 1
 MAX_PAYLOAD = 512
 
-IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM, BOOTLOADER = range(1, 10)
+IDENTIFY, SET_INPUT, INVOKE, GET_OUTPUT, STATS, LAYER_COUNTS, RESET, SET_PARAM, BOOTLOADER, THREAD_COUNTS = range(1, 11)
 PARAM_EXIT_THRESHOLD = 1  # SET_PARAM id: every early exit's threshold (int32, 1/256 units; 2**31 - 1: off)
 PARAM_EXIT_THRESHOLD_0 = 16  # SET_PARAM id 16 + k: early exit k's own threshold
 ERROR = 0x7F
@@ -257,6 +257,20 @@ class DeviceLink(PortUser):
         high_water, stack, arena, invocations = struct.unpack("<IIII", self.request(STATS)[:16])
         return {"stack_high_water": high_water, "stack_bytes": stack, "arena_bytes": arena,
                 "invocations": invocations}
+
+    def thread_counts(self) -> list[int] | None:
+        """CPU nanoseconds of each thread in the last inference (thread 0 the caller, then the workers'
+        shares), or None from a device without threads (it does not know the message)."""
+        try:
+            p = self.request(THREAD_COUNTS)
+        except DeviceError as exc:
+            if "unknown message type" in str(exc):
+                return None
+            raise
+        n = p[0] if p else 0
+        if len(p) != 1 + 8 * n:
+            raise DeviceError(f"THREAD_COUNTS: {len(p)} bytes for {n} threads")
+        return list(struct.unpack(f"<{n}Q", p[1:]))
 
     def set_param(self, param: int, value: int) -> None:
         self.request(SET_PARAM, struct.pack("<Bi", param, value))

@@ -40,9 +40,10 @@ SUPPORTED_OPS = (
     "constants), Pow (** 2), MaxPool, AveragePool (1-D, 2-D), GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, ReduceSum, ReduceMin, "
     "LayerNormalization, InstanceNormalization, GroupNormalization (and torch's exported form of it), "
     "Pad (constant, reflect, edge), Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, "
-    "Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), LSTM and GRU (one way, "
-    "zero initial state), Dropout, Identity, QuantizeLinear / DequantizeLinear (QDQ models), and constant "
-    "subgraphs (Constant, Shape, Gather, Concat, Cast, ...: evaluated at load time)"
+    "SplitToSequence + SequenceAt, Gather (one index), Resize (nearest, linear), Softmax and LogSoftmax (any axis), "
+    "LSTM and GRU (one way, zero initial state), nn.MultiheadAttention as torch.onnx exports it (recognised as a "
+    "whole; no masks), Dropout, Identity, Cast / CastLike to float, QuantizeLinear / DequantizeLinear (QDQ "
+    "models), and constant subgraphs (Constant, Shape, Gather, Concat, Cast, ...: evaluated at load time)"
 )
 
 HANDLERS: dict[str, Callable] = {}
@@ -97,7 +98,16 @@ def _attrs(node) -> dict:
 def layer_name(node) -> str:
     """The module path of a node, as torch names it. torch.onnx.export names a node by its scopes, each a
     child's name relative to its parent, a Sequential's children as "parent.index", then the op:
-    "/features/features.1/block/block.0/block.0.0/Conv" is the layer "features.1.block.0.0"."""
+    "/features/features.1/block/block.0/block.0.0/Conv" is the layer "features.1.block.0.0". The dynamo
+    exporter names nodes "node_Conv_0" and records the module paths, then the fx node's name, in the node's
+    metadata ("pkg.torch.onnx.name_scopes": ['', 'features', 'features.1', ..., 'conv2d'])."""
+    scopes = _name_scopes(node)
+    if scopes:
+        rules = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
+        if "FuseBatchNorm" in rules and len(node.input) > 1 and node.input[1].endswith(".weight"):
+            return node.input[1][:-len(".weight")]  # a convolution the optimizer folded a BatchNorm into: its
+            # scopes are the BatchNorm's, its weight keeps the convolution's name
+        return scopes[-2] if len(scopes) >= 2 and scopes[-2] else scopes[-1]
     parts = [p for p in node.name.split("/") if p]
     if len(parts) >= 2:
         path, prev = "", ""
@@ -111,6 +121,42 @@ def layer_name(node) -> str:
     if parts:  # an op outside any module ("/Add_1"): named like torch names it ("add_1")
         return parts[0].lower()
     return node.output[0] if node.output else node.op_type.lower()
+
+
+def _name_scopes(node) -> list[str]:
+    """The dynamo exporter's module scopes of a node ([] for other exporters)."""
+    import ast
+
+    for prop in getattr(node, "metadata_props", ()):
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(x) for x in scopes] if isinstance(scopes, list) else []
+    return []
+
+
+def _module_type(node) -> str:
+    """The class of the module the dynamo exporter made a node in ("AdaptiveMaxPool1d"; "" for others)."""
+    import ast
+
+    for prop in getattr(node, "metadata_props", ()):
+        if prop.key == "pkg.torch.onnx.class_hierarchy":
+            try:
+                hierarchy = ast.literal_eval(prop.value)
+                return str(hierarchy[-2]).rsplit(".", 1)[-1] if len(hierarchy) >= 2 else ""
+            except (ValueError, SyntaxError, TypeError):
+                return ""
+    return ""
+
+
+def _in_module(node) -> bool:
+    """Whether a node comes from inside a module (not the model's own forward)."""
+    scopes = _name_scopes(node)
+    if scopes:
+        return len(scopes) >= 2 and bool(scopes[-2])
+    return len([p for p in node.name.split("/") if p]) >= 2
 
 
 def _f32(value) -> float:
@@ -156,10 +202,12 @@ def _shaped(shape):
 
 
 class _Seq:
-    """An ONNX LSTM / GRU output Y, (L, directions, N, H): the exporter squeezes the directions away next."""
+    """An ONNX LSTM / GRU output Y, (L, directions, N, H), of the batch-first sequence ``value`` (N, L, H):
+    the TorchScript exporter squeezes the directions away next; the dynamo exporter transposes Y to
+    (L, N, directions, H) and reshapes that to (L, N, H)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, shape, swapped: bool = False):
+        self.value, self.shape, self.swapped = value, list(shape), swapped
 
 
 class _Converter(pt._Converter):
@@ -197,13 +245,14 @@ class _Converter(pt._Converter):
         for node in self.onnx_graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            elif node.op_type in ("Unsqueeze", "Reshape", "Identity") and all(i in found for i in node.input if i):
+            elif node.op_type == "Constant" or (node.op_type in ("Unsqueeze", "Reshape", "Identity", "Concat") and
+                                                 all(i in found for i in node.input if i)):  # value_ints, ...
                 try:
                     out = _evaluate(node, {i: found[i] for i in node.input if i}, self.opset)
                 except Exception:  # noqa: BLE001 - not evaluable here: the walk will say why
                     continue
                 found[node.output[0]] = np.asarray(out[0])
-                if node.input[0] in parameters:
+                if node.input and node.input[0] in parameters:
                     parameters.add(node.output[0])
         return found, parameters
 
@@ -551,6 +600,19 @@ def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
             continue
         drop.update((id(sqrt), id(inv)))
         replace[id(inv)] = helper.make_node("Rsqrt", [sqrt.input[0]], [inv.output[0]], name=inv.name)
+    for red in nodes:  # the dynamo exporter's AdaptiveMax/AvgPool1d(1): Unsqueeze(2) -> Reduce(2, 3) -> Squeeze(2)
+        kind = {"ReduceMax": "GlobalMaxPool", "ReduceMean": "GlobalAveragePool"}.get(red.op_type)
+        if kind is None or _module_type(red) not in ("AdaptiveMaxPool1d", "AdaptiveAvgPool1d"):
+            continue
+        up, down = producer(red.input[0]), only_user(red.output[0])
+        axes = consts.get(red.input[1]) if len(red.input) > 1 else None
+        if up is None or down is None or up.op_type != "Unsqueeze" or down.op_type != "Squeeze" or axes is None or \
+                sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        drop.update((id(red), id(down)))  # the Unsqueeze stays when something else reads it (dead otherwise)
+        pool = helper.make_node(kind, [up.input[0]], [down.output[0]], name=red.name)
+        pool.metadata_props.extend(red.metadata_props)
+        replace[id(down)] = pool
     for inorm in nodes:  # GroupNorm as torch.onnx.export writes it before opset 18
         fused = _group_norm_pattern(inorm, nodes, users, consts, parameters)
         if fused is not None:
@@ -576,6 +638,12 @@ def _static_names(nodes: list, graph) -> set[str]:
     return static
 
 
+# what the exporters write for nn.MultiheadAttention (and its need_weights average, QDQ pairs in it)
+_ATTENTION_OPS = {"Transpose", "MatMul", "Gemm", "Add", "Mul", "Div", "Sqrt", "Softmax", "Reshape", "Unsqueeze",
+                  "Squeeze", "Gather", "Slice", "Split", "Concat", "Shape", "Cast", "CastLike", "Expand", "Where",
+                  "Equal", "Identity", "Dropout", "ReduceMean", "QuantizeLinear", "DequantizeLinear"}
+
+
 def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
     """torch.onnx.export writes an nn.MultiheadAttention (and so a TransformerEncoderLayer's self attention)
     sequence first inside, the batch moved behind the sequence, the heads split by Reshape / Transpose /
@@ -590,19 +658,22 @@ def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
     static = _static_names(nodes, graph)
     graph_outputs = {o.name for o in graph.output}
     members_of: dict[str, list] = {}
+    softmax_of = {}
     for sm in nodes:
-        if sm.op_type != "Softmax" or len([p for p in sm.name.split("/") if p]) < 2:
+        if sm.op_type != "Softmax" or not _in_module(sm):
             continue
         scope = layer_name(sm)
-        name = sm.name.rsplit("/", 1)[0] + "/MultiHeadAttention"
+        name = f"{scope}/MultiHeadAttention" if _name_scopes(sm) else sm.name.rsplit("/", 1)[0] + "/MultiHeadAttention"
         if name in members_of:
             continue
         members = [n for n in nodes if n.output and not all(o in static for o in n.output)
                    and (layer_name(n) == scope or layer_name(n).startswith(scope + "."))]
         if not any(n.op_type == "MatMul" and not any(i in static for i in n.input) for n in members) or \
-                not any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [0]))[0] != 0 for n in members):
+                not any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [0]))[0] != 0 for n in members) or \
+                any(n.op_type not in _ATTENTION_OPS for n in members):  # e.g. an LSTM and attention pooling
             continue  # an attention written batch first (bmm / scaled_dot_product_attention): op by op
         members_of[name] = members
+        softmax_of[name] = sm
     if not members_of:
         return nodes, {}
     out, replaced, kept = list(nodes), {}, {}
@@ -620,6 +691,7 @@ def _attention_blocks(nodes: list, graph) -> tuple[list, dict[str, list]]:
         if any(out.index(u) < last for u in nodes if id(u) not in inside and any(o in u.input for o in outputs)):
             continue  # read outside before the block ends: left to the op-by-op walk (which says why not)
         block = helper.make_node("MultiHeadAttention", reads, outputs, name=name, domain="edgekit")
+        block.metadata_props.extend(softmax_of[name].metadata_props)  # the dynamo exporter's module scopes
         replaced[id(out[last])] = block
         kept[name] = members
         for n in members:
@@ -1116,6 +1188,8 @@ def _view(c: _Converter, node, shape):
 
 @handles("Reshape")
 def _reshape(c: _Converter, node):
+    if _sequence_view(c, node):
+        return
     v = c.onnx_value(node.input[0], node)
     current = c._torch_shape(v)
     target = [int(s) for s in c.cval(node, 1, "shape")]
@@ -1153,6 +1227,8 @@ def _unsqueeze(c: _Converter, node):
 
 @handles("Transpose")
 def _transpose(c: _Converter, node):
+    if _sequence_view(c, node):
+        return
     v = c.onnx_value(node.input[0], node)
     perm = _attrs(node).get("perm", list(range(v.torch_rank))[::-1])
     fake = c.fake(node, "permute", c.ref(node.input[0]), list(perm))
@@ -1197,6 +1273,47 @@ def _split(c: _Converter, node):
     fake = c.fake(node, "split")
     c._pieces(fake, v, axis, sizes)
     c.finish(node, fake)
+
+
+class _Pieces(tuple):
+    """A SplitToSequence's output: the pieces, read one by one with SequenceAt."""
+
+
+@handles("SplitToSequence")
+def _split_to_sequence(c: _Converter, node):
+    """The dynamo exporter's torch.chunk / split (optimize=False): the pieces of one SPLIT op."""
+    v = c.onnx_value(node.input[0], node)
+    a = _attrs(node)
+    axis = int(a.get("axis", 0)) % v.torch_rank
+    size = c._torch_shape(v)[axis]
+    split = c.cval(node, 1, "split sizes") if len(node.input) > 1 and node.input[1] else None
+    if split is None:
+        if not a.get("keepdims", 1):
+            raise c.unsupported(node, "a split into pieces of one with the axis dropped (keepdims=0)")
+        sizes = [1] * size
+    elif split.ndim == 0:  # pieces of that size, the last one smaller
+        n = int(split)
+        sizes = [n] * (size // n) + ([size % n] if size % n else [])
+    else:
+        sizes = [int(s) for s in split.reshape(-1)]
+    if sum(sizes) != size:
+        raise c.unsupported(node, f"split sizes {sizes} do not cover the {size} of axis {axis}")
+    fake = c.fake(node, "split")
+    c._pieces(fake, v, axis, sizes)
+    c.values[c.ident(node.output[0])] = _Pieces(c.values[fake.name])
+
+
+@handles("SequenceAt")
+def _sequence_at(c: _Converter, node):
+    pieces = c.values.get(c.ident(node.input[0]))
+    if pieces is pt._POISON:
+        raise pt._Poisoned()
+    if not isinstance(pieces, _Pieces):
+        raise c.unsupported(node, "it reads a sequence that is not a SplitToSequence's")
+    index = int(c.cval(node, 1, "position"))
+    if not -len(pieces) <= index < len(pieces):
+        raise c.unsupported(node, f"position {index} of a sequence of {len(pieces)}")
+    c.values[c.ident(node.output[0])] = pieces[index]
 
 
 @handles("Slice")
@@ -1297,8 +1414,20 @@ def _cast(c: _Converter, node):
     _identity(c, node)
 
 
+@handles("CastLike")
+def _cast_like(c: _Converter, node):
+    """The dynamo exporter's CastLike(constant, activation): the constant in the activation's type (float)."""
+    if c.is_const(node.input[0]):
+        c.consts[c.ident(node.output[0])] = c.cval(node, 0, "value").astype(np.float32)
+        return
+    c.onnx_value(node.input[1], node)
+    _identity(c, node)
+
+
 @handles("Shape")
 def _shape(c: _Converter, node):
+    if _sequence_view(c, node):
+        return
     a = _attrs(node)
     shape = np.array(c._torch_shape(c.onnx_value(node.input[0], node)), np.int64)
     c.consts[c.ident(node.output[0])] = shape[a.get("start", 0):a.get("end", len(shape))]
@@ -1352,7 +1481,8 @@ def _recurrent(c: _Converter, node, gates: str, torch_gates: str):
             raise c.unsupported(node, "a GRU with linear_before_reset=0 (torch's GRU has 1)")
         c._op_gru(fake)
     out = c.values[fake.name]
-    c.values[c.ident(node.output[0])] = _Seq(out[0])
+    n, length, hidden = c._torch_shape(out[0])
+    c.values[c.ident(node.output[0])] = _Seq(out[0], (length, 1, n, hidden))
 
 
 @handles("LSTM")
@@ -1370,12 +1500,36 @@ def _squeeze_sequence(c: _Converter, node) -> bool:
     seq = c.values.get(c.ident(node.input[0]))
     if not isinstance(seq, _Seq):
         return False
-    if _axes(c, node) not in ([1], [-3]):
+    if seq.swapped or _axes(c, node) not in ([1], [-3]):
         raise c.unsupported(node, "a squeeze of an LSTM / GRU output other than its directions axis")
-    v = seq.value
-    c.values[c.ident(node.output[0])] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
+    _time_major(c, node, seq)
     return True
 
+
+def _time_major(c: _Converter, node, seq: _Seq) -> None:
+    v = seq.value
+    c.values[c.ident(node.output[0])] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
+
+
+def _sequence_view(c: _Converter, node) -> bool:
+    """The dynamo exporter's spelling of that squeeze: Transpose (0, 2, 1, 3) of Y, then a Reshape to
+    (L, N, H); and the Shape of either, which sizes that Reshape."""
+    seq = c.values.get(c.ident(node.input[0]))
+    if not isinstance(seq, _Seq):
+        return False
+    swapped = seq.swapped
+    if node.op_type == "Shape":
+        a = _attrs(node)
+        c.consts[c.ident(node.output[0])] = np.array(seq.shape, np.int64)[a.get("start", 0):a.get("end", 4)]
+    elif node.op_type == "Transpose" and list(_attrs(node).get("perm", [])) == [0, 2, 1, 3] and not swapped:
+        L, d, n, h = seq.shape
+        c.values[c.ident(node.output[0])] = _Seq(seq.value, (L, n, d, h), swapped=True)
+    elif node.op_type == "Reshape" and swapped and [int(s) for s in c.cval(node, 1, "shape")] in (
+            [seq.shape[0], seq.shape[1], seq.shape[3]], [0, 0, -1]):
+        _time_major(c, node, seq)  # (L, N, 1, H) -> (L, N, H)
+    else:
+        raise c.unsupported(node, "it reads an LSTM / GRU output other than through the exporter's Squeeze")
+    return True
 
 
 # QDQ: a QuantizeLinear -> DequantizeLinear pair on an activation is its quantization parameters.
@@ -1488,6 +1642,21 @@ def _multi_head_attention(c: _Converter, node):
             c.values[alias] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
             batch_first[r] = f"{r}.batch_first"
 
+    # a QDQ model's Q/DQ pairs inside the block are looked through (edgekit calibrates the block's own tensors)
+    qdq = {m.output[0]: m.input[0] for m in members if m.op_type in ("QuantizeLinear", "DequantizeLinear")
+           and not c.is_const(m.input[0])}
+
+    def through(name):
+        while name in qdq:
+            name = qdq[name]
+        return name
+
+    def readers(name):
+        found = []
+        for u in users.get(name, []):
+            found += readers(u.output[0]) if u.output[0] in qdq else [u]
+        return found
+
     linears = []  # (weight (out, in), bias, block input it reads or None)
     for m in members:
         if m.op_type == "MatMul" and c.is_const(m.input[1]) and not c.is_const(m.input[0]):
@@ -1495,9 +1664,9 @@ def _multi_head_attention(c: _Converter, node):
             if w.ndim != 2:
                 continue
             w, bias = w.T, None
-            adds = [u for u in users.get(m.output[0], []) if u.op_type == "Add"]
+            adds = [u for u in readers(m.output[0]) if u.op_type == "Add"]
             if len(adds) == 1:
-                other = adds[0].input[1] if adds[0].input[0] == m.output[0] else adds[0].input[0]
+                other = adds[0].input[1] if through(adds[0].input[0]) == m.output[0] else adds[0].input[0]
                 if c.is_const(other) and c.consts[c.ident(other)].size == w.shape[0]:
                     bias = c.consts[c.ident(other)].reshape(-1)
         elif m.op_type == "Gemm" and c.is_const(m.input[1]):
@@ -1511,7 +1680,7 @@ def _multi_head_attention(c: _Converter, node):
         else:
             continue
         linears.append((np.asarray(w, np.float64), None if bias is None else np.asarray(bias, np.float64),
-                        entries.get(m.input[0])))
+                        entries.get(through(m.input[0]))))
     inputs = [(w, b, r) for w, b, r in linears if r is not None]
     rest = [(w, b) for w, b, r in linears if r is None]
     if not inputs or len(rest) != 1:
@@ -1538,7 +1707,8 @@ def _multi_head_attention(c: _Converter, node):
                 if not c.is_const(i):
                     raise c.unsupported(node, f"it reads '{i}', which is not an activation edgekit computes")
                 feeds[i] = c.consts[c.ident(i)]
-    graph = helper.make_graph(members, "attention", [helper.make_value_info(i, onnx.TypeProto()) for i in feeds],
+    run = [helper.make_node("Identity", [m.input[0]], [m.output[0]]) if m.output[0] in qdq else m for m in members]
+    graph = helper.make_graph(run, "attention", [helper.make_value_info(i, onnx.TypeProto()) for i in feeds],
                               [helper.make_value_info(node.output[0], onnx.TypeProto())])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.opset)])
     got = np.asarray(ReferenceEvaluator(model).run(None, feeds)[0], np.float64)

@@ -197,8 +197,9 @@ class _Builder:
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
-            layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
-            layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+            if not block_4x2:  # its table holds the requantization: ek_conv2d_s8_4x2 reads no quant arrays
+                layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+                layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
                                 act_min=a["act_min"], act_max=a["act_max"])
         if conv:

@@ -70,8 +70,8 @@ def test_depthwise_dsp_interior_and_border(case, board):
 
 
 def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
-    """Python picks the unrolled path per layer shape: a 3x3 depthwise with 8 channels gets it (and the
-    firmware contains it), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
+    """Python picks the unrolled path per layer shape: a 3x3 depthwise with 8 channels gets it (interior
+    and edge code), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
     rng = np.random.default_rng(3)
     shapes = {}
     for name, (c, mult) in {"c8": (8, 1), "c3": (3, 1), "m2": (4, 2)}.items():
@@ -81,6 +81,8 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
         record = edgekit.generate(q, tmp_path / name, board="mps2-an386")
         source = (tmp_path / name / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
         shapes[name] = "ek_dw_interior_0(" in source
+        if name == "c8":  # and the left / right edge code (pad 1: window columns 1..2 and 0..1 inside)
+            assert "ek_dw_edge_0_0(" in source and "ek_dw_edge_0_1(" in source
         assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
     assert shapes == {"c8": True, "c3": False, "m2": False}
     assert depthwise_dsp_shapes([], load_board("mps2-an385")) == []  # no DSP extension: no variant

@@ -236,6 +236,9 @@ DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fit
 DW_DSP_CODE_BUDGET = 5000
 DW_DSP_TAP_BYTES = 108
 DW_DSP_BODY_BYTES = 1050
+# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 600.
+DW_DSP_EDGE_TAP_BYTES = 40
+DW_DSP_EDGE_BODY_BYTES = 600
 
 
 def depthwise_dsp_shapes(layers, board) -> list[dict]:
@@ -267,12 +270,46 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
             continue
         shape = found.setdefault(key, dict(zip(("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w"), key),
-                                           taps=taps, step=step, macs=0))
+                                           taps=taps, step=step, macs=0, edges={}))
         shape["macs"] += layer.macs
+        _, _, out_w, _ = layer.dims["output"]
+        rows = layer.dims["output"][1]
+        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
+            x0 = ox * p["stride_w"] - p["pad_left"]
+            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
+            if inside and len(inside) < kw:
+                edge = (inside[0], inside[-1] + 1)
+                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["macs"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             chosen.append(shape)
             spent += cost
-    return [{**shape, "id": i} for i, shape in enumerate(chosen)]
+    # then the edge functions of the chosen geometries (left / right border pixels whose rows are inside),
+    # most MACs first, in what is left of the budget
+    edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
+                   key=lambda e: -e[0])
+    kept: dict[int, list] = {}
+    for _, i, (kx0, kx1) in edges:
+        cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
+        if spent + cost <= DW_DSP_CODE_BUDGET:
+            spent += cost
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+    return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
+            for i, shape in enumerate(chosen)]
+
+
+def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
+    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
+    the padding, which adds weight x zero point), filter offsets as in the interior."""
+    taps = []
+    for ky in range(shape["kh"]):
+        for kx in range(shape["kw"]):
+            f_off = (ky * shape["kw"] + kx) * shape["in_c"]
+            if kx0 <= kx < kx1:
+                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+                taps.append((in_off, f_off))
+            else:
+                taps.append((None, f_off))
+    return {"kx0": kx0, "kx1": kx1, "taps": taps}

@@ -1635,6 +1635,21 @@ def _multi_head_attention(c: _Converter, node):
             c.values[alias] = pt._Value(v.name, tuple({0: 1, 1: 0}.get(d, d) for d in v.dims))
             batch_first[r] = f"{r}.batch_first"
 
+    # a QDQ model's Q/DQ pairs inside the block are looked through (edgekit calibrates the block's own tensors)
+    qdq = {m.output[0]: m.input[0] for m in members if m.op_type in ("QuantizeLinear", "DequantizeLinear")
+           and not c.is_const(m.input[0])}
+
+    def through(name):
+        while name in qdq:
+            name = qdq[name]
+        return name
+
+    def readers(name):
+        found = []
+        for u in users.get(name, []):
+            found += readers(u.output[0]) if u.output[0] in qdq else [u]
+        return found
+
     linears = []  # (weight (out, in), bias, block input it reads or None)
     for m in members:
         if m.op_type == "MatMul" and c.is_const(m.input[1]) and not c.is_const(m.input[0]):
@@ -1642,9 +1657,9 @@ def _multi_head_attention(c: _Converter, node):
             if w.ndim != 2:
                 continue
             w, bias = w.T, None
-            adds = [u for u in users.get(m.output[0], []) if u.op_type == "Add"]
+            adds = [u for u in readers(m.output[0]) if u.op_type == "Add"]
             if len(adds) == 1:
-                other = adds[0].input[1] if adds[0].input[0] == m.output[0] else adds[0].input[0]
+                other = adds[0].input[1] if through(adds[0].input[0]) == m.output[0] else adds[0].input[0]
                 if c.is_const(other) and c.consts[c.ident(other)].size == w.shape[0]:
                     bias = c.consts[c.ident(other)].reshape(-1)
         elif m.op_type == "Gemm" and c.is_const(m.input[1]):
@@ -1658,7 +1673,7 @@ def _multi_head_attention(c: _Converter, node):
         else:
             continue
         linears.append((np.asarray(w, np.float64), None if bias is None else np.asarray(bias, np.float64),
-                        entries.get(m.input[0])))
+                        entries.get(through(m.input[0]))))
     inputs = [(w, b, r) for w, b, r in linears if r is not None]
     rest = [(w, b) for w, b, r in linears if r is None]
     if not inputs or len(rest) != 1:
@@ -1685,7 +1700,8 @@ def _multi_head_attention(c: _Converter, node):
                 if not c.is_const(i):
                     raise c.unsupported(node, f"it reads '{i}', which is not an activation edgekit computes")
                 feeds[i] = c.consts[c.ident(i)]
-    graph = helper.make_graph(members, "attention", [helper.make_value_info(i, onnx.TypeProto()) for i in feeds],
+    run = [helper.make_node("Identity", [m.input[0]], [m.output[0]]) if m.output[0] in qdq else m for m in members]
+    graph = helper.make_graph(run, "attention", [helper.make_value_info(i, onnx.TypeProto()) for i in feeds],
                               [helper.make_value_info(node.output[0], onnx.TypeProto())])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.opset)])
     got = np.asarray(ReferenceEvaluator(model).run(None, feeds)[0], np.float64)

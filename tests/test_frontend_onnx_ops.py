@@ -139,7 +139,33 @@ class Encoder(nn.Module):
         return self.encoder(self.embed(x))
 
 
+class RecurrentPooling(nn.Module):
+    """A submodule holding an LSTM (time-major inside the export: a batch-moving Transpose) and a softmax
+    attention pooling over its steps: not a MultiheadAttention block, converted op by op."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        w = torch.softmax(self.score(y), dim=1)
+        return torch.bmm(y.transpose(1, 2), w)[:, :, 0]
+
+
+class PooledSequence(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = RecurrentPooling()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(x))
+
+
 MODELS = {
+    "recurrent_pooling": (PooledSequence, (5, 6)),
     # exported nn.MultiheadAttention is sequence first inside: recognised as a whole (self attention with its
     # weights returned and ignored, cross attention with a packed k|v, separate q / k / v with kdim / vdim)
     "attentions": (Attentions, (5, 6)),

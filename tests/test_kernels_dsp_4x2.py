@@ -26,10 +26,10 @@ needs_qemu = [pytest.mark.qemu,
 
 @st.composite
 def conv_4x2_case(draw):
-    """A convolution the 4x2 kernel is chosen for: in_c > 8, at least 4 output pixels, K <= 256 (the
-    scratch cap of a model without larger convolutions)."""
-    c = draw(st.integers(9, 28))
-    kh, kw = draw(st.sampled_from([(1, 1), (1, 1), (3, 3), (1, 3), (2, 2)]))
+    """A convolution the 4x2 kernel is chosen for: in_c > 8 (8 for a 1x1), at least 4 output pixels,
+    K <= 256 (the scratch cap of a model without larger convolutions)."""
+    c = draw(st.integers(8, 28))
+    kh, kw = draw(st.sampled_from([(1, 1), (1, 1), (3, 3), (1, 3), (2, 2)])) if c > 8 else (1, 1)
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if kh * kw > 1 else (1, 1)
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4)) if kh * kw > 1 else (0, 0, 0, 0)
@@ -92,6 +92,9 @@ def test_conv_4x2_choice():
     assert conv_4x2_chosen(*conv(1, 64, 64, (25, 5)), cap=2048)  # the keyword spotter's 1x1 layers
     assert conv_4x2_chosen(*conv(3, 16, 16, (8, 8)), cap=2048)  # ResNet-8's first 3x3 layers
     assert not conv_4x2_chosen(*conv(3, 4, 16, (8, 8)), cap=2048)  # few input channels: ek_conv2d_s8
+    assert not conv_4x2_chosen(*conv(3, 8, 16, (8, 8)), cap=2048)
+    assert conv_4x2_chosen(*conv(1, 8, 16, (8, 8)), cap=2048)  # but a 1x1 over 8 channels (VWW's second layer)
+    assert not conv_4x2_chosen(*conv(1, 4, 16, (8, 8)), cap=2048)  # a window of 4 values: one block
     assert not conv_4x2_chosen(*conv(1, 32, 16, (1, 3)), cap=2048)  # fewer than 4 pixels
     assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)  # 4 windows of 576 int16: over the cap
     assert conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=8 * 576)

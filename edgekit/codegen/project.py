@@ -199,8 +199,9 @@ class _Builder:
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
-            layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
-            layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+            if not block_4x2:  # its table holds the requantization: ek_conv2d_s8_4x2 reads no quant arrays
+                layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+                layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
                                 act_min=a["act_min"], act_max=a["act_max"])
         if conv:
@@ -670,9 +671,9 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
     output neurons of a dense fully connected layer, in groups of 4 (its NEON row group), or a dense
     convolution's output channels in blocks of 16 (the last share also takes the channels past the
-    last whole block, so it ends where the SDOT-packed filter's last tile does) when they share out
-    more evenly than its rows (a 3-row layer on 4 threads leaves one thread idle, its longest share
-    1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
+    last whole block, so it ends where the SDOT-packed filter's last tile does) when there are more
+    blocks than rows and they share out more evenly (a 3-row layer on 4 threads leaves one thread
+    idle, its longest share 1/3 of the layer; 64 channels, 4 blocks, give 1/4). The kernels then write a slice of each pixel
     (ek_conv_params.output_stride). ``conv_channels``: the board's conv kernels take that
     stride (the portable and NEON ones; the Pi boards)."""
     if weight_only or not layer.kernel:
@@ -683,7 +684,11 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
             return None
         rows = _longest_share(out[1], threads) if out[1] >= 2 else 1.0
         blocks = out[3] // CHANNEL_BLOCK
-        if layer.kind == "conv2d" and conv_channels and blocks >= 2 and _longest_share(blocks, threads) < rows:
+        # Channels only when there are more blocks than rows: every channel share walks every pixel's
+        # window, so with rows to spare a channel split repeats that per-pixel work on each thread
+        # (DS-CNN's 25-row 1x1 layers: 1.29x the one-thread work on rpi4, 1.48x on rpi5, measured).
+        if (layer.kind == "conv2d" and conv_channels and blocks >= 2 and blocks > out[1]
+                and _longest_share(blocks, threads) < rows):
             return "channels"
         return "rows" if out[1] >= 2 else None
     if layer.kind == "fully_connected" and layer.encoding == "dense" and layer.params.get("rows", 1) == 1:

@@ -172,7 +172,9 @@ class _Builder:
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
-            if self.conv_tile_group and op.kind == "conv2d":
+            if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
+                                                                  self.conv_tile_group == 4)):
+                # rpi5's fully connected kernel reads the SDOT tile's layout too (a 1x1 convolution of one pixel)
                 group = self.conv_tile_group
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
                                                     f"{op.name}: weights {list(w.shape)}, packed for the NEON "

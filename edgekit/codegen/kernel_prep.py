@@ -195,7 +195,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
 
 
 # The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
-DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8")
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2")
 
 
 def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
@@ -221,6 +221,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             k_len = kh * kw * layer.dims["input"][3]
             fallback = 4 * k_len > scratch or k_len < 4
             shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
+        elif k == "ek_conv2d_s8_4x2":  # its portable form over the packed filter: a scratch too small
+            _, kh, kw, k_in = layer.dims["filter"]
+            fallback = 8 * ((kh * kw * k_in + 3) // 4 * 4) > scratch
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))

@@ -148,13 +148,14 @@ def test_qdq_zoo_model_keeps_its_parameters(name, tmp_path):
         assert np.abs(got - want).max() <= 2.01 * step
 
 
-def test_qdq_keyword_transformer(tmp_path):
-    """The ReLU keyword transformer quantized by onnxruntime: its Q/DQ pairs inside the exported attention block
-    are looked through (the block is converted whole; edgekit calibrates its inner tensors), the others keep
-    the model's parameters. Measured: as close to the float model as onnxruntime's own integer execution
-    (max 5.2 output steps both, mean 1.32 against onnxruntime's 1.38), within 4 steps of onnxruntime. The GELU
-    variant is refused: QDQ pairs split its Erf formula (the Erf node is named)."""
-    model, x = _model("kws_transformer_relu")
+@pytest.mark.parametrize("name", ["kws_transformer", "kws_transformer_relu"])
+def test_qdq_keyword_transformer(name, tmp_path):
+    """The keyword transformer quantized by onnxruntime: its Q/DQ pairs inside the exported attention block are
+    looked through (the block is converted whole; edgekit calibrates its inner tensors), those inside GELU's
+    Erf formula too (one GELU), the others keep the model's parameters. Measured, mean |error| against the
+    float model in output steps: ReLU 1.32 (onnxruntime's own QDQ execution 1.38), GELU 1.66 (1.49); within
+    4 steps of onnxruntime."""
+    model, x = _model(name)
     path = _qdq(export(model, x, tmp_path / "kwt.onnx"), tmp_path / "kwt_qdq.onnx", x, "QInt8", True)
     from onnx import numpy_helper
     m = onnx.load(str(path))
@@ -172,7 +173,8 @@ def test_qdq_keyword_transformer(tmp_path):
         exact = model(torch.as_tensor(x)).numpy()
     step = q.tensors[q.outputs[0]].quant.scale[0]
     assert np.abs(got - want).max() <= 4.01 * step
-    assert np.abs(got - exact).mean() <= 1.1 * np.abs(want - exact).mean()
+    assert np.abs(got - exact).mean() <= 1.25 * np.abs(want - exact).mean()
+    assert ("gelu" in {op.kind for op in q.ops}) == (name == "kws_transformer")
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small", "shufflenet_v2", "lstm_kws"])

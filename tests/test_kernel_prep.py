@@ -168,3 +168,19 @@ def test_dsp_paths_no_layer_reaches_are_left_out(tmp_path, in_c, shift_zero, dro
         assert (f"#define EK_CONV2D_S8_{path} 0" in header) == (path in dropped), path
     generate_project(q, tmp_path / "host", load_board("host"))
     assert "EK_CONV2D_S8_FALLBACK" not in (tmp_path / "host" / "include" / "ek_nn.h").read_text()
+
+
+def test_4x2_layers_store_no_quant_arrays(tmp_path):
+    """ek_conv2d_s8_4x2 reads its requantization from its table: its layers store no multiplier /
+    shift arrays (flash; bit-exact runs: test_kernels_dsp_4x2)."""
+    rng = np.random.default_rng(12)
+    g = float_graph("conv2d", [(1, 6, 6, 16)], dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1),
+                                                    activation="relu"),
+                    {"w": rng.normal(0, 1, (8, 3, 3, 16))}, (1, 6, 6, 8))
+    q = quantize_with_random_data(g, rng)
+    rec = generate_project(q, tmp_path / "m4", load_board("mps2-an386"))
+    assert rec["layers"][0]["kernel"] == "ek_conv2d_s8_4x2"
+    assert "_multiplier" not in (tmp_path / "m4" / "model_weights.c").read_text()
+    assert "_quant = { 0, 0 };" in (tmp_path / "m4" / "model.c").read_text()
+    generate_project(q, tmp_path / "host", load_board("host"))
+    assert "_multiplier" in (tmp_path / "host" / "model_weights.c").read_text()

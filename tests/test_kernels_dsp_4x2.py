@@ -186,3 +186,16 @@ def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
     assert list(table[:2]) == [3, 4]  # 5 computed channels in 3 pairs, 4 constants
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0
+
+
+def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path):
+    """The generator plans the 4x2 kernel's scratch, so no layer reaches its portable form on a DSP
+    board: ek_nn.h leaves it out (flash); the kernel without the DSP extension keeps it (host test)."""
+    from edgekit.boards import load_board
+    from edgekit.codegen.project import generate_project
+
+    rng = np.random.default_rng(3)
+    case = dict(h=4, w=4, c=16, o=6, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(4, 4),
+                act="relu", bias=True, wscale=0.3)
+    generate_project(_graph(case, rng), tmp_path, load_board("mps2-an386"))
+    assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in (tmp_path / "include" / "ek_nn.h").read_text()

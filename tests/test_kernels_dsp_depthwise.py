@@ -19,8 +19,6 @@ from hypothesis import strategies as st
 
 import edgekit
 from edgekit import reference
-from edgekit.boards import load_board
-from edgekit.codegen.kernel_prep import depthwise_dsp_shapes
 from helpers import conv_out, float_graph, quantize_with_random_data
 from test_kernels_c import activations
 from test_kernels_dsp import DSP_SETTINGS, _check_on_board
@@ -73,11 +71,12 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
     """Python picks the unrolled path per layer shape: a 3x3 depthwise with 8 channels gets it (interior
     and edge code), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
     rng = np.random.default_rng(3)
-    shapes = {}
+    shapes, q8 = {}, None
     for name, (c, mult) in {"c8": (8, 1), "c3": (3, 1), "m2": (4, 2)}.items():
         case = dict(h=6, w=5, c=c, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(6, 5),
                     mult=mult, act="relu", bias=True, wscale=0.5)
         q = quantize_with_random_data(_graph(case, rng), rng)
+        q8 = q if name == "c8" else q8
         record = edgekit.generate(q, tmp_path / name, board="mps2-an386")
         source = (tmp_path / name / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
         shapes[name] = "ek_dw_interior_0(" in source
@@ -85,7 +84,10 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
             assert "ek_dw_edge_0_0(" in source and "ek_dw_edge_0_1(" in source
         assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
     assert shapes == {"c8": True, "c3": False, "m2": False}
-    assert depthwise_dsp_shapes([], load_board("mps2-an385")) == []  # no DSP extension: no variant
+    # the M3 (no DSP extension) builds the portable kernel: no geometries, no unrolled code
+    record = edgekit.generate(q8, tmp_path / "m3", board="mps2-an385")
+    assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
+    assert "ek_dw_interior" not in (tmp_path / "m3" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
 
 
 def test_inplace_depthwise_chain_on_m4(tmp_path):

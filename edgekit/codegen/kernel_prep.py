@@ -19,6 +19,7 @@ from .. import quant_math
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
+FC_DSP_WIDEN_BYTES = 256  # scratch a DSP fully connected layer may add to keep its input widened (in_c <= 128)
 SDOT_BLOCK = 16  # output channels of the NEON convolution's register tile (kernels/neon/ek_conv2d_s8)
 
 
@@ -178,7 +179,12 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
-            need = max(need, 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK))  # never 0: defined
+            sums = 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK)  # never 0: defined
+            widened = 4 * ((layer.dims["filter"][3] + 1) // 2)  # the input as int16 pairs
+            # a short input is widened once (44 instead of 48 instructions per 32 MACs) for at most
+            # FC_DSP_WIDEN_BYTES more RAM; a longer one is sign-extended in the loop unless other layers'
+            # scratch has room for it anyway (the kernel decides by ek_kernel_scratch_bytes)
+            need = max(need, sums + widened if widened <= FC_DSP_WIDEN_BYTES else sums)
         elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "dsp":
             need = max(need, 4 * kh * kw + 4 * (layer.dims["output"][3] & ~3) + layer.dims["input"][3])
         elif layer.kernel == "ek_lstm_s8":  # every board: the int16 cell state and four gates
@@ -189,7 +195,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
 
 
 # The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
-DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8")
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2")
 
 
 def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
@@ -215,6 +221,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             k_len = kh * kw * layer.dims["input"][3]
             fallback = 4 * k_len > scratch or k_len < 4
             shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
+        elif k == "ek_conv2d_s8_4x2":  # its portable form over the packed filter: a scratch too small
+            _, kh, kw, k_in = layer.dims["filter"]
+            fallback = 8 * ((kh * kw * k_in + 3) // 4 * 4) > scratch
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))

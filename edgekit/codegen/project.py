@@ -172,7 +172,9 @@ class _Builder:
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
-            if self.conv_tile_group and op.kind == "conv2d":
+            if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
+                                                                  self.conv_tile_group == 4)):
+                # rpi5's fully connected kernel reads the SDOT tile's layout too (a 1x1 convolution of one pixel)
                 group = self.conv_tile_group
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
                                                     f"{op.name}: weights {list(w.shape)}, packed for the NEON "
@@ -197,8 +199,9 @@ class _Builder:
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
-            layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
-            layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
+            if not block_4x2:  # its table holds the requantization: ek_conv2d_s8_4x2 reads no quant arrays
+                layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
+                layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
                                 act_min=a["act_min"], act_max=a["act_max"])
         if conv:

@@ -245,7 +245,13 @@ class _Converter(pt._Converter):
         for node in self.onnx_graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            elif node.op_type == "Constant" or (node.op_type in ("Unsqueeze", "Reshape", "Identity", "Concat") and
+            elif node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[0] in found and \
+                    node.input[1] in found and found[node.input[1]].size == 1:  # a QDQ model's scalar constant
+                zp = found.get(node.input[2], 0) if len(node.input) > 2 else 0
+                found[node.output[0]] = ((found[node.input[0]].astype(np.float64) - np.float64(zp)) *
+                                         np.float64(found[node.input[1]])).astype(np.float32)
+            elif node.op_type == "Constant" or (node.op_type in ("Unsqueeze", "Reshape", "Identity", "Concat",
+                                                                  "QuantizeLinear") and
                                                  all(i in found for i in node.input if i)):  # value_ints, ...
                 try:
                     out = _evaluate(node, {i: found[i] for i in node.input if i}, self.opset)
@@ -383,6 +389,9 @@ class _Converter(pt._Converter):
         shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         if len(shape) and shape[0] is None:
             shape[0] = 1  # a symbolic batch size: edgekit runs one sample at a time
+        elif len(shape) and shape[0] != 1:  # else the first Reshape / Flatten would fail far from the cause
+            raise EdgekitError(f"the ONNX model's input '{inp.name}' has a fixed batch of {shape[0]} (shape {shape}): "
+                               "edgekit runs one sample at a time; export with a batch of 1 or a dynamic batch")
         if any(s is None or s < 1 for s in shape[1:]):
             raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}: edgekit needs fixed sizes "
                                "except the batch")
@@ -508,17 +517,28 @@ def _fuse_patterns(nodes: list, consts: dict, parameters: set[str]) -> list:
             return None
         return n.input[1] if scalar(n.input[0], value) else n.input[0] if scalar(n.input[1], value) else None
 
+    def after(name):
+        """The tensor a QDQ model's Q -> DQ pair right after ``name`` gives, and the pair ([] when none)."""
+        q = only_user(name)
+        dq = only_user(q.output[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            return dq.output[0], [q, dq]
+        return name, []
+
     def tail(first, x):
         """The common end of both GELU formulas, from the Erf / Tanh node ``first``: + 1, then * x and * 0.5 in
-        either order. The nodes and the last output, or None."""
-        add = only_user(first.output[0])
-        if add is None or add.op_type != "Add" or not scalar(other(add, first.output[0]), 1.0):
+        either order (a QDQ model's Q/DQ pairs between them dropped). The nodes and the last output, or None."""
+        out, pair = after(first.output[0])
+        add = only_user(out)
+        if add is None or add.op_type != "Add" or not scalar(other(add, out), 1.0):
             return None
-        chain, last, seen_x, seen_half = [add], add.output[0], False, False
+        chain, last, seen_x, seen_half = pair + [add], add.output[0], False, False
         while not (seen_x and seen_half):
+            last, pair = after(last)
             mul = only_user(last)
             if mul is None or mul.op_type != "Mul":
                 return None
+            chain += pair
             o = other(mul, last)
             if not seen_x and o == x:
                 seen_x = True

@@ -332,3 +332,6 @@ def test_bad_onnx_inputs_are_refused_clearly(tmp_path):
     dynamic = _onnx_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, "h", 4])], ["y"])
     with pytest.raises(EdgekitError, match="fixed sizes"):
         edgekit.load(dynamic)
+    batch = _onnx_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [4, 3, 8])], ["y"])
+    with pytest.raises(EdgekitError, match=r"input 'x' has a fixed batch of 4 \(shape \[4, 3, 8\]\)"):
+        edgekit.load(batch)

@@ -389,6 +389,9 @@ class _Converter(pt._Converter):
         shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         if len(shape) and shape[0] is None:
             shape[0] = 1  # a symbolic batch size: edgekit runs one sample at a time
+        elif len(shape) and shape[0] != 1:  # else the first Reshape / Flatten would fail far from the cause
+            raise EdgekitError(f"the ONNX model's input '{inp.name}' has a fixed batch of {shape[0]} (shape {shape}): "
+                               "edgekit runs one sample at a time; export with a batch of 1 or a dynamic batch")
         if any(s is None or s < 1 for s in shape[1:]):
             raise EdgekitError(f"the ONNX model's input '{inp.name}' has shape {shape}: edgekit needs fixed sizes "
                                "except the batch")

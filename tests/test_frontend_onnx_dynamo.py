@@ -16,7 +16,7 @@ import torch
 import edgekit
 from edgekit.passes.fuse import prepare_float
 from test_frontend_onnx import assert_same_graph
-from test_frontend_onnx_zoo import _int8_outputs, _model, _onnxruntime_runs, _outputs
+from test_frontend_onnx_zoo import _int8_outputs, _model, assert_int8_identical_and_near_onnxruntime
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -37,15 +37,7 @@ def test_dynamo_export_is_the_same_graph(name, tmp_path):
     path = export_dynamo(model, x, tmp_path / f"{name}.onnx", optimize=False)
     a, b = prepare_float(edgekit.load(path)), prepare_float(edgekit.load(model, x[:1]))
     assert_same_graph(a, b)
-    qa, qb = edgekit.quantize(path, x), edgekit.quantize(model, x)
-    for ya, yb in zip(_int8_outputs(qa, x), _int8_outputs(qb, x)):
-        assert np.array_equal(ya, yb), (np.abs(ya.astype(int) - yb.astype(int)).max(), (ya != yb).mean())
-    runs = _onnxruntime_runs(path, x)
-    for k, got in enumerate(_outputs(edgekit.reference_run(qa, x))):
-        want = np.concatenate([r[k] for r in runs])
-        step = qa.tensors[qa.outputs[k]].quant.scale[0]
-        err = np.abs(got - want)
-        assert err.mean() <= 3 * step and err.max() <= 16 * step, (k, err.mean() / step, err.max() / step)
+    assert_int8_identical_and_near_onnxruntime(path, model, x)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small", "yolov8n_like"])

@@ -88,6 +88,20 @@ def _outputs(y):
     return list(y) if isinstance(y, (list, tuple)) else [y]
 
 
+def assert_int8_identical_and_near_onnxruntime(path, model, x):
+    """int8 through ONNX: the same calibration, the same parameters, the same outputs as through torch; and
+    onnxruntime's float outputs within the int8 graph's error."""
+    qa, qb = edgekit.quantize(path, x), edgekit.quantize(model, x)
+    for ya, yb in zip(_int8_outputs(qa, x), _int8_outputs(qb, x)):
+        assert np.array_equal(ya, yb), (np.abs(ya.astype(int) - yb.astype(int)).max(), (ya != yb).mean())
+    runs = _onnxruntime_runs(path, x)
+    for k, got in enumerate(_outputs(edgekit.reference_run(qa, x))):
+        want = np.concatenate([r[k] for r in runs])
+        step = qa.tensors[qa.outputs[k]].quant.scale[0]
+        err = np.abs(got - want)
+        assert err.mean() <= 3 * step and err.max() <= 16 * step, (k, err.mean() / step, err.max() / step)
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
     model, x = _model(name)
@@ -100,17 +114,7 @@ def test_zoo_model_through_onnx_is_the_same_graph(name, tmp_path):
     got = _outputs(edgekit.reference_run(a, x[:4]))
     for g_, w_ in zip(got, want):
         np.testing.assert_allclose(g_, w_.numpy(), rtol=1e-4, atol=1e-4)
-    # int8: the same calibration, the same parameters, the same outputs
-    qa, qb = edgekit.quantize(path, x), edgekit.quantize(model, x)
-    for ya, yb in zip(_int8_outputs(qa, x), _int8_outputs(qb, x)):
-        assert np.array_equal(ya, yb), (np.abs(ya.astype(int) - yb.astype(int)).max(), (ya != yb).mean())
-    # onnxruntime's float outputs: within the int8 graph's error
-    runs = _onnxruntime_runs(path, x)
-    for k, got in enumerate(_outputs(edgekit.reference_run(qa, x))):
-        want = np.concatenate([r[k] for r in runs])
-        step = qa.tensors[qa.outputs[k]].quant.scale[0]
-        err = np.abs(got - want)
-        assert err.mean() <= 3 * step and err.max() <= 16 * step, (k, err.mean() / step, err.max() / step)
+    assert_int8_identical_and_near_onnxruntime(path, model, x)
 
 
 @pytest.mark.parametrize("name", ["imu_cnn", "m5", "tc_resnet", "mobilenetv3_small", "shufflenet_v2", "yolov8n_like",

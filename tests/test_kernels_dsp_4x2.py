@@ -25,15 +25,23 @@ needs_qemu = [pytest.mark.qemu,
 
 
 @st.composite
-def conv_4x2_case(draw):
-    """A convolution the 4x2 kernel is chosen for: in_c > 8 (8 for a 1x1), at least 4 output pixels,
-    K <= 256 (the scratch cap of a model without larger convolutions)."""
-    c = draw(st.integers(8, 28))
-    kh, kw = draw(st.sampled_from([(1, 1), (1, 1), (3, 3), (1, 3), (2, 2)])) if c > 8 else (1, 1)
+def conv_4x2_case(draw, first=False):
+    """A convolution the 4x2 kernel is chosen for: in_c > 8 (8 for a 1x1), or with ``first`` a first
+    layer's 1-3 (windows up to 10x4, K >= 8, odd sizes); at least 4 output pixels, K <= 256 (the
+    scratch cap of a model without larger convolutions)."""
+    c = draw(st.integers(1, 3) if first else st.integers(8, 28))
+    if c <= 3:  # a first layer over an image or a spectrogram (KWS: 10x4 over 1 channel)
+        kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (10, 4), (2, 3), (5, 5), (4, 1)]))
+        if kh * kw * c < 8:
+            kh, kw = 3, 3
+    else:
+        kh, kw = draw(st.sampled_from([(1, 1), (1, 1), (3, 3), (1, 3), (2, 2)])) if c > 8 else (1, 1)
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if kh * kw > 1 else (1, 1)
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4)) if kh * kw > 1 else (0, 0, 0, 0)
     h, w = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    if c <= 3:  # larger, odd images so that a 10x4 window fits with strides
+        h, w = draw(st.integers(2, 13)), draw(st.integers(2, 9))
     oh, ow = conv_out(h, w, (kh, kw), stride, dilation, padding)
     if oh < 1 or ow < 1 or oh * ow < 4:
         stride, dilation, padding = (1, 1), (1, 1), (kh // 2, kh - 1 - kh // 2, kw // 2, kw - 1 - kw // 2)
@@ -91,7 +99,10 @@ def test_conv_4x2_choice():
 
     assert conv_4x2_chosen(*conv(1, 64, 64, (25, 5)), cap=2048)  # the keyword spotter's 1x1 layers
     assert conv_4x2_chosen(*conv(3, 16, 16, (8, 8)), cap=2048)  # ResNet-8's first 3x3 layers
-    assert not conv_4x2_chosen(*conv(3, 4, 16, (8, 8)), cap=2048)  # few input channels: ek_conv2d_s8
+    assert not conv_4x2_chosen(*conv(3, 4, 16, (8, 8)), cap=2048)  # 4-8 input channels: ek_conv2d_s8
+    assert conv_4x2_chosen(*conv(3, 3, 16, (8, 8)), cap=2048)  # a first layer over an image (ResNet-8, VWW)
+    assert conv_4x2_chosen(*conv(3, 1, 8, (8, 8)), cap=2048)  # over one channel, K = 9
+    assert not conv_4x2_chosen(*conv(1, 3, 8, (8, 8)), cap=2048)  # a 1x1 over 3 channels: K < 8
     assert not conv_4x2_chosen(*conv(3, 8, 16, (8, 8)), cap=2048)
     assert conv_4x2_chosen(*conv(1, 8, 16, (8, 8)), cap=2048)  # but a 1x1 over 8 channels (VWW's second layer)
     assert not conv_4x2_chosen(*conv(1, 4, 16, (8, 8)), cap=2048)  # a window of 4 values: one block
@@ -100,9 +111,7 @@ def test_conv_4x2_choice():
     assert conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=8 * 576)
 
 
-@given(conv_4x2_case(), BOARDS)
-@DSP_SETTINGS
-def test_conv2d_s8_4x2_on_cortex_m(case, board):
+def _check_on_cortex_m(case, board):
     if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
         pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
     from cortex_m_selftest import run_selftest
@@ -117,6 +126,19 @@ def test_conv2d_s8_4x2_on_cortex_m(case, board):
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     diff = int(np.sum(got != ref))
     assert diff == 0, f"{board} {case}: {diff} of {got.size} elements differ"
+
+
+@given(conv_4x2_case(), BOARDS)
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_on_cortex_m(case, board):
+    _check_on_cortex_m(case, board)
+
+
+@given(conv_4x2_case(first=True), BOARDS)
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_first_layer_on_cortex_m(case, board):
+    """1-3 input channels (KWS's 10x4 over a spectrogram, 3x3 over an RGB image)."""
+    _check_on_cortex_m(case, board)
 
 
 HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
@@ -136,6 +158,16 @@ kernel_variant = "dsp"
 def test_conv2d_s8_4x2_portable_host_asan(case):
     """The packed filter, the per-channel records and the gather order through the kernel's portable
     form, on the host under ASan / UBSan, bit-exact with the numpy reference."""
+    _check_portable_host(case)
+
+
+@given(conv_4x2_case(first=True))
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_first_layer_portable_host_asan(case):
+    _check_portable_host(case)
+
+
+def _check_portable_host(case):
     from edgekit.boards import load_board_file
     from edgekit.codegen.project import generate_project
     from helpers import CBuild, run_c

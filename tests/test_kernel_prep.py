@@ -128,14 +128,15 @@ def test_cold_kernels_build_portable_and_for_size(tmp_path):
     x = np.random.default_rng(0).normal(size=(8, 1, 49, 10)).astype(np.float32)
     g = edgekit.quantize(models.ds_cnn_kws(filters=16).eval(), x)
     rec = edgekit.generate(g, tmp_path / "m4", board="mps2-an386")
-    assert "ek_fully_connected_s8" in rec["cold_kernels"] and "ek_conv2d_s8" not in rec["cold_kernels"]
+    # every convolution of this model (the first one over 1 channel too) runs ek_conv2d_s8_4x2
+    assert "ek_fully_connected_s8" in rec["cold_kernels"] and "ek_conv2d_s8_4x2" not in rec["cold_kernels"]
     kernels = tmp_path / "m4" / "kernels"
     assert "ek_dsp.h" not in (kernels / "ek_fully_connected_s8.c").read_text()
-    assert "ek_dsp.h" in (kernels / "ek_conv2d_s8.c").read_text()
+    assert "ek_dsp.h" in (kernels / "ek_conv2d_s8_4x2.c").read_text()
     make = (tmp_path / "m4" / "Makefile").read_text()
     size_sources = next(l for l in make.splitlines() if l.startswith("SIZE_SOURCES ="))
     assert "kernels/ek_fully_connected_s8.c" in size_sources and "ek_protocol.c" in size_sources
-    assert "kernels/ek_conv2d_s8.c" not in size_sources
+    assert "kernels/ek_conv2d_s8_4x2.c" not in size_sources
     host = edgekit.generate(g, tmp_path / "host", board="host")
     assert host["cold_kernels"] == []
     if shutil.which("arm-none-eabi-gcc"):

@@ -1288,11 +1288,19 @@ def _split(c: _Converter, node):
         step = -(-size // n)
         sizes = [min(step, size - i * step) for i in range(n)]
     sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
-    if sum(sizes) != size or len(sizes) != len(node.output):
+    if len(sizes) != len(node.output):
+        raise c.unsupported(node, f"{len(sizes)} split sizes for {len(node.output)} outputs")
+    c.finish(node, _split_pieces(c, node, v, axis, sizes))
+
+
+def _split_pieces(c: _Converter, node, v, axis: int, sizes: list[int]):
+    """One SPLIT op cutting axis into pieces of these sizes (Split's outputs, SplitToSequence's sequence)."""
+    size = c._torch_shape(v)[axis]
+    if sum(sizes) != size:
         raise c.unsupported(node, f"split sizes {sizes} do not cover the {size} of axis {axis}")
     fake = c.fake(node, "split")
     c._pieces(fake, v, axis, sizes)
-    c.finish(node, fake)
+    return fake
 
 
 class _Pieces(tuple):
@@ -1316,10 +1324,7 @@ def _split_to_sequence(c: _Converter, node):
         sizes = [n] * (size // n) + ([size % n] if size % n else [])
     else:
         sizes = [int(s) for s in split.reshape(-1)]
-    if sum(sizes) != size:
-        raise c.unsupported(node, f"split sizes {sizes} do not cover the {size} of axis {axis}")
-    fake = c.fake(node, "split")
-    c._pieces(fake, v, axis, sizes)
+    fake = _split_pieces(c, node, v, axis, sizes)
     c.values[c.ident(node.output[0])] = _Pieces(c.values[fake.name])
 
 

@@ -56,6 +56,14 @@ def conv_tile_group(board) -> int:
     return 4 if board.get("dotprod") else 1
 
 
+def int16_pairs_exact(w: np.ndarray) -> bool:
+    """Whether rpi4's int16-pair kernels (kernels/neon: ..._pairs) compute this int8 filter exactly: they add
+    two products w x + w' x' in an int16 lane before widening (SMULL + SMLAL2, then SADALP), which fits
+    (|.| <= 2 x 127 x 128 = 32512 < 2^15) only when no weight is -128 (x may be: inputs span all of int8).
+    A layer with a -128 weight keeps the one-product kernels."""
+    return int(np.min(w)) > -128 if w.size else True
+
+
 CONV_4X2_SCRATCH = 2048  # bytes of scratch the 4x2 kernel may take beyond what ek_conv2d_s8 needs
 
 

@@ -25,6 +25,12 @@ when no later row of the first convolution reads x's rows a band has overwritten
 window below its centre cover the first's padding above (k_B - 1 - p_B >= p_A). The band height is the
 largest whose footprint stays within the rest of the schedule's bound.
 
+Operator order (``op-order``): a layer that reads a tensor other layers read too (a residual block's
+shortcut) may run earlier or later within its dependencies; ``op_schedule`` moves such layers one at a
+time to where the bytes alive per step, sorted from the largest, are least (so the peak first, then the
+next highest steps), a bounded number of tries. The generated code calls the layers in that order; the
+layers keep their indices (names, per-layer counts). Graphs with early exits keep their order.
+
 Placement: lowest feasible offset, buffer by buffer, in an order. Today's plan (``offset-search``
 off) is greedy by size (largest first), TFLM's GreedyMemoryPlanner's order; the search tries a few
 orders and then swaps pairs of buffers (seeded, bounded), and stops at the lower bound. Both are
@@ -32,6 +38,7 @@ computed at generate time so the device spends no instructions on allocation.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -42,7 +49,8 @@ from ..ir import Graph, Op, nhwc
 ALIAS_OPS = ("reshape",)
 ELEMENTWISE_OPS = ("add", "relu", "relu6", "clamp")
 # The techniques `edgekit generate --memory-off` can turn off, in the order they usually pay.
-TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "residual-bands", "offset-search")
+TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "op-order", "residual-bands", "offset-search")
+SCHEDULE_TRIES = 200  # orders the op-order search evaluates at most per model
 BAND_CONVS = ("conv2d", "depthwise_conv2d")
 ANY_OVERLAP = -(1 << 40)  # a delta that allows every relative placement
 NO_READ = 1 << 30  # the "first input pixel" of a window that reads none
@@ -110,6 +118,7 @@ class MemoryPlan:
     buffers: list[Buffer] = field(default_factory=list)
     inplace: list[InPlace] = field(default_factory=list)  # the pairs this plan was allowed to overlap
     bands: list[BandGroup] = field(default_factory=list)  # residual blocks run in row bands
+    schedule: list[int] = field(default_factory=list)  # the ops' indices in the order they run; steps are its positions
     not_banded: list[tuple[tuple[int, ...], str]] = field(default_factory=list)  # (ops, why not) of the others
 
     def live_bytes(self) -> dict[int, int]:
@@ -123,14 +132,28 @@ class MemoryPlan:
     def lower_bound(self) -> int:
         """The largest set of buffers alive at one op, less what that op's in-place pair may share:
         no plan with this schedule can beat it."""
-        steps = {s for b in self.buffers for s in (b.first, b.last)}
-        best = 0
-        for s in steps:
-            live = sum(b.size for b in self.buffers if b.first <= s <= b.last)
-            shared = max((_pair_saving(self.buffers[p.input], self.buffers[p.output], p.delta)
-                          for p in self.inplace if p.op == s), default=0)
-            best = max(best, live - shared)
-        return best
+        return max(_step_values(self), default=0)
+
+
+def _step_values(plan: MemoryPlan) -> list[int]:
+    """Per step (from the first buffer's first to the last one's last), the bytes alive less what
+    that step's in-place pair may share; one sweep over the buffers."""
+    bufs = plan.buffers
+    if not bufs:
+        return []
+    lo, hi = min(b.first for b in bufs), max(b.last for b in bufs)
+    diff = [0] * (hi - lo + 2)
+    for b in bufs:
+        diff[b.first - lo] += b.size
+        diff[b.last - lo + 1] -= b.size
+    shared: dict[int, int] = {}
+    for p in plan.inplace:
+        shared[p.op] = max(shared.get(p.op, 0), _pair_saving(bufs[p.input], bufs[p.output], p.delta))
+    values, live = [], 0
+    for s in range(lo, hi + 1):
+        live += diff[s - lo]
+        values.append(live - shared.get(s, 0))
+    return values
 
 
 def _pair_saving(inp: Buffer, out: Buffer, delta: int) -> int:
@@ -264,22 +287,30 @@ def _band_refusal(graph: Graph, ops, x, y, w, z, readers, allowed, off_reason) -
 
 def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None = None, *,
                 techniques=(), kernel_variant: str | None = None, inplace_ops=None,
-                bands_off_reason: str | None = None) -> MemoryPlan:
+                bands_off_reason: str | None = None, schedule: list[int] | None = None) -> MemoryPlan:
     """Plan the arena. ``elem_bytes`` overrides bytes per element by dtype (the
     weight-only mode keeps activations in float32). ``techniques``: those of TECHNIQUES to use
     (none: today's greedy plan); ``kernel_variant``: the board's (in-place rules depend on it);
     ``inplace_ops``: the indices of the ops allowed to run in place (default: all);
-    ``bands_off_reason``: no residual block runs in bands, for this reason."""
+    ``bands_off_reason``: no residual block runs in bands, for this reason; ``schedule``: the op order
+    (default: op_schedule's with op-order on, else the graph's). The plan's steps (buffer lifetimes,
+    in-place ops, bands) are positions in ``plan.schedule``."""
     techniques = set(techniques)
+    if schedule is None:
+        schedule = op_schedule(graph, align, elem_bytes, techniques, kernel_variant, inplace_ops) \
+            if "op-order" in techniques else list(range(len(graph.ops)))
+    view, allowed = _in_order(graph, schedule, inplace_ops)
     groups: list[BandGroup] = []
     skipped: list[tuple[tuple[int, ...], str]] = []
+    rules: dict = {}
     if "residual-bands" in techniques:
-        groups, skipped = residual_blocks(graph, inplace_ops, bands_off_reason)
+        groups, skipped = residual_blocks(view, allowed, bands_off_reason)
         groups, dropped = _choose_bands(
-            lambda bands: _buffers(graph, align, elem_bytes, techniques, kernel_variant, inplace_ops, bands), groups)
+            lambda bands: _buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, bands, rules), groups)
         skipped += dropped
-    plan = _buffers(graph, align, elem_bytes, techniques, kernel_variant, inplace_ops, groups)
+    plan = _buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, groups, rules)
     plan.not_banded = sorted(skipped)
+    plan.schedule = list(schedule)
     order = sorted(range(len(plan.buffers)), key=lambda k: (-plan.buffers[k].size, plan.buffers[k].first))
     offsets = _place(plan, order, align)
     if "offset-search" in techniques:
@@ -291,6 +322,69 @@ def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None 
             plan.offsets[name] = b.offset
     plan.arena_bytes = _arena(plan.buffers, offsets, align)
     return plan
+
+
+def _in_order(graph: Graph, schedule: list[int], inplace_ops):
+    """The graph with its ops in ``schedule``'s order, and ``inplace_ops`` as positions in it."""
+    if schedule == list(range(len(graph.ops))):
+        return graph, inplace_ops
+    view = dataclasses.replace(graph, ops=[graph.ops[i] for i in schedule])
+    return view, None if inplace_ops is None else {p for p, i in enumerate(schedule) if i in inplace_ops}
+
+
+def op_schedule(graph: Graph, align: int = 8, elem_bytes=None, techniques=(), kernel_variant=None,
+                inplace_ops=None) -> list[int]:
+    """A topological order of the ops with fewer bytes alive at its highest steps: the layers that read a
+    tensor others read too are moved, one at a time, to the position within their dependencies that makes
+    the steps' bytes (less in-place sharing, sorted from the largest) least, while that improves, at most
+    SCHEDULE_TRIES orders. E.g. a shortcut convolution run before the main path's second convolution
+    frees the block input sooner. Graphs with early exits keep their order (an exit returns mid-way)."""
+    n = len(graph.ops)
+    order = list(range(n))
+    if any(op.kind == "exit" for op in graph.ops):
+        return order
+    readers: dict[str, int] = {}
+    producer: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for t in dict.fromkeys(op.inputs):
+            if not graph.tensors[t].is_constant:
+                readers[t] = readers.get(t, 0) + 1
+        for t in op.outputs:
+            producer[t] = i
+    movable = [i for i, op in enumerate(graph.ops) if any(readers.get(t, 0) > 1 for t in op.inputs)]
+    if not movable:
+        return order
+    consumers = [sorted({j for j, other in enumerate(graph.ops) for t in op.outputs if t in other.inputs})
+                 for op in graph.ops]
+    techniques = set(techniques) - {"residual-bands"}
+    rules: dict = {}
+
+    def key(o):
+        view, allowed = _in_order(graph, o, inplace_ops)
+        return sorted(_step_values(_buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, [], rules)),
+                      reverse=True)
+
+    best, tries = key(order), 0
+    while tries < SCHEDULE_TRIES:
+        pos = {op: p for p, op in enumerate(order)}
+        found = None
+        for r in movable:
+            p = pos[r]
+            lo = max((pos[producer[t]] for t in graph.ops[r].inputs if t in producer), default=-1) + 1
+            hi = min((pos[c] for c in consumers[r]), default=n) - 1
+            for q in range(lo, hi + 1):
+                if q == p or tries >= SCHEDULE_TRIES:
+                    continue
+                trial = order[:p] + order[p + 1:]
+                trial.insert(q, r)
+                k = key(trial)
+                tries += 1
+                if k < best:
+                    best, found = k, trial
+        if found is None:
+            break
+        order = found
+    return order
 
 
 def _choose_bands(build, groups: list[BandGroup]):
@@ -324,14 +418,18 @@ def _choose_bands(build, groups: list[BandGroup]):
 
 
 def _buffers(graph: Graph, align: int, elem_bytes, techniques, kernel_variant, inplace_ops,
-             bands: list[BandGroup]) -> MemoryPlan:
+             bands: list[BandGroup], rules: dict | None = None) -> MemoryPlan:
     """The buffers (tensors merged by aliasing, with their sizes and lifetimes) and the in-place pairs
-    allowed, not yet placed."""
-    sizes = {}
-    for name, t in graph.tensors.items():
-        if not t.is_constant:
-            per = (elem_bytes or {}).get(t.dtype, t.nbytes // max(t.size, 1))
-            sizes[name] = t.size * per
+    allowed, not yet placed. ``rules``: a cache of the ops' in-place rules (by op identity: they do not
+    depend on the order), for callers that build many orders of one graph."""
+    rules = {} if rules is None else rules
+    if "sizes" not in rules:  # the tensors' bytes do not depend on the order either
+        rules["sizes"] = {}
+        for name, t in graph.tensors.items():
+            if not t.is_constant:
+                per = (elem_bytes or {}).get(t.dtype, t.nbytes // max(t.size, 1))
+                rules["sizes"][name] = t.size * per
+    sizes = rules["sizes"]
     # Union reshape outputs with their inputs: one buffer, several names.
     root: dict[str, str] = {}
 
@@ -378,7 +476,9 @@ def _buffers(graph: Graph, align: int, elem_bytes, techniques, kernel_variant, i
     for i, op in enumerate(graph.ops):
         if op.kind in ALIAS_OPS or i in banded or (inplace_ops is not None and i not in inplace_ops):
             continue
-        rule = _inplace_rule(graph, op, kernel_variant)
+        if id(op) not in rules:
+            rules[id(op)] = _inplace_rule(graph, op, kernel_variant)
+        rule = rules[id(op)]
         if rule is None or rule[0] not in techniques or len(op.outputs) != 1:
             continue
         technique, delta = rule
@@ -512,28 +612,35 @@ def plan_with_report(graph: Graph, align: int = 8, *, kernel_variant: str | None
     for t in on:
         without = plan_memory(graph, align, elem_bytes, techniques=[u for u in on if u != t],
                               kernel_variant=kernel_variant, inplace_ops=inplace_ops,
-                              bands_off_reason=bands_off_reason)
+                              bands_off_reason=bands_off_reason,
+                              schedule=None if t == "op-order" else plan.schedule)  # the order searched once
         saved[t] = without.arena_bytes - plan.arena_bytes
     used = sorted({p.technique for p in plan.inplace if _overlaps(plan, p)})
     names = [op.name for op in graph.ops]
+    layer = plan.schedule  # step (position in the schedule) -> layer index
+
+    def layers(steps):
+        return {"layers": [layer[s] for s in steps], "names": [names[layer[s]] for s in steps]}
+
     report = {"arena_bytes": plan.arena_bytes, "lower_bound": plan.lower_bound(), "greedy_arena_bytes": baseline,
-              "techniques": on, "saved_bytes": saved, "in_place_layers": sorted({p.op for p in plan.inplace
+              "techniques": on, "saved_bytes": saved, "in_place_layers": sorted({layer[p.op] for p in plan.inplace
                                                                                  if _overlaps(plan, p)}),
               "in_place_kinds": used,
+              "reordered_layers": [i for p, i in enumerate(layer) if i != p],
               # halo rows are carried from band to band (not recomputed): no extra MACs
-              "banded_blocks": [{"layers": list(g.ops), "names": [names[i] for i in g.ops], "rows": g.rows,
-                                 "bands": -(-g.height // g.rows), "band_bytes": sum(g.band_bytes()),
-                                 "extra_macs": 0} for g in plan.bands],
-              "not_banded": [{"layers": list(ops), "names": [names[i] for i in ops], "reason": why}
-                             for ops, why in plan.not_banded]}
+              "banded_blocks": [{**layers(g.ops), "rows": g.rows, "bands": -(-g.height // g.rows),
+                                 "band_bytes": sum(g.band_bytes()), "extra_macs": 0} for g in plan.bands],
+              "not_banded": [{**layers(ops), "reason": why} for ops, why in plan.not_banded]}
     return plan, report
 
 
 def describe(plan: MemoryPlan) -> dict:
     """The placed buffers as edgekit_project.json records them (what reports draw): each buffer's
     tensors, offset, size and the steps it is alive (-1: the input, len(ops): the outputs), and the
-    in-place pairs that do overlap (input and output buffer indices)."""
-    return {"buffers": [{"tensors": b.tensors, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
+    in-place pairs that do overlap (input and output buffer indices), and the order the layers run in
+    (the steps are positions in it)."""
+    return {"schedule": plan.schedule,
+            "buffers": [{"tensors": b.tensors, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
                         for b in plan.buffers],
             "in_place_pairs": [[p.input, p.output] for p in plan.inplace if _overlaps(plan, p)]}
 

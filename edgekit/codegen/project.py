@@ -701,11 +701,12 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     return None
 
 
-def _band_layers(graph: Graph, g, layers: list[Layer]) -> None:
-    """Mark the three layers of a residual block that runs in row bands (memory_plan.BandGroup): the first
-    layer's entry in model.c runs the block's loop, calling the three kernels on row ranges."""
-    a, b, add = (layers[i] for i in g.ops)
-    first_b = graph.ops[g.first + 2].inputs[0] == g.w  # the add's operand order: w first, or x first
+def _band_layers(graph: Graph, g, in_order: list[Layer]) -> None:
+    """Mark the three layers of a residual block that runs in row bands (memory_plan.BandGroup; ``in_order``:
+    the layers in the plan's schedule): the first layer's entry in model.c runs the block's loop, calling the
+    three kernels on row ranges."""
+    a, b, add = (in_order[i] for i in g.ops)
+    first_b = graph.ops[add.index].inputs[0] == g.w  # the add's operand order: w first, or x first
     info = dict(a=a, b=b, add=add, rows=g.rows, height=g.height, y_height=g.y_height, y_rows=g.y_rows,
                 row=g.row_bytes, y_row=g.y_row_bytes, kernel_b=g.kernel_b, pad_b=g.pad_b, w_first=first_b,
                 x=a.inputs[0].offset, y=a.outputs[0].offset, w=b.outputs[0].offset)
@@ -797,7 +798,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                        dsp_conv=board.get("kernel_variant") == "dsp")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for g in plan.bands:
-        _band_layers(graph, g, layers)
+        _band_layers(graph, g, [layers[i] for i in plan.schedule])
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
     head_only = head_only_ops(graph)
@@ -823,7 +824,9 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     inputs = [builder.buffer(n) for n in graph.inputs]
     outputs = [builder.buffer(n) for n in graph.outputs]
     fingerprint = graph.fingerprint()
-    context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
+    # schedule: the order ek_model_invoke calls the layers in (memory_plan's op-order), each under its own index
+    context = dict(layers=layers, schedule=[layers[i] for i in plan.schedule], kernels=kernels,
+                   arrays=builder.arrays, arena_bytes=plan.arena_bytes,
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",

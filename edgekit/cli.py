@@ -67,6 +67,8 @@ def cmd_generate(args) -> int:
     print(f"generated {'the library ' if args.library else ''}{args.output}: {len(record['layers'])} layers, "
           f"{record['mode']}, weights {record['weight_bytes']:,} B, arena {record['arena_bytes']:,} B, "
           f"board {record['board']}")
+    for note in record.get("notes", []):
+        print(f"note: {note}")
     mem = record["memory"]
     saved = ", ".join(f"{t} {b:,} B" for t, b in mem["saved_bytes"].items() if b)
     print(f"arena {mem['arena_bytes']:,} B, lower bound for this schedule {mem['lower_bound']:,} B, "

@@ -56,6 +56,14 @@ def conv_tile_group(board) -> int:
     return 4 if board.get("dotprod") else 1
 
 
+def int16_pairs_exact(w: np.ndarray) -> bool:
+    """Whether rpi4's int16-pair kernels (kernels/neon: ..._pairs) compute this int8 filter exactly: they add
+    two products w x + w' x' in an int16 lane before widening (SMULL + SMLAL2, then SADALP), which fits
+    (|.| <= 2 x 127 x 128 = 32512 < 2^15) only when no weight is -128 (x may be: inputs span all of int8).
+    A layer with a -128 weight keeps the one-product kernels."""
+    return int(np.min(w)) > -128 if w.size else True
+
+
 CONV_4X2_SCRATCH = 2048  # bytes of scratch the 4x2 kernel may take beyond what ek_conv2d_s8 needs
 
 
@@ -155,6 +163,43 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
+DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records
+
+
+def depthwise_dsp_takes_records(op: Op) -> bool:
+    """Whether the Cortex-M DSP depthwise kernel reads requantization records after this layer's biases:
+    a dense int8 depthwise layer with a depth multiplier of 1 and at least four channels (the others run
+    the portable loop, which reads the out_c biases only)."""
+    return (op.kind == "depthwise_conv2d" and op.attrs.get("depth_multiplier", 1) == 1
+            and op.attrs["multiplier"].shape[0] >= 4)
+
+
+def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
+    """The DSP depthwise kernel's output-stage records, made once here instead of per pixel at run time:
+    per group of four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1,
+    m2, c2, m3, c3}: b the folded bias, m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for
+    r = -shift, hs the four right shifts r - 1, one per byte. With r in 2..22 the kernel's stage is one
+    64-bit multiply-accumulate, a shift and a saturation per value, the offset folded into c (see the
+    template). A group with another shift, or a layer whose activation bounds narrow [-128, 127] (SSAT
+    alone clamps to int8), has hs = -1: the kernel takes the generic stage from the quant arrays."""
+    a = op.attrs
+    bias = folded_bias(graph, op).astype(np.int64)
+    m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
+    offset = int(a["output_offset"])
+    narrow = int(a["act_min"]) > -128 or int(a["act_max"]) < 127
+    groups = []
+    for c0 in range(0, len(m) & ~3, 4):
+        r = -shift[c0:c0 + 4]
+        fast = not narrow and bool(np.all((r >= 2) & (r <= 22)))
+        hs = sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1
+        words = [hs, *bias[c0:c0 + 4]]
+        for k in range(4):
+            cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
+            words += [int(m[c0 + k]), cst]
+        groups.append(words)
+    return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
@@ -244,6 +289,21 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             reached.add(k)
     unused = sorted(used - reached)
     return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
+
+
+ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)
+ADD_TABLE_MIN = 256  # elements from which the tables pay (EK_ADD_TABLE_MIN in kernels/dsp/ek_add_s8)
+
+
+def add_tables(layers, board, scratch: int, portable=()) -> bool:
+    """Whether the Cortex-M DSP add builds its inputs' rescale tables in the scratch (EK_ADD_S8_TABLES):
+    a long add (>= ADD_TABLE_MIN elements) then costs two table loads, a sum and the output stage per
+    element instead of three rescales. Only when the other layers' scratch already holds the tables
+    (``scratch`` >= ADD_TABLE_BYTES), so no model needs more RAM for them."""
+    if board.get("kernel_variant") != "dsp" or "ek_add_s8" in portable or scratch < ADD_TABLE_BYTES:
+        return False
+    return any(layer.kernel == "ek_add_s8" and int(np.prod(layer.dims["output"])) >= ADD_TABLE_MIN
+               for layer in layers)
 
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls

@@ -20,8 +20,9 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
-                          depthwise_dsp_shapes, dsp_fallbacks_unused, folded_bias, pack_conv_tile, scratch_bytes)
+from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
+                          depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
+                          dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_tile, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -105,12 +106,16 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 class _Builder:
     def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", conv_tile_group: int = 0,
-                 dsp_conv: bool = False):
+                 dsp_conv: bool = False, int16_pairs: bool = False):
         self.graph = graph
+        # rpi4: dense layers without a -128 weight take the int16-pair kernels (kernel_prep.int16_pairs_exact)
+        self.int16_pairs = int16_pairs
+        self.notes: list[str] = []  # generate-time notes on kernel choices (edgekit_project.json "notes")
         # dense convolutions' filters packed for the NEON register tile, this many taps a group (0: not packed)
         self.conv_tile_group = conv_tile_group
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
         self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
+        self.dsp = dsp_conv  # Cortex-M DSP kernels (depthwise records)
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -190,12 +195,25 @@ class _Builder:
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
+            if self.int16_pairs and op.kind == "fully_connected":
+                if int16_pairs_exact(w.data):
+                    layer.kernel += "_pairs"
+                else:
+                    self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
+                                      f"{layer.kernel} (two products in int16 could overflow)")
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
                                                   "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
                                                   "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
                                                   "| right shift - 1}, per all-zero channel channel << 8 | value")
+            elif self.dsp and depthwise_dsp_takes_records(op):
+                # the DSP depthwise kernel's output-stage records after the biases (the portable loop
+                # reads the biases only)
+                layer.arrays["bias"] = self.array(
+                    f"{layer.id}_bias", np.concatenate([folded_bias(self.graph, op), depthwise_dsp_records(g, op)]),
+                    "bias + input_offset * sum(weights of the channel), then per four channels "
+                    "{right shifts - 1, biases, multiplier and constant of each}")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
@@ -779,7 +797,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                                     inplace_ops=inplace_ops)
     builder = _Builder(graph, plan, weight_only, weights,
                        conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
-                       dsp_conv=board.get("kernel_variant") == "dsp")
+                       dsp_conv=board.get("kernel_variant") == "dsp",
+                       int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"))
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
@@ -814,6 +833,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
                    cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
     context["no_fallback"] = dsp_fallbacks_unused(graph, layers, board, context["scratch_bytes"], portable=cold)
+    context["add_tables"] = add_tables(layers, board, context["scratch_bytes"], portable=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.
@@ -869,6 +889,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         "cold_kernels": cold,  # built for size, portable (cold_kernels)
         "kernels_without_fallback": context["no_fallback"],  # DSP kernels built without their portable loop
         "budget_before_build": budget_lines,
+        "notes": builder.notes,  # kernel choices worth knowing (a rpi4 layer kept off the int16-pair kernel)
         "library": library,
     }
     if exits:

@@ -1,0 +1,73 @@
+"""rpi4's int16-pair kernels (kernels/neon, "_pairs"): two int8 products added in an int16 lane before
+widening, exact only when no weight of the layer is -128 (codegen/kernel_prep.py: int16_pairs_exact).
+Cross-built with UBSan, run under qemu-aarch64 -cpu cortex-a72, bit-exact with the numpy reference over
+random shapes, with rows of +-127 weights against -128 inputs (the largest pair sums), and layers with a
+-128 weight, which must keep the one-product kernel and say so in the project's notes."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from edgekit import reference
+from edgekit.boards import load_board
+from edgekit.codegen.project import generate_project
+from helpers import float_graph, quantize_with_random_data
+from test_rpi import PI_SETTINGS, CrossBuild, run_qemu
+
+pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                                reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
+
+
+@pytest.fixture(scope="module")
+def xbuild(tmp_path_factory):
+    return CrossBuild(tmp_path_factory.mktemp("aarch64_pairs"))
+
+
+def extreme_weights(q, rng, minus128: bool):
+    """Some output channels' weights set to +-127 (the largest int16 pair sums against -128 inputs), and
+    with ``minus128`` one weight to -128 (the layer must then keep the one-product kernel)."""
+    w = q.tensors[q.ops[0].inputs[1]].data
+    rows = w.reshape(w.shape[0], -1)
+    for r in rng.choice(rows.shape[0], size=min(2, rows.shape[0]), replace=False):
+        rows[r] = np.where(rng.random(rows.shape[1]) < 0.5, -127, 127)
+    if minus128:
+        rows[rng.integers(rows.shape[0]), rng.integers(rows.shape[1])] = -128
+
+
+def run_rpi4(q, rng, xbuild, threads=1):
+    """Generate for rpi4, build, run 10 random inputs (every int8 value likely, -128 included) under
+    qemu; assert bit-exact. Returns the project record."""
+    x = rng.integers(-128, 128, size=(10,) + q.tensors[q.inputs[0]].shape[1:]).astype(np.int8)
+    x[0] = -128  # every input at -128: with the +-127 rows, the largest pair sums
+    board = load_board("rpi4")
+    with tempfile.TemporaryDirectory() as tmp:
+        record = generate_project(q, tmp, board, threads=threads)
+        exe = xbuild.build(Path(tmp), board)
+        got = run_qemu(exe, board["qemu"]["cpu"], x.reshape(10, -1), q.tensors[q.outputs[0]].size)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+    return record
+
+
+@given(st.integers(1, 300), st.integers(1, 24), st.sampled_from(["none", "relu"]), st.booleans(), st.integers(1, 3),
+       st.integers(0, 2 ** 31))
+@example(40, 12, "none", False, 2, 1)
+@example(40, 12, "relu", True, 1, 2)
+@PI_SETTINGS
+def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed):
+    """ek_fully_connected_s8_pairs: 8-row tiles (a last one overlapping when out_c is not a multiple
+    of 8), a 4-row tile for 4..7 rows, fewer than 4 rows scalar; 16-input steps, an 8-input step and
+    the last 1..7 inputs; thread shares of 4-row groups. A -128 weight keeps ek_fully_connected_s8."""
+    rng = np.random.default_rng(seed)
+    g = float_graph("fully_connected", [(1, n_in)], dict(activation=act),
+                    {"w": rng.normal(0, 1, (n_out, n_in)), "b": rng.normal(0, 1, n_out)}, (1, n_out))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    extreme_weights(q, rng, minus128)
+    record = run_rpi4(q, rng, xbuild, threads)
+    kernel = record["layers"][0]["kernel"]
+    assert kernel == ("ek_fully_connected_s8" if minus128 else "ek_fully_connected_s8_pairs")
+    assert any("-128" in n for n in record["notes"]) == minus128

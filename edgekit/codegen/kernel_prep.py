@@ -163,7 +163,7 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
-DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records
+DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records, before the taps' weights
 
 
 def depthwise_dsp_takes_records(op: Op) -> bool:
@@ -175,10 +175,13 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 
 
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
-    """The DSP depthwise kernel's output-stage records, made once here instead of per pixel at run time:
-    per group of four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1,
-    m2, c2, m3, c3}: b the folded bias, m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for
-    r = -shift, hs the four right shifts r - 1, one per byte. With r in 2..22 the kernel's stage is one
+    """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
+    four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
+    r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
+    requantization (the filter array stays for the tap-table path, the tail channels and the portable
+    loop). With r in 2..22 the kernel's stage is one
     64-bit multiply-accumulate, a shift and a saturation per value, the offset folded into c (see the
     template). A group with another shift, or a layer whose activation bounds narrow [-128, 127] (SSAT
     alone clamps to int8), has hs = -1: the kernel takes the generic stage from the quant arrays."""
@@ -187,6 +190,8 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
     offset = int(a["output_offset"])
     narrow = int(a["act_min"]) > -128 or int(a["act_max"]) < 127
+    w = graph.tensors[op.inputs[1]].data.astype(np.int8)
+    taps = w.reshape(-1, w.shape[-1])  # (kh * kw, out_c)
     groups = []
     for c0 in range(0, len(m) & ~3, 4):
         r = -shift[c0:c0 + 4]
@@ -196,6 +201,7 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
         for k in range(4):
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
+        words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 

@@ -292,6 +292,21 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
 
 
+ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)
+ADD_TABLE_MIN = 256  # elements from which the tables pay (EK_ADD_TABLE_MIN in kernels/dsp/ek_add_s8)
+
+
+def add_tables(layers, board, scratch: int, portable=()) -> bool:
+    """Whether the Cortex-M DSP add builds its inputs' rescale tables in the scratch (EK_ADD_S8_TABLES):
+    a long add (>= ADD_TABLE_MIN elements) then costs two table loads, a sum and the output stage per
+    element instead of three rescales. Only when the other layers' scratch already holds the tables
+    (``scratch`` >= ADD_TABLE_BYTES), so no model needs more RAM for them."""
+    if board.get("kernel_variant") != "dsp" or "ek_add_s8" in portable or scratch < ADD_TABLE_BYTES:
+        return False
+    return any(layer.kernel == "ek_add_s8" and int(np.prod(layer.dims["output"])) >= ADD_TABLE_MIN
+               for layer in layers)
+
+
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
 # Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's

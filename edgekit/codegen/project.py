@@ -20,7 +20,7 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
+from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
                           depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
                           dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_tile, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
@@ -833,6 +833,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
                    cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
     context["no_fallback"] = dsp_fallbacks_unused(graph, layers, board, context["scratch_bytes"], portable=cold)
+    context["add_tables"] = add_tables(layers, board, context["scratch_bytes"], portable=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

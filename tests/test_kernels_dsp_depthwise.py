@@ -126,8 +126,8 @@ def test_inplace_depthwise_chain_on_m4(tmp_path):
 def test_generic_output_stage_groups(board, variant, tmp_path):
     """The output stage's records (kernel_prep.depthwise_dsp_records) mark a group of four channels
     generic when a channel's shift is outside the fast stage's range (here 0 and -23) or the activation
-    bounds narrow int8: such groups, next to fast ones and the tail channel, stay bit-exact on every
-    path (interior pairs and singles, edges, top and bottom rows)."""
+    bounds narrow int8: such a layer runs the tap-table path for every pixel (the unrolled code has only
+    the fast stage), each group through its own stage, next to the tail channel: bit-exact."""
     from cortex_m_selftest import run_selftest
     rng = np.random.default_rng(5)
     case = dict(h=7, w=6, c=13, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(7, 6),

@@ -164,7 +164,7 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
-DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records
+DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records, before the taps' weights
 
 
 def depthwise_dsp_takes_records(op: Op) -> bool:
@@ -176,10 +176,13 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 
 
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
-    """The DSP depthwise kernel's output-stage records, made once here instead of per pixel at run time:
-    per group of four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1,
-    m2, c2, m3, c3}: b the folded bias, m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for
-    r = -shift, hs the four right shifts r - 1, one per byte. With r in 2..22 the kernel's stage is one
+    """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
+    four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
+    r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
+    requantization (the filter array stays for the tap-table path, the tail channels and the portable
+    loop). With r in 2..22 the kernel's stage is one
     64-bit multiply-accumulate, a shift and a saturation per value, the offset folded into c (see the
     template). A group with another shift, or a layer whose activation bounds narrow [-128, 127] (SSAT
     alone clamps to int8), has hs = -1: the kernel takes the generic stage from the quant arrays."""
@@ -188,6 +191,8 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
     offset = int(a["output_offset"])
     narrow = int(a["act_min"]) > -128 or int(a["act_max"]) < 127
+    w = graph.tensors[op.inputs[1]].data.astype(np.int8)
+    taps = w.reshape(-1, w.shape[-1])  # (kh * kw, out_c)
     groups = []
     for c0 in range(0, len(m) & ~3, 4):
         r = -shift[c0:c0 + 4]
@@ -197,6 +202,7 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
         for k in range(4):
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
+        words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 
@@ -288,7 +294,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
-    to whole 16-byte (SDOT) or 8-byte loads; the NEON depthwise kernel keeps the tap table
+    to whole 16-byte (SDOT) or 8-byte loads (rpi5 with in_c a multiple of 4: no gather, a table of
+    4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
@@ -303,6 +310,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
+            if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
+                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
+                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
+                windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]
@@ -387,15 +398,18 @@ def add_tables(layers, board, scratch: int, portable=()) -> bool:
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
-# Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
-# 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries that save the most get it first.
-DW_DSP_CODE_BUDGET = 5000
-DW_DSP_TAP_BYTES = 108
-DW_DSP_BODY_BYTES = 1050
-# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 600.
+# Flash the unrolled interior code may take per model: one geometry costs about 112 bytes a tap (a pixel pair's
+# 17 instructions and a single pixel's 10, 32-bit each) and 480 bytes of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2 since the output stage reads generate-time records: 1,484 B for a 3x3, 2.3 KB
+# before). The geometries that save the most get it first. 9 KB: VWW's non-weight flash stays near 0.2x of
+# TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
+DW_DSP_CODE_BUDGET = 9000
+DW_DSP_TAP_BYTES = 112
+DW_DSP_BODY_BYTES = 480
+# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 160
+# (518 B for a 3x3).
 DW_DSP_EDGE_TAP_BYTES = 40
-DW_DSP_EDGE_BODY_BYTES = 600
+DW_DSP_EDGE_BODY_BYTES = 160
 
 
 def depthwise_dsp_shapes(layers, board) -> list[dict]:

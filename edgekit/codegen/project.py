@@ -67,6 +67,8 @@ class Layer:
     head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
     head_end: bool = False
     split: str | None = None  # with threads: how the output is shared, "rows" / "flat" / "channels" (thread_split)
+    band: dict | None = None  # a residual block run in row bands (memory_plan.BandGroup): its first layer holds
+    #                           the loop ("first"), the other two only their constants
 
 
 def c_identifier(text: str) -> str:
@@ -717,6 +719,19 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     return None
 
 
+def _band_layers(graph: Graph, g, in_order: list[Layer]) -> None:
+    """Mark the three layers of a residual block that runs in row bands (memory_plan.BandGroup; ``in_order``:
+    the layers in the plan's schedule): the first layer's entry in model.c runs the block's loop, calling the
+    three kernels on row ranges."""
+    a, b, add = (in_order[i] for i in g.ops)
+    first_b = graph.ops[add.index].inputs[0] == g.w  # the add's operand order: w first, or x first
+    info = dict(a=a, b=b, add=add, rows=g.rows, height=g.height, y_height=g.y_height, y_rows=g.y_rows,
+                row=g.row_bytes, y_row=g.y_row_bytes, kernel_b=g.kernel_b, pad_b=g.pad_b, w_first=first_b,
+                x=a.inputs[0].offset, y=a.outputs[0].offset, w=b.outputs[0].offset)
+    a.band = dict(info, first=True)
+    b.band = add.band = dict(info, first=False)
+
+
 def resolve_threads(board: Board, threads, library: bool, weight_only: bool) -> int:
     """The threads a project runs its layers on: ``threads``, or the board's cores (board file
     ``cores``; boards without it run one). Only the aarch64 Linux boards have the thread pool."""
@@ -794,12 +809,15 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         inplace_ops = {i for i in inplace_ops if graph.ops[i].kind not in ("conv2d", "depthwise_conv2d")}
     plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
-                                    inplace_ops=inplace_ops)
+                                    inplace_ops=inplace_ops,
+                                    bands_off_reason="the Pi's threads share these layers' rows" if threads > 1 else None)
     builder = _Builder(graph, plan, weight_only, weights,
                        conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
                        dsp_conv=board.get("kernel_variant") == "dsp",
                        int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"))
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
+    for g in plan.bands:
+        _band_layers(graph, g, [layers[i] for i in plan.schedule])
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
     head_only = head_only_ops(graph)
@@ -825,7 +843,9 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     inputs = [builder.buffer(n) for n in graph.inputs]
     outputs = [builder.buffer(n) for n in graph.outputs]
     fingerprint = graph.fingerprint()
-    context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
+    # schedule: the order ek_model_invoke calls the layers in (memory_plan's op-order), each under its own index
+    context = dict(layers=layers, schedule=[layers[i] for i in plan.schedule], kernels=kernels,
+                   arrays=builder.arrays, arena_bytes=plan.arena_bytes,
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",

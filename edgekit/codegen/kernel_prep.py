@@ -178,7 +178,9 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
+    25 x 128): b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -203,6 +205,13 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
+        # a left / right edge pixel multiplies a padded column's sum by the zero point once
+        sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
+        for kx in range(sums.shape[0]):
+            for lo, hi in ((0, 2), (1, 3)):
+                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
+                words.append(word - (1 << 32) if word >= 1 << 31 else word)
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 

@@ -185,3 +185,45 @@ def test_4x2_layers_store_no_quant_arrays(tmp_path):
     assert "_quant = { 0, 0 };" in (tmp_path / "m4" / "model.c").read_text()
     generate_project(q, tmp_path / "host", load_board("host"))
     assert "_multiplier" in (tmp_path / "host" / "model_weights.c").read_text()
+
+
+def test_depthwise_dsp_records_requantize_like_the_reference():
+    """kernel_prep.depthwise_dsp_records: per four channels {hs, biases, (m, c) each, one word of
+    four weights per tap}. For a group whose
+    right shifts are all in 2..22 the kernel's stage (the high word of (c - [x < 0], 2^30 + [x < 0] 2^31)
+    + x * m, shifted right by hs's byte, saturated) equals the reference requantization plus offset for
+    any int32 accumulator; another shift (r = 1, 23) or a narrowing activation makes the group generic
+    (hs = -1). On the boards: test_kernels_dsp_depthwise."""
+    from edgekit import quant_math
+    from edgekit.codegen.kernel_prep import DW_DSP_REC, depthwise_dsp_records, depthwise_dsp_takes_records
+    rng = np.random.default_rng(21)
+    g = float_graph("depthwise_conv2d", [(1, 5, 5, 14)], dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1),
+                                                              activation="relu", depth_multiplier=1),
+                    {"w": rng.normal(0, 1, (1, 3, 3, 14)), "b": rng.normal(0, 1, 14)}, (1, 5, 5, 14))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 2.0)})
+    op = q.ops[0]
+    assert depthwise_dsp_takes_records(op)
+    op.attrs["shift"] = np.array([-2, -22, -5, -9, -1, -3, -4, -6, -7, -8, -23, -10, -11, -12], np.int32)
+    op.attrs["multiplier"] = rng.integers(2 ** 30, 2 ** 31, 14).astype(np.int32)
+    op.attrs["act_min"], op.attrs["act_max"] = -128, 127
+    for offset in (-128, 37, 127):
+        op.attrs["output_offset"] = offset
+        rec = depthwise_dsp_records(q, op).astype(np.int64).reshape(-1, DW_DSP_REC + 9)
+        assert rec.shape == (3, DW_DSP_REC + 9)  # 14 channels: three groups, the last two channels are the tail's
+        assert np.array_equal(rec[:, 1:5].reshape(-1), folded_bias(q, op)[:12])
+        w = q.tensors[op.inputs[1]].data.reshape(9, 14)  # (tap, channel)
+        words = rec[:, DW_DSP_REC:].astype("<i4").view(np.int8).reshape(3, 9, 4)  # (group, tap, channel)
+        assert np.array_equal(words.transpose(1, 0, 2).reshape(9, 12), w[:, :12])
+        assert list(rec[:, 0] < 0) == [False, True, True]  # r = 1 in group 1, r = 23 in group 2
+        x = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, 2000), [-2 ** 31 + 1, 2 ** 31 - 1, -1, 0, 1]])
+        for k in range(4):
+            m, c, hs = int(rec[0, 5 + 2 * k]), int(rec[0, 6 + 2 * k]), (int(rec[0, 0]) >> (8 * k)) & 0xFF
+            got = [max(-128, min(127, ((((c - (v < 0)) << 32) + (1 << 30) + (v < 0) * (1 << 31) + v * m) >> 32) >> hs))
+                   for v in x.tolist()]
+            want = np.clip(quant_math.multiply_by_quantized_multiplier(x, m, int(op.attrs["shift"][k])) + offset,
+                           -128, 127)
+            assert got == want.tolist()
+    op.attrs["shift"] = np.full(14, -5, np.int32)
+    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 9)[:, 0] >= 0)
+    op.attrs["act_min"] = -100  # a bound that narrows int8: the generic stage clamps it
+    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 9)[:, 0] == -1)

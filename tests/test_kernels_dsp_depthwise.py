@@ -119,3 +119,29 @@ def test_inplace_depthwise_chain_on_m4(tmp_path):
     assert record["memory"]["in_place_layers"]  # the plan really overlaps a depthwise layer
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0
+
+
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500"])
+@pytest.mark.parametrize("variant", ["shifts", "narrow"])
+def test_generic_output_stage_groups(board, variant, tmp_path):
+    """The output stage's records (kernel_prep.depthwise_dsp_records) mark a group of four channels
+    generic when a channel's shift is outside the fast stage's range (here 0 and -23) or the activation
+    bounds narrow int8: such a layer runs the tap-table path for every pixel (the unrolled code has only
+    the fast stage), each group through its own stage, next to the tail channel: bit-exact."""
+    from cortex_m_selftest import run_selftest
+    rng = np.random.default_rng(5)
+    case = dict(h=7, w=6, c=13, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(7, 6),
+                mult=1, act="relu", bias=True, wscale=0.5)
+    q = quantize_with_random_data(_graph(case, rng), rng, {"x0": (-1.5, 2.0)})
+    op = q.ops[0]
+    if variant == "shifts":
+        op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+        op.attrs["shift"][1], op.attrs["shift"][6] = 0, -23
+    else:
+        op.attrs["act_min"] = int(op.attrs["act_min"]) + 40
+        op.attrs["act_max"] = 100
+    x = rng.integers(-128, 128, size=(3, 7, 6, 13)).astype(np.int8)
+    got = run_selftest(q, board, x, tmp_path)
+    assert "ek_dw_interior_0(" in (tmp_path / "project" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0

@@ -174,6 +174,49 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
+DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records, before the taps' weights
+
+
+def depthwise_dsp_takes_records(op: Op) -> bool:
+    """Whether the Cortex-M DSP depthwise kernel reads requantization records after this layer's biases:
+    a dense int8 depthwise layer with a depth multiplier of 1 and at least four channels (the others run
+    the portable loop, which reads the out_c biases only)."""
+    return (op.kind == "depthwise_conv2d" and op.attrs.get("depth_multiplier", 1) == 1
+            and op.attrs["multiplier"].shape[0] >= 4)
+
+
+def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
+    """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
+    four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
+    r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
+    requantization (the filter array stays for the tap-table path, the tail channels and the portable
+    loop). With r in 2..22 the kernel's stage is one
+    64-bit multiply-accumulate, a shift and a saturation per value, the offset folded into c (see the
+    template). A group with another shift, or a layer whose activation bounds narrow [-128, 127] (SSAT
+    alone clamps to int8), has hs = -1: the kernel takes the generic stage from the quant arrays."""
+    a = op.attrs
+    bias = folded_bias(graph, op).astype(np.int64)
+    m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
+    offset = int(a["output_offset"])
+    narrow = int(a["act_min"]) > -128 or int(a["act_max"]) < 127
+    w = graph.tensors[op.inputs[1]].data.astype(np.int8)
+    taps = w.reshape(-1, w.shape[-1])  # (kh * kw, out_c)
+    groups = []
+    for c0 in range(0, len(m) & ~3, 4):
+        r = -shift[c0:c0 + 4]
+        fast = not narrow and bool(np.all((r >= 2) & (r <= 22)))
+        hs = sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1
+        words = [hs, *bias[c0:c0 + 4]]
+        for k in range(4):
+            cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
+            words += [int(m[c0 + k]), cst]
+        words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        groups.append(words)
+    return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
@@ -184,7 +227,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
-    to whole 16-byte (SDOT) or 8-byte loads; the NEON depthwise kernel keeps the tap table
+    to whole 16-byte (SDOT) or 8-byte loads (rpi5 with in_c a multiple of 4: no gather, a table of
+    4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
@@ -199,6 +243,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
+            if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
+                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
+                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
+                windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
             sums = 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK)  # never 0: defined
@@ -260,17 +308,35 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
 
 
+ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)
+ADD_TABLE_MIN = 256  # elements from which the tables pay (EK_ADD_TABLE_MIN in kernels/dsp/ek_add_s8)
+
+
+def add_tables(layers, board, scratch: int, portable=()) -> bool:
+    """Whether the Cortex-M DSP add builds its inputs' rescale tables in the scratch (EK_ADD_S8_TABLES):
+    a long add (>= ADD_TABLE_MIN elements) then costs two table loads, a sum and the output stage per
+    element instead of three rescales. Only when the other layers' scratch already holds the tables
+    (``scratch`` >= ADD_TABLE_BYTES), so no model needs more RAM for them."""
+    if board.get("kernel_variant") != "dsp" or "ek_add_s8" in portable or scratch < ADD_TABLE_BYTES:
+        return False
+    return any(layer.kernel == "ek_add_s8" and int(np.prod(layer.dims["output"])) >= ADD_TABLE_MIN
+               for layer in layers)
+
+
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
-# Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
-# 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries that save the most get it first.
-DW_DSP_CODE_BUDGET = 5000
-DW_DSP_TAP_BYTES = 108
-DW_DSP_BODY_BYTES = 1050
-# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 600.
+# Flash the unrolled interior code may take per model: one geometry costs about 112 bytes a tap (a pixel pair's
+# 17 instructions and a single pixel's 10, 32-bit each) and 480 bytes of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2 since the output stage reads generate-time records: 1,484 B for a 3x3, 2.3 KB
+# before). The geometries that save the most get it first. 9 KB: VWW's non-weight flash stays near 0.2x of
+# TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
+DW_DSP_CODE_BUDGET = 9000
+DW_DSP_TAP_BYTES = 112
+DW_DSP_BODY_BYTES = 480
+# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 160
+# (518 B for a 3x3).
 DW_DSP_EDGE_TAP_BYTES = 40
-DW_DSP_EDGE_BODY_BYTES = 600
+DW_DSP_EDGE_BODY_BYTES = 160
 
 
 def depthwise_dsp_shapes(layers, board) -> list[dict]:

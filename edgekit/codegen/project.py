@@ -20,8 +20,9 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
-                          depthwise_dsp_shapes, dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile,
+from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
+                          depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
+                          dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile,
                           scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
@@ -115,6 +116,7 @@ class _Builder:
         self.conv_tile_group = conv_tile_group
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
         self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
+        self.dsp = dsp_conv  # Cortex-M DSP kernels (depthwise records)
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -213,6 +215,13 @@ class _Builder:
                                                   "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
                                                   "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
                                                   "| right shift - 1}, per all-zero channel channel << 8 | value")
+            elif self.dsp and depthwise_dsp_takes_records(op):
+                # the DSP depthwise kernel's output-stage records after the biases (the portable loop
+                # reads the biases only)
+                layer.arrays["bias"] = self.array(
+                    f"{layer.id}_bias", np.concatenate([folded_bias(self.graph, op), depthwise_dsp_records(g, op)]),
+                    "bias + input_offset * sum(weights of the channel), then per four channels "
+                    "{right shifts - 1, biases, multiplier and constant of each}")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
@@ -832,6 +841,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
                    cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
     context["no_fallback"] = dsp_fallbacks_unused(graph, layers, board, context["scratch_bytes"], portable=cold)
+    context["add_tables"] = add_tables(layers, board, context["scratch_bytes"], portable=cold)
 
     # A library keeps its sources in src/ with the headers beside them: Arduino's library layout, whose
     # build puts only src/ on the include path.

@@ -464,14 +464,16 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         cols_in = sum(1 for ox in range(out_w) if 0 <= ox * p["stride_w"] - p["pad_left"] and
                       ox * p["stride_w"] - p["pad_left"] + (kw - 1) * p["dilation_w"] < in_w)
         shape["gain"] += rows_in * cols_in * (8 * kh * kw + 15 * in_c)
-        _, _, out_w, _ = layer.dims["output"]
-        rows = layer.dims["output"][1]
-        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
-            x0 = ox * p["stride_w"] - p["pad_left"]
-            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
-            if inside and len(inside) < kw:
-                edge = (inside[0], inside[-1] + 1)
-                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
+        # border pixels (some of the window in the padding): the window rows and columns inside the input,
+        # counted per kind (rows inside ky0..ky1 - 1, columns kx0..kx1 - 1)
+        row_kinds = _inside_counts(out_h, p["stride_h"], p["pad_top"], kh, p["dilation_h"], in_h)
+        col_kinds = _inside_counts(out_w, p["stride_w"], p["pad_left"], kw, p["dilation_w"], in_w)
+        for (ky0, ky1), n_rows in row_kinds.items():
+            for (kx0, kx1), n_cols in col_kinds.items():
+                if (ky1 - ky0, kx1 - kx0) != (kh, kw):
+                    edge = (ky0, ky1, kx0, kx1)
+                    macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
+                    shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -483,25 +485,37 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
     edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
                    key=lambda e: -e[0])
     kept: dict[int, list] = {}
-    for _, i, (kx0, kx1) in edges:
+    for _, i, edge in edges:
         cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
-            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
     return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
             for i, shape in enumerate(chosen)]
 
 
-def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
-    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
-    the padding, which adds weight x zero point), filter offsets as in the interior."""
+def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:
+    """{(k0, k1): number of output rows (or columns) whose window taps k0 .. k1 - 1 lie inside the
+    input} along one axis, for the windows with at least one tap inside (ek_dw_tap_range's ranges)."""
+    counts: dict[tuple, int] = {}
+    for o in range(out_n):
+        inside = [t for t in range(k) if 0 <= o * stride - pad + t * dilation < size]
+        if inside:
+            key = (inside[0], inside[-1] + 1)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _edge_taps(shape: dict, ky0: int, ky1: int, kx0: int, kx1: int) -> dict:
+    """A border function's taps: input offsets from the first inside row and column's pixel (None for
+    a tap in the padding, which adds weight x zero point), filter offsets as in the interior."""
     taps = []
     for ky in range(shape["kh"]):
         for kx in range(shape["kw"]):
             f_off = (ky * shape["kw"] + kx) * shape["in_c"]
-            if kx0 <= kx < kx1:
-                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+            if ky0 <= ky < ky1 and kx0 <= kx < kx1:
+                in_off = ((ky - ky0) * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
                 taps.append((in_off, f_off))
             else:
                 taps.append((None, f_off))
-    return {"kx0": kx0, "kx1": kx1, "taps": taps}
+    return {"ky0": ky0, "ky1": ky1, "kx0": kx0, "kx1": kx1, "taps": taps}

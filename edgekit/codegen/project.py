@@ -22,7 +22,8 @@ from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresh
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
                           depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
-                          dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_tile, scratch_bytes)
+                          dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
+                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -118,6 +119,7 @@ class _Builder:
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
         self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.dsp = dsp_conv  # Cortex-M DSP kernels (depthwise records)
+        self.fc_rows4 = fc_rows4_layers(graph) if dsp_conv else set()  # ek_fully_connected_s8_rows4's layers
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -179,30 +181,44 @@ class _Builder:
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
+            rows4 = op.name in self.fc_rows4
+            # rpi4: the int16-pair kernels when no weight is -128 (else the one-product ones, with a note)
+            pairs_kind = self.int16_pairs and op.kind in ("conv2d", "fully_connected")
+            pairs = pairs_kind and int16_pairs_exact(w.data)
             if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
                                                                   self.conv_tile_group == 4)):
                 # rpi5's fully connected kernel reads the SDOT tile's layout too (a 1x1 convolution of one pixel)
                 group = self.conv_tile_group
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
-                                                    f"{op.name}: weights {list(w.shape)}, packed for the NEON "
-                                                    f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
+                if pairs:
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_pairs(w.data),
+                                                        f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "
+                                                        "tile (16-channel blocks x 4 taps, channel pairs of taps)")
+                else:
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
+                                                        f"{op.name}: weights {list(w.shape)}, packed for the NEON "
+                                                        f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
             elif block_4x2:
                 packed, table = conv_4x2_layout(g, op)
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
                                                     f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
                                                     "SMLAD blocks (channel pairs x 4 taps; all-zero channels left out)")
+            elif rows4:
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_rows4(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, in groups of 4 rows x 4 "
+                                                    "inputs, even bytes ^ 0x80 (kernel_prep.pack_fc_rows4)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
-            if self.int16_pairs and op.kind == "fully_connected":
-                if int16_pairs_exact(w.data):
-                    layer.kernel += "_pairs"
-                else:
-                    self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
-                                      f"{layer.kernel} (two products in int16 could overflow)")
+            if rows4:
+                layer.kernel = "ek_fully_connected_s8_rows4"
+            if pairs:
+                layer.kernel += "_pairs"
+            elif pairs_kind:
+                self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
+                                  f"{layer.kernel} (two products in int16 could overflow)")
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
@@ -216,10 +232,15 @@ class _Builder:
                     f"{layer.id}_bias", np.concatenate([folded_bias(self.graph, op), depthwise_dsp_records(g, op)]),
                     "bias + input_offset * sum(weights of the channel), then per four channels "
                     "{right shifts - 1, biases, multiplier and constant of each}")
+            elif rows4:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", fc_rows4_records(g, op),
+                                                  "ek_fully_connected_s8_rows4's records per group of 4 rows: {right "
+                                                  "shifts - 1, biases (+ 128 * sum of odd-position weights), "
+                                                  "multiplier and constant of each} (kernel_prep.fc_rows4_records)")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
-            if not block_4x2:  # its table holds the requantization: ek_conv2d_s8_4x2 reads no quant arrays
+            if not block_4x2 and not rows4:  # their tables hold the requantization: no quant arrays
                 layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
                 layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],

@@ -52,6 +52,17 @@ def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
 
 
+def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order rpi4's int16-pair tile
+    reads it (kernels/neon/ek_conv2d_s8_pairs): per block of 16 output channels (sdot_block_starts),
+    per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
+    (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
+    channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
+    Channels past out_c are zero."""
+    groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
+    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+
+
 def conv_tile_group(board) -> int:
     """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
     return 4 if board.get("dotprod") else 1
@@ -313,7 +324,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
-        elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
+        elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
             load = 16 if board.get("dotprod") else 8

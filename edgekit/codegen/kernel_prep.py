@@ -52,6 +52,17 @@ def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
 
 
+def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order rpi4's int16-pair tile
+    reads it (kernels/neon/ek_conv2d_s8_pairs): per block of 16 output channels (sdot_block_starts),
+    per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
+    (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
+    channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
+    Channels past out_c are zero."""
+    groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
+    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+
+
 def conv_tile_group(board) -> int:
     """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
     return 4 if board.get("dotprod") else 1
@@ -178,7 +189,9 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
+    25 x 128): b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -203,6 +216,13 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
+        # a left / right edge pixel multiplies a padded column's sum by the zero point once
+        sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
+        for kx in range(sums.shape[0]):
+            for lo, hi in ((0, 2), (1, 3)):
+                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
+                words.append(word - (1 << 32) if word >= 1 << 31 else word)
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 
@@ -313,7 +333,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
-        elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
+        elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
             load = 16 if board.get("dotprod") else 8
@@ -462,14 +482,16 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         cols_in = sum(1 for ox in range(out_w) if 0 <= ox * p["stride_w"] - p["pad_left"] and
                       ox * p["stride_w"] - p["pad_left"] + (kw - 1) * p["dilation_w"] < in_w)
         shape["gain"] += rows_in * cols_in * (8 * kh * kw + 15 * in_c)
-        _, _, out_w, _ = layer.dims["output"]
-        rows = layer.dims["output"][1]
-        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
-            x0 = ox * p["stride_w"] - p["pad_left"]
-            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
-            if inside and len(inside) < kw:
-                edge = (inside[0], inside[-1] + 1)
-                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
+        # border pixels (some of the window in the padding): the window rows and columns inside the input,
+        # counted per kind (rows inside ky0..ky1 - 1, columns kx0..kx1 - 1)
+        row_kinds = _inside_counts(out_h, p["stride_h"], p["pad_top"], kh, p["dilation_h"], in_h)
+        col_kinds = _inside_counts(out_w, p["stride_w"], p["pad_left"], kw, p["dilation_w"], in_w)
+        for (ky0, ky1), n_rows in row_kinds.items():
+            for (kx0, kx1), n_cols in col_kinds.items():
+                if (ky1 - ky0, kx1 - kx0) != (kh, kw):
+                    edge = (ky0, ky1, kx0, kx1)
+                    macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
+                    shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -481,25 +503,37 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
     edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
                    key=lambda e: -e[0])
     kept: dict[int, list] = {}
-    for _, i, (kx0, kx1) in edges:
+    for _, i, edge in edges:
         cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
-            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
     return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
             for i, shape in enumerate(chosen)]
 
 
-def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
-    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
-    the padding, which adds weight x zero point), filter offsets as in the interior."""
+def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:
+    """{(k0, k1): number of output rows (or columns) whose window taps k0 .. k1 - 1 lie inside the
+    input} along one axis, for the windows with at least one tap inside (ek_dw_tap_range's ranges)."""
+    counts: dict[tuple, int] = {}
+    for o in range(out_n):
+        inside = [t for t in range(k) if 0 <= o * stride - pad + t * dilation < size]
+        if inside:
+            key = (inside[0], inside[-1] + 1)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _edge_taps(shape: dict, ky0: int, ky1: int, kx0: int, kx1: int) -> dict:
+    """A border function's taps: input offsets from the first inside row and column's pixel (None for
+    a tap in the padding, which adds weight x zero point), filter offsets as in the interior."""
     taps = []
     for ky in range(shape["kh"]):
         for kx in range(shape["kw"]):
             f_off = (ky * shape["kw"] + kx) * shape["in_c"]
-            if kx0 <= kx < kx1:
-                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+            if ky0 <= ky < ky1 and kx0 <= kx < kx1:
+                in_off = ((ky - ky0) * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
                 taps.append((in_off, f_off))
             else:
                 taps.append((None, f_off))
-    return {"kx0": kx0, "kx1": kx1, "taps": taps}
+    return {"ky0": ky0, "ky1": ky1, "kx0": kx0, "kx1": kx1, "taps": taps}

@@ -252,19 +252,22 @@ def fc_rows4_layers(graph: Graph) -> set[str]:
 
 def pack_fc_rows4(w: np.ndarray) -> np.ndarray:
     """A fully connected layer's int8 weights (out_c, in_c) in the order ek_fully_connected_s8_rows4
-    reads them: per group of four rows, per block of four inputs, the four rows' words [w0 ^ 0x80, w1,
-    w2 ^ 0x80, w3] (the even bytes offset by 128: read as unsigned they are w + 128, see the kernel);
-    then the group's in_c % 4 last weights, row after row; then the out_c % 4 last rows, unchanged.
-    The same bytes as the plain filter, reordered (no flash grows)."""
+    reads them: per group of eight rows (up to out_c & ~7, then one group of four), per block of four
+    inputs, the group's rows' words [w0 ^ 0x80, w1, w2 ^ 0x80, w3] (the even bytes offset by 128: read
+    as unsigned they are w + 128, see the kernel); then the group's in_c % 4 last weights, row after
+    row; then the out_c % 4 last rows, unchanged. The same bytes as the plain filter, reordered (no
+    flash grows)."""
     out_c, in_c = w.shape
-    full, vec_c = in_c & ~3, out_c & ~3
+    full, vec_c, vec8 = in_c & ~3, out_c & ~3, out_c & ~7
     enc = w.astype(np.int8).view(np.uint8).copy()
     enc[:vec_c, 0:full:2] ^= 0x80
-    groups = enc[:vec_c].reshape(vec_c // 4, 4, in_c)
-    blocks = groups[:, :, :full].reshape(vec_c // 4, 4, full // 4, 4).transpose(0, 2, 1, 3).reshape(vec_c // 4, -1)
-    tails = groups[:, :, full:].reshape(vec_c // 4, -1)
-    packed = np.concatenate([blocks, tails], axis=1).reshape(-1)
-    return np.concatenate([packed, enc[vec_c:].reshape(-1)]).view(np.int8)
+    parts = []
+    for start, rows in [(g, 8) for g in range(0, vec8, 8)] + ([(vec8, 4)] if vec_c > vec8 else []):
+        group = enc[start:start + rows]
+        parts.append(group[:, :full].reshape(rows, full // 4, 4).transpose(1, 0, 2).reshape(-1))
+        parts.append(group[:, full:].reshape(-1))
+    parts.append(enc[vec_c:].reshape(-1))
+    return np.concatenate(parts).view(np.int8)
 
 
 FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)

@@ -249,18 +249,21 @@ def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
     assert int(np.sum(got != ref)) == 0
 
 
-@pytest.mark.parametrize("c", [16, 64])
-def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path, c):
+@pytest.mark.parametrize("c, k", [(16, 3), (64, 3), (8, 1)])
+def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path, c, k):
     """The generator plans the 4x2 kernel's scratch, so no layer reaches its portable form on a DSP
     board: ek_nn.h leaves it out (flash); the kernel without the DSP extension keeps it (host test).
-    Over 64 channels (K = 576) in chunks, within the 4 x K bytes ek_conv2d_s8 would take."""
+    Over 64 channels (K = 576) in chunks, within the 4 x K bytes ek_conv2d_s8 would take; a window of
+    8 values (shorter than a chunk may be) whole."""
     from edgekit.boards import load_board
     from edgekit.codegen.project import generate_project
 
     rng = np.random.default_rng(3)
-    case = dict(h=4, w=4, c=c, o=6, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(4, 4),
+    case = dict(h=4, w=4, c=c, o=6, k=(k, k), stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4, out=(4, 4),
                 act="relu", bias=True, wscale=0.3)
     record = generate_project(_graph(case, rng), tmp_path, load_board("mps2-an386"))
     assert record["kernels"] == ["ek_conv2d_s8_4x2"]
-    assert record["scratch_bytes"] == (8 * 144 if c == 16 else 4 * 576)
-    assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in (tmp_path / "include" / "ek_nn.h").read_text()
+    assert record["scratch_bytes"] == {16: 8 * 144, 64: 4 * 576, 8: 64}[c]
+    header = (tmp_path / "include" / "ek_nn.h").read_text()
+    assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in header
+    assert ("#define EK_CONV2D_S8_4X2_CHUNKED 0" in header) == (c != 64)

@@ -102,7 +102,7 @@ def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
 def conv_4x2_chunk(k_len: int, pairs: int, scratch: int) -> int:
     """Taps the 4x2 kernel gathers at a time with this much scratch (the template's kc): K rounded up
     to 4 when the four windows fit, else the chunk left after the pairs' sums (a multiple of 4);
-    below CONV_4X2_CHUNK_MIN the kernel would take its portable form."""
+    a chunk below CONV_4X2_CHUNK_MIN makes the kernel take its portable form."""
     k4 = (k_len + 3) // 4 * 4
     return k4 if 8 * k4 <= scratch else max((scratch - 32 * pairs) // 8, 0) & ~3
 
@@ -305,9 +305,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
         elif k == "ek_conv2d_s8_4x2":  # its portable form over the packed filter: a scratch too small
             _, kh, kw, k_in = layer.dims["filter"]
-            kc = conv_4x2_chunk(kh * kw * k_in, layer.params["pairs_4x2"], scratch)
-            fallback = kc < CONV_4X2_CHUNK_MIN
-            chunked = chunked or (not fallback and kc < (kh * kw * k_in + 3) // 4 * 4)
+            kc, k4 = conv_4x2_chunk(kh * kw * k_in, layer.params["pairs_4x2"], scratch), (kh * kw * k_in + 3) // 4 * 4
+            fallback = kc < k4 and kc < CONV_4X2_CHUNK_MIN
+            chunked = chunked or (not fallback and kc < k4)
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))

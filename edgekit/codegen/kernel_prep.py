@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import quant_math
+from ..cost import layer_macs
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
@@ -49,6 +50,17 @@ def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
     blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, kg, group).transpose(1, 0, 2)
               for s in sdot_block_starts(out_c)]
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
+
+
+def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order rpi4's int16-pair tile
+    reads it (kernels/neon/ek_conv2d_s8_pairs): per block of 16 output channels (sdot_block_starts),
+    per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
+    (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
+    channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
+    Channels past out_c are zero."""
+    groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
+    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
 
 
 def conv_tile_group(board) -> int:
@@ -186,7 +198,9 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
+    25 x 128): b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -211,8 +225,101 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
+        # a left / right edge pixel multiplies a padded column's sum by the zero point once
+        sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
+        for kx in range(sums.shape[0]):
+            for lo, hi in ((0, 2), (1, 3)):
+                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
+                words.append(word - (1 << 32) if word >= 1 << 31 else word)
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
+
+
+FC_ROWS4_MIN_SHARE = 0.01  # fully connected layers doing less of a model's MACs keep ek_fully_connected_s8
+
+
+def _fc_rows4_shape(graph: Graph, op: Op) -> bool:
+    if op.kind != "fully_connected":
+        return False
+    out_c, in_c = graph.tensors[op.inputs[1]].shape
+    return out_c >= 4 and in_c >= 4
+
+
+def fc_rows4_layers(graph: Graph) -> set[str]:
+    """The dense int8 fully connected layers that run the Cortex-M DSP kernel that never sign-extends
+    its weights (kernels/dsp/ek_fully_connected_s8_rows4): those with at least four rows and four
+    inputs, when together they do at least FC_ROWS4_MIN_SHARE of the model's MACs. Otherwise (a
+    classifier's last layer after convolutions) they keep ek_fully_connected_s8, which is then built
+    from its portable source for size (project.cold_kernels): the kernel's code would buy nothing."""
+    fc = [op for op in graph.ops if _fc_rows4_shape(graph, op)]
+    total = sum(layer_macs(graph, op) for op in graph.ops)
+    if sum(layer_macs(graph, op) for op in fc) < FC_ROWS4_MIN_SHARE * total:
+        return set()
+    return {op.name for op in fc}
+
+
+def pack_fc_rows4(w: np.ndarray) -> np.ndarray:
+    """A fully connected layer's int8 weights (out_c, in_c) in the order ek_fully_connected_s8_rows4
+    reads them: per group of four rows, per block of four inputs, the four rows' words [w0 ^ 0x80, w1,
+    w2 ^ 0x80, w3] (the even bytes offset by 128: read as unsigned they are w + 128, see the kernel);
+    then the group's in_c % 4 last weights, row after row; then the out_c % 4 last rows, unchanged.
+    The same bytes as the plain filter, reordered (no flash grows)."""
+    out_c, in_c = w.shape
+    full, vec_c = in_c & ~3, out_c & ~3
+    enc = w.astype(np.int8).view(np.uint8).copy()
+    enc[:vec_c, 0:full:2] ^= 0x80
+    groups = enc[:vec_c].reshape(vec_c // 4, 4, in_c)
+    blocks = groups[:, :, :full].reshape(vec_c // 4, 4, full // 4, 4).transpose(0, 2, 1, 3).reshape(vec_c // 4, -1)
+    tails = groups[:, :, full:].reshape(vec_c // 4, -1)
+    packed = np.concatenate([blocks, tails], axis=1).reshape(-1)
+    return np.concatenate([packed, enc[vec_c:].reshape(-1)]).view(np.int8)
+
+
+FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
+
+
+def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
+    """ek_fully_connected_s8_rows4's records (int32). b: the folded bias plus, for the rows packed in
+    groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first (the kernel's
+    sums carry -128 times it), modulo 2^32. With one multiplier and one shift for the layer (TFLite's
+    per-tensor weights), r = -shift in 2..22 and every accumulator below 2^30 in magnitude (|folded
+    bias| + 128 * sum |w| per row): {r, m, 2c, 2b_0 .. 2b_out_c-1}, c = 2^(r - 2) + output_offset *
+    2^(r - 1); the kernel keeps the sums doubled and its output stage is SMMLAR, ADD, ASR and SSAT per
+    value. Otherwise {-1, 0, 0}, then FC_ROWS4_REC words per group of four rows (the last padded):
+    {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}, hs the four r - 1, one per byte; a group with a shift
+    outside 2..22, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
+    shifts in place of the c: the generic stage."""
+    w = graph.tensors[op.inputs[1]].data.astype(np.int64)
+    a = op.attrs
+    out_c, in_c = w.shape
+    vec_c, full = out_c & ~3, in_c & ~3
+    folded = folded_bias(graph, op).astype(np.int64)
+    bias = folded.copy()
+    bias[:vec_c] += 128 * w[:vec_c, 1:full:2].sum(axis=1)
+    m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
+    offset = int(a["output_offset"])
+
+    def const(r: int) -> int:
+        return (1 << (r - 2)) + offset * (1 << (r - 1))
+
+    small = int(np.max(np.abs(folded) + 128 * np.abs(w).sum(axis=1))) < 2 ** 30  # every |accumulator| < 2^30
+    if np.all(m == m[0]) and np.all(shift == shift[0]) and 2 <= -int(shift[0]) <= 22 and small:
+        r = -int(shift[0])
+        words = [r, int(m[0]), 2 * const(r), *(2 * bias)]
+    else:
+        groups = (out_c + 3) // 4
+        pad = 4 * groups - out_c
+        bias, m, shift = (np.concatenate([v, np.zeros(pad, np.int64)]) for v in (bias, m, shift))
+        words = [-1, 0, 0]
+        for g in range(groups):
+            rows = slice(4 * g, 4 * g + 4)
+            r = -shift[rows]
+            fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
+            words += [sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1, *bias[rows]]
+            for k in range(4):
+                words += [int(m[4 * g + k]), const(int(r[k])) if fast else int(shift[4 * g + k])]
+    return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
 def scratch_bytes(layers, board, portable=()) -> int:
@@ -235,7 +342,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
-        elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
+        elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
             load = 16 if board.get("dotprod") else 8
@@ -246,6 +353,9 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 # in_c zero points (the gathered windows of other shapes need the 4 x K above)
                 windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
+        elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
+            out_c, _, _, in_c = layer.dims["filter"]
+            need = max(need, 4 * min(out_c & ~3, FC_DSP_CHUNK) + 2 * min(in_c & ~3, FC_DSP_WIDEN_BYTES // 2))
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
             sums = 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK)  # never 0: defined
             widened = 4 * ((layer.dims["filter"][3] + 1) // 2)  # the input as int16 pairs
@@ -263,7 +373,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
 
 
 # The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
-DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2")
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2",
+                        "ek_fully_connected_s8_rows4")
 
 
 def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
@@ -297,6 +408,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
             fallback = (p["left_shift"] > 22 or max(p["input1_shift"], p["input2_shift"], p["output_shift"]) > 0
                         or not same)
+        elif k == "ek_fully_connected_s8_rows4":  # a chunk of row sums and one block of 4 inputs' pairs
+            fallback = 4 * min(layer.dims["filter"][0] & ~3, FC_DSP_CHUNK) + 8 > scratch
         else:  # fully connected: the sums of a chunk of rows must fit the scratch
             vec_c = layer.dims["filter"][0] & ~3
             fallback = 4 * min(vec_c, FC_DSP_CHUNK) > scratch
@@ -378,14 +491,16 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         cols_in = sum(1 for ox in range(out_w) if 0 <= ox * p["stride_w"] - p["pad_left"] and
                       ox * p["stride_w"] - p["pad_left"] + (kw - 1) * p["dilation_w"] < in_w)
         shape["gain"] += rows_in * cols_in * (8 * kh * kw + 15 * in_c)
-        _, _, out_w, _ = layer.dims["output"]
-        rows = layer.dims["output"][1]
-        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
-            x0 = ox * p["stride_w"] - p["pad_left"]
-            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
-            if inside and len(inside) < kw:
-                edge = (inside[0], inside[-1] + 1)
-                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
+        # border pixels (some of the window in the padding): the window rows and columns inside the input,
+        # counted per kind (rows inside ky0..ky1 - 1, columns kx0..kx1 - 1)
+        row_kinds = _inside_counts(out_h, p["stride_h"], p["pad_top"], kh, p["dilation_h"], in_h)
+        col_kinds = _inside_counts(out_w, p["stride_w"], p["pad_left"], kw, p["dilation_w"], in_w)
+        for (ky0, ky1), n_rows in row_kinds.items():
+            for (kx0, kx1), n_cols in col_kinds.items():
+                if (ky1 - ky0, kx1 - kx0) != (kh, kw):
+                    edge = (ky0, ky1, kx0, kx1)
+                    macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
+                    shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -397,25 +512,37 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
     edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
                    key=lambda e: -e[0])
     kept: dict[int, list] = {}
-    for _, i, (kx0, kx1) in edges:
+    for _, i, edge in edges:
         cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
-            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
     return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
             for i, shape in enumerate(chosen)]
 
 
-def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
-    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
-    the padding, which adds weight x zero point), filter offsets as in the interior."""
+def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:
+    """{(k0, k1): number of output rows (or columns) whose window taps k0 .. k1 - 1 lie inside the
+    input} along one axis, for the windows with at least one tap inside (ek_dw_tap_range's ranges)."""
+    counts: dict[tuple, int] = {}
+    for o in range(out_n):
+        inside = [t for t in range(k) if 0 <= o * stride - pad + t * dilation < size]
+        if inside:
+            key = (inside[0], inside[-1] + 1)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _edge_taps(shape: dict, ky0: int, ky1: int, kx0: int, kx1: int) -> dict:
+    """A border function's taps: input offsets from the first inside row and column's pixel (None for
+    a tap in the padding, which adds weight x zero point), filter offsets as in the interior."""
     taps = []
     for ky in range(shape["kh"]):
         for kx in range(shape["kw"]):
             f_off = (ky * shape["kw"] + kx) * shape["in_c"]
-            if kx0 <= kx < kx1:
-                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+            if ky0 <= ky < ky1 and kx0 <= kx < kx1:
+                in_off = ((ky - ky0) * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
                 taps.append((in_off, f_off))
             else:
                 taps.append((None, f_off))
-    return {"kx0": kx0, "kx1": kx1, "taps": taps}
+    return {"ky0": ky0, "ky1": ky1, "kx0": kx0, "kx1": kx1, "taps": taps}

@@ -1,7 +1,7 @@
 """MLPerf Tiny's four int8 reference models on the emulated Cortex-M4, side by side with TFLM + CMSIS-NN.
 
     .venv/bin/python bench/bench_mlperf_tiny.py [--models DIR] [--board mps2-an386] [--only kws,ad]
-                                                [--memory off] [--json out.json]
+                                                [--memory off] [--memory-off NAME,...] [--json out.json]
 
 Each model goes generate -> build (stack reserve = the static bound) -> emulate -> flash -> profile; every
 output of every input is compared bit for bit with the numpy reference (the profiler does it, the script
@@ -51,7 +51,7 @@ def models_dir(given: str | None) -> Path:
 
 def run_model(name: str, path: Path, out: Path, emu: Emulator, board: str, memory: str, samples: int) -> dict:
     graph = edgekit.load(path)
-    gen_kwargs = {} if memory == "on" else {"memory_off": "all"}
+    gen_kwargs = {} if memory == "on" else {"memory_off": "all" if memory == "off" else memory.split(",")}
     record = edgekit.generate(graph, out, board=board, **gen_kwargs)
     built = edgekit.build(out, stack="auto")
     shape = graph.tensors[graph.inputs[0]].shape
@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--only", help="comma-separated short names: kws, vww, resnet, ad")
     ap.add_argument("--memory", choices=("on", "off"), default="on",
                     help="off: today's greedy plan without the in-place / search techniques")
+    ap.add_argument("--memory-off", help="comma-separated memory techniques to turn off (e.g. residual-bands)")
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -121,7 +122,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, Emulator(args.board) as emu:
         for name in wanted:
             rows.append(run_model(name, folder / f"{name}.tflite", Path(tmp) / name, emu, args.board,
-                                  args.memory, args.samples))
+                                  args.memory_off or args.memory, args.samples))
             print(f"{name}: {rows[-1]['instructions']:,.0f} instructions, bit-exact", flush=True)
     print(table(rows, args.board))
     if args.json:

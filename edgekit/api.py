@@ -137,7 +137,7 @@ def generate(graph: Graph, out_dir, board: str = "host", weights="dense", exit_t
     its API header and build files for CMake, Arduino, PlatformIO, Zephyr and Make
     (``codegen/library.py``); ``example_input``'s first sample becomes the example sketch's input.
     ``memory_off``: arena techniques to turn off, "all" (today's greedy plan) or names among
-    inplace-depthwise, inplace-conv, inplace-elementwise, offset-search.
+    inplace-depthwise, inplace-conv, inplace-elementwise, op-order, residual-bands, offset-search.
     ``threads`` (Raspberry Pi boards): the threads that share each large layer's output, bit for bit
     the same results (default: the board's cores; 1: no worker threads; a library runs one)."""
     if library:

@@ -73,6 +73,13 @@ def cmd_generate(args) -> int:
     saved = ", ".join(f"{t} {b:,} B" for t, b in mem["saved_bytes"].items() if b)
     print(f"arena {mem['arena_bytes']:,} B, lower bound for this schedule {mem['lower_bound']:,} B, "
           f"greedy plan {mem['greedy_arena_bytes']:,} B" + (f"; saved (each turned off alone): {saved}" if saved else ""))
+    if mem.get("reordered_layers"):
+        print(f"layers run in the memory plan's order: {' '.join(map(str, mem['schedule']))}")
+    for blk in mem.get("banded_blocks", []):
+        print(f"residual block, layers {blk['layers'][0]}-{blk['layers'][-1]}: in {blk['bands']} row bands of {blk['rows']} "
+              f"rows ({blk['band_bytes']:,} B of band buffers, {blk['extra_macs']} extra MACs)")
+    for blk in mem.get("not_banded", []):
+        print(f"residual block, layers {blk['layers'][0]}-{blk['layers'][-1]}: runs whole ({blk['reason']})")
     if args.library:
         print(f"use it: add_subdirectory({args.output}) + target_link_libraries(app PRIVATE edgekit_model) in CMake, "
               "or as an Arduino / PlatformIO library, a Zephyr module, or include edgekit_model.mk; "
@@ -509,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the model as a C library for your own firmware (no main, UART or protocol): "
                    "src/edgekit_model.h and build files for CMake, Arduino, PlatformIO, Zephyr and Make")
     g.add_argument("--memory-off", help="comma-separated arena techniques to turn off (to measure them): all, "
-                   "inplace-depthwise, inplace-conv, inplace-elementwise, offset-search")
+                   "inplace-depthwise, inplace-conv, inplace-elementwise, op-order, residual-bands, offset-search")
     g.add_argument("--threads", type=int, default=None, help="Raspberry Pi boards: threads that share each large "
                    "layer's output (default: the board's cores, 4; 1: no worker threads)")
     g.set_defaults(fn=cmd_generate)

@@ -70,13 +70,14 @@ int main(void)
 """
 
 
-def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, timeout: float = 60.0) -> np.ndarray:
-    """Generate ``graph`` (one int8 input, one output) for ``board_name``, build self-test firmware
-    with ``inputs`` (batch of raw int8 input tensors) baked in, run it under QEMU; return the int8
-    outputs, one row per input."""
+def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, timeout: float = 60.0,
+                 memory_off=()) -> np.ndarray:
+    """Generate ``graph`` (one int8 input, one output) for ``board_name`` (``memory_off``: arena
+    techniques turned off), build self-test firmware with ``inputs`` (batch of raw int8 input tensors)
+    baked in, run it under QEMU; return the int8 outputs, one row per input."""
     board = load_board(board_name)
     out = workdir / "project"
-    generate_project(graph, out, board)
+    generate_project(graph, out, board, memory_off=memory_off)
     record = load_project(out)
     # Linked for the whole device (vector table at address 0, where QEMU starts the core), with
     # no profiling hooks: this firmware only computes.

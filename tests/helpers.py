@@ -118,12 +118,13 @@ def run_c(exe: Path, inputs: list[np.ndarray], out_elems: int, dtype=np.int8) ->
     return out.reshape(n, out_elems)
 
 
-def c_matches_reference(g: Graph, tmp: Path, cbuild: CBuild, inputs: dict[str, np.ndarray], weights="dense"):
-    """Generate (with the given weight encoding), build and run ``g``; return
+def c_matches_reference(g: Graph, tmp: Path, cbuild: CBuild, inputs: dict[str, np.ndarray], weights="dense",
+                        memory_off=()):
+    """Generate (with the given weight encoding and memory techniques off), build and run ``g``; return
     (C outputs, reference outputs) flattened per sample."""
     from edgekit import reference
 
-    generate_project(g, tmp, "host", weights=weights)
+    generate_project(g, tmp, "host", weights=weights, memory_off=memory_off)
     exe = cbuild.build(tmp)
     out_elems = sum(g.tensors[n].size for n in g.outputs)
     dtype = np.float32 if g.meta.get("weight_only") else np.int8

@@ -3,7 +3,8 @@ codegen/kernel_prep.depthwise_dsp_shapes) on the emulated M4 (mps2-an386) and M7
 
 Each example is a one-layer model generated for the board, built with -Wall -Wextra -Werror as
 self-test firmware and run under QEMU; every output element must equal the numpy reference. The shapes
-are drawn so that the interior path runs next to the border (tap-table) path: four or more channels
+are drawn so that the interior path runs next to the border paths (unrolled border code for the window
+rows and columns inside, the tap table where none is generated): four or more channels
 (odd counts reach the scalar tail channels), widths 1..9 (pairs, a last single pixel, pairs that start
 on odd pixel indices and are refused), stride 1 and 2, every padding side, dilation, windows 1x1 to
 5x5; a depth multiplier of 2 falls back to the portable loop. A chain of in-place depthwise layers
@@ -69,7 +70,7 @@ def test_depthwise_dsp_interior_and_border(case, board):
 
 def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
     """Python picks the unrolled path per layer shape: a 3x3 depthwise with 8 channels gets it (interior
-    and edge code), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
+    and border code), 3 channels or a depth multiplier of 2 do not (the tap-table / portable paths)."""
     rng = np.random.default_rng(3)
     shapes, q8 = {}, None
     for name, (c, mult) in {"c8": (8, 1), "c3": (3, 1), "m2": (4, 2)}.items():
@@ -80,8 +81,11 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
         record = edgekit.generate(q, tmp_path / name, board="mps2-an386")
         source = (tmp_path / name / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
         shapes[name] = "ek_dw_interior_0(" in source
-        if name == "c8":  # and the left / right edge code (pad 1: window columns 1..2 and 0..1 inside)
-            assert "ek_dw_edge_0_0(" in source and "ek_dw_edge_0_1(" in source
+        if name == "c8":  # and the border code: left / right edges (pad 1: window columns 1..2 and 0..1
+            # inside), top / bottom rows and the corners (window rows 1..2 or 0..1)
+            kinds = {(ky0, ky1, kx0, kx1) for ky0, ky1 in ((0, 3), (1, 3), (0, 2)) for kx0, kx1 in ((0, 3), (1, 3), (0, 2))}
+            for ky0, ky1, kx0, kx1 in kinds - {(0, 3, 0, 3)}:
+                assert f"window rows {ky0} .. {ky1 - 1} and columns {kx0} .. {kx1 - 1} inside" in source
         assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
     assert shapes == {"c8": True, "c3": False, "m2": False}
     # the M3 (no DSP extension) builds the portable kernel: no geometries, no unrolled code
@@ -126,8 +130,8 @@ def test_inplace_depthwise_chain_on_m4(tmp_path):
 def test_generic_output_stage_groups(board, variant, tmp_path):
     """The output stage's records (kernel_prep.depthwise_dsp_records) mark a group of four channels
     generic when a channel's shift is outside the fast stage's range (here 0 and -23) or the activation
-    bounds narrow int8: such groups, next to fast ones and the tail channel, stay bit-exact on every
-    path (interior pairs and singles, edges, top and bottom rows)."""
+    bounds narrow int8: such a layer runs the tap-table path for every pixel (the unrolled code has only
+    the fast stage), each group through its own stage, next to the tail channel: bit-exact."""
     from cortex_m_selftest import run_selftest
     rng = np.random.default_rng(5)
     case = dict(h=7, w=6, c=13, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(7, 6),

@@ -9,7 +9,6 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cortex_m_selftest import run_selftest
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.kernel_prep import ADD_TABLE_BYTES, add_tables
@@ -62,3 +61,117 @@ def test_add_tables_chosen_only_with_room():
         assert (record["scratch_bytes"] >= ADD_TABLE_BYTES) == expect
         assert ("#define EK_ADD_S8_TABLES 1" in header) == expect
     assert not add_tables([], load_board("host"), 4096)
+
+
+# ---- ek_fully_connected_s8_rows4 ------------------------------------------------------------------
+
+def _fc_graph(n_in, n_out, act, wscale, rng, bias=True):
+    weights = {"w": rng.normal(0, wscale, (n_out, n_in))}
+    if bias:
+        weights["b"] = rng.normal(0, wscale, n_out)
+    return float_graph("fully_connected", [(1, n_in)], dict(activation=act), weights, (1, n_out))
+
+
+@st.composite
+def fc_case(draw):
+    """in_c 4..300: tails (in_c % 4), one chunk of the input or several (more than the 128 inputs the
+    planned scratch holds); out_c 4..40: a last partial group; some rows' shifts 0 (the generic stage
+    for their group)."""
+    n_in = draw(st.one_of(st.integers(4, 40), st.integers(120, 300)))
+    n_out = draw(st.integers(4, 40))
+    zero = draw(st.lists(st.integers(0, n_out - 1), max_size=2, unique=True))
+    return dict(n_in=n_in, n_out=n_out, act=draw(activations), wscale=draw(st.floats(0.01, 1.0)),
+                bias=draw(st.booleans()), zero=zero, seed=draw(st.integers(0, 2 ** 31)))
+
+
+@given(fc_case(), BOARDS)
+@DSP_SETTINGS
+def test_fully_connected_s8_rows4(case, board):
+    """The weights never sign-extended (even bytes ^ 0x80, the input as (P, Q) pairs), records for the
+    output stage, bit-exact with the numpy reference on the M4 / M7."""
+    rng = np.random.default_rng(case["seed"])
+    g = _fc_graph(case["n_in"], case["n_out"], case["act"], case["wscale"], rng, case["bias"])
+    _check_on_board(g, rng, board, {"x0": (-3.0, 2.0)}, n=3, shift_zero=case["zero"] or None)
+
+
+HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
+# compiles its portable code (ek_fully_connected_s8_rows4 its loop over the packed filter and records).
+name = "host-dsp-portable"
+description = "host process built from kernels/dsp (their portable paths)"
+kind = "host"
+templates = ["host", "runtime"]
+cc = "cc"
+cflags = ["-O2"]
+kernel_variant = "dsp"
+"""
+
+
+@given(fc_case())
+@DSP_SETTINGS
+def test_fully_connected_s8_rows4_portable_host_asan(case):
+    """The packed filter and the records through the kernel's portable form, on the host under
+    ASan / UBSan, bit-exact with the numpy reference."""
+    from edgekit.boards import load_board_file
+    from helpers import CBuild, run_c
+
+    rng = np.random.default_rng(case["seed"])
+    q = quantize_with_random_data(_fc_graph(case["n_in"], case["n_out"], case["act"], case["wscale"], rng,
+                                            case["bias"]), rng, {"x0": (-3.0, 2.0)})
+    for op in q.ops:
+        op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+        op.attrs["shift"][case["zero"]] = 0
+    x = rng.integers(-128, 128, size=(3, case["n_in"])).astype(np.int8)
+    with tempfile.TemporaryDirectory() as tmp:
+        board_file = Path(tmp) / "host-dsp.toml"
+        board_file.write_text(HOST_DSP_BOARD)
+        record = generate_project(q, Path(tmp) / "project", load_board_file(board_file))
+        assert record["kernels"] == ["ek_fully_connected_s8_rows4"]
+        got = run_c(CBuild(Path(tmp), sanitize=True).build(Path(tmp) / "project"), [x], case["n_out"])
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0
+
+
+def test_pack_fc_rows4_order_and_records():
+    """The packed bytes are the filter's, reordered per group of 4 rows x 4 inputs with the even bytes
+    ^ 0x80, the group tails and the last rows as they are; the records' biases carry 128 x the odd
+    weights, and the output constants follow the shifts (a group with shift 0: generic)."""
+    from edgekit.codegen.kernel_prep import FC_ROWS4_REC, fc_rows4_records, folded_bias, pack_fc_rows4
+
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (6, 10)).astype(np.int8)
+    p = pack_fc_rows4(w).view(np.uint8)
+    assert p.size == w.size
+    u = w.view(np.uint8)
+    for r in range(4):
+        for i in range(8):
+            assert p[16 * (i // 4) + 4 * r + i % 4] == (u[r, i] ^ 0x80 if i % 2 == 0 else u[r, i])
+        assert list(p[32 + 2 * r:34 + 2 * r]) == list(u[r, 8:10])
+    assert bytes(p[40:]) == u[4:].tobytes()
+    q = quantize_with_random_data(_fc_graph(10, 6, "relu", 0.5, rng), rng)
+    op = q.ops[0]
+    op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
+    op.attrs["shift"][1] = 0
+    rec = fc_rows4_records(q, op).reshape(2, FC_ROWS4_REC).astype(np.int64)
+    wq = q.tensors[op.inputs[1]].data.astype(np.int64)
+    fb = folded_bias(q, op).astype(np.int64)
+    assert list(rec[0, 1:5]) == [int(np.int32(fb[r] + 128 * wq[r, 1:8:2].sum())) for r in range(4)]
+    assert list(rec[1, 1:3]) == list(fb[4:6]) and rec[0, 0] == -1 and rec[1, 0] == -1
+    assert list(rec[0, 6::2]) == list(op.attrs["shift"][:4])
+
+
+def test_fc_rows4_layers_by_share():
+    """An FC-only model (the autoencoder's kind) takes the kernel for every layer of >= 4 rows and
+    inputs; a convolution's classifier head (well under 1 % of the MACs) keeps ek_fully_connected_s8."""
+    from edgekit.codegen.kernel_prep import fc_rows4_layers
+    from edgekit.ir import Op, Tensor
+
+    rng = np.random.default_rng(1)
+    q = quantize_with_random_data(_fc_graph(20, 8, "relu", 0.5, rng), rng)
+    assert fc_rows4_layers(q) == {q.ops[0].name}
+    g = _residual_graph(4, 4, 64, "relu", 0.1, rng)  # a 3x3 over 64 channels: 590 K MACs
+    g.add_tensor(Tensor("flat", (1, 4 * 4 * 64)))
+    g.add_tensor(Tensor("wf", (4, 4 * 4 * 64), "float32", rng.normal(0, 0.1, (4, 1024)).astype(np.float32)))
+    g.add_tensor(Tensor("o", (1, 4)))
+    g.ops.append(Op("reshape", "flatten", ["z"], ["flat"], {"shape": (1, 1024)}))
+    g.ops.append(Op("fully_connected", "head", ["flat", "wf"], ["o"], {"activation": "none"}))
+    assert fc_rows4_layers(g) == set()  # the choice reads shapes only: 4 K MACs of 594 K

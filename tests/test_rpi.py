@@ -152,6 +152,29 @@ def test_conv2d_tile(xbuild, h, w, c, o, k, padding, stride, act, board, seed):
     check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
 
 
+@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([4, 8, 12, 16, 20, 28, 36]),
+       st.sampled_from([1, 5, 16, 17, 40]), st.sampled_from([(3, 3), (1, 1), (2, 5), (5, 1)]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations,
+       st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act, seed):
+    """rpi5, in_c a multiple of 4: windows read in place as kh * kw runs of in_c (no gather): groups
+    of four pixels inside the input at fixed tap offsets ("stepped", wide rows) and groups through
+    the run-pointer table (padding on every side reading the zero-point row, groups crossing an
+    output row, the last pixel repeated), strides, dilation, runs with a 4 / 8 / 12-byte tail
+    loaded exactly. in_c not a multiple of 4 keeps the gathered windows (test_conv2d_tile)."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    out = conv_out(h, w, k, (stride, stride), (dilation, dilation), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh * dilation, padding[1], padding[2] + kw * dilation, padding[3])
+        out = conv_out(h, w, k, (stride, stride), (dilation, dilation), padding)
+    weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+
+
 @given(st.integers(1, 9), st.integers(1, 7), st.sampled_from([1, 3, 8, 13, 16, 20, 33]),
        st.sampled_from([1, 5, 16, 17, 40]), activations, boards, st.integers(0, 2 ** 31))
 @PI_SETTINGS

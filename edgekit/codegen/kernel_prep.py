@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import quant_math
+from ..cost import layer_macs
 from ..ir import Graph, Op, nhwc
 
 FC_DSP_CHUNK = 32  # rows a DSP fully connected layer sums before their output stage (EK_FC_DSP_CHUNK)
@@ -163,7 +164,7 @@ def folded_bias(graph: Graph, op: Op) -> np.ndarray:
     return folded.astype(np.int32)
 
 
-DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records
+DW_DSP_REC = 13  # words per group of four channels in depthwise_dsp_records, before the taps' weights
 
 
 def depthwise_dsp_takes_records(op: Op) -> bool:
@@ -175,10 +176,13 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 
 
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
-    """The DSP depthwise kernel's output-stage records, made once here instead of per pixel at run time:
-    per group of four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1,
-    m2, c2, m3, c3}: b the folded bias, m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for
-    r = -shift, hs the four right shifts r - 1, one per byte. With r in 2..22 the kernel's stage is one
+    """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
+    four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
+    r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
+    requantization (the filter array stays for the tap-table path, the tail channels and the portable
+    loop). With r in 2..22 the kernel's stage is one
     64-bit multiply-accumulate, a shift and a saturation per value, the offset folded into c (see the
     template). A group with another shift, or a layer whose activation bounds narrow [-128, 127] (SSAT
     alone clamps to int8), has hs = -1: the kernel takes the generic stage from the quant arrays."""
@@ -187,6 +191,8 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
     offset = int(a["output_offset"])
     narrow = int(a["act_min"]) > -128 or int(a["act_max"]) < 127
+    w = graph.tensors[op.inputs[1]].data.astype(np.int8)
+    taps = w.reshape(-1, w.shape[-1])  # (kh * kw, out_c)
     groups = []
     for c0 in range(0, len(m) & ~3, 4):
         r = -shift[c0:c0 + 4]
@@ -196,8 +202,86 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
         for k in range(4):
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
+        words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
+
+
+FC_ROWS4_MIN_SHARE = 0.01  # fully connected layers doing less of a model's MACs keep ek_fully_connected_s8
+
+
+def _fc_rows4_shape(graph: Graph, op: Op) -> bool:
+    if op.kind != "fully_connected":
+        return False
+    out_c, in_c = graph.tensors[op.inputs[1]].shape
+    return out_c >= 4 and in_c >= 4
+
+
+def fc_rows4_layers(graph: Graph) -> set[str]:
+    """The dense int8 fully connected layers that run the Cortex-M DSP kernel that never sign-extends
+    its weights (kernels/dsp/ek_fully_connected_s8_rows4): those with at least four rows and four
+    inputs, when together they do at least FC_ROWS4_MIN_SHARE of the model's MACs. Otherwise (a
+    classifier's last layer after convolutions) they keep ek_fully_connected_s8, which is then built
+    from its portable source for size (project.cold_kernels): the kernel's code would buy nothing."""
+    fc = [op for op in graph.ops if _fc_rows4_shape(graph, op)]
+    total = sum(layer_macs(graph, op) for op in graph.ops)
+    if sum(layer_macs(graph, op) for op in fc) < FC_ROWS4_MIN_SHARE * total:
+        return set()
+    return {op.name for op in fc}
+
+
+def pack_fc_rows4(w: np.ndarray) -> np.ndarray:
+    """A fully connected layer's int8 weights (out_c, in_c) in the order ek_fully_connected_s8_rows4
+    reads them: per group of four rows, per block of four inputs, the four rows' words [w0 ^ 0x80, w1,
+    w2 ^ 0x80, w3] (the even bytes offset by 128: read as unsigned they are w + 128, see the kernel);
+    then the group's in_c % 4 last weights, row after row; then the out_c % 4 last rows, unchanged.
+    The same bytes as the plain filter, reordered (no flash grows)."""
+    out_c, in_c = w.shape
+    full, vec_c = in_c & ~3, out_c & ~3
+    enc = w.astype(np.int8).view(np.uint8).copy()
+    enc[:vec_c, 0:full:2] ^= 0x80
+    groups = enc[:vec_c].reshape(vec_c // 4, 4, in_c)
+    blocks = groups[:, :, :full].reshape(vec_c // 4, 4, full // 4, 4).transpose(0, 2, 1, 3).reshape(vec_c // 4, -1)
+    tails = groups[:, :, full:].reshape(vec_c // 4, -1)
+    packed = np.concatenate([blocks, tails], axis=1).reshape(-1)
+    return np.concatenate([packed, enc[vec_c:].reshape(-1)]).view(np.int8)
+
+
+FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
+
+
+def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
+    """ek_fully_connected_s8_rows4's records, FC_ROWS4_REC int32 words per group of four rows (the last
+    group padded): {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}. b is the folded bias plus, for rows
+    packed in groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first
+    (the kernel's sums carry -128 times it), modulo 2^32; m the multiplier; c = 2^(r - 2) +
+    output_offset * 2^(r - 1) for r = -shift; hs the four r - 1, one per byte. With r in 2..22 the
+    kernel's output stage is one 64-bit multiply-accumulate, a shift and a saturation per value. A group
+    with another shift, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
+    shifts in place of the c: the generic stage."""
+    w = graph.tensors[op.inputs[1]].data.astype(np.int64)
+    a = op.attrs
+    out_c, in_c = w.shape
+    vec_c, full = out_c & ~3, in_c & ~3
+    bias = folded_bias(graph, op).astype(np.int64)
+    bias[:vec_c] += 128 * w[:vec_c, 1:full:2].sum(axis=1)
+    groups = (out_c + 3) // 4
+    pad = 4 * groups - out_c
+    bias = np.concatenate([bias, np.zeros(pad, np.int64)])
+    m = np.concatenate([a["multiplier"].astype(np.int64), np.zeros(pad, np.int64)])
+    shift = np.concatenate([a["shift"].astype(np.int64), np.zeros(pad, np.int64)])
+    offset = int(a["output_offset"])
+    words = []
+    for g in range(groups):
+        rows = slice(4 * g, 4 * g + 4)
+        r = -shift[rows]
+        fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
+        hs = sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1
+        words += [hs, *bias[rows]]
+        for k in range(4):
+            second = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else int(shift[4 * g + k])
+            words += [int(m[4 * g + k]), second]
+    return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
 X86_VNNI_MAX_K = 65536  # EK_X86_VNNI_MAX_K: the longest dot product the x86 VNNI path takes
@@ -226,7 +310,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
-    to whole 16-byte (SDOT) or 8-byte loads; the NEON depthwise kernel keeps the tap table
+    to whole 16-byte (SDOT) or 8-byte loads (rpi5 with in_c a multiple of 4: no gather, a table of
+    4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
@@ -241,7 +326,14 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
+            if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
+                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
+                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
+                windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
+        elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
+            out_c, _, _, in_c = layer.dims["filter"]
+            need = max(need, 4 * min(out_c & ~3, FC_DSP_CHUNK) + 2 * min(in_c & ~3, FC_DSP_WIDEN_BYTES // 2))
         elif layer.kernel == "ek_fully_connected_s8" and variant == "dsp":
             sums = 4 * min(max(layer.dims["filter"][0] & ~3, 4), FC_DSP_CHUNK)  # never 0: defined
             widened = 4 * ((layer.dims["filter"][3] + 1) // 2)  # the input as int16 pairs
@@ -259,7 +351,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
 
 
 # The Cortex-M DSP kernels that call their portable loop for shapes or parameters they do not handle.
-DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2")
+DSP_FALLBACK_KERNELS = ("ek_conv2d_s8", "ek_add_s8", "ek_fully_connected_s8", "ek_conv2d_s8_4x2",
+                        "ek_fully_connected_s8_rows4")
 
 
 def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=()) -> list[str]:
@@ -293,6 +386,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
             fallback = (p["left_shift"] > 22 or max(p["input1_shift"], p["input2_shift"], p["output_shift"]) > 0
                         or not same)
+        elif k == "ek_fully_connected_s8_rows4":  # a chunk of row sums and one block of 4 inputs' pairs
+            fallback = 4 * min(layer.dims["filter"][0] & ~3, FC_DSP_CHUNK) + 8 > scratch
         else:  # fully connected: the sums of a chunk of rows must fit the scratch
             vec_c = layer.dims["filter"][0] & ~3
             fallback = 4 * min(vec_c, FC_DSP_CHUNK) > scratch
@@ -319,15 +414,18 @@ def add_tables(layers, board, scratch: int, portable=()) -> bool:
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
-# Flash the unrolled interior code may take per model: one geometry costs about 108 bytes a tap (a pixel pair's
-# 17 instructions and a single pixel's 10, 32-bit each) and 1 KB of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2: 2.3 KB for a 3x3). The geometries that save the most get it first.
-DW_DSP_CODE_BUDGET = 5000
-DW_DSP_TAP_BYTES = 108
-DW_DSP_BODY_BYTES = 1050
-# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 600.
+# Flash the unrolled interior code may take per model: one geometry costs about 112 bytes a tap (a pixel pair's
+# 17 instructions and a single pixel's 10, 32-bit each) and 480 bytes of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2 since the output stage reads generate-time records: 1,484 B for a 3x3, 2.3 KB
+# before). The geometries that save the most get it first. 9 KB: VWW's non-weight flash stays near 0.2x of
+# TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
+DW_DSP_CODE_BUDGET = 9000
+DW_DSP_TAP_BYTES = 112
+DW_DSP_BODY_BYTES = 480
+# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 160
+# (518 B for a 3x3).
 DW_DSP_EDGE_TAP_BYTES = 40
-DW_DSP_EDGE_BODY_BYTES = 600
+DW_DSP_EDGE_BODY_BYTES = 160
 
 
 def depthwise_dsp_shapes(layers, board) -> list[dict]:
@@ -371,14 +469,16 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         cols_in = sum(1 for ox in range(out_w) if 0 <= ox * p["stride_w"] - p["pad_left"] and
                       ox * p["stride_w"] - p["pad_left"] + (kw - 1) * p["dilation_w"] < in_w)
         shape["gain"] += rows_in * cols_in * (8 * kh * kw + 15 * in_c)
-        _, _, out_w, _ = layer.dims["output"]
-        rows = layer.dims["output"][1]
-        for ox in range(out_w):  # left / right edge pixels: the columns of the window inside the input
-            x0 = ox * p["stride_w"] - p["pad_left"]
-            inside = [kx for kx in range(kw) if 0 <= x0 + kx * p["dilation_w"] < in_w]
-            if inside and len(inside) < kw:
-                edge = (inside[0], inside[-1] + 1)
-                shape["edges"][edge] = shape["edges"].get(edge, 0) + rows * kh * len(inside) * out_c
+        # border pixels (some of the window in the padding): the window rows and columns inside the input,
+        # counted per kind (rows inside ky0..ky1 - 1, columns kx0..kx1 - 1)
+        row_kinds = _inside_counts(out_h, p["stride_h"], p["pad_top"], kh, p["dilation_h"], in_h)
+        col_kinds = _inside_counts(out_w, p["stride_w"], p["pad_left"], kw, p["dilation_w"], in_w)
+        for (ky0, ky1), n_rows in row_kinds.items():
+            for (kx0, kx1), n_cols in col_kinds.items():
+                if (ky1 - ky0, kx1 - kx0) != (kh, kw):
+                    edge = (ky0, ky1, kx0, kx1)
+                    macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
+                    shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -390,25 +490,37 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
     edges = sorted(((macs, i, edge) for i, shape in enumerate(chosen) for edge, macs in shape["edges"].items()),
                    key=lambda e: -e[0])
     kept: dict[int, list] = {}
-    for _, i, (kx0, kx1) in edges:
+    for _, i, edge in edges:
         cost = DW_DSP_EDGE_BODY_BYTES + DW_DSP_EDGE_TAP_BYTES * len(chosen[i]["taps"])
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
-            kept.setdefault(i, []).append(_edge_taps(chosen[i], kx0, kx1))
+            kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
     return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
             for i, shape in enumerate(chosen)]
 
 
-def _edge_taps(shape: dict, kx0: int, kx1: int) -> dict:
-    """An edge function's taps: input offsets from the first inside column's pixel (None for a tap in
-    the padding, which adds weight x zero point), filter offsets as in the interior."""
+def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:
+    """{(k0, k1): number of output rows (or columns) whose window taps k0 .. k1 - 1 lie inside the
+    input} along one axis, for the windows with at least one tap inside (ek_dw_tap_range's ranges)."""
+    counts: dict[tuple, int] = {}
+    for o in range(out_n):
+        inside = [t for t in range(k) if 0 <= o * stride - pad + t * dilation < size]
+        if inside:
+            key = (inside[0], inside[-1] + 1)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _edge_taps(shape: dict, ky0: int, ky1: int, kx0: int, kx1: int) -> dict:
+    """A border function's taps: input offsets from the first inside row and column's pixel (None for
+    a tap in the padding, which adds weight x zero point), filter offsets as in the interior."""
     taps = []
     for ky in range(shape["kh"]):
         for kx in range(shape["kw"]):
             f_off = (ky * shape["kw"] + kx) * shape["in_c"]
-            if kx0 <= kx < kx1:
-                in_off = (ky * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
+            if ky0 <= ky < ky1 and kx0 <= kx < kx1:
+                in_off = ((ky - ky0) * shape["dil_h"] * shape["in_w"] + (kx - kx0) * shape["dil_w"]) * shape["in_c"]
                 taps.append((in_off, f_off))
             else:
                 taps.append((None, f_off))
-    return {"kx0": kx0, "kx1": kx1, "taps": taps}
+    return {"ky0": ky0, "ky1": ky1, "kx0": kx0, "kx1": kx1, "taps": taps}

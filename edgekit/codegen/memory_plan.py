@@ -17,6 +17,20 @@ not overlap in memory, with two kinds of exceptions:
   writing it (delta 0). Fully connected layers do not run in place: their kernels read the input
   until the last row (keeping a widened copy for that would cost more scratch than it saves).
 
+Residual blocks in row bands (``residual-bands``): conv (stride 1) -> conv (stride 1) -> add with the
+block's input x, whose intermediate tensors only the block reads, run band by band (``residual_blocks``):
+the first convolution's output lives only as a band of rows (the rows the second one's window needs,
+carried from band to band), the second's as one band, and the add writes its rows over x's. That is safe
+when no later row of the first convolution reads x's rows a band has overwritten: the rows of the second
+window below its centre cover the first's padding above (k_B - 1 - p_B >= p_A). The band height is the
+largest whose footprint stays within the rest of the schedule's bound.
+
+Operator order (``op-order``): a layer that reads a tensor other layers read too (a residual block's
+shortcut) may run earlier or later within its dependencies; ``op_schedule`` moves such layers one at a
+time to where the bytes alive per step, sorted from the largest, are least (so the peak first, then the
+next highest steps), a bounded number of tries. The generated code calls the layers in that order; the
+layers keep their indices (names, per-layer counts). Graphs with early exits keep their order.
+
 Placement: lowest feasible offset, buffer by buffer, in an order. Today's plan (``offset-search``
 off) is greedy by size (largest first), TFLM's GreedyMemoryPlanner's order; the search tries a few
 orders and then swaps pairs of buffers (seeded, bounded), and stops at the lower bound. Both are
@@ -24,6 +38,7 @@ computed at generate time so the device spends no instructions on allocation.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -34,7 +49,9 @@ from ..ir import Graph, Op, nhwc
 ALIAS_OPS = ("reshape",)
 ELEMENTWISE_OPS = ("add", "relu", "relu6", "clamp")
 # The techniques `edgekit generate --memory-off` can turn off, in the order they usually pay.
-TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "offset-search")
+TECHNIQUES = ("inplace-depthwise", "inplace-conv", "inplace-elementwise", "op-order", "residual-bands", "offset-search")
+SCHEDULE_TRIES = 200  # orders the op-order search evaluates at most per model
+BAND_CONVS = ("conv2d", "depthwise_conv2d")
 ANY_OVERLAP = -(1 << 40)  # a delta that allows every relative placement
 NO_READ = 1 << 30  # the "first input pixel" of a window that reads none
 # The most output pixels a convolution kernel computes together (dsp / x86 / neon: two), reading all their
@@ -64,11 +81,45 @@ class InPlace:
 
 
 @dataclass
+class BandGroup:
+    """A residual block run in row bands: ops ``first`` (conv A: x -> y), ``first + 1`` (conv B: y -> w)
+    and ``first + 2`` (the add of w and x, written over x as z). ``rows``: output rows per band."""
+
+    first: int
+    x: str
+    y: str
+    w: str
+    z: str
+    height: int  # rows of x, w and z
+    y_height: int  # rows of y
+    row_bytes: int  # bytes of one row of x (= w = z)
+    y_row_bytes: int
+    kernel_b: int  # conv B's window rows
+    pad_b: int  # conv B's padding above
+    rows: int = 1
+
+    @property
+    def ops(self) -> tuple[int, int, int]:
+        return self.first, self.first + 1, self.first + 2
+
+    @property
+    def y_rows(self) -> int:
+        """Rows of y the band buffer holds: a band's rows of B's windows."""
+        return min(self.y_height, self.rows + self.kernel_b - 1)
+
+    def band_bytes(self, elem: int = 1) -> tuple[int, int]:
+        return self.y_rows * self.y_row_bytes * elem, self.rows * self.row_bytes * elem
+
+
+@dataclass
 class MemoryPlan:
     offsets: dict[str, int] = field(default_factory=dict)  # tensor -> byte offset
     arena_bytes: int = 0
     buffers: list[Buffer] = field(default_factory=list)
     inplace: list[InPlace] = field(default_factory=list)  # the pairs this plan was allowed to overlap
+    bands: list[BandGroup] = field(default_factory=list)  # residual blocks run in row bands
+    schedule: list[int] = field(default_factory=list)  # the ops' indices in the order they run; steps are its positions
+    not_banded: list[tuple[tuple[int, ...], str]] = field(default_factory=list)  # (ops, why not) of the others
 
     def live_bytes(self) -> dict[int, int]:
         """Bytes alive at each step (-1: the graph input, i: op i, len(ops): the outputs)."""
@@ -81,14 +132,28 @@ class MemoryPlan:
     def lower_bound(self) -> int:
         """The largest set of buffers alive at one op, less what that op's in-place pair may share:
         no plan with this schedule can beat it."""
-        steps = {s for b in self.buffers for s in (b.first, b.last)}
-        best = 0
-        for s in steps:
-            live = sum(b.size for b in self.buffers if b.first <= s <= b.last)
-            shared = max((_pair_saving(self.buffers[p.input], self.buffers[p.output], p.delta)
-                          for p in self.inplace if p.op == s), default=0)
-            best = max(best, live - shared)
-        return best
+        return max(_step_values(self), default=0)
+
+
+def _step_values(plan: MemoryPlan) -> list[int]:
+    """Per step (from the first buffer's first to the last one's last), the bytes alive less what
+    that step's in-place pair may share; one sweep over the buffers."""
+    bufs = plan.buffers
+    if not bufs:
+        return []
+    lo, hi = min(b.first for b in bufs), max(b.last for b in bufs)
+    diff = [0] * (hi - lo + 2)
+    for b in bufs:
+        diff[b.first - lo] += b.size
+        diff[b.last - lo + 1] -= b.size
+    shared: dict[int, int] = {}
+    for p in plan.inplace:
+        shared[p.op] = max(shared.get(p.op, 0), _pair_saving(bufs[p.input], bufs[p.output], p.delta))
+    values, live = [], 0
+    for s in range(lo, hi + 1):
+        live += diff[s - lo]
+        values.append(live - shared.get(s, 0))
+    return values
 
 
 def _pair_saving(inp: Buffer, out: Buffer, delta: int) -> int:
@@ -147,17 +212,224 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
     return None
 
 
+def residual_blocks(graph: Graph, allowed=None, off_reason: str | None = None):
+    """The residual blocks conv -> conv -> add(x) that may run in row bands (BandGroup, rows = 1), and
+    (ops, why not) for those that may not. ``allowed``: the ops that may write over their input
+    (memory-plan's inplace_ops); ``off_reason``: why none may (e.g. the Pi's threads split rows)."""
+    readers: dict[str, list[int]] = {}
+    producer: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for n in dict.fromkeys(op.inputs):
+            readers.setdefault(n, []).append(i)
+        for n in op.outputs:
+            producer[n] = i
+    groups: list[BandGroup] = []
+    skipped: list[tuple[tuple[int, ...], str]] = []
+    for k, add in enumerate(graph.ops):
+        if add.kind != "add" or len(add.inputs) != 2 or len(add.outputs) != 1:
+            continue
+        match = None
+        for w, x in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+            b = producer.get(w)
+            if b is None or graph.ops[b].kind not in BAND_CONVS:
+                continue
+            a = producer.get(graph.ops[b].inputs[0])
+            if a is not None and graph.ops[a].kind in BAND_CONVS and graph.ops[a].inputs[0] == x:
+                match = (a, b, w, x)
+                break
+        if match is None:
+            continue
+        a, b, w, x = match
+        y, z = graph.ops[b].inputs[0], add.outputs[0]
+        why = _band_refusal(graph, (a, b, k), x, y, w, z, readers, allowed, off_reason)
+        if why:
+            skipped.append(((a, b, k), why))
+            continue
+        xs, ys = nhwc(graph.tensors[x].shape), nhwc(graph.tensors[y].shape)
+        op_b = graph.ops[b]
+        groups.append(BandGroup(a, x, y, w, z, height=xs[1], y_height=ys[1], row_bytes=xs[2] * xs[3],
+                                y_row_bytes=ys[2] * ys[3], kernel_b=nhwc(graph.tensors[op_b.inputs[1]].shape)[1],
+                                pad_b=op_b.attrs["padding"][0]))
+    return groups, skipped
+
+
+def _band_refusal(graph: Graph, ops, x, y, w, z, readers, allowed, off_reason) -> str | None:
+    """Why the block conv A (x -> y), conv B (y -> w), add (w, x -> z) may not run in row bands."""
+    a, b, k = ops
+    t = graph.tensors
+    if off_reason:
+        return off_reason
+    if allowed is not None and not all(i in allowed for i in ops):
+        return "its layers may not write over their inputs (encoded weights, a float model or early exits)"
+    if not (b == a + 1 and k == b + 1):
+        return "its layers are not consecutive in the schedule"
+    if not (t[x].shape == t[w].shape == t[z].shape) or len(t[x].shape) != 4 or t[x].dtype != t[y].dtype:
+        return "the add broadcasts or the block is not a 2-D int8 image"
+    for i in (a, b):
+        op = graph.ops[i]
+        if tuple(op.attrs["stride"]) != (1, 1) or tuple(op.attrs["dilation"]) != (1, 1):
+            return (f"layer {op.name!r} has stride {tuple(op.attrs['stride'])}, dilation "
+                    f"{tuple(op.attrs['dilation'])}: bands need stride 1 and no dilation")
+    outputs = set(graph.outputs)
+    if readers.get(y) != [b] or readers.get(w) != [k] or y in outputs or w in outputs:
+        return "a tensor inside the block is read outside it"
+    if sorted(readers.get(x, [])) != [a, k] or x in outputs:
+        return "the block's input is read by other layers too: the add may not write over it"
+    if nhwc(t[x].shape)[1] < 2:
+        return "the block is one row high"
+    kb = nhwc(t[graph.ops[b].inputs[1]].shape)[1]
+    pb, pa = graph.ops[b].attrs["padding"][0], graph.ops[a].attrs["padding"][0]
+    if kb - 1 - pb < pa:
+        return (f"the second convolution's window reaches {kb - 1 - pb} row(s) below its centre, fewer than the "
+                f"first's {pa} row(s) of padding above: a band would read input rows the add has overwritten")
+    return None
+
+
 def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None = None, *,
-                techniques=(), kernel_variant: str | None = None, inplace_ops=None) -> MemoryPlan:
+                techniques=(), kernel_variant: str | None = None, inplace_ops=None,
+                bands_off_reason: str | None = None, schedule: list[int] | None = None) -> MemoryPlan:
     """Plan the arena. ``elem_bytes`` overrides bytes per element by dtype (the
     weight-only mode keeps activations in float32). ``techniques``: those of TECHNIQUES to use
     (none: today's greedy plan); ``kernel_variant``: the board's (in-place rules depend on it);
-    ``inplace_ops``: the indices of the ops allowed to run in place (default: all)."""
-    sizes = {}
-    for name, t in graph.tensors.items():
-        if not t.is_constant:
-            per = (elem_bytes or {}).get(t.dtype, t.nbytes // max(t.size, 1))
-            sizes[name] = t.size * per
+    ``inplace_ops``: the indices of the ops allowed to run in place (default: all);
+    ``bands_off_reason``: no residual block runs in bands, for this reason; ``schedule``: the op order
+    (default: op_schedule's with op-order on, else the graph's). The plan's steps (buffer lifetimes,
+    in-place ops, bands) are positions in ``plan.schedule``."""
+    techniques = set(techniques)
+    if schedule is None:
+        schedule = op_schedule(graph, align, elem_bytes, techniques, kernel_variant, inplace_ops) \
+            if "op-order" in techniques else list(range(len(graph.ops)))
+    view, allowed = _in_order(graph, schedule, inplace_ops)
+    groups: list[BandGroup] = []
+    skipped: list[tuple[tuple[int, ...], str]] = []
+    rules: dict = {}
+    if "residual-bands" in techniques:
+        groups, skipped = residual_blocks(view, allowed, bands_off_reason)
+        groups, dropped = _choose_bands(
+            lambda bands: _buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, bands, rules), groups)
+        skipped += dropped
+    plan = _buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, groups, rules)
+    plan.not_banded = sorted(skipped)
+    plan.schedule = list(schedule)
+    order = sorted(range(len(plan.buffers)), key=lambda k: (-plan.buffers[k].size, plan.buffers[k].first))
+    offsets = _place(plan, order, align)
+    if "offset-search" in techniques:
+        offsets = _search(plan, order, offsets, align)
+    for b, off in zip(plan.buffers, offsets):
+        b.offset = off
+    for b in plan.buffers:
+        for name in b.tensors:
+            plan.offsets[name] = b.offset
+    plan.arena_bytes = _arena(plan.buffers, offsets, align)
+    return plan
+
+
+def _in_order(graph: Graph, schedule: list[int], inplace_ops):
+    """The graph with its ops in ``schedule``'s order, and ``inplace_ops`` as positions in it."""
+    if schedule == list(range(len(graph.ops))):
+        return graph, inplace_ops
+    view = dataclasses.replace(graph, ops=[graph.ops[i] for i in schedule])
+    return view, None if inplace_ops is None else {p for p, i in enumerate(schedule) if i in inplace_ops}
+
+
+def op_schedule(graph: Graph, align: int = 8, elem_bytes=None, techniques=(), kernel_variant=None,
+                inplace_ops=None) -> list[int]:
+    """A topological order of the ops with fewer bytes alive at its highest steps: the layers that read a
+    tensor others read too are moved, one at a time, to the position within their dependencies that makes
+    the steps' bytes (less in-place sharing, sorted from the largest) least, while that improves, at most
+    SCHEDULE_TRIES orders. E.g. a shortcut convolution run before the main path's second convolution
+    frees the block input sooner. Graphs with early exits keep their order (an exit returns mid-way)."""
+    n = len(graph.ops)
+    order = list(range(n))
+    if any(op.kind == "exit" for op in graph.ops):
+        return order
+    readers: dict[str, int] = {}
+    producer: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for t in dict.fromkeys(op.inputs):
+            if not graph.tensors[t].is_constant:
+                readers[t] = readers.get(t, 0) + 1
+        for t in op.outputs:
+            producer[t] = i
+    movable = [i for i, op in enumerate(graph.ops) if any(readers.get(t, 0) > 1 for t in op.inputs)]
+    if not movable:
+        return order
+    consumers = [sorted({j for j, other in enumerate(graph.ops) for t in op.outputs if t in other.inputs})
+                 for op in graph.ops]
+    techniques = set(techniques) - {"residual-bands"}
+    rules: dict = {}
+
+    def key(o):
+        view, allowed = _in_order(graph, o, inplace_ops)
+        return sorted(_step_values(_buffers(view, align, elem_bytes, techniques, kernel_variant, allowed, [], rules)),
+                      reverse=True)
+
+    best, tries = key(order), 0
+    while tries < SCHEDULE_TRIES:
+        pos = {op: p for p, op in enumerate(order)}
+        found = None
+        for r in movable:
+            p = pos[r]
+            lo = max((pos[producer[t]] for t in graph.ops[r].inputs if t in producer), default=-1) + 1
+            hi = min((pos[c] for c in consumers[r]), default=n) - 1
+            for q in range(lo, hi + 1):
+                if q == p or tries >= SCHEDULE_TRIES:
+                    continue
+                trial = order[:p] + order[p + 1:]
+                trial.insert(q, r)
+                k = key(trial)
+                tries += 1
+                if k < best:
+                    best, found = k, trial
+        if found is None:
+            break
+        order = found
+    return order
+
+
+def _choose_bands(build, groups: list[BandGroup]):
+    """The blocks worth banding, each with its band height: a block whose banding (one row at a time)
+    does not lower the schedule's bound is left as it is (its steps are not the peak); the others take
+    the most rows per band (fewest kernel calls) that keep the bound of all of them at one row."""
+    if not groups:
+        return [], []
+    for g in groups:
+        g.rows = 1
+    target = build(groups).lower_bound()
+    chosen, dropped = [], []
+    for g in groups:
+        if build([c for c in groups if c is not g]).lower_bound() <= target:
+            dropped.append((g.ops, "not at the arena's peak: banding it would not lower the bound"))
+        else:
+            chosen.append(g)
+    if not chosen:
+        return [], dropped
+    target = build(chosen).lower_bound()
+    for g in chosen:  # the bound grows with the band height: the largest height that keeps it
+        lo, hi = 1, g.height
+        while lo < hi:
+            g.rows = (lo + hi + 1) // 2
+            if build(chosen).lower_bound() <= target:
+                lo = g.rows
+            else:
+                hi = g.rows - 1
+        g.rows = lo
+    return chosen, dropped
+
+
+def _buffers(graph: Graph, align: int, elem_bytes, techniques, kernel_variant, inplace_ops,
+             bands: list[BandGroup], rules: dict | None = None) -> MemoryPlan:
+    """The buffers (tensors merged by aliasing, with their sizes and lifetimes) and the in-place pairs
+    allowed, not yet placed. ``rules``: a cache of the ops' in-place rules (by op identity: they do not
+    depend on the order), for callers that build many orders of one graph."""
+    rules = {} if rules is None else rules
+    if "sizes" not in rules:  # the tensors' bytes do not depend on the order either
+        rules["sizes"] = {}
+        for name, t in graph.tensors.items():
+            if not t.is_constant:
+                per = (elem_bytes or {}).get(t.dtype, t.nbytes // max(t.size, 1))
+                rules["sizes"][name] = t.size * per
+    sizes = rules["sizes"]
     # Union reshape outputs with their inputs: one buffer, several names.
     root: dict[str, str] = {}
 
@@ -166,6 +438,8 @@ def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None 
             n = root[n]
         return n
 
+    for g in bands:  # a banded block's add writes its output over the block's input
+        root[find(g.z)] = find(g.x)
     for op in graph.ops:
         if op.kind in ALIAS_OPS:
             root[find(op.outputs[0])] = find(op.inputs[0])
@@ -189,14 +463,22 @@ def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None 
         buffers[find(name)].last = end
     for b in buffers.values():
         b.last = max(b.last, b.first)  # written but never read: still needs room while written
+    banded = set()
+    for g in bands:  # the two intermediate tensors: band buffers, alive while the block's bands run
+        per = sizes[g.x] // (g.height * g.row_bytes)
+        for name, size in zip((g.y, g.w), g.band_bytes(per)):
+            b = buffers[find(name)]
+            b.size, b.first, b.last = size, g.first, g.first + 2
+        banded.update(g.ops)
 
-    plan = MemoryPlan(buffers=list(buffers.values()))
+    plan = MemoryPlan(buffers=list(buffers.values()), bands=list(bands))
     index = {id(b): i for i, b in enumerate(plan.buffers)}
-    techniques = set(techniques)
     for i, op in enumerate(graph.ops):
-        if op.kind in ALIAS_OPS or (inplace_ops is not None and i not in inplace_ops):
+        if op.kind in ALIAS_OPS or i in banded or (inplace_ops is not None and i not in inplace_ops):
             continue
-        rule = _inplace_rule(graph, op, kernel_variant)
+        if id(op) not in rules:
+            rules[id(op)] = _inplace_rule(graph, op, kernel_variant)
+        rule = rules[id(op)]
         if rule is None or rule[0] not in techniques or len(op.outputs) != 1:
             continue
         technique, delta = rule
@@ -211,17 +493,6 @@ def plan_memory(graph: Graph, align: int = 8, elem_bytes: dict[str, int] | None 
                 continue  # a broadcast
             plan.inplace.append(InPlace(index[id(inp)], index[id(out)],
                                         delta if delta == ANY_OVERLAP else _align(delta, align), i, technique))
-
-    order = sorted(range(len(plan.buffers)), key=lambda k: (-plan.buffers[k].size, plan.buffers[k].first))
-    offsets = _place(plan, order, align)
-    if "offset-search" in techniques:
-        offsets = _search(plan, order, offsets, align)
-    for b, off in zip(plan.buffers, offsets):
-        b.offset = off
-    for b in plan.buffers:
-        for name in b.tensors:
-            plan.offsets[name] = b.offset
-    plan.arena_bytes = _arena(plan.buffers, offsets, align)
     return plan
 
 
@@ -326,33 +597,50 @@ def check_techniques(off) -> list[str]:
 
 
 def plan_with_report(graph: Graph, align: int = 8, *, kernel_variant: str | None = None, off=(),
-                     inplace_ops=None, elem_bytes: dict[str, int] | None = None) -> tuple[MemoryPlan, dict]:
+                     inplace_ops=None, elem_bytes: dict[str, int] | None = None,
+                     bands_off_reason: str | None = None) -> tuple[MemoryPlan, dict]:
     """The plan with every technique not in ``off``, and a report: its arena, its lower bound,
     today's greedy plan's arena and what each technique saved (the arena with it turned off, less
-    the arena with all on; savings overlap, so they do not add up)."""
+    the arena with all on; savings overlap, so they do not add up), the residual blocks run in row
+    bands and why the others are not."""
     off = check_techniques(off)
     on = [t for t in TECHNIQUES if t not in off]
     plan = plan_memory(graph, align, elem_bytes, techniques=on, kernel_variant=kernel_variant,
-                       inplace_ops=inplace_ops)
+                       inplace_ops=inplace_ops, bands_off_reason=bands_off_reason)
     baseline = plan_memory(graph, align, elem_bytes).arena_bytes if on else plan.arena_bytes
     saved = {}
     for t in on:
         without = plan_memory(graph, align, elem_bytes, techniques=[u for u in on if u != t],
-                              kernel_variant=kernel_variant, inplace_ops=inplace_ops)
+                              kernel_variant=kernel_variant, inplace_ops=inplace_ops,
+                              bands_off_reason=bands_off_reason,
+                              schedule=None if t == "op-order" else plan.schedule)  # the order searched once
         saved[t] = without.arena_bytes - plan.arena_bytes
     used = sorted({p.technique for p in plan.inplace if _overlaps(plan, p)})
+    names = [op.name for op in graph.ops]
+    layer = plan.schedule  # step (position in the schedule) -> layer index
+
+    def layers(steps):
+        return {"layers": [layer[s] for s in steps], "names": [names[layer[s]] for s in steps]}
+
     report = {"arena_bytes": plan.arena_bytes, "lower_bound": plan.lower_bound(), "greedy_arena_bytes": baseline,
-              "techniques": on, "saved_bytes": saved, "in_place_layers": sorted({p.op for p in plan.inplace
+              "techniques": on, "saved_bytes": saved, "in_place_layers": sorted({layer[p.op] for p in plan.inplace
                                                                                  if _overlaps(plan, p)}),
-              "in_place_kinds": used}
+              "in_place_kinds": used,
+              "reordered_layers": [i for p, i in enumerate(layer) if i != p],
+              # halo rows are carried from band to band (not recomputed): no extra MACs
+              "banded_blocks": [{**layers(g.ops), "rows": g.rows, "bands": -(-g.height // g.rows),
+                                 "band_bytes": sum(g.band_bytes()), "extra_macs": 0} for g in plan.bands],
+              "not_banded": [{**layers(ops), "reason": why} for ops, why in plan.not_banded]}
     return plan, report
 
 
 def describe(plan: MemoryPlan) -> dict:
     """The placed buffers as edgekit_project.json records them (what reports draw): each buffer's
     tensors, offset, size and the steps it is alive (-1: the input, len(ops): the outputs), and the
-    in-place pairs that do overlap (input and output buffer indices)."""
-    return {"buffers": [{"tensors": b.tensors, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
+    in-place pairs that do overlap (input and output buffer indices), and the order the layers run in
+    (the steps are positions in it)."""
+    return {"schedule": plan.schedule,
+            "buffers": [{"tensors": b.tensors, "offset": b.offset, "size": b.size, "first": b.first, "last": b.last}
                         for b in plan.buffers],
             "in_place_pairs": [[p.input, p.output] for p in plan.inplace if _overlaps(plan, p)]}
 

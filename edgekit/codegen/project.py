@@ -22,8 +22,8 @@ from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresh
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
                           depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
-                          dsp_fallbacks_unused, folded_bias, int16_pairs_exact, pack_conv_tile, scratch_bytes,
-                          x86_u8_bias)
+                          dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
+                          pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -68,6 +68,8 @@ class Layer:
     head_begin: bool = False  # the first / last of a run of head-only layers (one `if` around the run)
     head_end: bool = False
     split: str | None = None  # with threads: how the output is shared, "rows" / "flat" / "channels" (thread_split)
+    band: dict | None = None  # a residual block run in row bands (memory_plan.BandGroup): its first layer holds
+    #                           the loop ("first"), the other two only their constants
 
 
 def c_identifier(text: str) -> str:
@@ -119,6 +121,7 @@ class _Builder:
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
         self.conv_4x2_cap = conv_4x2_scratch_cap(graph) if dsp_conv else 0
         self.dsp = dsp_conv  # Cortex-M DSP kernels (depthwise records)
+        self.fc_rows4 = fc_rows4_layers(graph) if dsp_conv else set()  # ek_fully_connected_s8_rows4's layers
         self.plan = plan
         self.weight_only = weight_only
         self.elem = 4 if weight_only else 1
@@ -180,6 +183,7 @@ class _Builder:
         else:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
+            rows4 = op.name in self.fc_rows4
             if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
                                                                   self.conv_tile_group == 4)):
                 # rpi5's fully connected kernel reads the SDOT tile's layout too (a 1x1 convolution of one pixel)
@@ -192,12 +196,18 @@ class _Builder:
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
                                                     f"{op.name}: weights {list(w.shape)}, packed for the 4x2 "
                                                     "SMLAD blocks (channel pairs x 4 taps; all-zero channels left out)")
+            elif rows4:
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_rows4(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, in groups of 4 rows x 4 "
+                                                    "inputs, even bytes ^ 0x80 (kernel_prep.pack_fc_rows4)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")
             if "filter" not in layer.arrays:
                 layer.arrays["filter"] = self.shared_filters[op.inputs[1]]
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
+            if rows4:
+                layer.kernel = "ek_fully_connected_s8_rows4"
             if self.int16_pairs and op.kind == "fully_connected":
                 if int16_pairs_exact(w.data):
                     layer.kernel += "_pairs"
@@ -217,6 +227,11 @@ class _Builder:
                     f"{layer.id}_bias", np.concatenate([folded_bias(self.graph, op), depthwise_dsp_records(g, op)]),
                     "bias + input_offset * sum(weights of the channel), then per four channels "
                     "{right shifts - 1, biases, multiplier and constant of each}")
+            elif rows4:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", fc_rows4_records(g, op),
+                                                  "ek_fully_connected_s8_rows4's records per group of 4 rows: {right "
+                                                  "shifts - 1, biases (+ 128 * sum of odd-position weights), "
+                                                  "multiplier and constant of each} (kernel_prep.fc_rows4_records)")
             elif self.x86 and op.kind in ("conv2d", "fully_connected"):
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", x86_u8_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel), then "
@@ -224,7 +239,7 @@ class _Builder:
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
-            if not block_4x2:  # its table holds the requantization: ek_conv2d_s8_4x2 reads no quant arrays
+            if not block_4x2 and not rows4:  # their tables hold the requantization: no quant arrays
                 layer.arrays["multiplier"] = self.array(f"{layer.id}_multiplier", a["multiplier"].astype(np.int32))
                 layer.arrays["shift"] = self.array(f"{layer.id}_shift", a["shift"].astype(np.int32))
             layer.params.update(input_offset=a["input_offset"], output_offset=a["output_offset"],
@@ -724,6 +739,19 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     return None
 
 
+def _band_layers(graph: Graph, g, in_order: list[Layer]) -> None:
+    """Mark the three layers of a residual block that runs in row bands (memory_plan.BandGroup; ``in_order``:
+    the layers in the plan's schedule): the first layer's entry in model.c runs the block's loop, calling the
+    three kernels on row ranges."""
+    a, b, add = (in_order[i] for i in g.ops)
+    first_b = graph.ops[add.index].inputs[0] == g.w  # the add's operand order: w first, or x first
+    info = dict(a=a, b=b, add=add, rows=g.rows, height=g.height, y_height=g.y_height, y_rows=g.y_rows,
+                row=g.row_bytes, y_row=g.y_row_bytes, kernel_b=g.kernel_b, pad_b=g.pad_b, w_first=first_b,
+                x=a.inputs[0].offset, y=a.outputs[0].offset, w=b.outputs[0].offset)
+    a.band = dict(info, first=True)
+    b.band = add.band = dict(info, first=False)
+
+
 def resolve_threads(board: Board, threads, library: bool, weight_only: bool) -> int:
     """The threads a project runs its layers on: ``threads``, or the board's cores (board file
     ``cores``; boards without it run one). Only the aarch64 Linux boards have the thread pool."""
@@ -801,13 +829,16 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         inplace_ops = {i for i in inplace_ops if graph.ops[i].kind not in ("conv2d", "depthwise_conv2d")}
     plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
-                                    inplace_ops=inplace_ops)
+                                    inplace_ops=inplace_ops,
+                                    bands_off_reason="the Pi's threads share these layers' rows" if threads > 1 else None)
     builder = _Builder(graph, plan, weight_only, weights,
                        conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
                        dsp_conv=board.get("kernel_variant") == "dsp",
                        int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"),
                        x86=board.get("kernel_variant") == "x86")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
+    for g in plan.bands:
+        _band_layers(graph, g, [layers[i] for i in plan.schedule])
     for layer in layers if threads > 1 else ():
         layer.split = thread_split(layer, weight_only, threads, board.get("kernel_variant") in (None, "neon"))
     head_only = head_only_ops(graph)
@@ -833,7 +864,9 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     inputs = [builder.buffer(n) for n in graph.inputs]
     outputs = [builder.buffer(n) for n in graph.outputs]
     fingerprint = graph.fingerprint()
-    context = dict(layers=layers, kernels=kernels, arrays=builder.arrays, arena_bytes=plan.arena_bytes,
+    # schedule: the order ek_model_invoke calls the layers in (memory_plan's op-order), each under its own index
+    context = dict(layers=layers, schedule=[layers[i] for i in plan.schedule], kernels=kernels,
+                   arrays=builder.arrays, arena_bytes=plan.arena_bytes,
                    elem_type=elem_type, weight_only=weight_only, inputs=inputs, outputs=outputs,
                    fingerprint=fingerprint, board=board, num_layers=len(layers), encodings_used=encodings_used,
                    region=board.get("app", {}), region_name="application",

@@ -96,7 +96,8 @@ def memory_plan(project_dir) -> dict:
         name = b["tensors"][0] + (f" (+{len(b['tensors']) - 1} reshaped)" if len(b["tensors"]) > 1 else "")
         buffers.append({"name": name, "offset": b["offset"], "size": b["size"], "first": b["first"],
                         "last": b["last"]})
-    steps = ["input"] + [f"{i} {op.name}" for i, op in enumerate(graph.ops)] + ["outputs"]
+    schedule = memory.get("schedule") or list(range(len(graph.ops)))  # the order the layers run in
+    steps = ["input"] + [f"{i} {graph.ops[i].name}" for i in schedule] + ["outputs"]
     live = {}
     if buffers:
         for s in range(min(b["first"] for b in buffers), max(b["last"] for b in buffers) + 1):

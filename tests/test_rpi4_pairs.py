@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
-from helpers import float_graph, quantize_with_random_data
+from helpers import conv_out, float_graph, quantize_with_random_data
 from test_rpi import PI_SETTINGS, CrossBuild, run_qemu
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
@@ -57,6 +57,7 @@ def run_rpi4(q, rng, xbuild, threads=1):
        st.integers(0, 2 ** 31))
 @example(40, 12, "none", False, 2, 1)
 @example(40, 12, "relu", True, 1, 2)
+@example(700, 30, "none", False, 3, 3)  # shared over 3 threads in 4-row groups (shares of 12, 12 and 6 rows)
 @PI_SETTINGS
 def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed):
     """ek_fully_connected_s8_pairs: 8-row tiles (a last one overlapping when out_c is not a multiple
@@ -68,6 +69,39 @@ def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed
     q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
     extreme_weights(q, rng, minus128)
     record = run_rpi4(q, rng, xbuild, threads)
+    if (n_in, n_out, threads) == (700, 30, 3):
+        assert record["layers"][0]["split"] == "channels"
     kernel = record["layers"][0]["kernel"]
     assert kernel == ("ek_fully_connected_s8" if minus128 else "ek_fully_connected_s8_pairs")
+    assert any("-128" in n for n in record["notes"]) == minus128
+
+
+@given(st.integers(1, 9), st.integers(1, 6), st.sampled_from([1, 3, 4, 8, 13, 16, 20, 33]),
+       st.sampled_from([1, 5, 15, 16, 17, 32, 40]), st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 5)]),
+       st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.sampled_from(["none", "relu"]),
+       st.booleans(), st.integers(1, 3), st.integers(0, 2 ** 31))
+@example(5, 5, 16, 17, (3, 3), (1, 1, 1, 1), 1, "relu", False, 1, 1)
+@example(4, 3, 8, 16, (1, 1), (0, 0, 0, 0), 1, "none", True, 2, 2)
+@example(1, 9, 33, 40, (1, 3), (0, 0, 1, 1), 1, "none", False, 3, 3)  # one row: 16-channel block shares
+@PI_SETTINGS
+def test_conv2d_pairs(xbuild, h, w, c, o, k, padding, stride, act, minus128, threads, seed):
+    """ek_conv2d_s8_pairs: 16-channel blocks (fewer than 16, a last block overlapping the one before),
+    4-pixel groups with the last pixel repeated, K (= kh * kw * in_c) with a tail of 1..7 taps past
+    the last 8 (one or two groups of 4), windows in place (1x1 / 1xN) or gathered with padding, thread
+    shares (rows or 16-channel blocks). A -128 weight keeps ek_conv2d_s8."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh, padding[1], padding[2] + kw, padding[3])
+        out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)},
+                    (1, *out, o))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    extreme_weights(q, rng, minus128)
+    record = run_rpi4(q, rng, xbuild, threads)
+    if (h, w, o, threads) == (1, 9, 40, 3):
+        assert record["layers"][0]["split"] == "channels"
+    assert record["layers"][0]["kernel"] == ("ek_conv2d_s8" if minus128 else "ek_conv2d_s8_pairs")
     assert any("-128" in n for n in record["notes"]) == minus128

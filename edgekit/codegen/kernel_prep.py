@@ -52,6 +52,17 @@ def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
 
 
+def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
+    """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order rpi4's int16-pair tile
+    reads it (kernels/neon/ek_conv2d_s8_pairs): per block of 16 output channels (sdot_block_starts),
+    per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
+    (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
+    channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
+    Channels past out_c are zero."""
+    groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
+    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+
+
 def conv_tile_group(board) -> int:
     """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
     return 4 if board.get("dotprod") else 1
@@ -178,7 +189,9 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
+    25 x 128): b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -203,6 +216,13 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
+        # a left / right edge pixel multiplies a padded column's sum by the zero point once
+        sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
+        for kx in range(sums.shape[0]):
+            for lo, hi in ((0, 2), (1, 3)):
+                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
+                words.append(word - (1 << 32) if word >= 1 << 31 else word)
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 
@@ -251,36 +271,45 @@ FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
 
 
 def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
-    """ek_fully_connected_s8_rows4's records, FC_ROWS4_REC int32 words per group of four rows (the last
-    group padded): {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}. b is the folded bias plus, for rows
-    packed in groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first
-    (the kernel's sums carry -128 times it), modulo 2^32; m the multiplier; c = 2^(r - 2) +
-    output_offset * 2^(r - 1) for r = -shift; hs the four r - 1, one per byte. With r in 2..22 the
-    kernel's output stage is one 64-bit multiply-accumulate, a shift and a saturation per value. A group
-    with another shift, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
+    """ek_fully_connected_s8_rows4's records (int32). b: the folded bias plus, for the rows packed in
+    groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first (the kernel's
+    sums carry -128 times it), modulo 2^32. With one multiplier and one shift for the layer (TFLite's
+    per-tensor weights), r = -shift in 2..22 and every accumulator below 2^30 in magnitude (|folded
+    bias| + 128 * sum |w| per row): {r, m, 2c, 2b_0 .. 2b_out_c-1}, c = 2^(r - 2) + output_offset *
+    2^(r - 1); the kernel keeps the sums doubled and its output stage is SMMLAR, ADD, ASR and SSAT per
+    value. Otherwise {-1, 0, 0}, then FC_ROWS4_REC words per group of four rows (the last padded):
+    {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}, hs the four r - 1, one per byte; a group with a shift
+    outside 2..22, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
     shifts in place of the c: the generic stage."""
     w = graph.tensors[op.inputs[1]].data.astype(np.int64)
     a = op.attrs
     out_c, in_c = w.shape
     vec_c, full = out_c & ~3, in_c & ~3
-    bias = folded_bias(graph, op).astype(np.int64)
+    folded = folded_bias(graph, op).astype(np.int64)
+    bias = folded.copy()
     bias[:vec_c] += 128 * w[:vec_c, 1:full:2].sum(axis=1)
-    groups = (out_c + 3) // 4
-    pad = 4 * groups - out_c
-    bias = np.concatenate([bias, np.zeros(pad, np.int64)])
-    m = np.concatenate([a["multiplier"].astype(np.int64), np.zeros(pad, np.int64)])
-    shift = np.concatenate([a["shift"].astype(np.int64), np.zeros(pad, np.int64)])
+    m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
     offset = int(a["output_offset"])
-    words = []
-    for g in range(groups):
-        rows = slice(4 * g, 4 * g + 4)
-        r = -shift[rows]
-        fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
-        hs = sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1
-        words += [hs, *bias[rows]]
-        for k in range(4):
-            second = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else int(shift[4 * g + k])
-            words += [int(m[4 * g + k]), second]
+
+    def const(r: int) -> int:
+        return (1 << (r - 2)) + offset * (1 << (r - 1))
+
+    small = int(np.max(np.abs(folded) + 128 * np.abs(w).sum(axis=1))) < 2 ** 30  # every |accumulator| < 2^30
+    if np.all(m == m[0]) and np.all(shift == shift[0]) and 2 <= -int(shift[0]) <= 22 and small:
+        r = -int(shift[0])
+        words = [r, int(m[0]), 2 * const(r), *(2 * bias)]
+    else:
+        groups = (out_c + 3) // 4
+        pad = 4 * groups - out_c
+        bias, m, shift = (np.concatenate([v, np.zeros(pad, np.int64)]) for v in (bias, m, shift))
+        words = [-1, 0, 0]
+        for g in range(groups):
+            rows = slice(4 * g, 4 * g + 4)
+            r = -shift[rows]
+            fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
+            words += [sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1, *bias[rows]]
+            for k in range(4):
+                words += [int(m[4 * g + k]), const(int(r[k])) if fast else int(shift[4 * g + k])]
     return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
@@ -320,7 +349,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
         if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
             need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
-        elif layer.kernel == "ek_conv2d_s8" and variant in ("dsp", "x86", "neon"):
+        elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
             load = 16 if board.get("dotprod") else 8

@@ -23,7 +23,7 @@ from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
                           depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
                           dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
-                          pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
+                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -184,13 +184,21 @@ class _Builder:
             # A weight tensor several ops read (an unrolled GRU's steps) is stored once.
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
             rows4 = op.name in self.fc_rows4
+            # rpi4: the int16-pair kernels when no weight is -128 (else the one-product ones, with a note)
+            pairs_kind = self.int16_pairs and op.kind in ("conv2d", "fully_connected")
+            pairs = pairs_kind and int16_pairs_exact(w.data)
             if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
                                                                   self.conv_tile_group == 4)):
                 # rpi5's fully connected kernel reads the SDOT tile's layout too (a 1x1 convolution of one pixel)
                 group = self.conv_tile_group
-                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
-                                                    f"{op.name}: weights {list(w.shape)}, packed for the NEON "
-                                                    f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
+                if pairs:
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_pairs(w.data),
+                                                        f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "
+                                                        "tile (16-channel blocks x 4 taps, channel pairs of taps)")
+                else:
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
+                                                        f"{op.name}: weights {list(w.shape)}, packed for the NEON "
+                                                        f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
             elif block_4x2:
                 packed, table = conv_4x2_layout(g, op)
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
@@ -208,12 +216,11 @@ class _Builder:
             layer.kernel = "ek_conv2d_s8_4x2" if block_4x2 else f"ek_{op.kind}_s8"
             if rows4:
                 layer.kernel = "ek_fully_connected_s8_rows4"
-            if self.int16_pairs and op.kind == "fully_connected":
-                if int16_pairs_exact(w.data):
-                    layer.kernel += "_pairs"
-                else:
-                    self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
-                                      f"{layer.kernel} (two products in int16 could overflow)")
+            if pairs:
+                layer.kernel += "_pairs"
+            elif pairs_kind:
+                self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
+                                  f"{layer.kernel} (two products in int16 could overflow)")
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
             if block_4x2:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,

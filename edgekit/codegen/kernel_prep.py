@@ -354,6 +354,22 @@ def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
     return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
+X86_VNNI_MAX_K = 65536  # EK_X86_VNNI_MAX_K: the longest dot product the x86 VNNI path takes
+
+
+def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
+    """The x86 variant's bias array of a dense convolution / fully connected layer: folded_bias, then
+    -128 * sum(weights) per output channel. With VNNI (vpdpbusd: unsigned x signed bytes) the kernels
+    read the int8 input x as u = x + 128, and sum w * u - 128 * sum w = sum w * x; the portable and
+    the vpmaddwd paths read the first half only. Dot products longer than X86_VNNI_MAX_K (where
+    sum w * u could pass 2^31) never take VNNI: no second half then."""
+    bias = folded_bias(graph, op)
+    w = graph.tensors[op.inputs[1]].data
+    if w[0].size > X86_VNNI_MAX_K:
+        return bias
+    return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense

@@ -68,6 +68,15 @@ def conv_tile_group(board) -> int:
     return 4 if board.get("dotprod") else 1
 
 
+def conv_blocks_outer(graph: Graph, op, board) -> bool:
+    """Whether the board's convolution kernel walks every output pixel once per 16-channel block
+    (rpi5, in_c a multiple of 4, windows read in place: a block's output stage is set up once), so
+    that it does not write its output in raster order and may not run in place over its input."""
+    if op.kind != "conv2d" or board.get("kernel_variant") != "neon" or not board.get("dotprod"):
+        return False
+    return nhwc(graph.tensors[op.inputs[0]].shape)[3] % 4 == 0 and nhwc(graph.tensors[op.outputs[0]].shape)[3] > 16
+
+
 def int16_pairs_exact(w: np.ndarray) -> bool:
     """Whether rpi4's int16-pair kernels (kernels/neon: ..._pairs) compute this int8 filter exactly: they add
     two products w x + w' x' in an int16 lane before widening (SMULL + SMLAL2, then SADALP), which fits
@@ -346,6 +355,22 @@ def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
             for k in range(4):
                 words += [int(m[4 * g + k]), const(int(r[k])) if fast else int(shift[4 * g + k])]
     return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+X86_VNNI_MAX_K = 65536  # EK_X86_VNNI_MAX_K: the longest dot product the x86 VNNI path takes
+
+
+def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
+    """The x86 variant's bias array of a dense convolution / fully connected layer: folded_bias, then
+    -128 * sum(weights) per output channel. With VNNI (vpdpbusd: unsigned x signed bytes) the kernels
+    read the int8 input x as u = x + 128, and sum w * u - 128 * sum w = sum w * x; the portable and
+    the vpmaddwd paths read the first half only. Dot products longer than X86_VNNI_MAX_K (where
+    sum w * u could pass 2^31) never take VNNI: no second half then."""
+    bias = folded_bias(graph, op)
+    w = graph.tensors[op.inputs[1]].data
+    if w[0].size > X86_VNNI_MAX_K:
+        return bias
+    return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
 
 
 def scratch_bytes(layers, board, portable=()) -> int:

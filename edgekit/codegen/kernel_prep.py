@@ -68,6 +68,15 @@ def conv_tile_group(board) -> int:
     return 4 if board.get("dotprod") else 1
 
 
+def conv_blocks_outer(graph: Graph, op, board) -> bool:
+    """Whether the board's convolution kernel walks every output pixel once per 16-channel block
+    (rpi5, in_c a multiple of 4, windows read in place: a block's output stage is set up once), so
+    that it does not write its output in raster order and may not run in place over its input."""
+    if op.kind != "conv2d" or board.get("kernel_variant") != "neon" or not board.get("dotprod"):
+        return False
+    return nhwc(graph.tensors[op.inputs[0]].shape)[3] % 4 == 0 and nhwc(graph.tensors[op.outputs[0]].shape)[3] > 16
+
+
 def int16_pairs_exact(w: np.ndarray) -> bool:
     """Whether rpi4's int16-pair kernels (kernels/neon: ..._pairs) compute this int8 filter exactly: they add
     two products w x + w' x' in an int16 lane before widening (SMULL + SMLAL2, then SADALP), which fits

@@ -21,7 +21,7 @@ from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_pairs, conv_4x2_scratch,
-                          conv_4x2_scratch_cap, conv_tile_group, depthwise_dsp_records, depthwise_dsp_shapes,
+                          conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records, depthwise_dsp_shapes,
                           depthwise_dsp_takes_records, dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records,
                           folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile, pack_fc_rows4,
                           scratch_bytes, x86_u8_bias)
@@ -839,6 +839,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         # A convolution over its own input is safe only in one thread's raster order; elementwise ops
         # (element i read, then written, by the one thread that owns it) keep their in-place plan.
         inplace_ops = {i for i in inplace_ops if graph.ops[i].kind not in ("conv2d", "depthwise_conv2d")}
+    # rpi5's convolutions over in_c a multiple of 4 walk the pixels once per channel block: not in place
+    inplace_ops = {i for i in inplace_ops if not conv_blocks_outer(graph, graph.ops[i], board)}
     plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops,

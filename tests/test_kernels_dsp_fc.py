@@ -81,7 +81,23 @@ def fc_case(draw):
     n_out = draw(st.integers(4, 40))
     zero = draw(st.lists(st.integers(0, n_out - 1), max_size=2, unique=True))
     return dict(n_in=n_in, n_out=n_out, act=draw(activations), wscale=draw(st.floats(0.01, 1.0)),
-                bias=draw(st.booleans()), zero=zero, seed=draw(st.integers(0, 2 ** 31)))
+                bias=draw(st.booleans()), zero=zero, per_tensor=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 31)))
+
+
+def _fc_case_model(case):
+    """The case's quantized layer and three inputs. per_tensor: one multiplier and shift for all rows
+    (TFLite's per-tensor weights: the kernel's shared output stage), else the quantizer's per-row ones
+    with the rows in ``zero`` given shift 0 (their group's generic stage)."""
+    rng = np.random.default_rng(case["seed"])
+    q = quantize_with_random_data(_fc_graph(case["n_in"], case["n_out"], case["act"], case["wscale"], rng,
+                                            case["bias"]), rng, {"x0": (-3.0, 2.0)})
+    a = q.ops[0].attrs
+    a["multiplier"], a["shift"] = np.array(a["multiplier"]).copy(), np.array(a["shift"]).copy()
+    if case["per_tensor"]:
+        a["multiplier"][:], a["shift"][:] = a["multiplier"][0], a["shift"][0]
+    else:
+        a["shift"][case["zero"]] = 0
+    return q, rng.integers(-128, 128, size=(3, case["n_in"])).astype(np.int8)
 
 
 @given(fc_case(), BOARDS)
@@ -89,9 +105,14 @@ def fc_case(draw):
 def test_fully_connected_s8_rows4(case, board):
     """The weights never sign-extended (even bytes ^ 0x80, the input as (P, Q) pairs), records for the
     output stage, bit-exact with the numpy reference on the M4 / M7."""
-    rng = np.random.default_rng(case["seed"])
-    g = _fc_graph(case["n_in"], case["n_out"], case["act"], case["wscale"], rng, case["bias"])
-    _check_on_board(g, rng, board, {"x0": (-3.0, 2.0)}, n=3, shift_zero=case["zero"] or None)
+    from cortex_m_selftest import run_selftest
+
+    q, x = _fc_case_model(case)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_selftest(q, board, x, Path(tmp))
+        assert (Path(tmp) / "project" / "kernels" / "ek_fully_connected_s8_rows4.c").exists()
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0, f"{board}: {int(np.sum(got != ref))} of {got.size} differ"
 
 
 HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
@@ -114,13 +135,7 @@ def test_fully_connected_s8_rows4_portable_host_asan(case):
     from edgekit.boards import load_board_file
     from helpers import CBuild, run_c
 
-    rng = np.random.default_rng(case["seed"])
-    q = quantize_with_random_data(_fc_graph(case["n_in"], case["n_out"], case["act"], case["wscale"], rng,
-                                            case["bias"]), rng, {"x0": (-3.0, 2.0)})
-    for op in q.ops:
-        op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
-        op.attrs["shift"][case["zero"]] = 0
-    x = rng.integers(-128, 128, size=(3, case["n_in"])).astype(np.int8)
+    q, x = _fc_case_model(case)
     with tempfile.TemporaryDirectory() as tmp:
         board_file = Path(tmp) / "host-dsp.toml"
         board_file.write_text(HOST_DSP_BOARD)
@@ -149,13 +164,17 @@ def test_pack_fc_rows4_order_and_records():
     assert bytes(p[40:]) == u[4:].tobytes()
     q = quantize_with_random_data(_fc_graph(10, 6, "relu", 0.5, rng), rng)
     op = q.ops[0]
-    op.attrs["shift"] = np.array(op.attrs["shift"]).copy()
-    op.attrs["shift"][1] = 0
-    rec = fc_rows4_records(q, op).reshape(2, FC_ROWS4_REC).astype(np.int64)
     wq = q.tensors[op.inputs[1]].data.astype(np.int64)
     fb = folded_bias(q, op).astype(np.int64)
-    assert list(rec[0, 1:5]) == [int(np.int32(fb[r] + 128 * wq[r, 1:8:2].sum())) for r in range(4)]
-    assert list(rec[1, 1:3]) == list(fb[4:6]) and rec[0, 0] == -1 and rec[1, 0] == -1
+    b = [int(fb[r] + 128 * wq[r, 1:8:2].sum()) for r in range(4)] + list(fb[4:6])
+    op.attrs["multiplier"], op.attrs["shift"] = np.array(op.attrs["multiplier"]).copy(), np.array(op.attrs["shift"]).copy()
+    op.attrs["multiplier"][:], op.attrs["shift"][:] = op.attrs["multiplier"][0], -7
+    rec = fc_rows4_records(q, op).astype(np.int64)  # one requantization: {r, m, 2c, 2 x biases}
+    c = (1 << 5) + int(op.attrs["output_offset"]) * (1 << 6)
+    assert list(rec) == [7, op.attrs["multiplier"][0], 2 * c] + [2 * v for v in b]
+    op.attrs["shift"][1] = 0
+    rec = fc_rows4_records(q, op)[3:].reshape(2, FC_ROWS4_REC).astype(np.int64)  # per group: both generic
+    assert list(rec[0, 1:5]) == b[:4] and list(rec[1, 1:3]) == b[4:] and rec[0, 0] == -1 and rec[1, 0] == -1
     assert list(rec[0, 6::2]) == list(op.attrs["shift"][:4])
 
 

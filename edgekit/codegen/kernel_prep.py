@@ -88,6 +88,37 @@ def conv_4x2_scratch_cap(graph: Graph) -> int:
     return max([CONV_4X2_SCRATCH] + need)
 
 
+CONV_4X2_CHUNK_MIN = 16  # the fewest taps per chunk of the K-chunked form (EK_CONV4X2_CHUNK_MIN in the template)
+
+
+def conv_4x2_pairs(graph: Graph, op: Op) -> int:
+    """Pairs of computed (not all-zero) output channels of a 4x2 layer (conv_4x2_layout's table[0])."""
+    w = graph.tensors[op.inputs[1]].data
+    return (int(np.count_nonzero(np.any(w.reshape(w.shape[0], -1) != 0, axis=1))) + 1) // 2
+
+
+def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
+    """Scratch bytes a 4x2 layer over windows of k_len values needs: its four windows as int16 (8 x K
+    rounded up to 4) when that fits ``cap``; else the K-chunked form, which gathers the windows a chunk
+    at a time and keeps the pairs' partial sums (32 bytes a pair) after the chunk: it takes what
+    ek_conv2d_s8 would (4 x K, within cap by conv_4x2_scratch_cap) or at least the sums and
+    CONV_4X2_CHUNK_MIN taps; 0 when even that exceeds the cap (the layer keeps ek_conv2d_s8). The
+    kernel sizes its chunks from the scratch it gets (ek_kernel_scratch_bytes), at least this."""
+    k4 = (k_len + 3) // 4 * 4
+    if 8 * k4 <= cap:
+        return 8 * k4
+    need = max(4 * k_len, 32 * pairs + 8 * CONV_4X2_CHUNK_MIN)
+    return need if need <= cap else 0
+
+
+def conv_4x2_chunk(k_len: int, pairs: int, scratch: int) -> int:
+    """Taps the 4x2 kernel gathers at a time with this much scratch (the template's kc): K rounded up
+    to 4 when the four windows fit, else the chunk left after the pairs' sums (a multiple of 4);
+    a chunk below CONV_4X2_CHUNK_MIN makes the kernel take its portable form."""
+    k4 = (k_len + 3) // 4 * 4
+    return k4 if 8 * k4 <= scratch else max((scratch - 32 * pairs) // 8, 0) & ~3
+
+
 def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     """Whether a dense int8 convolution runs the Cortex-M DSP kernel with 4 pixel x 2 channel register
     blocks (kernels/dsp/ek_conv2d_s8_4x2): its blocks pay off from a few pixels and a window of at
@@ -97,11 +128,12 @@ def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     per MAC), and so does a first layer over 1-3 channels (an image, a spectrogram): its window is
     gathered once for all output channels, a pair at a time, instead of once per pair of pixels
     (M4: KWS's 10x4 over 1 channel 2.19 -> 1.78 per MAC, VWW's and ResNet-8's 3x3 over 3 channels
-    5.41 -> 4.75 and 3.77 -> 3.18)."""
+    5.41 -> 4.75 and 3.77 -> 3.18). A window whose four copies exceed the cap takes the K-chunked
+    form when the pairs' partial sums leave room for a chunk (conv_4x2_scratch)."""
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
-    k4 = (kh * kw * in_c + 3) // 4 * 4
-    return (in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
+    return ((in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and
+            conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
@@ -189,7 +221,9 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
 def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights: b the folded bias,
+    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
+    25 x 128): b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -214,6 +248,13 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
+        # a left / right edge pixel multiplies a padded column's sum by the zero point once
+        sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
+        for kx in range(sums.shape[0]):
+            for lo, hi in ((0, 2), (1, 3)):
+                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
+                words.append(word - (1 << 32) if word >= 1 << 31 else word)
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 
@@ -262,36 +303,45 @@ FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
 
 
 def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
-    """ek_fully_connected_s8_rows4's records, FC_ROWS4_REC int32 words per group of four rows (the last
-    group padded): {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}. b is the folded bias plus, for rows
-    packed in groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first
-    (the kernel's sums carry -128 times it), modulo 2^32; m the multiplier; c = 2^(r - 2) +
-    output_offset * 2^(r - 1) for r = -shift; hs the four r - 1, one per byte. With r in 2..22 the
-    kernel's output stage is one 64-bit multiply-accumulate, a shift and a saturation per value. A group
-    with another shift, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
+    """ek_fully_connected_s8_rows4's records (int32). b: the folded bias plus, for the rows packed in
+    groups of four, 128 * the sum of their odd-position weights among the in_c & ~3 first (the kernel's
+    sums carry -128 times it), modulo 2^32. With one multiplier and one shift for the layer (TFLite's
+    per-tensor weights), r = -shift in 2..22 and every accumulator below 2^30 in magnitude (|folded
+    bias| + 128 * sum |w| per row): {r, m, 2c, 2b_0 .. 2b_out_c-1}, c = 2^(r - 2) + output_offset *
+    2^(r - 1); the kernel keeps the sums doubled and its output stage is SMMLAR, ADD, ASR and SSAT per
+    value. Otherwise {-1, 0, 0}, then FC_ROWS4_REC words per group of four rows (the last padded):
+    {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3, c3}, hs the four r - 1, one per byte; a group with a shift
+    outside 2..22, and the group of the out_c % 4 last rows (computed apart), has hs = -1 and the
     shifts in place of the c: the generic stage."""
     w = graph.tensors[op.inputs[1]].data.astype(np.int64)
     a = op.attrs
     out_c, in_c = w.shape
     vec_c, full = out_c & ~3, in_c & ~3
-    bias = folded_bias(graph, op).astype(np.int64)
+    folded = folded_bias(graph, op).astype(np.int64)
+    bias = folded.copy()
     bias[:vec_c] += 128 * w[:vec_c, 1:full:2].sum(axis=1)
-    groups = (out_c + 3) // 4
-    pad = 4 * groups - out_c
-    bias = np.concatenate([bias, np.zeros(pad, np.int64)])
-    m = np.concatenate([a["multiplier"].astype(np.int64), np.zeros(pad, np.int64)])
-    shift = np.concatenate([a["shift"].astype(np.int64), np.zeros(pad, np.int64)])
+    m, shift = a["multiplier"].astype(np.int64), a["shift"].astype(np.int64)
     offset = int(a["output_offset"])
-    words = []
-    for g in range(groups):
-        rows = slice(4 * g, 4 * g + 4)
-        r = -shift[rows]
-        fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
-        hs = sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1
-        words += [hs, *bias[rows]]
-        for k in range(4):
-            second = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else int(shift[4 * g + k])
-            words += [int(m[4 * g + k]), second]
+
+    def const(r: int) -> int:
+        return (1 << (r - 2)) + offset * (1 << (r - 1))
+
+    small = int(np.max(np.abs(folded) + 128 * np.abs(w).sum(axis=1))) < 2 ** 30  # every |accumulator| < 2^30
+    if np.all(m == m[0]) and np.all(shift == shift[0]) and 2 <= -int(shift[0]) <= 22 and small:
+        r = -int(shift[0])
+        words = [r, int(m[0]), 2 * const(r), *(2 * bias)]
+    else:
+        groups = (out_c + 3) // 4
+        pad = 4 * groups - out_c
+        bias, m, shift = (np.concatenate([v, np.zeros(pad, np.int64)]) for v in (bias, m, shift))
+        words = [-1, 0, 0]
+        for g in range(groups):
+            rows = slice(4 * g, 4 * g + 4)
+            r = -shift[rows]
+            fast = 4 * g < vec_c and bool(np.all((r >= 2) & (r <= 22)))
+            words += [sum(int(r[k] - 1) << (8 * k) for k in range(4)) if fast else -1, *bias[rows]]
+            for k in range(4):
+                words += [int(m[4 * g + k]), const(int(r[k])) if fast else int(shift[4 * g + k])]
     return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
@@ -313,8 +363,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     for layer in layers:
         variant = None if layer.kernel in portable else board.get("kernel_variant")
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
-        if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
-            need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
+        if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows as int16, whole or in chunks
+            need = max(need, layer.params["scratch_4x2"])
         elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
@@ -355,13 +405,15 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     the project builds them without it (EK_<KERNEL>_FALLBACK 0 in ek_nn.h), since the fallback's
     code is most of a kernel's flash again (ResNet-8: 1.7 KB). "ek_conv2d_s8_shift_any" in the list:
     no dense convolution has a channel shift >= 0, so the DSP convolution drops that output stage
-    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). The tests mirror the first lines of
+    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). "ek_conv2d_s8_4x2_chunked": no 4x2 layer gathers its
+    windows in chunks (EK_CONV2D_S8_4X2_CHUNKED 0, 1.6 KB). The tests mirror the first lines of
     each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
     shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
     from their portable source anyway (project.cold_kernels)."""
     if board.get("kernel_variant") != "dsp":
         return []
     used, reached = set(), set()
+    chunked = False  # a 4x2 layer whose windows are gathered in chunks (its K-chunked form)
     shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
     for layer in layers:
         k = layer.kernel
@@ -375,7 +427,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
         elif k == "ek_conv2d_s8_4x2":  # its portable form over the packed filter: a scratch too small
             _, kh, kw, k_in = layer.dims["filter"]
-            fallback = 8 * ((kh * kw * k_in + 3) // 4 * 4) > scratch
+            kc, k4 = conv_4x2_chunk(kh * kw * k_in, layer.params["pairs_4x2"], scratch), (kh * kw * k_in + 3) // 4 * 4
+            fallback = kc < k4 and kc < CONV_4X2_CHUNK_MIN
+            chunked = chunked or (not fallback and kc < k4)
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
@@ -389,7 +443,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
         if fallback:
             reached.add(k)
     unused = sorted(used - reached)
-    return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
+    unused += ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else []
+    return unused + ["ek_conv2d_s8_4x2_chunked"] if "ek_conv2d_s8_4x2" in used and not chunked else unused
 
 
 ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)

@@ -28,7 +28,8 @@ largest whose footprint stays within the rest of the schedule's bound.
 Operator order (``op-order``): a layer that reads a tensor other layers read too (a residual block's
 shortcut) may run earlier or later within its dependencies; ``op_schedule`` moves such layers one at a
 time to where the bytes alive per step, sorted from the largest, are least (so the peak first, then the
-next highest steps), a bounded number of tries. The generated code calls the layers in that order; the
+next highest steps), a bounded number of tries; kept only when the arena comes out smaller than in the
+graph's order (plan_with_report). The generated code calls the layers in that order; the
 layers keep their indices (names, per-layer counts). Graphs with early exits keep their order.
 
 Placement: lowest feasible offset, buffer by buffer, in an order. Today's plan (``offset-search``
@@ -607,14 +608,25 @@ def plan_with_report(graph: Graph, align: int = 8, *, kernel_variant: str | None
     on = [t for t in TECHNIQUES if t not in off]
     plan = plan_memory(graph, align, elem_bytes, techniques=on, kernel_variant=kernel_variant,
                        inplace_ops=inplace_ops, bands_off_reason=bands_off_reason)
-    baseline = plan_memory(graph, align, elem_bytes).arena_bytes if on else plan.arena_bytes
     saved = {}
+    if "op-order" in on:
+        # the graph's own order when the searched one does not make the arena smaller (the code then
+        # keeps the model's order)
+        without = plan_memory(graph, align, elem_bytes, techniques=on, kernel_variant=kernel_variant,
+                              inplace_ops=inplace_ops, bands_off_reason=bands_off_reason,
+                              schedule=list(range(len(graph.ops))))
+        if without.arena_bytes <= plan.arena_bytes:
+            plan = without
+        saved["op-order"] = without.arena_bytes - plan.arena_bytes
+    baseline = plan_memory(graph, align, elem_bytes).arena_bytes if on else plan.arena_bytes
     for t in on:
+        if t == "op-order":
+            continue
         without = plan_memory(graph, align, elem_bytes, techniques=[u for u in on if u != t],
                               kernel_variant=kernel_variant, inplace_ops=inplace_ops,
-                              bands_off_reason=bands_off_reason,
-                              schedule=None if t == "op-order" else plan.schedule)  # the order searched once
+                              bands_off_reason=bands_off_reason, schedule=plan.schedule)  # the order searched once
         saved[t] = without.arena_bytes - plan.arena_bytes
+    saved = {t: saved[t] for t in on}
     used = sorted({p.technique for p in plan.inplace if _overlaps(plan, p)})
     names = [op.name for op in graph.ops]
     layer = plan.schedule  # step (position in the schedule) -> layer index

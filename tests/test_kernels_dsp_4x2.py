@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgekit import reference
-from edgekit.codegen.kernel_prep import conv_4x2_chosen, conv_4x2_layout, pack_conv_4x2
+from edgekit.codegen.kernel_prep import (conv_4x2_chosen, conv_4x2_chunk, conv_4x2_layout, conv_4x2_scratch,
+                                         pack_conv_4x2)
 from helpers import float_graph, quantize_with_random_data
 from test_kernels_c import activations, conv_out
 from test_kernels_dsp import DSP_SETTINGS, BOARDS
@@ -25,12 +26,17 @@ needs_qemu = [pytest.mark.qemu,
 
 
 @st.composite
-def conv_4x2_case(draw, first=False):
+def conv_4x2_case(draw, first=False, chunked=False):
     """A convolution the 4x2 kernel is chosen for: in_c > 8 (8 for a 1x1), or with ``first`` a first
     layer's 1-3 (windows up to 10x4, K >= 8, odd sizes); at least 4 output pixels, K <= 256 (the
-    scratch cap of a model without larger convolutions)."""
-    c = draw(st.integers(1, 3) if first else st.integers(8, 28))
-    if c <= 3:  # a first layer over an image or a spectrogram (KWS: 10x4 over 1 channel)
+    scratch cap of a model without larger convolutions). With ``chunked`` K is 261-648: the four
+    windows exceed the scratch and the kernel gathers them in chunks (2-5, their edges inside window
+    rows and taps, K not always a multiple of 4)."""
+    c = draw(st.integers(1, 3) if first else st.integers(29, 72) if chunked else st.integers(8, 28))
+    if chunked:
+        kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (2, 3), (3, 2), (1, 9)]))
+        c = max(c, 261 // (kh * kw) + 1)
+    elif c <= 3:  # a first layer over an image or a spectrogram (KWS: 10x4 over 1 channel)
         kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (10, 4), (2, 3), (5, 5), (4, 1)]))
         if kh * kw * c < 8:
             kh, kw = 3, 3
@@ -39,14 +45,14 @@ def conv_4x2_case(draw, first=False):
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if kh * kw > 1 else (1, 1)
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4)) if kh * kw > 1 else (0, 0, 0, 0)
-    h, w = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    h, w = draw(st.integers(2, 5 if chunked else 7)), draw(st.integers(2, 5 if chunked else 7))
     if c <= 3:  # larger, odd images so that a 10x4 window fits with strides
         h, w = draw(st.integers(2, 13)), draw(st.integers(2, 9))
     oh, ow = conv_out(h, w, (kh, kw), stride, dilation, padding)
     if oh < 1 or ow < 1 or oh * ow < 4:
         stride, dilation, padding = (1, 1), (1, 1), (kh // 2, kh - 1 - kh // 2, kw // 2, kw - 1 - kw // 2)
         oh, ow = h, w
-    o = draw(st.integers(1, 11))
+    o = draw(st.integers(1, 8 if chunked else 11))
     # output channels whose weights are all zero (a pruned model's): written as constants
     dead = draw(st.lists(st.integers(0, o - 1), max_size=3, unique=True)) if draw(st.booleans()) else []
     return dict(h=h, w=w, c=c, o=o, k=(kh, kw), stride=stride, dilation=dilation, padding=padding, out=(oh, ow),
@@ -107,8 +113,16 @@ def test_conv_4x2_choice():
     assert conv_4x2_chosen(*conv(1, 8, 16, (8, 8)), cap=2048)  # but a 1x1 over 8 channels (VWW's second layer)
     assert not conv_4x2_chosen(*conv(1, 4, 16, (8, 8)), cap=2048)  # a window of 4 values: one block
     assert not conv_4x2_chosen(*conv(1, 32, 16, (1, 3)), cap=2048)  # fewer than 4 pixels
-    assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)  # 4 windows of 576 int16: over the cap
     assert conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=8 * 576)
+    # 4 windows of 576 int16 over the cap: in chunks, within what ek_conv2d_s8 would take (4 x 576,
+    # the cap of a model with this layer: ResNet-8's 3x3 over 64 channels)
+    assert conv_4x2_chosen(*conv(3, 64, 64, (4, 4)), cap=4 * 576)
+    assert conv_4x2_scratch(576, 32, 4 * 576) == 4 * 576
+    assert conv_4x2_chunk(576, 32, 4 * 576) == 160  # (2304 - 32 pairs x 32 bytes of sums) / 8
+    assert conv_4x2_scratch(576, 32, 4 * 576 - 8) == 0  # below 4 x K the layer keeps ek_conv2d_s8
+    assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)
+    # many pairs leave no room for a chunk beside their sums
+    assert conv_4x2_scratch(300, 61, 2048) == 0 and conv_4x2_scratch(300, 60, 2048) == 2048
 
 
 def _check_on_cortex_m(case, board):
@@ -141,6 +155,14 @@ def test_conv2d_s8_4x2_first_layer_on_cortex_m(case, board):
     _check_on_cortex_m(case, board)
 
 
+@given(conv_4x2_case(chunked=True), BOARDS)
+@DSP_SETTINGS
+def test_conv2d_s8_4x2_chunked_on_cortex_m(case, board):
+    """Windows of 261-648 values, over the scratch as four int16 copies: gathered in chunks, the pairs'
+    partial sums kept between them (the K-chunked form)."""
+    _check_on_cortex_m(case, board)
+
+
 HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
 # compiles its portable code (ek_conv2d_s8_4x2 its loops over the packed filter and records).
 name = "host-dsp-portable"
@@ -164,6 +186,13 @@ def test_conv2d_s8_4x2_portable_host_asan(case):
 @given(conv_4x2_case(first=True))
 @DSP_SETTINGS
 def test_conv2d_s8_4x2_first_layer_portable_host_asan(case):
+    _check_portable_host(case)
+
+
+@given(conv_4x2_case(chunked=True))
+@settings(DSP_SETTINGS, max_examples=max(3, DSP_SETTINGS.max_examples // 2))  # long windows under ASan
+def test_conv2d_s8_4x2_chunked_portable_host_asan(case):
+    """The shapes the DSP kernel takes in chunks, through the portable form (whole windows)."""
     _check_portable_host(case)
 
 
@@ -220,14 +249,21 @@ def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
     assert int(np.sum(got != ref)) == 0
 
 
-def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path):
+@pytest.mark.parametrize("c, k", [(16, 3), (64, 3), (8, 1)])
+def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path, c, k):
     """The generator plans the 4x2 kernel's scratch, so no layer reaches its portable form on a DSP
-    board: ek_nn.h leaves it out (flash); the kernel without the DSP extension keeps it (host test)."""
+    board: ek_nn.h leaves it out (flash); the kernel without the DSP extension keeps it (host test).
+    Over 64 channels (K = 576) in chunks, within the 4 x K bytes ek_conv2d_s8 would take; a window of
+    8 values (shorter than a chunk may be) whole."""
     from edgekit.boards import load_board
     from edgekit.codegen.project import generate_project
 
     rng = np.random.default_rng(3)
-    case = dict(h=4, w=4, c=16, o=6, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(4, 4),
+    case = dict(h=4, w=4, c=c, o=6, k=(k, k), stride=(1, 1), dilation=(1, 1), padding=(k // 2,) * 4, out=(4, 4),
                 act="relu", bias=True, wscale=0.3)
-    generate_project(_graph(case, rng), tmp_path, load_board("mps2-an386"))
-    assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in (tmp_path / "include" / "ek_nn.h").read_text()
+    record = generate_project(_graph(case, rng), tmp_path, load_board("mps2-an386"))
+    assert record["kernels"] == ["ek_conv2d_s8_4x2"]
+    assert record["scratch_bytes"] == {16: 8 * 144, 64: 4 * 576, 8: 64}[c]
+    header = (tmp_path / "include" / "ek_nn.h").read_text()
+    assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in header
+    assert ("#define EK_CONV2D_S8_4X2_CHUNKED 0" in header) == (c != 64)

@@ -88,6 +88,37 @@ def conv_4x2_scratch_cap(graph: Graph) -> int:
     return max([CONV_4X2_SCRATCH] + need)
 
 
+CONV_4X2_CHUNK_MIN = 16  # the fewest taps per chunk of the K-chunked form (EK_CONV4X2_CHUNK_MIN in the template)
+
+
+def conv_4x2_pairs(graph: Graph, op: Op) -> int:
+    """Pairs of computed (not all-zero) output channels of a 4x2 layer (conv_4x2_layout's table[0])."""
+    w = graph.tensors[op.inputs[1]].data
+    return (int(np.count_nonzero(np.any(w.reshape(w.shape[0], -1) != 0, axis=1))) + 1) // 2
+
+
+def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
+    """Scratch bytes a 4x2 layer over windows of k_len values needs: its four windows as int16 (8 x K
+    rounded up to 4) when that fits ``cap``; else the K-chunked form, which gathers the windows a chunk
+    at a time and keeps the pairs' partial sums (32 bytes a pair) after the chunk: it takes what
+    ek_conv2d_s8 would (4 x K, within cap by conv_4x2_scratch_cap) or at least the sums and
+    CONV_4X2_CHUNK_MIN taps; 0 when even that exceeds the cap (the layer keeps ek_conv2d_s8). The
+    kernel sizes its chunks from the scratch it gets (ek_kernel_scratch_bytes), at least this."""
+    k4 = (k_len + 3) // 4 * 4
+    if 8 * k4 <= cap:
+        return 8 * k4
+    need = max(4 * k_len, 32 * pairs + 8 * CONV_4X2_CHUNK_MIN)
+    return need if need <= cap else 0
+
+
+def conv_4x2_chunk(k_len: int, pairs: int, scratch: int) -> int:
+    """Taps the 4x2 kernel gathers at a time with this much scratch (the template's kc): K rounded up
+    to 4 when the four windows fit, else the chunk left after the pairs' sums (a multiple of 4);
+    a chunk below CONV_4X2_CHUNK_MIN makes the kernel take its portable form."""
+    k4 = (k_len + 3) // 4 * 4
+    return k4 if 8 * k4 <= scratch else max((scratch - 32 * pairs) // 8, 0) & ~3
+
+
 def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     """Whether a dense int8 convolution runs the Cortex-M DSP kernel with 4 pixel x 2 channel register
     blocks (kernels/dsp/ek_conv2d_s8_4x2): its blocks pay off from a few pixels and a window of at
@@ -97,11 +128,12 @@ def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     per MAC), and so does a first layer over 1-3 channels (an image, a spectrogram): its window is
     gathered once for all output channels, a pair at a time, instead of once per pair of pixels
     (M4: KWS's 10x4 over 1 channel 2.19 -> 1.78 per MAC, VWW's and ResNet-8's 3x3 over 3 channels
-    5.41 -> 4.75 and 3.77 -> 3.18)."""
+    5.41 -> 4.75 and 3.77 -> 3.18). A window whose four copies exceed the cap takes the K-chunked
+    form when the pairs' partial sums leave room for a chunk (conv_4x2_scratch)."""
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
-    k4 = (kh * kw * in_c + 3) // 4 * 4
-    return (in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and 8 * k4 <= cap
+    return ((in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and
+            conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
@@ -336,8 +368,8 @@ def scratch_bytes(layers, board, portable=()) -> int:
     for layer in layers:
         variant = None if layer.kernel in portable else board.get("kernel_variant")
         _, kh, kw, k_in = layer.dims.get("filter", (0, 0, 0, 0))
-        if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows, K rounded up to 4, as int16
-            need = max(need, 8 * ((kh * kw * k_in + 3) // 4 * 4))
+        if layer.kernel == "ek_conv2d_s8_4x2":  # four pixels' windows as int16, whole or in chunks
+            need = max(need, layer.params["scratch_4x2"])
         elif layer.kernel in ("ek_conv2d_s8", "ek_conv2d_s8_pairs") and variant in ("dsp", "x86", "neon"):
             # four pixels' windows for the NEON register tile, rounded up to whole loads (SDOT 16
             # bytes, rpi4 8)
@@ -378,13 +410,15 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     the project builds them without it (EK_<KERNEL>_FALLBACK 0 in ek_nn.h), since the fallback's
     code is most of a kernel's flash again (ResNet-8: 1.7 KB). "ek_conv2d_s8_shift_any" in the list:
     no dense convolution has a channel shift >= 0, so the DSP convolution drops that output stage
-    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). The tests mirror the first lines of
+    (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). "ek_conv2d_s8_4x2_chunked": no 4x2 layer gathers its
+    windows in chunks (EK_CONV2D_S8_4X2_CHUNKED 0, 1.6 KB). The tests mirror the first lines of
     each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
     shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
     from their portable source anyway (project.cold_kernels)."""
     if board.get("kernel_variant") != "dsp":
         return []
     used, reached = set(), set()
+    chunked = False  # a 4x2 layer whose windows are gathered in chunks (its K-chunked form)
     shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
     for layer in layers:
         k = layer.kernel
@@ -398,7 +432,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             shift_any = shift_any or (not fallback and int(np.max(graph.ops[layer.index].attrs["shift"])) >= 0)
         elif k == "ek_conv2d_s8_4x2":  # its portable form over the packed filter: a scratch too small
             _, kh, kw, k_in = layer.dims["filter"]
-            fallback = 8 * ((kh * kw * k_in + 3) // 4 * 4) > scratch
+            kc, k4 = conv_4x2_chunk(kh * kw * k_in, layer.params["pairs_4x2"], scratch), (kh * kw * k_in + 3) // 4 * 4
+            fallback = kc < k4 and kc < CONV_4X2_CHUNK_MIN
+            chunked = chunked or (not fallback and kc < k4)
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
@@ -412,7 +448,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
         if fallback:
             reached.add(k)
     unused = sorted(used - reached)
-    return unused + ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else unused
+    unused += ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else []
+    return unused + ["ek_conv2d_s8_4x2_chunked"] if "ek_conv2d_s8_4x2" in used and not chunked else unused
 
 
 ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)

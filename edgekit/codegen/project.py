@@ -20,11 +20,11 @@ from ..ir import Graph, Op, nhwc
 from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
-from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_scratch_cap, conv_tile_group,
-                          depthwise_dsp_records, depthwise_dsp_shapes, depthwise_dsp_takes_records,
-                          depthwise_dsp_unrolled,
-                          dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
-                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes)
+from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_pairs, conv_4x2_scratch,
+                          conv_4x2_scratch_cap, conv_tile_group, depthwise_dsp_records, depthwise_dsp_shapes,
+                          depthwise_dsp_takes_records, depthwise_dsp_unrolled, dsp_fallbacks_unused, fc_rows4_layers,
+                          fc_rows4_records, folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile,
+                          pack_fc_rows4, scratch_bytes)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -240,7 +240,11 @@ class _Builder:
                 self.notes.append(f"layer '{op.name}': a weight is -128, so it keeps the one-product "
                                   f"{layer.kernel} (two products in int16 could overflow)")
             # Dense kernels take the input offset folded into the bias (codegen/kernel_prep.py).
-            if block_4x2:
+            if block_4x2:  # what scratch_bytes plans for it (whole windows or chunks) and its pairs
+                _, kh, kw, k_in = nhwc(w.shape)
+                layer.params["pairs_4x2"] = conv_4x2_pairs(g, op)
+                layer.params["scratch_4x2"] = conv_4x2_scratch(kh * kw * k_in, layer.params["pairs_4x2"],
+                                                               self.conv_4x2_cap)
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", table,
                                                   "ek_conv2d_s8_4x2's table: pairs, constants, per packed channel "
                                                   "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "

@@ -24,10 +24,11 @@ def _max_abs_input(offset: int) -> int:
 
 
 def accumulator_bounds(graph: Graph, op) -> np.ndarray:
-    """Per output channel, the largest |accumulator| a weighted layer can reach."""
+    """Per output channel, the largest |accumulator| (or partial sum) a weighted layer can reach, in
+    either order the kernels sum in (see below): sum|w| * (128 + |input offset|) + |bias|."""
     w = graph.tensors[op.inputs[1]].data.astype(np.int64)
     bias = graph.tensors[op.inputs[2]].data.astype(np.int64) if len(op.inputs) > 2 else 0
-    x = _max_abs_input(op.attrs["input_offset"])
+    x = 128 + abs(int(op.attrs["input_offset"]))  # >= max|q + offset| over int8 q
     if op.kind == "depthwise_conv2d":
         per_channel = np.abs(w).reshape(-1, w.shape[3]).sum(axis=0)
     else:
@@ -35,13 +36,18 @@ def accumulator_bounds(graph: Graph, op) -> np.ndarray:
     return per_channel * x + np.abs(bias)
 
 
-# The dense kernels fold the input offset into the bias (codegen/kernel_prep.py) and compute
-# folded_bias + sum(w * q), q the int8 input (or, for a padded tap, the zero point, also int8).
-# They accumulate the dot product from zero and add the bias last, so every partial sum is a sum
-# of w * q over some taps, |.| <= 128 * sum|w|, and the folded bias itself is
-# |bias + offset * sum(w)| <= |bias| + |offset| * sum|w|; since max|q + offset| >= max(128, |offset|),
-# both are within accumulator_bounds, as is the final sum (the same integer in either order).
-# So this one bound proves the reference order and the folded one.
+# The reference (and the encoded-filter kernels) sum bias + sum(w * (q + offset)): every partial
+# sum is within |bias| + sum|w| * max|q + offset|. The Cortex-M DSP and other dense kernels fold
+# the input offset into the bias (codegen/kernel_prep.py: folded_bias = bias + offset * sum(w)) and
+# sum w * q, q the int8 input
+# (or, for a padded tap, the zero point, also int8), in one of two orders:
+# - from zero, the bias added last (ek_conv2d_s8_4x2, the portable ek_conv2d_s8 / ek_fully_connected_s8):
+#   partial sums |sum(w * q) over some taps| <= 128 * sum|w|, then the folded bias;
+# - from the folded bias (the DSP ek_conv2d_s8, ek_fully_connected_s8 and ek_depthwise_conv2d_s8):
+#   partial sums |folded_bias + sum(w * q) over some taps| <= |bias| + (|offset| + 128) * sum|w|.
+# max|q + offset| can be |offset| + 127 (offset > 0), one sum|w| less than the second order needs,
+# so accumulator_bounds takes 128 + |offset|: this one bound proves the reference order and both
+# folded ones (and the final sum, the same integer in every order).
 
 
 def check_int8_arithmetic(graph: Graph) -> None:

@@ -1,6 +1,6 @@
 """The x86-64 kernels (kernels/x86, the host board's variant) with their AVX2 path compiled in
-(-mavx2), -Wall -Wextra -Werror, AddressSanitizer + UndefinedBehaviorSanitizer, run on this machine
-against the numpy reference over the same random shapes and parameters as test_kernels_c.py (which
+(-mavx2), and again with AVX-VNNI (-mavx2 -mavxvnni) where the CPU has it, -Wall -Wextra -Werror,
+AddressSanitizer + UndefinedBehaviorSanitizer, run on this machine against the numpy reference over the same random shapes and parameters as test_kernels_c.py (which
 builds the same files without -mavx2, i.e. their portable path): 0 differing elements."""
 import platform
 from pathlib import Path
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import CBuild, float_graph, quantize_with_random_data
-from test_kernels_c import (test_conv2d_s8, test_depthwise_conv2d_s8, test_fully_connected_s8,  # noqa: F401
-                            test_max_pool2d_s8_wide)
+from test_kernels_c import (test_add_s8, test_conv2d_s8, test_depthwise_conv2d_s8,  # noqa: F401
+                            test_fully_connected_s8, test_max_pool2d_s8_wide)
 
 
 def _has_avx2() -> bool:
@@ -23,15 +23,29 @@ def _has_avx2() -> bool:
 pytestmark = pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2")
 
 
-@pytest.fixture(scope="module")
-def cbuild(tmp_path_factory):
-    """Overrides conftest's: kernel objects with the AVX2 path, sanitized."""
-    return CBuild(tmp_path_factory.mktemp("kernel_objects_avx2"), sanitize=True, extra_flags=("-mavx2",))
+def _has_avx_vnni() -> bool:
+    try:
+        return " avx_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
-@pytest.mark.parametrize("shape", [(1, 7, 5, 64), (1, 4, 4, 33), (1, 3, 9, 16)])
+@pytest.fixture(scope="module", params=[
+    ("-mavx2",),
+    pytest.param(("-mavx2", "-mavxvnni"), marks=pytest.mark.skipif(not _has_avx_vnni(), reason="needs AVX-VNNI"),
+                 id="vnni")], ids=lambda flags: "-".join(f[2:] for f in flags))
+def cbuild(tmp_path_factory, request):
+    """Overrides conftest's: kernel objects with the AVX2 path (vpmaddwd), then with AVX-VNNI (vpdpbusd over
+    u8 inputs, the path -march=native takes on a CPU that has it), sanitized."""
+    return CBuild(tmp_path_factory.mktemp("kernel_objects_" + "_".join(f[2:] for f in request.param)),
+                  sanitize=True, extra_flags=request.param)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5, 64), (1, 4, 4, 41), (1, 3, 9, 16), (1, 5, 6, 8)])
 def test_wide_channels_take_the_vector_paths(cbuild, tmp_path, shape):
-    """Depthwise with >= 16 channels, pointwise 1x1 over wide channels, K with 16- and 8-wide steps."""
+    """Depthwise with 16-channel and 8-channel steps and a scalar tail, pointwise 1x1 over wide channels,
+    K with 32-, 16-, 8-wide steps and a zero-padded tail (VNNI) or 16- and 8-wide steps and a tail (vpmaddwd),
+    output channels not a multiple of 4 (5)."""
     from edgekit import reference
     from helpers import c_matches_reference
     rng = np.random.default_rng(sum(shape))

@@ -175,6 +175,28 @@ def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act,
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
+@given(st.integers(1, 7), st.integers(1, 14), st.sampled_from([1, 2, 3, 5, 13]), st.sampled_from([1, 8, 16, 17, 40]),
+       st.sampled_from([(3, 3), (1, 3), (2, 5), (5, 1)]), st.tuples(*(st.integers(0, 2) for _ in range(4))),
+       st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_gathered_rows(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w, act, seed):
+    """rpi5, in_c not a multiple of 4 (first layers over 1-3 channels): windows gathered, four pixels
+    of one output row inside the input by kh row copies (wide rows), the others (padding on every
+    side, groups crossing an output row, dilation across the row) by the generic window function;
+    one 16-channel block set up once (o <= 16) or per group."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    dilation = (dil_h, dil_w)
+    out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh * dil_h, padding[1], padding[2] + kw * dil_w, padding[3])
+        out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(stride, stride), dilation=dilation, padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+
+
 @given(st.integers(1, 9), st.integers(1, 7), st.sampled_from([1, 3, 8, 13, 16, 20, 33]),
        st.sampled_from([1, 5, 16, 17, 40]), activations, boards, st.integers(0, 2 ** 31))
 @PI_SETTINGS

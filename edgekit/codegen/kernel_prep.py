@@ -68,6 +68,15 @@ def conv_tile_group(board) -> int:
     return 4 if board.get("dotprod") else 1
 
 
+def conv_blocks_outer(graph: Graph, op, board) -> bool:
+    """Whether the board's convolution kernel walks every output pixel once per 16-channel block
+    (rpi5, in_c a multiple of 4, windows read in place: a block's output stage is set up once), so
+    that it does not write its output in raster order and may not run in place over its input."""
+    if op.kind != "conv2d" or board.get("kernel_variant") != "neon" or not board.get("dotprod"):
+        return False
+    return nhwc(graph.tensors[op.inputs[0]].shape)[3] % 4 == 0 and nhwc(graph.tensors[op.outputs[0]].shape)[3] > 16
+
+
 def int16_pairs_exact(w: np.ndarray) -> bool:
     """Whether rpi4's int16-pair kernels (kernels/neon: ..._pairs) compute this int8 filter exactly: they add
     two products w x + w' x' in an int16 lane before widening (SMULL + SMLAL2, then SADALP), which fits
@@ -289,19 +298,22 @@ def fc_rows4_layers(graph: Graph) -> set[str]:
 
 def pack_fc_rows4(w: np.ndarray) -> np.ndarray:
     """A fully connected layer's int8 weights (out_c, in_c) in the order ek_fully_connected_s8_rows4
-    reads them: per group of four rows, per block of four inputs, the four rows' words [w0 ^ 0x80, w1,
-    w2 ^ 0x80, w3] (the even bytes offset by 128: read as unsigned they are w + 128, see the kernel);
-    then the group's in_c % 4 last weights, row after row; then the out_c % 4 last rows, unchanged.
-    The same bytes as the plain filter, reordered (no flash grows)."""
+    reads them: per group of eight rows (up to out_c & ~7, then one group of four), per block of four
+    inputs, the group's rows' words [w0 ^ 0x80, w1, w2 ^ 0x80, w3] (the even bytes offset by 128: read
+    as unsigned they are w + 128, see the kernel); then the group's in_c % 4 last weights, row after
+    row; then the out_c % 4 last rows, unchanged. The same bytes as the plain filter, reordered (no
+    flash grows)."""
     out_c, in_c = w.shape
-    full, vec_c = in_c & ~3, out_c & ~3
+    full, vec_c, vec8 = in_c & ~3, out_c & ~3, out_c & ~7
     enc = w.astype(np.int8).view(np.uint8).copy()
     enc[:vec_c, 0:full:2] ^= 0x80
-    groups = enc[:vec_c].reshape(vec_c // 4, 4, in_c)
-    blocks = groups[:, :, :full].reshape(vec_c // 4, 4, full // 4, 4).transpose(0, 2, 1, 3).reshape(vec_c // 4, -1)
-    tails = groups[:, :, full:].reshape(vec_c // 4, -1)
-    packed = np.concatenate([blocks, tails], axis=1).reshape(-1)
-    return np.concatenate([packed, enc[vec_c:].reshape(-1)]).view(np.int8)
+    parts = []
+    for start, rows in [(g, 8) for g in range(0, vec8, 8)] + ([(vec8, 4)] if vec_c > vec8 else []):
+        group = enc[start:start + rows]
+        parts.append(group[:, :full].reshape(rows, full // 4, 4).transpose(1, 0, 2).reshape(-1))
+        parts.append(group[:, full:].reshape(-1))
+    parts.append(enc[vec_c:].reshape(-1))
+    return np.concatenate(parts).view(np.int8)
 
 
 FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
@@ -348,6 +360,22 @@ def fc_rows4_records(graph: Graph, op: Op) -> np.ndarray:
             for k in range(4):
                 words += [int(m[4 * g + k]), const(int(r[k])) if fast else int(shift[4 * g + k])]
     return (np.array(words, np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+X86_VNNI_MAX_K = 65536  # EK_X86_VNNI_MAX_K: the longest dot product the x86 VNNI path takes
+
+
+def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
+    """The x86 variant's bias array of a dense convolution / fully connected layer: folded_bias, then
+    -128 * sum(weights) per output channel. With VNNI (vpdpbusd: unsigned x signed bytes) the kernels
+    read the int8 input x as u = x + 128, and sum w * u - 128 * sum w = sum w * x; the portable and
+    the vpmaddwd paths read the first half only. Dot products longer than X86_VNNI_MAX_K (where
+    sum w * u could pass 2^31) never take VNNI: no second half then."""
+    bias = folded_bias(graph, op)
+    w = graph.tensors[op.inputs[1]].data
+    if w[0].size > X86_VNNI_MAX_K:
+        return bias
+    return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
 
 
 def scratch_bytes(layers, board, portable=()) -> int:

@@ -21,10 +21,10 @@ from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_pairs, conv_4x2_scratch,
-                          conv_4x2_scratch_cap, conv_tile_group, depthwise_dsp_records, depthwise_dsp_shapes,
-                          depthwise_dsp_takes_records, depthwise_dsp_unrolled, dsp_fallbacks_unused, fc_rows4_layers,
-                          fc_rows4_records, folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile,
-                          pack_fc_rows4, scratch_bytes)
+                          conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records,
+                          depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
+                          dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
+                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -110,11 +110,13 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 class _Builder:
     def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", conv_tile_group: int = 0,
-                 dsp_conv: bool = False, int16_pairs: bool = False):
+                 dsp_conv: bool = False, int16_pairs: bool = False, x86: bool = False):
         self.graph = graph
         # rpi4: dense layers without a -128 weight take the int16-pair kernels (kernel_prep.int16_pairs_exact)
         self.int16_pairs = int16_pairs
         self.notes: list[str] = []  # generate-time notes on kernel choices (edgekit_project.json "notes")
+        # x86-64: dense convolutions' and fully connected layers' biases carry the VNNI path's u8 correction
+        self.x86 = x86
         # dense convolutions' filters packed for the NEON register tile, this many taps a group (0: not packed)
         self.conv_tile_group = conv_tile_group
         # Cortex-M DSP: convolutions may take the 4x2-block kernel, within this scratch (kernel_prep)
@@ -258,6 +260,10 @@ class _Builder:
                                                   "ek_fully_connected_s8_rows4's records per group of 4 rows: {right "
                                                   "shifts - 1, biases (+ 128 * sum of odd-position weights), "
                                                   "multiplier and constant of each} (kernel_prep.fc_rows4_records)")
+            elif self.x86 and op.kind in ("conv2d", "fully_connected"):
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", x86_u8_bias(self.graph, op),
+                                                  "bias + input_offset * sum(weights of the channel), then "
+                                                  "-128 * sum(weights) per channel (x86 VNNI: u8 inputs)")
             else:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", folded_bias(self.graph, op),
                                                   "bias + input_offset * sum(weights of the channel)")
@@ -849,6 +855,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         # A convolution over its own input is safe only in one thread's raster order; elementwise ops
         # (element i read, then written, by the one thread that owns it) keep their in-place plan.
         inplace_ops = {i for i in inplace_ops if graph.ops[i].kind not in ("conv2d", "depthwise_conv2d")}
+    # rpi5's convolutions over in_c a multiple of 4 walk the pixels once per channel block: not in place
+    inplace_ops = {i for i in inplace_ops if not conv_blocks_outer(graph, graph.ops[i], board)}
     plan, memory = plan_with_report(graph, align=8, elem_bytes={"int8": 4, "float32": 4} if weight_only else None,
                                     kernel_variant=board.get("kernel_variant"), off=memory_off,
                                     inplace_ops=inplace_ops,
@@ -856,7 +864,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
     builder = _Builder(graph, plan, weight_only, weights,
                        conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
                        dsp_conv=board.get("kernel_variant") == "dsp",
-                       int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"))
+                       int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"),
+                       x86=board.get("kernel_variant") == "x86")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))

@@ -222,6 +222,9 @@ def test_depthwise_dsp_records_requantize_like_the_reference():
                 c0 = 4 * grp
                 assert pairs[grp, kx].tolist() == [[col[kx, c0], col[kx, c0 + 2]], [col[kx, c0 + 1], col[kx, c0 + 3]]]
         assert list(rec[:, 0] < 0) == [False, True, True]  # r = 1 in group 1, r = 23 in group 2
+        # a layer without unrolled code (tap-table path, weights from the filter): the stage words alone
+        short = depthwise_dsp_records(q, op, unrolled=False).astype(np.int64)
+        assert np.array_equal(short, rec[:, :DW_DSP_REC].reshape(-1))
         x = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, 2000), [-2 ** 31 + 1, 2 ** 31 - 1, -1, 0, 1]])
         for k in range(4):
             m, c, hs = int(rec[0, 5 + 2 * k]), int(rec[0, 6 + 2 * k]), (int(rec[0, 0]) >> (8 * k)) & 0xFF

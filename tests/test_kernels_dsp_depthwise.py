@@ -149,3 +149,46 @@ def test_generic_output_stage_groups(board, variant, tmp_path):
     assert "ek_dw_interior_0(" in (tmp_path / "project" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0
+
+
+def test_records_hold_weights_only_for_unrolled_layers(tmp_path, monkeypatch):
+    """Two 3x3 depthwise layers of different geometries (stride_w 1 and 2) with room for one geometry's
+    unrolled code (DW_DSP_CODE_BUDGET lowered to ~1.5 KB): the layer that runs unrolled code stores the
+    full records (13 stage words, 9 tap words, 6 column-sum words per four channels); the other, which
+    runs the tap-table path (weights from the filter), stores the 13 stage words only. The kernel picks
+    each layer's record length from the same geometry match: bit-exact on the M4."""
+    import re
+    from cortex_m_selftest import run_selftest
+    from edgekit.codegen import kernel_prep
+    from edgekit.ir import Graph, Op, Tensor
+    monkeypatch.setattr(kernel_prep, "DW_DSP_CODE_BUDGET",
+                        kernel_prep.DW_DSP_BODY_BYTES + 9 * kernel_prep.DW_DSP_TAP_BYTES)
+    rng = np.random.default_rng(17)
+    g = Graph()
+    g.add_tensor(Tensor("x0", (1, 9, 8, 12)))
+    g.inputs.append("x0")
+    g.source_layouts["x0"] = "NHWC"
+    prev, shape = "x0", (9, 8)
+    for i, (stride, pad) in enumerate([((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1))]):
+        w, b, y = f"w{i}", f"b{i}", f"y{i}" if i < 1 else "y"
+        g.add_tensor(Tensor(w, (1, 3, 3, 12), "float32", rng.normal(0, 0.5, (1, 3, 3, 12)).astype(np.float32)))
+        g.add_tensor(Tensor(b, (12,), "float32", rng.normal(0, 0.5, 12).astype(np.float32)))
+        shape = conv_out(*shape, (3, 3), stride, (1, 1), pad)
+        g.add_tensor(Tensor(y, (1, *shape, 12)))
+        g.ops.append(Op("depthwise_conv2d", f"dw{i}", [prev, w, b], [y],
+                        dict(stride=stride, dilation=(1, 1), padding=pad, activation="relu", depth_multiplier=1)))
+        prev = y
+    g.outputs.append("y")
+    g.source_layouts["y"] = "NHWC"
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 2.0)})
+    x = rng.integers(-128, 128, size=(3, 9, 8, 12)).astype(np.int8)
+    got = run_selftest(q, "mps2-an386", x, tmp_path)
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0
+    source = (tmp_path / "project" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
+    assert "ek_dw_interior_0(" in source and "ek_dw_interior_1(" not in source  # one geometry unrolled
+    assert "stride_w 1," in source  # the stride-1 layer's (more interior pixels)
+    weights = (tmp_path / "project" / "model_weights.c").read_text()
+    lengths = {name: int(n) for name, n in re.findall(r"int32_t (l\d+_dw\d)_bias\[(\d+)\]", weights)}
+    kernel_prep_rec = kernel_prep.DW_DSP_REC
+    assert lengths == {"l0_dw0": 12 + 3 * (kernel_prep_rec + 9 + 2 * 3), "l1_dw1": 12 + 3 * kernel_prep_rec}

@@ -162,6 +162,14 @@ def test_pack_fc_rows4_order_and_records():
             assert p[16 * (i // 4) + 4 * r + i % 4] == (u[r, i] ^ 0x80 if i % 2 == 0 else u[r, i])
         assert list(p[32 + 2 * r:34 + 2 * r]) == list(u[r, 8:10])
     assert bytes(p[40:]) == u[4:].tobytes()
+    w = rng.integers(-128, 128, (14, 6)).astype(np.int8)  # a group of 8 rows, one of 4, 2 rows as stored
+    p, u = pack_fc_rows4(w).view(np.uint8), w.view(np.uint8)
+    for r in range(12):
+        g, rows, k = (0, 8, r) if r < 8 else (48, 4, r - 8)
+        for i in range(4):
+            assert p[g + 4 * k + i] == (u[r, i] ^ 0x80 if i % 2 == 0 else u[r, i])
+        assert list(p[g + 4 * rows + 2 * k:g + 4 * rows + 2 * k + 2]) == list(u[r, 4:6])
+    assert bytes(p[72:]) == u[12:].tobytes()
     q = quantize_with_random_data(_fc_graph(10, 6, "relu", 0.5, rng), rng)
     op = q.ops[0]
     wq = q.tensors[op.inputs[1]].data.astype(np.int64)

@@ -227,12 +227,14 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
             and op.attrs["multiplier"].shape[0] >= 4)
 
 
-def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
+def depthwise_dsp_records(graph: Graph, op: Op, unrolled: bool = True) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
-    c3}, then one word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    c3}, then (only when ``unrolled``: the layer's geometry has unrolled code, depthwise_dsp_unrolled) one
+    word per tap (kh x kw, row by row) holding the four channels' weights, then per window
     column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
-    25 x 128): b the folded bias,
+    25 x 128). The tap-table path reads only the first DW_DSP_REC words of a group (its weights come
+    from the filter), so a layer without unrolled code stores those alone: b the folded bias,
     m the multiplier, c = 2^(r - 2) + output_offset * 2^(r - 1) for r = -shift, hs the four right shifts
     r - 1, one per byte. The unrolled code then walks one pointer per group for biases, weights and
     requantization (the filter array stays for the tap-table path, the tail channels and the portable
@@ -256,6 +258,9 @@ def depthwise_dsp_records(graph: Graph, op: Op) -> np.ndarray:
         for k in range(4):
             cst = (1 << int(r[k] - 2)) + offset * (1 << int(r[k] - 1)) if fast else 0
             words += [int(m[c0 + k]), cst]
+        if not unrolled:
+            groups.append(words)
+            continue
         words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
         # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
         # a left / right edge pixel multiplies a padded column's sum by the zero point once
@@ -293,19 +298,22 @@ def fc_rows4_layers(graph: Graph) -> set[str]:
 
 def pack_fc_rows4(w: np.ndarray) -> np.ndarray:
     """A fully connected layer's int8 weights (out_c, in_c) in the order ek_fully_connected_s8_rows4
-    reads them: per group of four rows, per block of four inputs, the four rows' words [w0 ^ 0x80, w1,
-    w2 ^ 0x80, w3] (the even bytes offset by 128: read as unsigned they are w + 128, see the kernel);
-    then the group's in_c % 4 last weights, row after row; then the out_c % 4 last rows, unchanged.
-    The same bytes as the plain filter, reordered (no flash grows)."""
+    reads them: per group of eight rows (up to out_c & ~7, then one group of four), per block of four
+    inputs, the group's rows' words [w0 ^ 0x80, w1, w2 ^ 0x80, w3] (the even bytes offset by 128: read
+    as unsigned they are w + 128, see the kernel); then the group's in_c % 4 last weights, row after
+    row; then the out_c % 4 last rows, unchanged. The same bytes as the plain filter, reordered (no
+    flash grows)."""
     out_c, in_c = w.shape
-    full, vec_c = in_c & ~3, out_c & ~3
+    full, vec_c, vec8 = in_c & ~3, out_c & ~3, out_c & ~7
     enc = w.astype(np.int8).view(np.uint8).copy()
     enc[:vec_c, 0:full:2] ^= 0x80
-    groups = enc[:vec_c].reshape(vec_c // 4, 4, in_c)
-    blocks = groups[:, :, :full].reshape(vec_c // 4, 4, full // 4, 4).transpose(0, 2, 1, 3).reshape(vec_c // 4, -1)
-    tails = groups[:, :, full:].reshape(vec_c // 4, -1)
-    packed = np.concatenate([blocks, tails], axis=1).reshape(-1)
-    return np.concatenate([packed, enc[vec_c:].reshape(-1)]).view(np.int8)
+    parts = []
+    for start, rows in [(g, 8) for g in range(0, vec8, 8)] + ([(vec8, 4)] if vec_c > vec8 else []):
+        group = enc[start:start + rows]
+        parts.append(group[:, :full].reshape(rows, full // 4, 4).transpose(1, 0, 2).reshape(-1))
+        parts.append(group[:, full:].reshape(-1))
+    parts.append(enc[vec_c:].reshape(-1))
+    return np.concatenate(parts).view(np.int8)
 
 
 FC_ROWS4_REC = 13  # words of a group's record (EK_FC4_REC)
@@ -503,6 +511,30 @@ DW_DSP_EDGE_TAP_BYTES = 40
 DW_DSP_EDGE_BODY_BYTES = 160
 
 
+def _dw_dsp_geometry(layer) -> tuple | None:
+    """The key (in_w, in_c, kh, kw, stride_w, dil_h, dil_w) the DSP depthwise kernel matches a layer's
+    unrolled code by (ek_dw_interior), or None for a layer that cannot have any."""
+    if layer.kernel != "ek_depthwise_conv2d_s8" or layer.params.get("depth_multiplier", 1) != 1:
+        return None
+    _, _, in_w, in_c = layer.dims["input"]
+    _, kh, kw, out_c = layer.dims["filter"]
+    if out_c < 4 or in_c != out_c:
+        return None
+    p = layer.params
+    return in_w, in_c, kh, kw, p["stride_w"], p["dilation_h"], p["dilation_w"]
+
+
+def depthwise_dsp_unrolled(layer, shapes: list[dict]) -> bool:
+    """Whether the kernel runs unrolled code for this layer (its geometry is one of ``shapes``,
+    depthwise_dsp_shapes): only then do its records hold the taps' weights and column sums. The same
+    rule as the kernel's run-time match, which picks the records' length from it."""
+    key = _dw_dsp_geometry(layer)
+    return key is not None and any(key == tuple(s[k] for k in _DW_DSP_KEY) for s in shapes)
+
+
+_DW_DSP_KEY = ("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w")
+
+
 def depthwise_dsp_shapes(layers, board) -> list[dict]:
     """The window geometries the Cortex-M DSP depthwise kernel gets an unrolled interior path for:
     the distinct (input width and channels, window, stride_w, dilation) of the model's dense int8
@@ -519,20 +551,20 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         return []
     found: dict[tuple, dict] = {}
     for layer in layers:
-        if layer.kernel != "ek_depthwise_conv2d_s8" or layer.params.get("depth_multiplier", 1) != 1:
+        key = _dw_dsp_geometry(layer)
+        if key is None:
             continue
-        _, _, in_w, in_c = layer.dims["input"]
-        _, kh, kw, out_c = layer.dims["filter"]
+        in_w, in_c, kh, kw = key[:4]
+        out_c = in_c
         p = layer.params
-        if out_c < 4 or in_c != out_c or kh * kw > DW_DSP_MAX_TAPS:
+        if kh * kw > DW_DSP_MAX_TAPS:
             continue
-        key = (in_w, in_c, kh, kw, p["stride_w"], p["dilation_h"], p["dilation_w"])
         taps = [((ky * p["dilation_h"] * in_w + kx * p["dilation_w"]) * in_c, (ky * kw + kx) * out_c)
                 for ky in range(kh) for kx in range(kw)]
         step = p["stride_w"] * in_c
         if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
             continue
-        shape = found.setdefault(key, dict(zip(("in_w", "in_c", "kh", "kw", "stride_w", "dil_h", "dil_w"), key),
+        shape = found.setdefault(key, dict(zip(_DW_DSP_KEY, key),
                                            taps=taps, step=step, macs=0, gain=0, edges={}))
         shape["macs"] += layer.macs
         # what the interior code saves, for ranking the geometries: per interior pixel its tap table

@@ -21,10 +21,10 @@ from ..ir_io import save_graph
 from ..passes.exits import as_raw, exit_names, head_exits, head_only_ops, thresholds_to_ints, threshold_to_real
 from ..passes.verify import check_int8_arithmetic
 from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2_pairs, conv_4x2_scratch,
-                          conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records, depthwise_dsp_shapes,
-                          depthwise_dsp_takes_records, dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records,
-                          folded_bias, int16_pairs_exact, pack_conv_pairs, pack_conv_tile, pack_fc_rows4,
-                          scratch_bytes, x86_u8_bias)
+                          conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records,
+                          depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
+                          dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
+                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -130,6 +130,25 @@ class _Builder:
         self.weights = weights  # an encoding for every layer, or {layer name: encoding}
         self.shared_filters: dict[str, str] = {}  # weight tensor -> its C array (dense int8 layers)
         self.by_content: dict[tuple, str] = {}  # (dtype, shape, bytes) -> the C array holding them
+        self.dw_pending: list[tuple[Layer, Op]] = []  # DSP depthwise layers whose bias array waits for depthwise_biases
+
+    def depthwise_biases(self, dw_dsp: list[dict], dsp_kernel: bool) -> None:
+        """The bias arrays of the DSP depthwise layers: the folded biases, then (when the DSP kernel is
+        built, not its portable source, which reads the biases only) the output-stage records, with the
+        taps' weights and column sums only for a layer whose geometry has unrolled code (``dw_dsp``):
+        the tap-table path reads its weights from the filter."""
+        for layer, op in self.dw_pending:
+            bias = folded_bias(self.graph, op)
+            if not dsp_kernel:
+                layer.arrays["bias"] = self.array(f"{layer.id}_bias", bias,
+                                                  "bias + input_offset * sum(weights of the channel)")
+                continue
+            unrolled = depthwise_dsp_unrolled(layer, dw_dsp)
+            layer.arrays["bias"] = self.array(
+                f"{layer.id}_bias", np.concatenate([bias, depthwise_dsp_records(self.graph, op, unrolled)]),
+                "bias + input_offset * sum(weights of the channel), then per four channels {right shifts - 1, "
+                "biases, multiplier and constant of each" + (", the taps' weights, column sums}" if unrolled else "}"))
+        self.dw_pending = []
 
     def buffer(self, name: str) -> Buffer:
         return Buffer(name, self.plan.offsets[name] // self.elem, self.graph.tensors[name].size)
@@ -233,12 +252,9 @@ class _Builder:
                                                   "{bias + input_offset * sum(weights), multiplier, c, channel << 8 "
                                                   "| right shift - 1}, per all-zero channel channel << 8 | value")
             elif self.dsp and depthwise_dsp_takes_records(op):
-                # the DSP depthwise kernel's output-stage records after the biases (the portable loop
-                # reads the biases only)
-                layer.arrays["bias"] = self.array(
-                    f"{layer.id}_bias", np.concatenate([folded_bias(self.graph, op), depthwise_dsp_records(g, op)]),
-                    "bias + input_offset * sum(weights of the channel), then per four channels "
-                    "{right shifts - 1, biases, multiplier and constant of each}")
+                # the DSP depthwise kernel's records after the biases: made by depthwise_biases once the
+                # unrolled geometries are chosen (their length depends on it)
+                self.dw_pending.append((layer, op))
             elif rows4:
                 layer.arrays["bias"] = self.array(f"{layer.id}_bias", fc_rows4_records(g, op),
                                                   "ek_fully_connected_s8_rows4's records per group of 4 rows: {right "
@@ -851,6 +867,11 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                        int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"),
                        x86=board.get("kernel_variant") == "x86")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
+    kernels = sorted({l.kernel for l in layers if l.kernel} |
+                     ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
+    cold = cold_kernels(layers, kernels) if board.kind == "cortex-m" else []
+    dw_dsp = depthwise_dsp_shapes(layers, board)
+    builder.depthwise_biases(dw_dsp, dsp_kernel="ek_depthwise_conv2d_s8" not in cold)
     for g in plan.bands:
         _band_layers(graph, g, [layers[i] for i in plan.schedule])
     for layer in layers if threads > 1 else ():
@@ -867,9 +888,6 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
         layer.head_begin = layer.head_only and not (prev and prev.head_exits == layer.head_exits)
         layer.head_end = layer.head_only and not (nxt and nxt.head_exits == layer.head_exits)
     exits = _exits_context(graph, builder, exit_threshold)
-    kernels = sorted({l.kernel for l in layers if l.kernel} |
-                     ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))
-    cold = cold_kernels(layers, kernels) if board.kind == "cortex-m" else []
     encodings_used = sorted({l.encoding for l in layers} - {"dense"})
     budget_lines = cost.check_before_build(board, sum(a.nbytes for a in builder.arrays), plan.arena_bytes,
                                            cost.estimate_code_bytes(kernels))
@@ -886,7 +904,7 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                    region=board.get("app", {}), region_name="application",
                    stack_bytes=int(board.get("stack_bytes", 8192)), exits=exits,
                    scratch_bytes=scratch_bytes(layers, board, portable=cold), library=library, threads=threads,
-                   cold_kernels=cold, dw_dsp=depthwise_dsp_shapes(layers, board))
+                   cold_kernels=cold, dw_dsp=dw_dsp)
     context["no_fallback"] = dsp_fallbacks_unused(graph, layers, board, context["scratch_bytes"], portable=cold)
     context["add_tables"] = add_tables(layers, board, context["scratch_bytes"], portable=cold)
 

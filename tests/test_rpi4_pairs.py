@@ -9,17 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
 from helpers import conv_out, float_graph, quantize_with_random_data
-from test_rpi import PI_SETTINGS, CrossBuild, run_qemu
+from test_kernels_c import SETTINGS
+from test_rpi import CrossBuild, run_qemu
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
                                 reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
+
+
+# a fifth of the kernel examples (5 by default) plus the explicit ones: the module stays near a minute
+PAIRS_SETTINGS = settings(SETTINGS, max_examples=max(3, SETTINGS.max_examples // 5))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def run_rpi4(q, rng, xbuild, threads=1):
 @example(40, 12, "none", False, 2, 1)
 @example(40, 12, "relu", True, 1, 2)
 @example(700, 30, "none", False, 3, 3)  # shared over 3 threads in 4-row groups (shares of 12, 12 and 6 rows)
-@PI_SETTINGS
+@PAIRS_SETTINGS
 def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed):
     """ek_fully_connected_s8_pairs: 8-row tiles (a last one overlapping when out_c is not a multiple
     of 8), a 4-row tile for 4..7 rows, fewer than 4 rows scalar; 16-input steps, an 8-input step and
@@ -83,7 +88,7 @@ def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed
 @example(5, 5, 16, 17, (3, 3), (1, 1, 1, 1), 1, "relu", False, 1, 1)
 @example(4, 3, 8, 16, (1, 1), (0, 0, 0, 0), 1, "none", True, 2, 2)
 @example(1, 9, 33, 40, (1, 3), (0, 0, 1, 1), 1, "none", False, 3, 3)  # one row: 16-channel block shares
-@PI_SETTINGS
+@PAIRS_SETTINGS
 def test_conv2d_pairs(xbuild, h, w, c, o, k, padding, stride, act, minus128, threads, seed):
     """ek_conv2d_s8_pairs: 16-channel blocks (fewer than 16, a last block overlapping the one before),
     4-pixel groups with the last pixel repeated, K (= kh * kw * in_c) with a tail of 1..7 taps past

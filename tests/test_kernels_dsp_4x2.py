@@ -245,6 +245,8 @@ def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
     assert (tmp_path / "project" / "kernels" / "ek_conv2d_s8_4x2.c").exists()
     _, table = conv_4x2_layout(q, op)
     assert list(table[:2]) == [3, 4]  # 5 computed channels in 3 pairs, 4 constants
+    if board == "mps2-an386":  # the generic stage is kept (kernel_prep.dsp_fallbacks_unused)
+        assert "EK_CONV2D_S8_4X2_ANY" not in (tmp_path / "project" / "include" / "ek_nn.h").read_text()
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0
 
@@ -267,3 +269,33 @@ def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path, c, k):
     header = (tmp_path / "include" / "ek_nn.h").read_text()
     assert "#define EK_CONV2D_S8_4X2_FALLBACK 0" in header
     assert ("#define EK_CONV2D_S8_4X2_CHUNKED 0" in header) == (c != 64)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_conv2d_s8_4x2_built_with_only_the_output_stages_it_takes(tmp_path, narrow):
+    """ek_nn.h leaves out the output stage forms no layer takes: the clamp after SSAT when no
+    activation narrows [-128, 127] (NARROW 0), the SSAT-only form when every one does (WIDE 0), the
+    generic stage when every record is a fast one (ANY 0: an even number of channels, shifts in
+    -20..-2); the kernel so built is bit-exact on the M4. Narrow: the activation's bounds set to
+    [-100, 100] (the reference clamps to the same)."""
+    if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
+    from cortex_m_selftest import run_selftest
+    from edgekit.codegen.kernel_prep import conv_4x2_generic, conv_4x2_narrow
+
+    rng = np.random.default_rng(11)
+    case = dict(h=5, w=4, c=12, o=6, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(5, 4),
+                act="none", bias=True, wscale=0.3)
+    q = _graph(case, rng)
+    op = q.ops[0]
+    if narrow:
+        op.attrs["act_min"], op.attrs["act_max"] = -100, 100
+    x = rng.integers(-128, 128, size=(2, 5, 4, 12)).astype(np.int8)
+    got = run_selftest(q, "mps2-an386", x, tmp_path)
+    header = (tmp_path / "project" / "include" / "ek_nn.h").read_text()
+    assert conv_4x2_narrow(op) == narrow
+    assert ("#define EK_CONV2D_S8_4X2_NARROW 0" in header) == (not narrow)
+    assert ("#define EK_CONV2D_S8_4X2_WIDE 0" in header) == narrow
+    assert ("#define EK_CONV2D_S8_4X2_ANY 0" in header) == (not conv_4x2_generic(q, op))
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0

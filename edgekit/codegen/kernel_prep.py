@@ -175,6 +175,19 @@ def _conv_4x2_record(op: Op, oc: int, bias: int) -> list[int]:
     return [bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]
 
 
+def conv_4x2_generic(graph: Graph, op: Op) -> bool:
+    """Whether a 4x2 layer's table has a record outside the fast output stage (code 0xFF: a shift
+    outside -20..-2; 0xFE: the odd last channel's partner), the kernel's ek_conv4x2_channel_any."""
+    _, table = conv_4x2_layout(graph, op)
+    codes = table[2:2 + 6 * int(table[0])][2::3] & 0xFF
+    return bool(np.any(codes >= 0xFE))
+
+
+def conv_4x2_narrow(op: Op) -> bool:
+    """Whether a 4x2 layer's activation narrows [-128, 127] (the kernel's `narrow`: a clamp after SSAT)."""
+    return int(op.attrs["act_min"]) > -128 or int(op.attrs["act_max"]) < 127
+
+
 def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
     """ek_conv2d_s8_4x2's filter and table. Output channels with a nonzero weight are packed
     (pack_conv_4x2, in pairs); the table is [pairs, constants], a record per packed channel
@@ -441,7 +454,11 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     code is most of a kernel's flash again (ResNet-8: 1.7 KB). "ek_conv2d_s8_shift_any" in the list:
     no dense convolution has a channel shift >= 0, so the DSP convolution drops that output stage
     (EK_CONV2D_S8_SHIFT_ANY 0, 0.5 KB). "ek_conv2d_s8_4x2_chunked": no 4x2 layer gathers its
-    windows in chunks (EK_CONV2D_S8_4X2_CHUNKED 0, 1.6 KB). The tests mirror the first lines of
+    windows in chunks (EK_CONV2D_S8_4X2_CHUNKED 0, 1.6 KB). "ek_conv2d_s8_4x2_narrow" / "_wide": no 4x2
+    layer's activation narrows / keeps [-128, 127] (conv_4x2_narrow), so the kernel's output stage is
+    built in one of its two forms (EK_CONV2D_S8_4X2_NARROW / _WIDE 0, ResNet-8: ~1 KB);
+    "ek_conv2d_s8_4x2_any": no 4x2 record takes the generic stage (conv_4x2_generic;
+    EK_CONV2D_S8_4X2_ANY 0, which also drops a test per channel). The tests mirror the first lines of
     each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
     shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
     from their portable source anyway (project.cold_kernels)."""
@@ -450,6 +467,7 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     used, reached = set(), set()
     chunked = False  # a 4x2 layer whose windows are gathered in chunks (its K-chunked form)
     shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
+    forms_4x2 = set()  # "narrow" / "wide" / "any": the 4x2 output stages some layer takes
     for layer in layers:
         k = layer.kernel
         if k not in DSP_FALLBACK_KERNELS or k in portable:
@@ -465,6 +483,10 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             kc, k4 = conv_4x2_chunk(kh * kw * k_in, layer.params["pairs_4x2"], scratch), (kh * kw * k_in + 3) // 4 * 4
             fallback = kc < k4 and kc < CONV_4X2_CHUNK_MIN
             chunked = chunked or (not fallback and kc < k4)
+            op = graph.ops[layer.index]
+            if not fallback:  # the portable form has its own output stage
+                forms_4x2.add("narrow" if conv_4x2_narrow(op) else "wide")
+                forms_4x2 |= {"any"} if conv_4x2_generic(graph, op) else set()
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
@@ -479,7 +501,10 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             reached.add(k)
     unused = sorted(used - reached)
     unused += ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else []
-    return unused + ["ek_conv2d_s8_4x2_chunked"] if "ek_conv2d_s8_4x2" in used and not chunked else unused
+    if "ek_conv2d_s8_4x2" in used:
+        unused += [] if chunked else ["ek_conv2d_s8_4x2_chunked"]
+        unused += [f"ek_conv2d_s8_4x2_{form}" for form in ("narrow", "wide", "any") if form not in forms_4x2]
+    return unused
 
 
 ADD_TABLE_BYTES = 2 * 256 * 4  # the DSP add's two rescale tables (int32 per int8 value of each input)

@@ -164,19 +164,21 @@ def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
 
 
 def _conv_4x2_record(op: Op, oc: int, bias: int) -> list[int]:
-    """{folded bias, multiplier, c, (oc << 8) | (r - 1)} for r = -shift in 2..20, else
-    {folded bias, multiplier, shift, (oc << 8) | 0xFF} (the generic stage); see the template."""
+    """{folded bias, multiplier, (oc << 16) | (shift byte << 8) | code}: code r - 1 for r = -shift in
+    2..20 (the kernel derives the output stage's constant from r and the output offset), else 0xFF
+    (the generic stage, which reads the shift byte); see the template."""
     m, shift = int(op.attrs["multiplier"][oc]), int(op.attrs["shift"][oc])
+    if not -128 <= shift < 128 or not 0 <= oc < 1 << 15:
+        raise ValueError(f"layer {op.name}: channel {oc} shift {shift} does not fit the 4x2 record")
     r = -shift
-    if 2 <= r <= 20:
-        return [bias, m, (1 << (r - 2)) + int(op.attrs["output_offset"]) * (1 << (r - 1)), (oc << 8) | (r - 1)]
-    return [bias, m, shift, (oc << 8) | 0xFF]
+    code = r - 1 if 2 <= r <= 20 else 0xFF
+    return [bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]
 
 
 def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
     """ek_conv2d_s8_4x2's filter and table. Output channels with a nonzero weight are packed
     (pack_conv_4x2, in pairs); the table is [pairs, constants], a record per packed channel
-    (_conv_4x2_record; the odd last one's partner {0, 0, 0, 0xFE}: nothing to write), then
+    (_conv_4x2_record; the odd last one's partner {0, 0, 0xFE}: nothing to write), then
     (oc << 8) | value for each channel whose weights are all zero: its output is the same for every
     pixel, the requantized bias clamped to the activation (a pruned model's channels), so the kernel
     writes it instead of computing it."""
@@ -188,7 +190,7 @@ def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
     packed = pack_conv_4x2(w[computed]) if len(computed) else np.zeros(4, np.int8)
     records = [_conv_4x2_record(op, int(oc), int(bias[oc])) for oc in computed]
     if len(records) % 2:
-        records.append([0, 0, 0, 0xFE])
+        records.append([0, 0, 0xFE])
     dead = np.flatnonzero(~live)
     # all weights zero: the accumulator is the bias (folded_bias adds offset * 0)
     value = quant_math.multiply_by_quantized_multiplier(bias[dead], op.attrs["multiplier"][dead],

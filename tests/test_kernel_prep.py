@@ -237,3 +237,41 @@ def test_depthwise_dsp_records_requantize_like_the_reference():
     assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 15)[:, 0] >= 0)
     op.attrs["act_min"] = -100  # a bound that narrows int8: the generic stage clamps it
     assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 15)[:, 0] == -1)
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="needs arm-none-eabi-gcc")
+def test_dsp_kernels_compile_at_every_optimization_level(tmp_path):
+    """A user's build of the model as a library may use any -O (CMake's Debug is -O0): the DSP kernels'
+    inline asm, which takes up to 14 registers, must compile at each of them on the M4 and the M7
+    (ek_dsp.h compiles them optimized at -O0, where gcc keeps r7 as the frame pointer)."""
+    import subprocess
+
+    import torch
+
+    import edgekit
+    from edgekit import models
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    projects = {
+        "dscnn": (models.ds_cnn_kws(filters=16), (8, 1, 49, 10)),  # 4x2 convolutions, unrolled depthwise
+        "res": (models.DigitsResCNN(), (8, 1, 8, 8)),  # residual adds
+        "mlp": (models.digits_mlp(), (8, 64)),  # fully connected rows of four
+    }
+    kernels = set()
+    for name, (model, shape) in projects.items():
+        g = edgekit.quantize(model.eval(), rng.normal(size=shape).astype(np.float32))
+        edgekit.generate(g, tmp_path / name, board="mps2-an386")
+        kernels |= {(name, p.name) for p in (tmp_path / name / "kernels").glob("*.c")
+                    if "ek_dsp.h" in p.read_text()}
+    assert {k for _, k in kernels} >= {"ek_conv2d_s8_4x2.c", "ek_depthwise_conv2d_s8.c", "ek_add_s8.c",
+                                        "ek_fully_connected_s8_rows4.c"}
+    cpus = {"cortex-m4": "-mfpu=fpv4-sp-d16", "cortex-m7": "-mfpu=fpv5-d16"}
+    for name, kernel in sorted(kernels):
+        project = tmp_path / name
+        for cpu, fpu in cpus.items():
+            for opt in ("-O0", "-Og", "-O1", "-Os", "-O3"):
+                cmd = ["arm-none-eabi-gcc", "-mthumb", f"-mcpu={cpu}", fpu, "-mfloat-abi=hard", opt,
+                       "-std=c99", "-Wall", "-Wextra", "-Werror", f"-I{project / 'include'}", f"-I{project}",
+                       "-c", str(project / "kernels" / kernel), "-o", str(tmp_path / "k.o")]
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                assert run.returncode == 0, f"{kernel} ({name}) at {opt} on {cpu}:\n{run.stderr[-2000:]}"

@@ -49,7 +49,9 @@ def test_add_s8_dsp_tables(h, w, c, act, wscale, seed, board):
 
 def test_add_tables_chosen_only_with_room():
     """EK_ADD_S8_TABLES is defined when the scratch already holds the tables and an add is long enough:
-    a 3x3 convolution over 64 channels plans 2,304 B; over 8 channels it plans less, and no tables."""
+    a 3x3 convolution over 64 channels plans 2,304 B; over 8 channels it plans less, and no tables.
+    With the tables and no short add, the add's loop and the table loop's forms no layer takes are
+    left out (kernel_prep.dsp_fallbacks_unused; test_add_s8_dsp_tables runs them bit-exact)."""
     rng = np.random.default_rng(0)
     board = load_board("mps2-an386")
     for c, expect in ((64, True), (8, False)):
@@ -60,6 +62,9 @@ def test_add_tables_chosen_only_with_room():
             header = (Path(tmp) / "include" / "ek_nn.h").read_text()
         assert (record["scratch_bytes"] >= ADD_TABLE_BYTES) == expect
         assert ("#define EK_ADD_S8_TABLES 1" in header) == expect
+        # the one add is long: built with the table path alone and one of its three forms
+        assert ("#define EK_ADD_S8_LOOP 0" in header) == expect
+        assert sum(f"#define EK_ADD_S8_TABLE_{form} 0" in header for form in ("ZERO", "NARROW", "WIDE")) == 2 * expect
     assert not add_tables([], load_board("host"), 4096)
 
 

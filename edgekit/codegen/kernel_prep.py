@@ -458,7 +458,13 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     layer's activation narrows / keeps [-128, 127] (conv_4x2_narrow), so the kernel's output stage is
     built in one of its two forms (EK_CONV2D_S8_4X2_NARROW / _WIDE 0, ResNet-8: ~1 KB);
     "ek_conv2d_s8_4x2_any": no 4x2 record takes the generic stage (conv_4x2_generic;
-    EK_CONV2D_S8_4X2_ANY 0, which also drops a test per channel). The tests mirror the first lines of
+    EK_CONV2D_S8_4X2_ANY 0, which also drops a test per channel). "ek_add_s8_loop": the add's tables
+    are on (add_tables) and every DSP add layer is long enough for them (ADD_TABLE_MIN elements), so
+    the add is built with the table path alone (EK_ADD_S8_LOOP 0; a row band of such a layer shorter
+    than that then takes the tables too: the same result); "ek_add_s8_table_zero" / "_narrow" /
+    "_wide": no add layer that takes the tables has an output shift of 0 / an activation narrowing
+    [-128, 127] / neither (EK_ADD_S8_TABLE_ZERO / _NARROW / _WIDE 0: that form of the table loop is
+    left out). The tests mirror the first lines of
     each kernel in kernels/dsp (a change there must change them here; test_kernels_dsp runs every
     shape class against both); ``scratch``: the planned scratch bytes; ``portable``: kernels built
     from their portable source anyway (project.cold_kernels)."""
@@ -468,6 +474,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     chunked = False  # a 4x2 layer whose windows are gathered in chunks (its K-chunked form)
     shift_any = False  # a dense convolution with a channel shift >= 0: its out-of-line output stage
     forms_4x2 = set()  # "narrow" / "wide" / "any": the 4x2 output stages some layer takes
+    add_short = False  # a DSP add layer shorter than the tables pay for: the add's loop without them
+    forms_add = set()  # "zero" / "narrow" / "wide": the table loop's forms the long add layers take
     for layer in layers:
         k = layer.kernel
         if k not in DSP_FALLBACK_KERNELS or k in portable:
@@ -492,6 +500,11 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
             fallback = (p["left_shift"] > 22 or max(p["input1_shift"], p["input2_shift"], p["output_shift"]) > 0
                         or not same)
+            long_add = int(np.prod(layer.dims["output"])) >= ADD_TABLE_MIN
+            add_short = add_short or (not fallback and not long_add)
+            if not fallback and long_add:
+                narrow = p["act_min"] > -128 or p["act_max"] < 127
+                forms_add.add("zero" if p["output_shift"] == 0 else "narrow" if narrow else "wide")
         elif k == "ek_fully_connected_s8_rows4":  # a chunk of row sums and one block of 4 inputs' pairs
             fallback = 4 * min(layer.dims["filter"][0] & ~3, FC_DSP_CHUNK) + 8 > scratch
         else:  # fully connected: the sums of a chunk of rows must fit the scratch
@@ -504,6 +517,9 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     if "ek_conv2d_s8_4x2" in used:
         unused += [] if chunked else ["ek_conv2d_s8_4x2_chunked"]
         unused += [f"ek_conv2d_s8_4x2_{form}" for form in ("narrow", "wide", "any") if form not in forms_4x2]
+    if "ek_add_s8" in used and add_tables(layers, board, scratch, portable):
+        unused += [] if add_short else ["ek_add_s8_loop"]
+        unused += [f"ek_add_s8_table_{form}" for form in ("zero", "narrow", "wide") if form not in forms_add]
     return unused
 
 

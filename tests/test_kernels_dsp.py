@@ -25,6 +25,19 @@ pytestmark = [pytest.mark.qemu,
                                  reason="needs qemu-system-arm and arm-none-eabi-gcc (make setup)")]
 
 DSP_SETTINGS = settings(SETTINGS, max_examples=max(4, int(os.environ.get("EDGEKIT_DSP_EXAMPLES", "10"))))
+
+HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
+# compiles its portable code (the 4x2 convolution and the rows-of-four fully connected their loops over
+# the packed filter and records), so those can run on the host under ASan / UBSan.
+name = "host-dsp-portable"
+description = "host process built from kernels/dsp (their portable paths)"
+kind = "host"
+templates = ["host", "runtime"]
+cc = "cc"
+cflags = ["-O2"]
+kernel_variant = "dsp"
+"""
+
 BOARDS = st.sampled_from(["mps2-an386", "mps2-an386", "mps2-an500"])  # mostly the M4, the M7 too
 
 

@@ -18,7 +18,7 @@ from edgekit.codegen.kernel_prep import (conv_4x2_chosen, conv_4x2_chunk, conv_4
                                          pack_conv_4x2)
 from helpers import float_graph, quantize_with_random_data
 from test_kernels_c import activations, conv_out
-from test_kernels_dsp import DSP_SETTINGS, BOARDS
+from test_kernels_dsp import BOARDS, DSP_SETTINGS, HOST_DSP_BOARD
 
 needs_qemu = [pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
@@ -162,17 +162,6 @@ def test_conv2d_s8_4x2_chunked_on_cortex_m(case, board):
     partial sums kept between them (the K-chunked form)."""
     _check_on_cortex_m(case, board)
 
-
-HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
-# compiles its portable code (ek_conv2d_s8_4x2 its loops over the packed filter and records).
-name = "host-dsp-portable"
-description = "host process built from kernels/dsp (their portable paths)"
-kind = "host"
-templates = ["host", "runtime"]
-cc = "cc"
-cflags = ["-O2"]
-kernel_variant = "dsp"
-"""
 
 
 @given(conv_4x2_case())

@@ -94,19 +94,16 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
     assert "ek_dw_interior" not in (tmp_path / "m3" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
 
 
-def test_inplace_depthwise_chain_on_m4(tmp_path):
-    """Three 3x3 depthwise layers (stride 1, 2, 1) whose outputs the plan lays over their inputs, on the
-    M4: the interior pairs' raster order keeps the in-place schedule bit-exact."""
-    from cortex_m_selftest import run_selftest
+def _depthwise_chain(rng, layers):
+    """A quantized chain of 3x3 depthwise layers over 9x8x12, one per (stride, padding), and 3 int8 inputs."""
     from edgekit.ir import Graph, Op, Tensor
-    rng = np.random.default_rng(11)
     g = Graph()
     g.add_tensor(Tensor("x0", (1, 9, 8, 12)))
     g.inputs.append("x0")
     g.source_layouts["x0"] = "NHWC"
     prev, shape = "x0", (9, 8)
-    for i, (stride, pad) in enumerate([((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((1, 1), (1, 1, 1, 1))]):
-        w, b, y = f"w{i}", f"b{i}", f"y{i}" if i < 2 else "y"
+    for i, (stride, pad) in enumerate(layers):
+        w, b, y = f"w{i}", f"b{i}", f"y{i}" if i < len(layers) - 1 else "y"
         g.add_tensor(Tensor(w, (1, 3, 3, 12), "float32", rng.normal(0, 0.5, (1, 3, 3, 12)).astype(np.float32)))
         g.add_tensor(Tensor(b, (12,), "float32", rng.normal(0, 0.5, 12).astype(np.float32)))
         shape = conv_out(*shape, (3, 3), stride, (1, 1), pad)
@@ -117,7 +114,15 @@ def test_inplace_depthwise_chain_on_m4(tmp_path):
     g.outputs.append("y")
     g.source_layouts["y"] = "NHWC"
     q = quantize_with_random_data(g, rng, {"x0": (-1.0, 2.0)})
-    x = rng.integers(-128, 128, size=(3, 9, 8, 12)).astype(np.int8)
+    return q, rng.integers(-128, 128, size=(3, 9, 8, 12)).astype(np.int8)
+
+
+def test_inplace_depthwise_chain_on_m4(tmp_path):
+    """Three 3x3 depthwise layers (stride 1, 2, 1) whose outputs the plan lays over their inputs, on the
+    M4: the interior pairs' raster order keeps the in-place schedule bit-exact."""
+    from cortex_m_selftest import run_selftest
+    rng = np.random.default_rng(11)
+    q, x = _depthwise_chain(rng, [((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1)), ((1, 1), (1, 1, 1, 1))])
     got = run_selftest(q, "mps2-an386", x, tmp_path)
     record = edgekit.codegen.project.load_project(tmp_path / "project")
     assert record["memory"]["in_place_layers"]  # the plan really overlaps a depthwise layer
@@ -160,28 +165,10 @@ def test_records_hold_weights_only_for_unrolled_layers(tmp_path, monkeypatch):
     import re
     from cortex_m_selftest import run_selftest
     from edgekit.codegen import kernel_prep
-    from edgekit.ir import Graph, Op, Tensor
     monkeypatch.setattr(kernel_prep, "DW_DSP_CODE_BUDGET",
                         kernel_prep.DW_DSP_BODY_BYTES + 9 * kernel_prep.DW_DSP_TAP_BYTES)
     rng = np.random.default_rng(17)
-    g = Graph()
-    g.add_tensor(Tensor("x0", (1, 9, 8, 12)))
-    g.inputs.append("x0")
-    g.source_layouts["x0"] = "NHWC"
-    prev, shape = "x0", (9, 8)
-    for i, (stride, pad) in enumerate([((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1))]):
-        w, b, y = f"w{i}", f"b{i}", f"y{i}" if i < 1 else "y"
-        g.add_tensor(Tensor(w, (1, 3, 3, 12), "float32", rng.normal(0, 0.5, (1, 3, 3, 12)).astype(np.float32)))
-        g.add_tensor(Tensor(b, (12,), "float32", rng.normal(0, 0.5, 12).astype(np.float32)))
-        shape = conv_out(*shape, (3, 3), stride, (1, 1), pad)
-        g.add_tensor(Tensor(y, (1, *shape, 12)))
-        g.ops.append(Op("depthwise_conv2d", f"dw{i}", [prev, w, b], [y],
-                        dict(stride=stride, dilation=(1, 1), padding=pad, activation="relu", depth_multiplier=1)))
-        prev = y
-    g.outputs.append("y")
-    g.source_layouts["y"] = "NHWC"
-    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 2.0)})
-    x = rng.integers(-128, 128, size=(3, 9, 8, 12)).astype(np.int8)
+    q, x = _depthwise_chain(rng, [((1, 1), (1, 1, 1, 1)), ((2, 2), (0, 1, 0, 1))])
     got = run_selftest(q, "mps2-an386", x, tmp_path)
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0

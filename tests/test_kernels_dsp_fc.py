@@ -15,7 +15,7 @@ from edgekit.codegen.kernel_prep import ADD_TABLE_BYTES, add_tables
 from edgekit.codegen.project import generate_project, load_project
 from helpers import float_graph, quantize_with_random_data
 from test_kernels_c import activations
-from test_kernels_dsp import BOARDS, DSP_SETTINGS, _check_on_board, pytestmark  # noqa: F401 (the qemu marks)
+from test_kernels_dsp import BOARDS, DSP_SETTINGS, HOST_DSP_BOARD, _check_on_board, pytestmark  # noqa: F401 (the qemu marks)
 
 
 def _residual_graph(h, w, c, act, wscale, rng):
@@ -119,17 +119,6 @@ def test_fully_connected_s8_rows4(case, board):
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0, f"{board}: {int(np.sum(got != ref))} of {got.size} differ"
 
-
-HOST_DSP_BOARD = """# The host, rendering the Cortex-M DSP kernel folder: without the DSP extension every kernel there
-# compiles its portable code (ek_fully_connected_s8_rows4 its loop over the packed filter and records).
-name = "host-dsp-portable"
-description = "host process built from kernels/dsp (their portable paths)"
-kind = "host"
-templates = ["host", "runtime"]
-cc = "cc"
-cflags = ["-O2"]
-kernel_variant = "dsp"
-"""
 
 
 @given(fc_case())

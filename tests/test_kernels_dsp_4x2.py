@@ -260,21 +260,23 @@ def test_conv2d_s8_4x2_built_without_its_fallback(tmp_path, c, k):
     assert ("#define EK_CONV2D_S8_4X2_CHUNKED 0" in header) == (c != 64)
 
 
-@pytest.mark.parametrize("narrow", [False, True])
-def test_conv2d_s8_4x2_built_with_only_the_output_stages_it_takes(tmp_path, narrow):
+@pytest.mark.parametrize("narrow, dilated_dead", [(False, False), (True, False), (False, True)])
+def test_conv2d_s8_4x2_built_with_only_the_output_stages_it_takes(tmp_path, narrow, dilated_dead):
     """ek_nn.h leaves out the output stage forms no layer takes: the clamp after SSAT when no
     activation narrows [-128, 127] (NARROW 0), the SSAT-only form when every one does (WIDE 0), the
     generic stage when every record is a fast one (ANY 0: an even number of channels, shifts in
-    -20..-2); the kernel so built is bit-exact on the M4. Narrow: the activation's bounds set to
-    [-100, 100] (the reference clamps to the same)."""
+    -20..-2), the dilated gathers and the constant channels' loop when no layer is dilated or has a
+    channel of zero weights (DILATED / CONSTANTS 0); the kernel so built is bit-exact on the M4.
+    Narrow: the activation's bounds set to [-100, 100] (the reference clamps to the same)."""
     if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
         pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
     from cortex_m_selftest import run_selftest
     from edgekit.codegen.kernel_prep import conv_4x2_generic, conv_4x2_narrow
 
     rng = np.random.default_rng(11)
-    case = dict(h=5, w=4, c=12, o=6, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), out=(5, 4),
-                act="none", bias=True, wscale=0.3)
+    d = 2 if dilated_dead else 1
+    case = dict(h=5, w=4, c=12, o=6, k=(3, 3), stride=(1, 1), dilation=(d, d), padding=(d, d, d, d), out=(5, 4),
+                act="none", bias=True, wscale=0.3, dead=[2] if dilated_dead else [])
     q = _graph(case, rng)
     op = q.ops[0]
     if narrow:
@@ -286,5 +288,7 @@ def test_conv2d_s8_4x2_built_with_only_the_output_stages_it_takes(tmp_path, narr
     assert ("#define EK_CONV2D_S8_4X2_NARROW 0" in header) == (not narrow)
     assert ("#define EK_CONV2D_S8_4X2_WIDE 0" in header) == narrow
     assert ("#define EK_CONV2D_S8_4X2_ANY 0" in header) == (not conv_4x2_generic(q, op))
+    assert ("#define EK_CONV2D_S8_4X2_DILATED 0" in header) == (not dilated_dead)
+    assert ("#define EK_CONV2D_S8_4X2_CONSTANTS 0" in header) == (not dilated_dead)
     ref = reference.run(q, x)[0].reshape(len(x), -1)
     assert int(np.sum(got != ref)) == 0

@@ -458,7 +458,10 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     layer's activation narrows / keeps [-128, 127] (conv_4x2_narrow), so the kernel's output stage is
     built in one of its two forms (EK_CONV2D_S8_4X2_NARROW / _WIDE 0, ResNet-8: ~1 KB);
     "ek_conv2d_s8_4x2_any": no 4x2 record takes the generic stage (conv_4x2_generic;
-    EK_CONV2D_S8_4X2_ANY 0, which also drops a test per channel). "ek_add_s8_loop": the add's tables
+    EK_CONV2D_S8_4X2_ANY 0, which also drops a test per channel); "ek_conv2d_s8_4x2_dilated" /
+    "_constants": no 4x2 layer has a dilation > 1 / a channel of zero weights (EK_CONV2D_S8_4X2_DILATED /
+    _CONSTANTS 0: the gathers' dilation is the constant 1, the constant channels' loop is left out).
+    "ek_add_s8_loop": the add's tables
     are on (add_tables) and every DSP add layer is long enough for them (ADD_TABLE_MIN elements), so
     the add is built with the table path alone (EK_ADD_S8_LOOP 0; a row band of such a layer shorter
     than that then takes the tables too: the same result); "ek_add_s8_table_zero" / "_narrow" /
@@ -495,6 +498,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
             if not fallback:  # the portable form has its own output stage
                 forms_4x2.add("narrow" if conv_4x2_narrow(op) else "wide")
                 forms_4x2 |= {"any"} if conv_4x2_generic(graph, op) else set()
+                forms_4x2 |= {"dilated"} if max(op.attrs.get("dilation", (1, 1))) > 1 else set()
+                forms_4x2 |= {"constants"} if conv_4x2_layout(graph, op)[1][1] > 0 else set()
         elif k == "ek_add_s8":
             p = layer.params
             same = all(layer.dims[r][1:] == layer.dims["output"][1:] for r in ("input1", "input2"))
@@ -516,7 +521,8 @@ def dsp_fallbacks_unused(graph: Graph, layers, board, scratch: int, portable=())
     unused += ["ek_conv2d_s8_shift_any"] if "ek_conv2d_s8" in used and not shift_any else []
     if "ek_conv2d_s8_4x2" in used:
         unused += [] if chunked else ["ek_conv2d_s8_4x2_chunked"]
-        unused += [f"ek_conv2d_s8_4x2_{form}" for form in ("narrow", "wide", "any") if form not in forms_4x2]
+        unused += [f"ek_conv2d_s8_4x2_{form}" for form in ("narrow", "wide", "any", "dilated", "constants")
+                   if form not in forms_4x2]
     if "ek_add_s8" in used and add_tables(layers, board, scratch, portable):
         unused += [] if add_short else ["ek_add_s8_loop"]
         unused += [f"ek_add_s8_table_{form}" for form in ("zero", "narrow", "wide") if form not in forms_add]

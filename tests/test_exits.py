@@ -574,7 +574,9 @@ def test_costs_come_from_the_exits_off_pass_whatever_threshold_the_profile_ran_a
     heads = set(edgekit.api.load_project(out)["exits"]["head_only_layers"])
     assert all(costs[index[name]] > 0 for name in ("dw", "pw", "fc"))
     assert sweep["full"]["work"] == pytest.approx(sum(c for i, c in enumerate(costs) if i not in heads))
-    assert 0.3 * report["exits"]["full_mean_count"] < sweep["full"]["work"] <= 1.5 * report["exits"]["full_mean_count"]
+    # the host's counts are nanoseconds: on a loaded machine the mean over 40 inferences carries preemptions
+    # the per-layer medians do not (a CI run saw a mean 4x the medians' sum), so only the upper bound holds
+    assert sweep["full"]["work"] <= 1.5 * report["exits"]["full_mean_count"]
     import json
     json_report = json.loads(json.dumps(report))  # as `edgekit profile --json` writes it
     assert sweep_reference(out, x, y, costs=json_report)["full"]["work"] == sweep["full"]["work"]

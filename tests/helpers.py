@@ -42,6 +42,16 @@ def conv_out(h, w, k, stride, dilation, padding):
             conv_output_size(w, k[1], stride[1], dilation[1], padding[2], padding[3]))
 
 
+def conv_out_nonempty(h, w, k, stride, padding):
+    """The output size of a (dilation 1) convolution drawn at random, and its padding: a window larger
+    than the padded input gets k more rows / columns of top / left padding, so the output is not empty."""
+    out = conv_out(h, w, k, stride, (1, 1), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + k[0], padding[1], padding[2] + k[1], padding[3])
+        out = conv_out(h, w, k, stride, (1, 1), padding)
+    return out, padding
+
+
 def quantize_with_random_data(g: Graph, rng: np.random.Generator, ranges=None, observer="minmax") -> Graph:
     """Calibrate on random data whose per-input range is given (lo, hi)."""
     g = prepare_float(g)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import edgekit
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project, load_project
-from helpers import conv_out, float_graph, quantize_with_random_data, tiny_quantized_fc
+from helpers import conv_out, conv_out_nonempty, float_graph, quantize_with_random_data, tiny_quantized_fc
 from test_kernels_c import SETTINGS, activations, conv_case, input_range, observers, pool_case
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
@@ -142,10 +142,7 @@ def test_conv2d_tile(xbuild, h, w, c, o, k, padding, stride, act, board, seed):
     place (1x1 / 1xN inside the input) or gathered with padding."""
     rng = np.random.default_rng(seed)
     kh, kw = k
-    out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh, padding[1], padding[2] + kw, padding[3])
-        out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding)
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
-from helpers import conv_out, float_graph, quantize_with_random_data
+from helpers import conv_out_nonempty, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
 from test_rpi import CrossBuild, run_qemu
 
@@ -96,10 +96,7 @@ def test_conv2d_pairs(xbuild, h, w, c, o, k, padding, stride, act, minus128, thr
     shares (rows or 16-channel blocks). A -128 weight keeps ek_conv2d_s8."""
     rng = np.random.default_rng(seed)
     kh, kw = k
-    out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh, padding[1], padding[2] + kw, padding[3])
-        out = conv_out(h, w, k, (stride, stride), (1, 1), padding)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding)
     attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)},
                     (1, *out, o))

@@ -149,17 +149,18 @@ def test_conv2d_tile(xbuild, h, w, c, o, k, padding, stride, act, board, seed):
     check_on_pi(g, rng, xbuild, board, {"x0": (-2.0, 3.0)})
 
 
-@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([4, 8, 12, 16, 20, 28, 36]),
+@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([4, 8, 12, 16, 20, 28, 32, 36]),
        st.sampled_from([1, 5, 16, 17, 40]), st.sampled_from([(3, 3), (1, 1), (2, 5), (5, 1)]),
        st.tuples(*(st.integers(0, 2) for _ in range(4))), st.integers(1, 2), st.integers(1, 2), activations,
        st.integers(0, 2 ** 31))
 @PI_SETTINGS
 def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act, seed):
-    """rpi5, in_c a multiple of 4: windows read in place as kh * kw runs of in_c (no gather): groups
-    of four pixels inside the input at fixed tap offsets ("stepped", wide rows) and groups through
-    the run-pointer table (padding on every side reading the zero-point row, groups crossing an
-    output row, the last pixel repeated), strides, dilation, runs with a 4 / 8 / 12-byte tail
-    loaded exactly. in_c not a multiple of 4 keeps the gathered windows (test_conv2d_tile)."""
+    """rpi5, in_c a multiple of 4: windows read in place as kh * kw runs of in_c (no gather) from the
+    input or, when windows reach into the padding (on every side here), from its padded copy in the
+    scratch: groups of four pixels of one row at fixed tap offsets, groups crossing an output row,
+    the last pixel repeated, strides, dilation, in_c a multiple of 16 as one loop of 16-byte steps
+    (16, 32), the others as runs with a 4 / 8 / 12-byte tail loaded exactly. in_c not a multiple of
+    4 keeps the gathered windows (test_conv2d_tile)."""
     rng = np.random.default_rng(seed)
     kh, kw = k
     out = conv_out(h, w, k, (stride, stride), (dilation, dilation), padding)
@@ -169,6 +170,20 @@ def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act,
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+
+
+@pytest.mark.parametrize("h, c", [(64, 16), (74, 12)])
+def test_conv2d_sdot_padded_span_too_large(xbuild, h, c):
+    """rpi5: a layer whose padded input span is over kernel_prep.SDOT_PAD_COPY_MAX ((h + 2)^2 x in_c) gets
+    no padded copy planned and reads its windows through the run-pointer table (the padding taps at the
+    zero-point row) and, inside the input, at fixed offsets; bit-exact too."""
+    from edgekit.codegen.kernel_prep import SDOT_PAD_COPY_MAX
+    assert (h + 2) * (h + 2) * c > SDOT_PAD_COPY_MAX
+    rng = np.random.default_rng(c)
+    weights = {"w": rng.normal(0, 1, (17, 3, 3, c)), "b": rng.normal(0, 1, 17)}
+    attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), activation="relu")
+    g = float_graph("conv2d", [(1, h, h, c)], attrs, weights, (1, h, h, 17))
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 

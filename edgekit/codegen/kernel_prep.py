@@ -393,6 +393,28 @@ def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
     return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
 
 
+SDOT_PAD_COPY_MAX = 64 * 1024  # bytes of scratch rpi5's convolution may take for a padded copy of its input
+
+
+def sdot_pad_copy_bytes(layer) -> int:
+    """Scratch of rpi5's convolution over in_c % 4 == 0 (kernels/neon/ek_conv2d_s8_sdot.j2): the table
+    of its windows' 16-byte step offsets (a tap's when in_c % 16 != 0), 16-byte aligned, then, when
+    some window reaches into the padding, the span of the input the windows read (rows x columns x
+    in_c, the padding as zero points), so that every window is read in place without bounds. 0 when
+    that span is over SDOT_PAD_COPY_MAX bytes (the kernel then takes its run-pointer table)."""
+    _, kh, kw, in_c = layer.dims["filter"]
+    _, in_h, in_w, _ = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    steps = kh * kw * (in_c // 16 if in_c % 16 == 0 else 1)
+    table = (4 * steps + 15) // 16 * 16
+    span_h = (out_h - 1) * p["stride_h"] + (kh - 1) * p["dilation_h"] + 1
+    span_w = (out_w - 1) * p["stride_w"] + (kw - 1) * p["dilation_w"] + 1
+    inside = p["pad_top"] == 0 and p["pad_left"] == 0 and span_h <= in_h and span_w <= in_w
+    copy = 0 if inside else span_h * span_w * in_c
+    return table + copy if copy <= SDOT_PAD_COPY_MAX else table
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
@@ -420,9 +442,11 @@ def scratch_bytes(layers, board, portable=()) -> int:
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
             if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
-                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
-                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
-                windows = max(windows, 36 * kh * kw + k_in)
+                # rpi5 reads such windows in place: a table of run offsets and, when windows reach into
+                # the padding, the padded span of the input (sdot_pad_copy_bytes); without room for
+                # that, 4 run pointers and an int32 offset per tap, a row of in_c zero points (the
+                # gathered windows of other shapes need the 4 x K above)
+                windows = max(windows, 36 * kh * kw + k_in, sdot_pad_copy_bytes(layer))
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]

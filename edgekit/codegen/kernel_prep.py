@@ -63,6 +63,16 @@ def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
 
 
+def pack_fc_pairs(w: np.ndarray) -> np.ndarray:
+    """A fully connected layer's int8 filter (out_c, in_c) in the order rpi4's int16-pair kernel
+    (kernels/neon: ek_fully_connected_s8_pairs) reads it: per block of 16 rows (sdot_block_starts), per
+    step of 16 inputs, the 16 rows' 16 weights (one LDP loads two rows' step). Each row is padded with
+    zeros in front to a multiple of 16 inputs, so that the kernel's first step takes the in_c % 16
+    odd inputs and every later step reads 16 inputs in place. Rows past out_c are zero."""
+    pad = -w.shape[1] % 16
+    return pack_conv_tile(np.pad(w.astype(np.int8), ((0, 0), (pad, 0))), 16)
+
+
 def conv_tile_group(board) -> int:
     """Taps per group of the packed filter of the board's NEON convolution tile (SDOT: 4, else 1)."""
     return 4 if board.get("dotprod") else 1

@@ -62,19 +62,22 @@ def run_rpi4(q, rng, xbuild, threads=1):
        st.integers(0, 2 ** 31))
 @example(40, 12, "none", False, 2, 1)
 @example(40, 12, "relu", True, 1, 2)
-@example(700, 30, "none", False, 3, 3)  # shared over 3 threads in 4-row groups (shares of 12, 12 and 6 rows)
+@example(200, 90, "none", False, 3, 3)  # 5 blocks of 16 rows over 3 threads, the last share ending on the overlapping block
+@example(16, 16, "none", False, 1, 4)  # one whole step, one whole block
+@example(33, 7, "relu", False, 1, 5)  # a 1-input head step, 7 rows of a zero-padded block
 @PAIRS_SETTINGS
 def test_fully_connected_pairs(xbuild, n_in, n_out, act, minus128, threads, seed):
-    """ek_fully_connected_s8_pairs: 8-row tiles (a last one overlapping when out_c is not a multiple
-    of 8), a 4-row tile for 4..7 rows, fewer than 4 rows scalar; 16-input steps, an 8-input step and
-    the last 1..7 inputs; thread shares of 4-row groups. A -128 weight keeps ek_fully_connected_s8."""
+    """ek_fully_connected_s8_pairs: 16-row blocks of the packed filter (fewer than 16 rows: zero rows
+    past out_c; else a last block overlapping the one before); steps of 16 inputs, the first one the
+    in_c % 16 odd inputs when there are some; thread shares of 16-row blocks. A -128 weight keeps
+    ek_fully_connected_s8."""
     rng = np.random.default_rng(seed)
     g = float_graph("fully_connected", [(1, n_in)], dict(activation=act),
                     {"w": rng.normal(0, 1, (n_out, n_in)), "b": rng.normal(0, 1, n_out)}, (1, n_out))
     q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
     extreme_weights(q, rng, minus128)
     record = run_rpi4(q, rng, xbuild, threads)
-    if (n_in, n_out, threads) == (700, 30, 3):
+    if (n_in, n_out, threads) == (200, 90, 3):
         assert record["layers"][0]["split"] == "channels"
     kernel = record["layers"][0]["kernel"]
     assert kernel == ("ek_fully_connected_s8" if minus128 else "ek_fully_connected_s8_pairs")

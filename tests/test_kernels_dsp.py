@@ -110,6 +110,41 @@ def test_max_pool2d_s8_dsp(case, widen, board):
     _check_on_board(g, rng, board, {"x0": case["rng"]})
 
 
+@given(pool_case(), st.integers(1, 4), BOARDS)
+@DSP_SETTINGS
+def test_avg_pool2d_s8_dsp(case, widen, board):
+    """SXTAB16 lane sums four channels a word, the last 1-3 channels scalar; padding counted or not,
+    strides, fused clamps, windows that span the input's width (one run of pixels) and those that do not."""
+    rng = np.random.default_rng(case["seed"])
+    c = case["shape"][3] * widen + (widen - 1)  # 1 .. 27 channels: whole words and tails
+    shape, out = (*case["shape"][:3], c), (*case["out"][:3], c)
+    g = float_graph("avg_pool2d", [shape], case["attrs"], None, out)
+    _check_on_board(g, rng, board, {"x0": case["rng"]})
+
+
+@pytest.mark.parametrize("h, w, c, kernel, stride, board", [
+    (25, 5, 64, (25, 5), (1, 1), "mps2-an386"),  # a global pool (a DS-CNN's): one run of 125 pixels
+    (23, 19, 9, (23, 19), (1, 1), "mps2-an500"),  # 437 values a lane: emptied into int32 after 256
+    (20, 21, 8, (17, 17), (3, 4), "mps2-an386"),  # 289-value windows in rows narrower than the input
+])
+def test_avg_pool2d_s8_dsp_large_windows(h, w, c, kernel, stride, board):
+    """Windows of more values than an int16 lane holds (256), global and not, and the inputs' extremes:
+    an all -128 / all 127 image would overflow the lanes if they were not emptied."""
+    rng = np.random.default_rng(h * w)
+    oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+    attrs = dict(kernel=kernel, stride=stride, padding=(0, 0, 0, 0), activation="none", count_include_pad=False)
+    g = float_graph("avg_pool2d", [(1, h, w, c)], attrs, None, (1, oh, ow, c))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 1.0)}, "minmax")
+    x = rng.integers(-128, 128, size=(4, h, w, c)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_selftest(q, board, x, Path(tmp))
+        assert "ek_dsp.h" in (Path(tmp) / "project" / "kernels" / "ek_avg_pool2d_s8.c").read_text()
+    ref = reference.run(q, x)[0].reshape(4, -1)
+    assert np.array_equal(got, ref), f"{int(np.sum(got != ref))} of {got.size} elements differ"
+    assert len(np.unique(ref[2:])) > 1  # not a constant output
+
+
 @pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "depthwise", "fully_connected"])
 @pytest.mark.parametrize("channels", ["all", "some"])
 def test_dsp_kernels_nonnegative_shift(kind, channels):

@@ -418,7 +418,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
-    to whole 16-byte (SDOT) or 8-byte loads (rpi5 with in_c a multiple of 4: no gather, a table of
+    to whole 16-byte (SDOT) or 8-byte loads (rpi5, and rpi4's pair tile, with in_c a multiple of 4: no gather, a table of
     4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
@@ -434,9 +434,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
-            if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
-                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
-                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
+            if variant == "neon" and (board.get("dotprod") or layer.kernel == "ek_conv2d_s8_pairs") and k_in % 4 == 0:
+                # rpi5's SDOT and rpi4's pair tile read such windows in place: 4 run pointers and an int32
+                # offset per tap, a row of in_c zero points (the gathered windows of other shapes need the
+                # 4 x K above)
                 windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks

@@ -58,9 +58,11 @@ def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
     per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
     (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
     channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
-    Channels past out_c are zero."""
+    Channels past out_c are zero. A layer of at most 8 channels keeps only channels 0-7's 32 bytes per
+    group (the kernel's 8-channel tile)."""
     groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
-    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+    packed = groups.transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(packed[:, :1] if w.shape[0] <= 8 else packed).reshape(-1)
 
 
 def pack_fc_pairs(w: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2
                           conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records,
                           depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
                           dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
-                          pack_conv_pairs, pack_conv_tile, pack_fc_rows4, scratch_bytes, x86_u8_bias)
+                          pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -219,6 +219,10 @@ class _Builder:
                     layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
                                                         f"{op.name}: weights {list(w.shape)}, packed for the NEON "
                                                         f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
+            elif pairs and op.kind == "fully_connected":
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_pairs(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "
+                                                    "kernel (16-row blocks x 16 inputs, rows padded in front)")
             elif block_4x2:
                 packed, table = conv_4x2_layout(g, op)
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", packed,
@@ -737,7 +741,8 @@ def thread_split(layer: Layer, weight_only: bool, threads: int = 4, conv_channel
     "rows": output rows of a dense convolution or depthwise layer (each thread's rows read their own
     window of input rows, with the padding above the first one), or of a broadcasting elementwise op;
     "flat": a same-shape elementwise op, in runs of 16 elements (the NEON vectors); "channels": the
-    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group), or a dense
+    output neurons of a dense fully connected layer, in groups of 4 (its NEON row group; blocks of 16
+    for rpi5's SDOT and rpi4's int16-pair kernels, which read a packed filter), or a dense
     convolution's output channels in blocks of 16 (the last share also takes the channels past the
     last whole block, so it ends where the SDOT-packed filter's last tile does) when there are more
     blocks than rows and they share out more evenly (a 3-row layer on 4 threads leaves one thread

@@ -187,15 +187,18 @@ def test_conv2d_sdot_padded_span_too_large(xbuild, h, c):
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
-@given(st.integers(1, 7), st.integers(1, 14), st.sampled_from([1, 2, 3, 5, 13]), st.sampled_from([1, 8, 16, 17, 40]),
+@given(st.integers(1, 7), st.integers(1, 14), st.sampled_from([1, 2, 3, 5, 6, 7, 13]), st.sampled_from([1, 8, 16, 17, 40]),
        st.sampled_from([(3, 3), (1, 3), (2, 5), (5, 1)]), st.tuples(*(st.integers(0, 2) for _ in range(4))),
        st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
 @PI_SETTINGS
 def test_conv2d_sdot_gathered_rows(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w, act, seed):
-    """rpi5, in_c not a multiple of 4 (first layers over 1-3 channels): windows gathered, four pixels
-    of one output row inside the input by kh row copies (wide rows), the others (padding on every
-    side, groups crossing an output row, dilation across the row) by the generic window function;
-    one 16-channel block set up once (o <= 16) or per group."""
+    """rpi5, in_c not a multiple of 4 (first layers over 1-3 channels). in_c 3, 6, 7, 13 widened to a
+    multiple of 4 (kernel_prep.sdot_widened_c): the filter packed with zero weights in the added
+    channels, the input read from its padded copy with as many channels (3 -> 4 by 16 pixels at a
+    time, the others per pixel), as window rows (dilation_w 1) or taps. in_c 1, 2, 5: windows
+    gathered, four pixels of one output row inside the input by kh row copies (wide rows), the others
+    (padding on every side, groups crossing an output row, dilation across the row) by the generic
+    window function; one 16-channel block set up once (o <= 16) or per group."""
     rng = np.random.default_rng(seed)
     kh, kw = k
     dilation = (dil_h, dil_w)

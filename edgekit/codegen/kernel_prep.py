@@ -438,22 +438,64 @@ def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
 SDOT_PAD_COPY_MAX = 64 * 1024  # bytes of scratch rpi5's convolution may take for a padded copy of its input
 
 
+def sdot_span(in_hw, out_hw, kernel, stride, dilation, padding) -> tuple[int, int, bool]:
+    """Rows and columns of the input (with its padding) that a convolution's windows read, from the
+    first window's corner, and whether they all lie inside the input (no padding read)."""
+    span = [(o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(out_hw, kernel, stride, dilation)]
+    inside = padding[0] == 0 and padding[1] == 0 and span[0] <= in_hw[0] and span[1] <= in_hw[1]
+    return span[0], span[1], inside
+
+
+def sdot_widened_c(graph: Graph, op) -> int:
+    """The input channels rpi5's SDOT convolution (a board with dotprod) packs this layer's filter for:
+    in_c, or in_c rounded
+    up to a multiple of 4 (zero weights in the added channels) when that adds at most a third more
+    taps (in_c 3, 6, 7, 9-11, ...) and the input's padded span with the added channels fits
+    SDOT_PAD_COPY_MAX: the kernel then reads its windows as runs from that copy (a VWW-like first
+    layer over 3 channels: 4 taps per SDOT lane instead of windows gathered per pixel). in_c 1, 2 or
+    5 keep their gathered windows (4x, 2x, 1.6x the SDOTs)."""
+    in_c = nhwc(graph.tensors[op.inputs[0]].shape)[3]
+    c4 = (in_c + 3) // 4 * 4
+    if op.kind != "conv2d" or c4 == in_c or 3 * c4 > 4 * in_c:
+        return in_c
+    a = op.attrs
+    _, in_h, in_w, _ = nhwc(graph.tensors[op.inputs[0]].shape)
+    _, out_h, out_w, _ = nhwc(graph.tensors[op.outputs[0]].shape)
+    _, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    span_h, span_w, _ = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), a["stride"], a["dilation"],
+                                  (a["padding"][0], a["padding"][2]))
+    return c4 if span_h * span_w * c4 + 16 <= SDOT_PAD_COPY_MAX else in_c
+
+
+def sdot_runs(layer) -> bool:
+    """Whether rpi5's SDOT convolution reads this layer's windows as runs (kernels/neon/ek_conv2d_s8_sdot.j2):
+    in_c (the filter's, sdot_widened_c) a multiple of 4, or window rows (dilation_w 1) of kw * in_c a
+    multiple of 4 bytes (a 10x4 window over 1 channel), read from the padded copy. Else its windows
+    are gathered."""
+    _, _, kw, c4 = layer.dims["filter"]
+    return c4 % 4 == 0 or (layer.params["dilation_w"] == 1 and kw * c4 % 4 == 0)
+
+
 def sdot_pad_copy_bytes(layer) -> int:
-    """Scratch of rpi5's convolution over in_c % 4 == 0 (kernels/neon/ek_conv2d_s8_sdot.j2): the table
-    of its windows' 16-byte step offsets (a tap's when in_c % 16 != 0), 16-byte aligned, then, when
-    some window reaches into the padding, the span of the input the windows read (rows x columns x
-    in_c, the padding as zero points), so that every window is read in place without bounds. 0 when
-    that span is over SDOT_PAD_COPY_MAX bytes (the kernel then takes its run-pointer table)."""
-    _, kh, kw, in_c = layer.dims["filter"]
-    _, in_h, in_w, _ = layer.dims["input"]
+    """Scratch of rpi5's convolution over in_c % 4 == 0 or widened (kernels/neon/ek_conv2d_s8_sdot.j2):
+    the table of its windows' run offsets (one per 16-byte step when a run is a multiple of 16
+    bytes; a run is a window row with dilation_w 1, else a tap), 16-byte aligned, then, when some
+    window reaches into the padding or in_c is widened (the filter's channels, sdot_widened_c) or not a
+    multiple of 4 (sdot_runs), the
+    span of the input the windows read (rows x columns x channels, zero points in the padding) and
+    16 bytes for loads past a run's end, so that every window is read in place without bounds. Only
+    the table when that span is over SDOT_PAD_COPY_MAX bytes (the kernel then takes its run-pointer
+    table)."""
+    _, kh, kw, c4 = layer.dims["filter"]
+    _, in_h, in_w, in_c = layer.dims["input"]
     _, out_h, out_w, _ = layer.dims["output"]
     p = layer.params
-    steps = kh * kw * (in_c // 16 if in_c % 16 == 0 else 1)
+    runs, run_len = (kh, kw * c4) if p["dilation_w"] == 1 else (kh * kw, c4)
+    steps = runs * (run_len // 16 if run_len % 16 == 0 else 1)
     table = (4 * steps + 15) // 16 * 16
-    span_h = (out_h - 1) * p["stride_h"] + (kh - 1) * p["dilation_h"] + 1
-    span_w = (out_w - 1) * p["stride_w"] + (kw - 1) * p["dilation_w"] + 1
-    inside = p["pad_top"] == 0 and p["pad_left"] == 0 and span_h <= in_h and span_w <= in_w
-    copy = 0 if inside else span_h * span_w * in_c
+    span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
+                                       (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    copy = 0 if inside and c4 == in_c and c4 % 4 == 0 else span_h * span_w * c4 + 16
     return table + copy if copy <= SDOT_PAD_COPY_MAX else table
 
 
@@ -483,14 +525,16 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
-            if variant == "neon" and (board.get("dotprod") or layer.kernel == "ek_conv2d_s8_pairs") and k_in % 4 == 0:
-                # rpi5's SDOT and rpi4's pair tile read such windows in place: 4 run pointers and an int32
-                # offset per tap, a row of in_c zero points (the gathered windows of other shapes need the
-                # 4 x K above); rpi5 first takes a table of run offsets and, when windows reach into the
-                # padding, the padded span of the input (sdot_pad_copy_bytes) when that fits
+            if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs" and k_in % 4 == 0:
+                # rpi4's pair tile reads such windows in place: 4 run pointers and an int32 offset per tap,
+                # a row of in_c zero points (the gathered windows of other shapes need the 4 x K above)
                 windows = max(windows, 36 * kh * kw + k_in)
-                if board.get("dotprod"):
-                    windows = max(windows, sdot_pad_copy_bytes(layer))
+            elif variant == "neon" and board.get("dotprod") and sdot_runs(layer):
+                # rpi5 reads such windows as runs: a table of run offsets and, when windows reach into
+                # the padding, the padded span of the input (sdot_pad_copy_bytes); without room for
+                # that, 4 run pointers and an int32 offset per tap, a row of in_c zero points (the
+                # gathered windows of other shapes need the 4 x K above)
+                windows = max(windows, 36 * kh * kw + k_in, sdot_pad_copy_bytes(layer))
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]

@@ -24,7 +24,8 @@ from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2
                           conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records,
                           depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
                           dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
-                          pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, x86_u8_bias)
+                          pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, sdot_widened_c,
+                          x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -216,9 +217,19 @@ class _Builder:
                                                         f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "
                                                         "tile (16-channel blocks x 4 taps, channel pairs of taps)")
                 else:
-                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(w.data, group),
+                    data, note = w.data, ""
+                    c4 = sdot_widened_c(g, op) if group == 4 else 0
+                    if op.kind == "conv2d" and c4 > w.shape[3]:
+                        # rpi5: in_c widened with zero weights; the kernel reads the input from a padded copy
+                        # with as many channels (filter dims' c != input's tells it)
+                        data = np.zeros((*w.shape[:3], c4), np.int8)
+                        data[..., :w.shape[3]] = w.data
+                        layer.dims["filter"] = data.shape
+                        note = f", in_c widened to {c4} (zero weights)"
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(data, group),
                                                         f"{op.name}: weights {list(w.shape)}, packed for the NEON "
-                                                        f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})")
+                                                        f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})"
+                                                        f"{note}")
             elif pairs and op.kind == "fully_connected":
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_pairs(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "

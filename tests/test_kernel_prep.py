@@ -188,8 +188,9 @@ def test_4x2_layers_store_no_quant_arrays(tmp_path):
 
 
 def test_depthwise_dsp_records_requantize_like_the_reference():
-    """kernel_prep.depthwise_dsp_records: per four channels {hs, biases, (m, c) each, one word of
-    four weights per tap, per window column two words of its weights' sums}. For a group whose
+    """kernel_prep.depthwise_dsp_records: per four channels {hs, biases, (m, c) each, per tap its
+    weights as two words of int16 pairs (c0, c2), (c1, c3), per window column two words of its weights'
+    sums}. For a group whose
     right shifts are all in 2..22 the kernel's stage (the high word of (c - [x < 0], 2^30 + [x < 0] 2^31)
     + x * m, shifted right by hs's byte, saturated) equals the reference requantization plus offset for
     any int32 accumulator; another shift (r = 1, 23) or a narrowing activation makes the group generic
@@ -208,14 +209,16 @@ def test_depthwise_dsp_records_requantize_like_the_reference():
     op.attrs["act_min"], op.attrs["act_max"] = -128, 127
     for offset in (-128, 37, 127):
         op.attrs["output_offset"] = offset
-        rec = depthwise_dsp_records(q, op).astype(np.int64).reshape(-1, DW_DSP_REC + 15)
-        assert rec.shape == (3, DW_DSP_REC + 15)  # 14 channels: three groups, the last two channels are the tail's
+        rec = depthwise_dsp_records(q, op).astype(np.int64).reshape(-1, DW_DSP_REC + 24)
+        assert rec.shape == (3, DW_DSP_REC + 24)  # 14 channels: three groups, the last two channels are the tail's
         assert np.array_equal(rec[:, 1:5].reshape(-1), folded_bias(q, op)[:12])
         w = q.tensors[op.inputs[1]].data.reshape(9, 14)  # (tap, channel)
-        words = rec[:, DW_DSP_REC:DW_DSP_REC + 9].astype("<i4").view(np.int8).reshape(3, 9, 4)  # (group, tap, ch)
+        # per tap, int16 pairs (c0, c2), (c1, c3)
+        halves = rec[:, DW_DSP_REC:DW_DSP_REC + 18].astype("<i4").view(np.int16).reshape(3, 9, 2, 2)
+        words = halves.reshape(3, 9, 4)[:, :, [0, 2, 1, 3]]  # (group, tap, ch): c0, c2, c1, c3 reordered
         assert np.array_equal(words.transpose(1, 0, 2).reshape(9, 12), w[:, :12])
         # per window column its weights' sums over the rows, int16 pairs (c0, c2), (c1, c3)
-        pairs = rec[:, DW_DSP_REC + 9:].astype("<i4").view(np.int16).reshape(3, 3, 2, 2)  # (group, kx, word, half)
+        pairs = rec[:, DW_DSP_REC + 18:].astype("<i4").view(np.int16).reshape(3, 3, 2, 2)  # (group, kx, word, half)
         col = w.reshape(3, 3, 14).astype(np.int64).sum(axis=0)  # (kx, channel)
         for grp in range(3):
             for kx in range(3):
@@ -234,9 +237,9 @@ def test_depthwise_dsp_records_requantize_like_the_reference():
                            -128, 127)
             assert got == want.tolist()
     op.attrs["shift"] = np.full(14, -5, np.int32)
-    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 15)[:, 0] >= 0)
+    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 24)[:, 0] >= 0)
     op.attrs["act_min"] = -100  # a bound that narrows int8: the generic stage clamps it
-    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 15)[:, 0] == -1)
+    assert np.all(depthwise_dsp_records(q, op).reshape(-1, DW_DSP_REC + 24)[:, 0] == -1)
 
 
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="needs arm-none-eabi-gcc")

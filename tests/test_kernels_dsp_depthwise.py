@@ -159,7 +159,7 @@ def test_generic_output_stage_groups(board, variant, tmp_path):
 def test_records_hold_weights_only_for_unrolled_layers(tmp_path, monkeypatch):
     """Two 3x3 depthwise layers of different geometries (stride_w 1 and 2) with room for one geometry's
     unrolled code (DW_DSP_CODE_BUDGET lowered to ~1.5 KB): the layer that runs unrolled code stores the
-    full records (13 stage words, 9 tap words, 6 column-sum words per four channels); the other, which
+    full records (13 stage words, 18 tap words, 6 column-sum words per four channels); the other, which
     runs the tap-table path (weights from the filter), stores the 13 stage words only. The kernel picks
     each layer's record length from the same geometry match: bit-exact on the M4."""
     import re
@@ -178,4 +178,4 @@ def test_records_hold_weights_only_for_unrolled_layers(tmp_path, monkeypatch):
     weights = (tmp_path / "project" / "model_weights.c").read_text()
     lengths = {name: int(n) for name, n in re.findall(r"int32_t (l\d+_dw\d)_bias\[(\d+)\]", weights)}
     kernel_prep_rec = kernel_prep.DW_DSP_REC
-    assert lengths == {"l0_dw0": 12 + 3 * (kernel_prep_rec + 9 + 2 * 3), "l1_dw1": 12 + 3 * kernel_prep_rec}
+    assert lengths == {"l0_dw0": 12 + 3 * (kernel_prep_rec + 2 * 9 + 2 * 3), "l1_dw1": 12 + 3 * kernel_prep_rec}

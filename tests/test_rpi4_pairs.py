@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
-from helpers import conv_out_nonempty, float_graph, quantize_with_random_data
+from helpers import conv_out, conv_out_nonempty, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
 from test_rpi import CrossBuild, run_qemu
 
@@ -110,3 +110,33 @@ def test_conv2d_pairs(xbuild, h, w, c, o, k, padding, stride, act, minus128, thr
         assert record["layers"][0]["split"] == "channels"
     assert record["layers"][0]["kernel"] == ("ek_conv2d_s8" if minus128 else "ek_conv2d_s8_pairs")
     assert any("-128" in n for n in record["notes"]) == minus128
+
+
+@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([4, 8, 12, 16, 20, 36]), st.sampled_from([1, 5, 16, 17, 40]),
+       st.sampled_from([(3, 3), (1, 1), (2, 5), (5, 1), (1, 3)]), st.tuples(*(st.integers(0, 2) for _ in range(4))),
+       st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2 ** 31))
+@example(6, 13, 16, 17, (3, 3), (1, 1, 1, 1), 1, 1, 1, 1, 4)  # stepped rows and table groups, two blocks
+@example(3, 11, 8, 5, (1, 1), (0, 0, 0, 0), 1, 1, 1, 1, 5)  # a GEMM with a last group of one pixel
+@example(5, 12, 12, 16, (2, 5), (0, 1, 2, 0), 1, 2, 2, 2, 6)  # per-tap stepped runs (dilation across the row)
+@PAIRS_SETTINGS
+def test_conv2d_pairs_runs(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w, threads, seed):
+    """ek_conv2d_s8_pairs, in_c a multiple of 4: windows read in place, no gather: four pixels of one
+    output row inside the input as kh rows of kw * in_c (or, dilated across the row, kh * kw runs) at
+    fixed offsets, a 1x1 stride-1 layer's pixels as a GEMM, the other groups through the run-pointer
+    table (padding on every side reading the zero-point row, groups crossing an output row, the last
+    pixel repeated); one 16-channel block set up once or several per group, thread shares. Rows of
+    +-127 weights against -128 inputs: the largest pair sums."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    dilation = (dil_h, dil_w)
+    out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + kh * dil_h, padding[1], padding[2] + kw * dil_w, padding[3])
+        out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    attrs = dict(stride=(stride, stride), dilation=dilation, padding=padding, activation="relu")
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)},
+                    (1, *out, o))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    extreme_weights(q, rng, False)
+    record = run_rpi4(q, rng, xbuild, threads)
+    assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"

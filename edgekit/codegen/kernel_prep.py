@@ -252,11 +252,18 @@ def depthwise_dsp_takes_records(op: Op) -> bool:
             and op.attrs["multiplier"].shape[0] >= 4)
 
 
+def _int16_pair(lo: int, hi: int) -> int:
+    """Two int16 in one int32 word, lo in the low half (the lanes SMLABB / SMLATT read)."""
+    word = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def depthwise_dsp_records(graph: Graph, op: Op, unrolled: bool = True) -> np.ndarray:
     """The DSP depthwise kernel's records, made once here instead of per pixel at run time: per group of
     four channels (out_c rounded down to 4) DW_DSP_REC int32 words {hs, b0..b3, m0, c0, m1, c1, m2, c2, m3,
     c3}, then (only when ``unrolled``: the layer's geometry has unrolled code, depthwise_dsp_unrolled) one
-    word per tap (kh x kw, row by row) holding the four channels' weights, then per window
+    two words per tap (kh x kw, row by row), its four channels' weights as int16 pairs (c0, c2) and
+    (c1, c3) (widened here, so the kernel loads them with one LDRD), then per window
     column two words, its weights summed over the rows as int16 pairs (c0, c2) and (c1, c3) (|sum| <=
     25 x 128). The tap-table path reads only the first DW_DSP_REC words of a group (its weights come
     from the filter), so a layer without unrolled code stores those alone: b the folded bias,
@@ -286,14 +293,12 @@ def depthwise_dsp_records(graph: Graph, op: Op, unrolled: bool = True) -> np.nda
         if not unrolled:
             groups.append(words)
             continue
-        words += np.ascontiguousarray(taps[:, c0:c0 + 4]).view("<i4").reshape(-1).tolist()
+        # per tap, its weights already widened (one LDRD instead of LDR and two SXTB16 a tap)
+        words += [_int16_pair(int(t[lo]), int(t[hi])) for t in taps[:, c0:c0 + 4] for lo, hi in ((0, 2), (1, 3))]
         # per window column, the sums of its weights over the rows as int16 pairs (c0, c2) and (c1, c3):
         # a left / right edge pixel multiplies a padded column's sum by the zero point once
         sums = w.reshape(w.shape[1], w.shape[2], -1)[:, :, c0:c0 + 4].astype(np.int64).sum(axis=0)  # (kw, 4)
-        for kx in range(sums.shape[0]):
-            for lo, hi in ((0, 2), (1, 3)):
-                word = (int(sums[kx, lo]) & 0xFFFF) | ((int(sums[kx, hi]) & 0xFFFF) << 16)
-                words.append(word - (1 << 32) if word >= 1 << 31 else word)
+        words += [_int16_pair(int(s[lo]), int(s[hi])) for s in sums for lo, hi in ((0, 2), (1, 3))]
         groups.append(words)
     return np.array(groups, dtype=np.int64).reshape(-1).astype(np.int32)
 
@@ -413,7 +418,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
     taps' input pointers (kh x kw), keeps one output pixel's sums (int32 for out_c rounded down to a
     multiple of 4) and a row of zero points (in_c bytes). The x86 and NEON
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
-    to whole 16-byte (SDOT) or 8-byte loads (rpi5 with in_c a multiple of 4: no gather, a table of
+    to whole 16-byte (SDOT) or 8-byte loads (rpi5, and rpi4's pair tile, with in_c a multiple of 4: no gather, a table of
     4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
     (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
@@ -429,9 +434,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
-            if variant == "neon" and board.get("dotprod") and k_in % 4 == 0:
-                # rpi5 reads such windows in place: 4 run pointers and an int32 offset per tap, a row of
-                # in_c zero points (the gathered windows of other shapes need the 4 x K above)
+            if variant == "neon" and (board.get("dotprod") or layer.kernel == "ek_conv2d_s8_pairs") and k_in % 4 == 0:
+                # rpi5's SDOT and rpi4's pair tile read such windows in place: 4 run pointers and an int32
+                # offset per tap, a row of in_c zero points (the gathered windows of other shapes need the
+                # 4 x K above)
                 windows = max(windows, 36 * kh * kw + k_in)
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks

@@ -1,0 +1,259 @@
+"""The Pi NEON add's fast path (kernels/neon/ek_add_s8: an operand of multiplier 1/2 rescaled by a shift
+and accumulated with SMLAL, the others by SHLL + SQRDMULH + a one-instruction rounding fix-up) and the
+general path it falls back to, on both Pi CPUs: cross-built with UBSan, run under qemu-aarch64
+(-cpu cortex-a72 / cortex-a76), bit-exact with the numpy reference. The layer's parameters are drawn
+directly (not only what the quantizer gives): every operand kind on either side, left shifts 16..22 and
+outside the fast path's range, offsets at the ends of int8's zero points, output shifts right and left,
+clamps, broadcasting, runs with tails, inputs at -128 and 127."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from edgekit import reference
+from edgekit.boards import load_board
+from edgekit.codegen.project import generate_project
+from helpers import float_graph, quantize_with_random_data
+from test_kernels_c import SETTINGS
+from test_rpi import CrossBuild, run_qemu
+
+pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                                reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
+
+# a fifth of the kernel examples (5 by default) plus the explicit ones
+ADD_SETTINGS = settings(SETTINGS, max_examples=max(3, SETTINGS.max_examples // 5))
+HALF = 1 << 30  # the multiplier 1/2 TFLite gives the input of the larger scale
+
+
+@pytest.fixture(scope="module")
+def xbuild(tmp_path_factory):
+    return CrossBuild(tmp_path_factory.mktemp("aarch64_add_dw"))
+
+
+def run_on_pi(q, xs: dict, xbuild, board_name: str) -> np.ndarray:
+    """The quantized graph generated for the board, built with UBSan, run under qemu-aarch64 on the
+    samples ``xs`` (name -> int8 array); asserts it equals the reference and returns the outputs."""
+    n = next(iter(xs.values())).shape[0]
+    data = np.concatenate([xs[name].reshape(n, -1) for name in q.inputs], axis=1)
+    board = load_board(board_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, board)
+        exe = xbuild.build(Path(tmp), board)
+        got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
+    want = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
+    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board_name}"
+    return got
+
+
+@st.composite
+def operand(draw, left_shift):
+    """One input's (offset, multiplier, shift): 'half' (1/2 after a right shift: the shifted fast path),
+    'scaled' (right shift >= 1), 'plain' (shift 0 or left: the general path). The left shift plus a
+    positive shift stays <= 21, as TFLite's (20 and shift <= 0) do: the int32 sums cannot overflow."""
+    kind = draw(st.sampled_from(["half", "scaled", "scaled", "plain"]))
+    offset = draw(st.sampled_from([-127, 128, 0])) if draw(st.booleans()) else draw(st.integers(-127, 128))
+    if kind == "half":
+        return offset, HALF, -draw(st.integers(0, 3))
+    multiplier = draw(st.integers(HALF, (1 << 31) - 1))
+    if kind == "scaled":
+        return offset, multiplier, -draw(st.integers(1, 8))
+    return offset, multiplier, draw(st.integers(0, max(0, 21 - left_shift)))
+
+
+@st.composite
+def add_case(draw):
+    shape = (1, draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.sampled_from([1, 7, 16, 17, 40])))
+    other = tuple(1 if i > 0 and draw(st.booleans()) else d for i, d in enumerate(shape))
+    left_shift = draw(st.sampled_from([20, 20, 16, 18, 21, 15]))
+    o1, m1, s1 = draw(operand(left_shift))
+    o2, m2, s2 = draw(operand(left_shift))
+    full = draw(st.booleans())
+    lo = -128 if full else draw(st.integers(-128, 0))
+    hi = 127 if full else draw(st.integers(lo, 127))
+    attrs = dict(input1_offset=o1, input2_offset=o2, output_offset=draw(st.integers(-128, 127)), left_shift=left_shift,
+                 input1_multiplier=m1, input1_shift=s1, input2_multiplier=m2, input2_shift=s2,
+                 output_multiplier=draw(st.integers(HALF, (1 << 31) - 1)),
+                 output_shift=draw(st.sampled_from([-20, -19, -17, -12, -1, 0, 1])) if left_shift == 20 else
+                 -draw(st.integers(max(1, left_shift - 8), left_shift + 2)),
+                 act_min=lo, act_max=hi)
+    return dict(shape=shape, other=other, swap=draw(st.booleans()), attrs=attrs, extremes=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 31)))
+
+
+def add_graph(case, rng):
+    shapes = [case["other"], case["shape"]] if case["swap"] else [case["shape"], case["other"]]
+    g = float_graph("add", shapes, dict(activation="none"), None, case["shape"])
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 1.0), "x1": (-2.0, 2.0)})
+    (op,) = [op for op in q.ops if op.kind == "add"]
+    op.attrs.update(case["attrs"])
+    return q
+
+
+def add_inputs(q, rng, n: int, extremes: bool) -> dict:
+    xs = {name: rng.integers(-128, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8) for name in q.inputs}
+    if extremes:  # the ends of int8 in every combination
+        for i, (a, b) in enumerate([(-128, -128), (127, 127), (-128, 127), (127, -128)]):
+            xs[q.inputs[0]][i], xs[q.inputs[1]][i] = a, b
+    return xs
+
+
+@given(add_case(), st.sampled_from(["rpi4", "rpi5"]))
+@ADD_SETTINGS
+@example(  # ResNet-8's residual add: the scaled input first, the half one second, relu at -128
+    dict(shape=(1, 4, 4, 16), other=(1, 4, 4, 16), swap=False, extremes=True, seed=1,
+         attrs=dict(input1_offset=128, input2_offset=-4, output_offset=-128, left_shift=20,
+                    input1_multiplier=1623821475, input1_shift=-2, input2_multiplier=HALF, input2_shift=0,
+                    output_multiplier=1098017566, output_shift=-17, act_min=-128, act_max=127)), "rpi5")
+@example(  # the half input first (swapped into second place), offsets at both ends
+    dict(shape=(1, 3, 5, 17), other=(1, 3, 5, 17), swap=False, extremes=True, seed=2,
+         attrs=dict(input1_offset=-127, input2_offset=128, output_offset=5, left_shift=20,
+                    input1_multiplier=HALF, input1_shift=-1, input2_multiplier=(1 << 31) - 1, input2_shift=-1,
+                    output_multiplier=(1 << 31) - 1, output_shift=-12, act_min=-100, act_max=90)), "rpi4")
+@example(  # both half (equal scales), a channel broadcast
+    dict(shape=(1, 2, 3, 40), other=(1, 2, 3, 1), swap=True, extremes=True, seed=3,
+         attrs=dict(input1_offset=128, input2_offset=128, output_offset=-128, left_shift=20,
+                    input1_multiplier=HALF, input1_shift=0, input2_multiplier=HALF, input2_shift=0,
+                    output_multiplier=HALF, output_shift=-19, act_min=-128, act_max=127)), "rpi5")
+@example(  # an output that shifts left: the general path
+    dict(shape=(1, 2, 2, 16), other=(1, 2, 2, 16), swap=False, extremes=True, seed=4,
+         attrs=dict(input1_offset=3, input2_offset=-9, output_offset=0, left_shift=20,
+                    input1_multiplier=HALF + 12345, input1_shift=-1, input2_multiplier=HALF, input2_shift=0,
+                    output_multiplier=(1 << 31) - 1, output_shift=1, act_min=-128, act_max=127)), "rpi4")
+def test_add_fast_and_general_paths(xbuild, case, board):
+    rng = np.random.default_rng(case["seed"])
+    q = add_graph(case, rng)
+    run_on_pi(q, add_inputs(q, rng, 6, case["extremes"]), xbuild, board)
+
+
+# The fast path's pieces against the scalar ek_requantize, lane by lane: the whole output of a layer
+# rarely shows an off-by-one in an operand's rescale (2^-17 of an output step), so the operand and
+# output rescales are compared directly, on all 256 int8 inputs and on random sums.
+RESCALE_MAIN = r"""
+#include <stdio.h>
+#include "kernels/ek_add_s8.c"
+int32_t ek_kernel_scratch[2];
+const int32_t ek_kernel_scratch_bytes = 8;
+/* stdin: records (kind, offset, left_shift, multiplier, shift, s[16]); kind 0: an operand over the
+ * 256 int8 values; kind 1: the output rescale of the 16 sums s (left_shift unused).
+ * stdout per record: the fast path's kind (-1: general path, nothing compared), then pairs (scalar, vector). */
+int main(void)
+{
+    int32_t r[21];
+    while (fread(r, sizeof r, 1, stdin) == 1) {
+        int32_t pairs[512], n = 0;
+        int32_t kind = -1;
+        if (r[0] == 0) {
+            int16_t factor = 0, shift16 = 0;
+            kind = ek_add_operand_kind(r[1], r[2], r[3], r[4], &factor, &shift16);
+            for (int32_t base = -128; kind >= 0 && base < 128; base += 16) {
+                int8_t x[16];
+                int32_t got[16];
+                for (int i = 0; i < 16; ++i) {
+                    x[i] = (int8_t)(base + i);
+                }
+                int16x8_t w[2];
+                int32x4_t v[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+                ek_add_int16(vld1q_s8(x), vdupq_n_s16((int16_t)r[1]), vdupq_n_s16(shift16), w);
+                if (kind == 1) {
+                    ek_add_scaled(w, vdupq_n_s32(r[3]), vdupq_n_s32(r[4]), v);
+                } else {
+                    ek_add_shifted(w, factor, v);
+                }
+                for (int k = 0; k < 4; ++k) {
+                    vst1q_s32(got + 4 * k, v[k]);
+                }
+                for (int i = 0; i < 16; ++i) {
+                    pairs[n++] = ek_requantize((int32_t)((uint32_t)(x[i] + r[1]) << r[2]), r[3], r[4]);
+                    pairs[n++] = got[i];
+                }
+            }
+        } else if (r[4] <= -1) {
+            kind = 1;
+            for (int k = 0; k < 4; ++k) {
+                int32_t got[4];
+                vst1q_s32(got, ek_neon_divide_pot4_right(vqrdmulhq_s32(vld1q_s32(r + 5 + 4 * k), vdupq_n_s32(r[3])),
+                                                         vdupq_n_s32(r[4])));
+                for (int i = 0; i < 4; ++i) {
+                    pairs[n++] = ek_requantize(r[5 + 4 * k + i], r[3], r[4]);
+                    pairs[n++] = got[i];
+                }
+            }
+        }
+        fwrite(&kind, sizeof kind, 1, stdout);
+        fwrite(&n, sizeof n, 1, stdout);
+        fwrite(pairs, sizeof pairs[0], (size_t)n, stdout);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def rescale_exes(tmp_path_factory):
+    import subprocess
+    from test_rpi import CHECKS
+    rng = np.random.default_rng(0)
+    g = float_graph("add", [(1, 1, 1, 16), (1, 1, 1, 16)], dict(activation="none"), None, (1, 1, 1, 16))
+    q = quantize_with_random_data(g, rng)
+    exes = {}
+    for name in ("rpi4", "rpi5"):
+        board = load_board(name)
+        d = tmp_path_factory.mktemp(f"add_rescale_{name}")
+        generate_project(q, d, board, threads=1)
+        (d / "rescale.c").write_text(RESCALE_MAIN)
+        subprocess.run([board["cc"], *board["cflags"], *CHECKS, "-I", str(d / "include"), "-I", str(d),
+                        str(d / "rescale.c"), "-o", str(d / "rescale")], check=True, capture_output=True, text=True)
+        exes[name] = (d / "rescale", board["qemu"]["cpu"])
+    return exes
+
+
+@st.composite
+def rescale_record(draw):
+    """An operand (kind 0) of any offset, left shift 14..23, multiplier (1/2 often) and shift; or an
+    output rescale (kind 1) of 16 sums within +-2^30 (two operands' worth), sums near ties included."""
+    kind = draw(st.integers(0, 1))
+    multiplier = HALF if draw(st.booleans()) else draw(st.integers(HALF, (1 << 31) - 1))
+    shift = -draw(st.integers(0, 10)) if kind == 0 else -draw(st.integers(1, 24))
+    left = draw(st.integers(14, 23))
+    s = [draw(st.integers(-(1 << 30), 1 << 30)) for _ in range(8)]
+    # with the multiplier 1/2, sums whose SQRDMULH result (s / 2) lies exactly half-way between two
+    # steps of the right shift (where the fix-up for negative values decides)
+    tie = 1 << max(0, -shift - 1)
+    s += [draw(st.sampled_from([-2, 2])) * (2 * draw(st.integers(0, 1000)) + 1) * tie for _ in range(8)]
+    s = [max(-(1 << 30), min(1 << 30, v)) for v in s]
+    return [kind, draw(st.integers(-128, 128)), left, multiplier, shift] + s
+
+
+@given(st.lists(rescale_record(), min_size=1, max_size=40), st.sampled_from(["rpi4", "rpi5"]))
+@settings(SETTINGS, max_examples=max(10, SETTINGS.max_examples // 2))
+@example([[0, 128, 20, 1623821475, -2] + [0] * 16, [0, -127, 20, HALF, 0] + [0] * 16,
+          [0, 128, 20, HALF, -3] + [0] * 16, [1, 0, 0, HALF, -17] + [-(3 << 16), 3 << 16] * 8,
+          [1, 0, 0, HALF, -1] + [-3, -1, 1, 3] * 4], "rpi4")
+def test_add_rescales_equal_scalar(rescale_exes, records, board):
+    """ek_add_operand_kind's fast rescales (shifted: (x + offset) << t via SMLAL; scaled: SHLL, SQRDMULH,
+    rounding shift with the SSRA fix-up) and the output's equal ek_requantize on every input they take;
+    operands outside the fast path's range must be refused (-1), never computed differently."""
+    import subprocess
+    exe, cpu = rescale_exes[board]
+    proc = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", cpu, str(exe)],
+                          input=np.array(records, dtype=np.int32).tobytes(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert b"runtime error" not in proc.stderr, proc.stderr.decode()[-3000:]
+    out, pos = np.frombuffer(proc.stdout, np.int32), 0
+    for rec in records:
+        kind, n = int(out[pos]), int(out[pos + 1])
+        pairs = out[pos + 2:pos + 2 + n].reshape(-1, 2)
+        pos += 2 + n
+        if rec[0] == 0:
+            offset, left, mult, shift = rec[1:5]
+            fast = abs(offset) <= 128 and 1 <= left <= 22 and (
+                (mult == HALF and shift <= 0 and left - 1 + shift >= 0 and left - 1 + shift <= 21) or
+                (shift <= -1 and left >= 16))
+            assert (kind >= 0) == fast, (rec[:5], kind)
+            if fast:
+                assert n == 512
+        assert np.array_equal(pairs[:, 0], pairs[:, 1]), (rec[:5], pairs[pairs[:, 0] != pairs[:, 1]][:4])

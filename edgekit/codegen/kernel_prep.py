@@ -58,9 +58,11 @@ def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
     per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
     (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
     channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
-    Channels past out_c are zero."""
+    Channels past out_c are zero. A layer of at most 8 channels keeps only channels 0-7's 32 bytes per
+    group (the kernel's 8-channel tile)."""
     groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
-    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+    packed = groups.transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(packed[:, :1] if w.shape[0] <= 8 else packed).reshape(-1)
 
 
 def pack_fc_pairs(w: np.ndarray) -> np.ndarray:
@@ -574,6 +576,10 @@ DW_DSP_BODY_BYTES = 480
 # (518 B for a 3x3).
 DW_DSP_EDGE_TAP_BYTES = 40
 DW_DSP_EDGE_BODY_BYTES = 160
+# A pair function (two neighbouring pixels whose window rows are inside, one or both with window columns
+# in the padding): ~64 bytes a tap + 300.
+DW_DSP_PAIR_TAP_BYTES = 64
+DW_DSP_PAIR_BODY_BYTES = 300
 
 
 def _dw_dsp_geometry(layer) -> tuple | None:
@@ -630,7 +636,7 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
             continue
         shape = found.setdefault(key, dict(zip(_DW_DSP_KEY, key),
-                                           taps=taps, step=step, macs=0, gain=0, edges={}))
+                                           taps=taps, step=step, macs=0, gain=0, edges={}, pairs={}))
         shape["macs"] += layer.macs
         # what the interior code saves, for ranking the geometries: per interior pixel its tap table
         # (~8 instructions a tap) and ~15 instructions per channel (measured on the MLPerf Tiny layers:
@@ -651,6 +657,8 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
                     edge = (ky0, ky1, kx0, kx1)
                     macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
                     shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
+        for pair, n in _border_pairs(out_h, out_w, p, kh, kw, in_h, in_w).items():
+            shape["pairs"][pair] = shape["pairs"].get(pair, 0) + n * out_c
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -667,8 +675,62 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
             kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
-    return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
+    # then pair functions (a border pixel beside an interior one, or two border pixels, all window rows
+    # inside: the weights loaded once for both, ~20 instructions per four channels less than two single
+    # pixels), most pixels first, in what is left
+    pairs = sorted(((n, i, pair) for i, shape in enumerate(chosen) for pair, n in shape["pairs"].items()),
+                   key=lambda e: -e[0])
+    kept_pairs: dict[int, list] = {}
+    for _, i, pair in pairs:
+        cost = DW_DSP_PAIR_BODY_BYTES + DW_DSP_PAIR_TAP_BYTES * len(chosen[i]["taps"])
+        taps = _pair_taps(chosen[i], *pair)
+        if taps is not None and spent + cost <= DW_DSP_CODE_BUDGET:
+            spent += cost
+            kept_pairs.setdefault(i, []).append(taps)
+    return [{**{k: v for k, v in shape.items() if k not in ("edges", "pairs")}, "id": i, "edges": kept.get(i, []),
+             "pairs": kept_pairs.get(i, [])}
             for i, shape in enumerate(chosen)]
+
+
+def _border_pairs(out_h: int, out_w: int, p: dict, kh: int, kw: int, in_h: int, in_w: int) -> dict:
+    """{(a0, a1, b0, b1): count} of the pixel pairs the DSP depthwise kernel could run as one pair
+    function: neighbours (ox, ox + 1) from an even pixel index (the in-place contract, as the interior
+    pairs) in rows whose window rows are all inside, both with window columns inside (a0 .. a1 - 1 and
+    b0 .. b1 - 1), not both wholly inside (that is the interior pair)."""
+    def cols(ox):
+        inside = [t for t in range(kw) if 0 <= ox * p["stride_w"] - p["pad_left"] + t * p["dilation_w"] < in_w]
+        return (inside[0], inside[-1] + 1) if inside else None
+    kinds = [cols(ox) for ox in range(out_w)]
+    counts: dict[tuple, int] = {}
+    for oy in range(out_h):
+        y0 = oy * p["stride_h"] - p["pad_top"]
+        if y0 < 0 or y0 + (kh - 1) * p["dilation_h"] >= in_h:
+            continue
+        for ox in range((oy * out_w) % 2, out_w - 1, 2):
+            a, b = kinds[ox], kinds[ox + 1]
+            if a is not None and b is not None and (a, b) != ((0, kw), (0, kw)):
+                counts[(*a, *b)] = counts.get((*a, *b), 0) + 1
+    return counts
+
+
+def _pair_taps(shape: dict, a0: int, a1: int, b0: int, b1: int) -> dict | None:
+    """A pair function's taps: per tap (weight index, pixel A's input offset, pixel B's) from A's first
+    inside column of the window's first row (None: the tap's column is in the padding, added once per
+    column from the records' column sums), and the padded columns of each; None when an offset does not
+    fit an LDR immediate (or B's window would start before A's first inside column)."""
+    col = shape["dil_w"] * shape["in_c"]
+    row = shape["dil_h"] * shape["in_w"] * shape["in_c"]
+    taps = []
+    for ky in range(shape["kh"]):
+        for kx in range(shape["kw"]):
+            off_a = ky * row + (kx - a0) * col if a0 <= kx < a1 else None
+            off_b = ky * row + (kx - a0) * col + shape["step"] if b0 <= kx < b1 else None
+            if any(o is not None and not 0 <= o <= DW_DSP_MAX_OFFSET for o in (off_a, off_b)):
+                return None
+            taps.append((ky * shape["kw"] + kx, off_a, off_b))
+    return {"a0": a0, "a1": a1, "b0": b0, "b1": b1, "taps": taps,
+            "pad_a": [kx for kx in range(shape["kw"]) if not a0 <= kx < a1],
+            "pad_b": [kx for kx in range(shape["kw"]) if not b0 <= kx < b1]}
 
 
 def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:

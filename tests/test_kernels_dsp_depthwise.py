@@ -86,12 +86,37 @@ def test_interior_path_is_generated_for_the_shapes_it_covers(tmp_path):
             kinds = {(ky0, ky1, kx0, kx1) for ky0, ky1 in ((0, 3), (1, 3), (0, 2)) for kx0, kx1 in ((0, 3), (1, 3), (0, 2))}
             for ky0, ky1, kx0, kx1 in kinds - {(0, 3, 0, 3)}:
                 assert f"window rows {ky0} .. {ky1 - 1} and columns {kx0} .. {kx1 - 1} inside" in source
+            # and pair functions: in rows from an even pixel index (6 x 5 output) a left edge pixel beside
+            # an interior one, in the others an interior pixel beside a right edge one
+            assert "A's window columns 1 .. 2 inside, B's 0 .. 2 */" in source
+            assert "A's window columns 0 .. 2 inside, B's 0 .. 1 */" in source
         assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
     assert shapes == {"c8": True, "c3": False, "m2": False}
     # the M3 (no DSP extension) builds the portable kernel: no geometries, no unrolled code
     record = edgekit.generate(q8, tmp_path / "m3", board="mps2-an385")
     assert record["kernels"] == ["ek_depthwise_conv2d_s8"]
     assert "ek_dw_interior" not in (tmp_path / "m3" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
+
+
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500"])
+@pytest.mark.parametrize("c, pad", [(13, (1, 1, 1, 1)), (8, (1, 1, 2, 0))])
+def test_border_pairs(board, c, pad, tmp_path):
+    """Pair functions (a border pixel beside an interior one, all window rows inside): 13 channels (one
+    tail channel, computed per pixel beside the pair) and a window shifted left by two columns of padding
+    (pixel A with one window column inside, B with two), bit-exact on the M4 and the M7."""
+    from cortex_m_selftest import run_selftest
+    rng = np.random.default_rng(c)
+    case = dict(h=7, w=5, c=c, k=(3, 3), stride=(1, 1), dilation=(1, 1), padding=pad,
+                out=conv_out(7, 5, (3, 3), (1, 1), (1, 1), pad), mult=1, act="relu6", bias=True, wscale=0.5)
+    q = quantize_with_random_data(_graph(case, rng), rng, {"x0": (-1.5, 2.0)})
+    x = rng.integers(-128, 128, size=(3, 7, 5, c)).astype(np.int8)
+    got = run_selftest(q, board, x, tmp_path)
+    source = (tmp_path / "project" / "kernels" / "ek_depthwise_conv2d_s8.c").read_text()
+    assert "ek_dw_pair_0_0(" in source and ("ek_dw_tail(" in source) == (c % 4 != 0)
+    if pad[2] == 2:
+        assert "A's window columns 2 .. 2 inside, B's 1 .. 2 */" in source
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert int(np.sum(got != ref)) == 0
 
 
 def _depthwise_chain(rng, layers):

@@ -58,9 +58,11 @@ def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
     per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
     (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
     channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
-    Channels past out_c are zero."""
+    Channels past out_c are zero. A layer of at most 8 channels keeps only channels 0-7's 32 bytes per
+    group (the kernel's 8-channel tile)."""
     groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
-    return np.ascontiguousarray(groups.transpose(0, 1, 3, 2, 4)).reshape(-1)
+    packed = groups.transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(packed[:, :1] if w.shape[0] <= 8 else packed).reshape(-1)
 
 
 def pack_fc_pairs(w: np.ndarray) -> np.ndarray:
@@ -108,6 +110,11 @@ def conv_4x2_scratch_cap(graph: Graph) -> int:
 
 
 CONV_4X2_CHUNK_MIN = 16  # the fewest taps per chunk of the K-chunked form (EK_CONV4X2_CHUNK_MIN in the template)
+# the most taps the 4x2 kernel sums at a time (EK_CONV4X2_SUM_MAX): its sums are 256 times the dot
+# product minus 128 x the odd taps' weights, modulo 2^32 (weights never sign-extended), exact below
+# 2^23 in magnitude: |w| <= 128, |x| <= 128 at even taps and |x - 128| <= 256 at odd ones bound it by
+# 170 x 128 x 128 + 170 x 128 x 256 = 8,355,840 < 2^23 for 340 taps; a longer window is chunked
+CONV_4X2_SUM_MAX = 340
 
 
 def conv_4x2_pairs(graph: Graph, op: Op) -> int:
@@ -124,7 +131,7 @@ def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
     CONV_4X2_CHUNK_MIN taps; 0 when even that exceeds the cap (the layer keeps ek_conv2d_s8). The
     kernel sizes its chunks from the scratch it gets (ek_kernel_scratch_bytes), at least this."""
     k4 = (k_len + 3) // 4 * 4
-    if 8 * k4 <= cap:
+    if 8 * k4 <= cap and k4 <= CONV_4X2_SUM_MAX:
         return 8 * k4
     need = max(4 * k_len, 32 * pairs + 8 * CONV_4X2_CHUNK_MIN)
     return need if need <= cap else 0
@@ -132,10 +139,13 @@ def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
 
 def conv_4x2_chunk(k_len: int, pairs: int, scratch: int) -> int:
     """Taps the 4x2 kernel gathers at a time with this much scratch (the template's kc): K rounded up
-    to 4 when the four windows fit, else the chunk left after the pairs' sums (a multiple of 4);
-    a chunk below CONV_4X2_CHUNK_MIN makes the kernel take its portable form."""
+    to 4 when the four windows fit and K is at most CONV_4X2_SUM_MAX, else the chunk left after the
+    pairs' sums (a multiple of 4, at most CONV_4X2_SUM_MAX); a chunk below CONV_4X2_CHUNK_MIN makes the
+    kernel take its portable form."""
     k4 = (k_len + 3) // 4 * 4
-    return k4 if 8 * k4 <= scratch else max((scratch - 32 * pairs) // 8, 0) & ~3
+    if 8 * k4 <= scratch and k4 <= CONV_4X2_SUM_MAX:
+        return k4
+    return min(max((scratch - 32 * pairs) // 8, 0) & ~3, CONV_4X2_SUM_MAX)
 
 
 def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
@@ -152,15 +162,29 @@ def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
     return ((in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and
-            conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
+            conv_4x2_small(graph, op) and conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
+
+
+def conv_4x2_small(graph: Graph, op: Op) -> bool:
+    """Whether every accumulator of the layer stays below 2^30 in magnitude (|folded bias| + 128 *
+    sum|w| per channel, and the record's bias, which adds 128 * the odd positions' weights): the
+    4x2 kernel keeps its sums doubled for its one-SMMLAR output stage. Other layers (huge biases or
+    very long windows; none in practice) keep ek_conv2d_s8. Channels of zero weights are written as
+    constants, not summed: their biases do not count."""
+    w = graph.tensors[op.inputs[1]].data
+    flat = w.reshape(w.shape[0], -1).astype(np.int64)
+    live = np.any(flat != 0, axis=1)
+    flat = flat[live]
+    folded = np.abs(folded_bias(graph, op).astype(np.int64))[live]
+    return bool(np.all(folded + 128 * np.abs(flat).sum(axis=1) + 128 * np.abs(flat[:, 1::2]).sum(axis=1) < 2 ** 30))
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
     """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order ek_conv2d_s8_4x2 reads it:
     per pair of output channels (c0, c1) (an odd last channel beside zeros), per block of four window
-    positions k0..k3 (K = kh * kw * in_c rounded up to a multiple of 4, zeros past K), the words
-    [c0 k0, c1 k0, c0 k2, c1 k2] and [c0 k1, c1 k1, c0 k3, c1 k3]: SXTB16 and SXTB16 ROR #8 of a word
-    are then channel c0's and c1's int16 pairs for the pixels' (k0, k2) or (k1, k3) pairs."""
+    positions k0..k3 (K = kh * kw * in_c rounded up to a multiple of 4, zeros past K), c0's word
+    [k0, k1, k2, k3] then c1's, the even positions stored ^ 0x80: read as int16 lanes a word is
+    (256 w1 + w0 + 128, 256 w3 + w2 + 128) and never needs sign-extending (the template's header)."""
     out_c = w.shape[0]
     flat = w.reshape(out_c, -1).astype(np.int8)
     k = flat.shape[1]
@@ -168,21 +192,22 @@ def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
     pairs = (out_c + 1) // 2
     padded = np.zeros((2 * pairs, k4), np.int8)
     padded[:out_c, :k] = flat
-    # [pair, channel j, block b, r] -> [pair, b, word r & 1, lane r >> 1, j]
-    blocks = padded.reshape(pairs, 2, k4 // 4, 2, 2)  # r = 2 * lane + word
-    return np.ascontiguousarray(blocks.transpose(0, 2, 4, 3, 1)).reshape(-1)
+    padded[:, 0::2] ^= np.int8(-128)  # even positions + 128 as an unsigned byte
+    # [pair, channel j, block b, r] -> [pair, b, j, r]
+    blocks = padded.reshape(pairs, 2, k4 // 4, 4)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(-1)
 
 
 def _conv_4x2_record(op: Op, oc: int, bias: int) -> list[int]:
-    """{folded bias, multiplier, (oc << 16) | (shift byte << 8) | code}: code r - 1 for r = -shift in
+    """{2 x bias (the folded bias + 128 x the odd positions' weights), multiplier, (oc << 16) | (shift byte << 8) | code}: code r - 1 for r = -shift in
     2..20 (the kernel derives the output stage's constant from r and the output offset), else 0xFF
     (the generic stage, which reads the shift byte); see the template."""
     m, shift = int(op.attrs["multiplier"][oc]), int(op.attrs["shift"][oc])
-    if not -128 <= shift < 128 or not 0 <= oc < 1 << 15:
-        raise ValueError(f"layer {op.name}: channel {oc} shift {shift} does not fit the 4x2 record")
+    if not -128 <= shift < 128 or not 0 <= oc < 1 << 15 or not -2 ** 30 <= bias < 2 ** 30:
+        raise ValueError(f"layer {op.name}: channel {oc} shift {shift} or bias {bias} does not fit the 4x2 record")
     r = -shift
     code = r - 1 if 2 <= r <= 20 else 0xFF
-    return [bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]
+    return [2 * bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]  # the kernel's sums are doubled
 
 
 def conv_4x2_generic(graph: Graph, op: Op) -> bool:
@@ -209,9 +234,11 @@ def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
     out_c = w.shape[0]
     live = np.any(w.reshape(out_c, -1) != 0, axis=1)
     bias = folded_bias(graph, op).astype(np.int64)
+    # the kernel's sums leave out 128 * (the odd positions' weights) (pack_conv_4x2): the record adds it
+    odd = w.reshape(out_c, -1)[:, 1::2].astype(np.int64).sum(axis=1)
     computed = np.flatnonzero(live)
     packed = pack_conv_4x2(w[computed]) if len(computed) else np.zeros(4, np.int8)
-    records = [_conv_4x2_record(op, int(oc), int(bias[oc])) for oc in computed]
+    records = [_conv_4x2_record(op, int(oc), int(bias[oc] + 128 * odd[oc])) for oc in computed]
     if len(records) % 2:
         records.append([0, 0, 0xFE])
     dead = np.flatnonzero(~live)
@@ -574,6 +601,10 @@ DW_DSP_BODY_BYTES = 480
 # (518 B for a 3x3).
 DW_DSP_EDGE_TAP_BYTES = 40
 DW_DSP_EDGE_BODY_BYTES = 160
+# A pair function (two neighbouring pixels whose window rows are inside, one or both with window columns
+# in the padding): ~64 bytes a tap + 300.
+DW_DSP_PAIR_TAP_BYTES = 64
+DW_DSP_PAIR_BODY_BYTES = 300
 
 
 def _dw_dsp_geometry(layer) -> tuple | None:
@@ -630,7 +661,7 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if max(t[0] for t in taps) + step > DW_DSP_MAX_OFFSET or max(t[1] for t in taps) > DW_DSP_MAX_OFFSET:
             continue
         shape = found.setdefault(key, dict(zip(_DW_DSP_KEY, key),
-                                           taps=taps, step=step, macs=0, gain=0, edges={}))
+                                           taps=taps, step=step, macs=0, gain=0, edges={}, pairs={}))
         shape["macs"] += layer.macs
         # what the interior code saves, for ranking the geometries: per interior pixel its tap table
         # (~8 instructions a tap) and ~15 instructions per channel (measured on the MLPerf Tiny layers:
@@ -651,6 +682,8 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
                     edge = (ky0, ky1, kx0, kx1)
                     macs = n_rows * n_cols * (ky1 - ky0) * (kx1 - kx0) * out_c
                     shape["edges"][edge] = shape["edges"].get(edge, 0) + macs
+        for pair, n in _border_pairs(out_h, out_w, p, kh, kw, in_h, in_w).items():
+            shape["pairs"][pair] = shape["pairs"].get(pair, 0) + n * out_c
     chosen, spent = [], 0
     for shape in sorted(found.values(), key=lambda s: -s["gain"]):
         cost = DW_DSP_BODY_BYTES + DW_DSP_TAP_BYTES * len(shape["taps"])
@@ -667,8 +700,62 @@ def depthwise_dsp_shapes(layers, board) -> list[dict]:
         if spent + cost <= DW_DSP_CODE_BUDGET:
             spent += cost
             kept.setdefault(i, []).append(_edge_taps(chosen[i], *edge))
-    return [{**{k: v for k, v in shape.items() if k != "edges"}, "id": i, "edges": kept.get(i, [])}
+    # then pair functions (a border pixel beside an interior one, or two border pixels, all window rows
+    # inside: the weights loaded once for both, ~20 instructions per four channels less than two single
+    # pixels), most pixels first, in what is left
+    pairs = sorted(((n, i, pair) for i, shape in enumerate(chosen) for pair, n in shape["pairs"].items()),
+                   key=lambda e: -e[0])
+    kept_pairs: dict[int, list] = {}
+    for _, i, pair in pairs:
+        cost = DW_DSP_PAIR_BODY_BYTES + DW_DSP_PAIR_TAP_BYTES * len(chosen[i]["taps"])
+        taps = _pair_taps(chosen[i], *pair)
+        if taps is not None and spent + cost <= DW_DSP_CODE_BUDGET:
+            spent += cost
+            kept_pairs.setdefault(i, []).append(taps)
+    return [{**{k: v for k, v in shape.items() if k not in ("edges", "pairs")}, "id": i, "edges": kept.get(i, []),
+             "pairs": kept_pairs.get(i, [])}
             for i, shape in enumerate(chosen)]
+
+
+def _border_pairs(out_h: int, out_w: int, p: dict, kh: int, kw: int, in_h: int, in_w: int) -> dict:
+    """{(a0, a1, b0, b1): count} of the pixel pairs the DSP depthwise kernel could run as one pair
+    function: neighbours (ox, ox + 1) from an even pixel index (the in-place contract, as the interior
+    pairs) in rows whose window rows are all inside, both with window columns inside (a0 .. a1 - 1 and
+    b0 .. b1 - 1), not both wholly inside (that is the interior pair)."""
+    def cols(ox):
+        inside = [t for t in range(kw) if 0 <= ox * p["stride_w"] - p["pad_left"] + t * p["dilation_w"] < in_w]
+        return (inside[0], inside[-1] + 1) if inside else None
+    kinds = [cols(ox) for ox in range(out_w)]
+    counts: dict[tuple, int] = {}
+    for oy in range(out_h):
+        y0 = oy * p["stride_h"] - p["pad_top"]
+        if y0 < 0 or y0 + (kh - 1) * p["dilation_h"] >= in_h:
+            continue
+        for ox in range((oy * out_w) % 2, out_w - 1, 2):
+            a, b = kinds[ox], kinds[ox + 1]
+            if a is not None and b is not None and (a, b) != ((0, kw), (0, kw)):
+                counts[(*a, *b)] = counts.get((*a, *b), 0) + 1
+    return counts
+
+
+def _pair_taps(shape: dict, a0: int, a1: int, b0: int, b1: int) -> dict | None:
+    """A pair function's taps: per tap (weight index, pixel A's input offset, pixel B's) from A's first
+    inside column of the window's first row (None: the tap's column is in the padding, added once per
+    column from the records' column sums), and the padded columns of each; None when an offset does not
+    fit an LDR immediate (or B's window would start before A's first inside column)."""
+    col = shape["dil_w"] * shape["in_c"]
+    row = shape["dil_h"] * shape["in_w"] * shape["in_c"]
+    taps = []
+    for ky in range(shape["kh"]):
+        for kx in range(shape["kw"]):
+            off_a = ky * row + (kx - a0) * col if a0 <= kx < a1 else None
+            off_b = ky * row + (kx - a0) * col + shape["step"] if b0 <= kx < b1 else None
+            if any(o is not None and not 0 <= o <= DW_DSP_MAX_OFFSET for o in (off_a, off_b)):
+                return None
+            taps.append((ky * shape["kw"] + kx, off_a, off_b))
+    return {"a0": a0, "a1": a1, "b0": b0, "b1": b1, "taps": taps,
+            "pad_a": [kx for kx in range(shape["kw"]) if not a0 <= kx < a1],
+            "pad_b": [kx for kx in range(shape["kw"]) if not b0 <= kx < b1]}
 
 
 def _inside_counts(out_n: int, stride: int, pad: int, k: int, dilation: int, size: int) -> dict:

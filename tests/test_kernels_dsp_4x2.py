@@ -75,7 +75,8 @@ def _graph(case, rng):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 4), (3, 1, 1, 9), (5, 3, 3, 7), (2, 1, 2, 13)])
 def test_pack_conv_4x2_order(shape):
     """Every weight lands where the kernel reads it (the index of ek_conv4x2_weight in the template):
-    pair oc // 2, block k // 4, word (k % 4) & 1, lane (k % 4) >> 1, channel oc % 2; zeros elsewhere."""
+    pair oc // 2, block k // 4, channel oc % 2, byte k % 4, even positions ^ 0x80; zeros (stored
+    0x80 at even positions) elsewhere."""
     w = np.random.default_rng(0).integers(-128, 128, size=shape).astype(np.int8)
     packed = pack_conv_4x2(w)
     out_c, k = shape[0], int(np.prod(shape[1:]))
@@ -85,11 +86,11 @@ def test_pack_conv_4x2_order(shape):
     seen = np.zeros(packed.size, bool)
     for oc in range(out_c):
         for i in range(k):
-            r = i & 3
-            idx = (oc >> 1) * 2 * k4 + (i & ~3) * 2 + 4 * (r & 1) + 2 * (r >> 1) + (oc & 1)
-            assert packed[idx] == flat[oc, i]
+            idx = (oc >> 1) * 2 * k4 + (i & ~3) * 2 + 4 * (oc & 1) + (i & 3)
+            assert packed[idx] == (flat[oc, i] if i & 1 else flat[oc, i] ^ np.int8(-128))
             seen[idx] = True
-    assert not packed[~seen].any()
+    even = (np.arange(packed.size) & 1) == 0
+    assert not packed[~seen & ~even].any() and np.all(packed[~seen & even] == -128)
 
 
 def test_conv_4x2_choice():
@@ -123,6 +124,17 @@ def test_conv_4x2_choice():
     assert not conv_4x2_chosen(*conv(3, 64, 16, (4, 4)), cap=2048)
     # many pairs leave no room for a chunk beside their sums
     assert conv_4x2_scratch(300, 61, 2048) == 0 and conv_4x2_scratch(300, 60, 2048) == 2048
+    # more than CONV_4X2_SUM_MAX = 340 taps are summed in chunks even when the four windows fit
+    assert conv_4x2_scratch(288, 16, 4096) == 8 * 288 and conv_4x2_chunk(288, 16, 8 * 288) == 288
+    assert conv_4x2_scratch(360, 16, 4096) == 4 * 360 and conv_4x2_chunk(360, 16, 4 * 360) == 116
+    assert conv_4x2_chunk(360, 16, 4096) == 340
+    # an accumulator that may reach 2^30 (the kernel's sums are doubled) keeps ek_conv2d_s8
+    g, op = conv(1, 64, 64, (25, 5))
+    assert conv_4x2_chosen(g, op, cap=2048)
+    bias = np.zeros(64, np.int32)
+    bias[5] = 2 ** 30
+    g.tensors[op.inputs[2]].data = bias
+    assert not conv_4x2_chosen(g, op, cap=2048)
 
 
 def _check_on_cortex_m(case, board):

@@ -114,6 +114,11 @@ def conv_4x2_scratch_cap(graph: Graph) -> int:
 
 
 CONV_4X2_CHUNK_MIN = 16  # the fewest taps per chunk of the K-chunked form (EK_CONV4X2_CHUNK_MIN in the template)
+# the most taps the 4x2 kernel sums at a time (EK_CONV4X2_SUM_MAX): its sums are 256 times the dot
+# product minus 128 x the odd taps' weights, modulo 2^32 (weights never sign-extended), exact below
+# 2^23 in magnitude: |w| <= 128, |x| <= 128 at even taps and |x - 128| <= 256 at odd ones bound it by
+# 170 x 128 x 128 + 170 x 128 x 256 = 8,355,840 < 2^23 for 340 taps; a longer window is chunked
+CONV_4X2_SUM_MAX = 340
 
 
 def conv_4x2_pairs(graph: Graph, op: Op) -> int:
@@ -130,7 +135,7 @@ def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
     CONV_4X2_CHUNK_MIN taps; 0 when even that exceeds the cap (the layer keeps ek_conv2d_s8). The
     kernel sizes its chunks from the scratch it gets (ek_kernel_scratch_bytes), at least this."""
     k4 = (k_len + 3) // 4 * 4
-    if 8 * k4 <= cap:
+    if 8 * k4 <= cap and k4 <= CONV_4X2_SUM_MAX:
         return 8 * k4
     need = max(4 * k_len, 32 * pairs + 8 * CONV_4X2_CHUNK_MIN)
     return need if need <= cap else 0
@@ -138,10 +143,13 @@ def conv_4x2_scratch(k_len: int, pairs: int, cap: int) -> int:
 
 def conv_4x2_chunk(k_len: int, pairs: int, scratch: int) -> int:
     """Taps the 4x2 kernel gathers at a time with this much scratch (the template's kc): K rounded up
-    to 4 when the four windows fit, else the chunk left after the pairs' sums (a multiple of 4);
-    a chunk below CONV_4X2_CHUNK_MIN makes the kernel take its portable form."""
+    to 4 when the four windows fit and K is at most CONV_4X2_SUM_MAX, else the chunk left after the
+    pairs' sums (a multiple of 4, at most CONV_4X2_SUM_MAX); a chunk below CONV_4X2_CHUNK_MIN makes the
+    kernel take its portable form."""
     k4 = (k_len + 3) // 4 * 4
-    return k4 if 8 * k4 <= scratch else max((scratch - 32 * pairs) // 8, 0) & ~3
+    if 8 * k4 <= scratch and k4 <= CONV_4X2_SUM_MAX:
+        return k4
+    return min(max((scratch - 32 * pairs) // 8, 0) & ~3, CONV_4X2_SUM_MAX)
 
 
 def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
@@ -158,15 +166,29 @@ def conv_4x2_chosen(graph: Graph, op: Op, cap: int) -> bool:
     _, kh, kw, in_c = nhwc(graph.tensors[op.inputs[1]].shape)
     pixels = int(np.prod(nhwc(graph.tensors[op.outputs[0]].shape)[1:3]))
     return ((in_c > 8 or in_c <= 3 or kh * kw == 1) and pixels >= 4 and kh * kw * in_c >= 8 and
-            conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
+            conv_4x2_small(graph, op) and conv_4x2_scratch(kh * kw * in_c, conv_4x2_pairs(graph, op), cap) > 0)
+
+
+def conv_4x2_small(graph: Graph, op: Op) -> bool:
+    """Whether every accumulator of the layer stays below 2^30 in magnitude (|folded bias| + 128 *
+    sum|w| per channel, and the record's bias, which adds 128 * the odd positions' weights): the
+    4x2 kernel keeps its sums doubled for its one-SMMLAR output stage. Other layers (huge biases or
+    very long windows; none in practice) keep ek_conv2d_s8. Channels of zero weights are written as
+    constants, not summed: their biases do not count."""
+    w = graph.tensors[op.inputs[1]].data
+    flat = w.reshape(w.shape[0], -1).astype(np.int64)
+    live = np.any(flat != 0, axis=1)
+    flat = flat[live]
+    folded = np.abs(folded_bias(graph, op).astype(np.int64))[live]
+    return bool(np.all(folded + 128 * np.abs(flat).sum(axis=1) + 128 * np.abs(flat[:, 1::2]).sum(axis=1) < 2 ** 30))
 
 
 def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
     """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order ek_conv2d_s8_4x2 reads it:
     per pair of output channels (c0, c1) (an odd last channel beside zeros), per block of four window
-    positions k0..k3 (K = kh * kw * in_c rounded up to a multiple of 4, zeros past K), the words
-    [c0 k0, c1 k0, c0 k2, c1 k2] and [c0 k1, c1 k1, c0 k3, c1 k3]: SXTB16 and SXTB16 ROR #8 of a word
-    are then channel c0's and c1's int16 pairs for the pixels' (k0, k2) or (k1, k3) pairs."""
+    positions k0..k3 (K = kh * kw * in_c rounded up to a multiple of 4, zeros past K), c0's word
+    [k0, k1, k2, k3] then c1's, the even positions stored ^ 0x80: read as int16 lanes a word is
+    (256 w1 + w0 + 128, 256 w3 + w2 + 128) and never needs sign-extending (the template's header)."""
     out_c = w.shape[0]
     flat = w.reshape(out_c, -1).astype(np.int8)
     k = flat.shape[1]
@@ -174,21 +196,22 @@ def pack_conv_4x2(w: np.ndarray) -> np.ndarray:
     pairs = (out_c + 1) // 2
     padded = np.zeros((2 * pairs, k4), np.int8)
     padded[:out_c, :k] = flat
-    # [pair, channel j, block b, r] -> [pair, b, word r & 1, lane r >> 1, j]
-    blocks = padded.reshape(pairs, 2, k4 // 4, 2, 2)  # r = 2 * lane + word
-    return np.ascontiguousarray(blocks.transpose(0, 2, 4, 3, 1)).reshape(-1)
+    padded[:, 0::2] ^= np.int8(-128)  # even positions + 128 as an unsigned byte
+    # [pair, channel j, block b, r] -> [pair, b, j, r]
+    blocks = padded.reshape(pairs, 2, k4 // 4, 4)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(-1)
 
 
 def _conv_4x2_record(op: Op, oc: int, bias: int) -> list[int]:
-    """{folded bias, multiplier, (oc << 16) | (shift byte << 8) | code}: code r - 1 for r = -shift in
+    """{2 x bias (the folded bias + 128 x the odd positions' weights), multiplier, (oc << 16) | (shift byte << 8) | code}: code r - 1 for r = -shift in
     2..20 (the kernel derives the output stage's constant from r and the output offset), else 0xFF
     (the generic stage, which reads the shift byte); see the template."""
     m, shift = int(op.attrs["multiplier"][oc]), int(op.attrs["shift"][oc])
-    if not -128 <= shift < 128 or not 0 <= oc < 1 << 15:
-        raise ValueError(f"layer {op.name}: channel {oc} shift {shift} does not fit the 4x2 record")
+    if not -128 <= shift < 128 or not 0 <= oc < 1 << 15 or not -2 ** 30 <= bias < 2 ** 30:
+        raise ValueError(f"layer {op.name}: channel {oc} shift {shift} or bias {bias} does not fit the 4x2 record")
     r = -shift
     code = r - 1 if 2 <= r <= 20 else 0xFF
-    return [bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]
+    return [2 * bias, m, (oc << 16) | ((shift & 0xFF) << 8) | code]  # the kernel's sums are doubled
 
 
 def conv_4x2_generic(graph: Graph, op: Op) -> bool:
@@ -215,9 +238,11 @@ def conv_4x2_layout(graph: Graph, op: Op) -> tuple[np.ndarray, np.ndarray]:
     out_c = w.shape[0]
     live = np.any(w.reshape(out_c, -1) != 0, axis=1)
     bias = folded_bias(graph, op).astype(np.int64)
+    # the kernel's sums leave out 128 * (the odd positions' weights) (pack_conv_4x2): the record adds it
+    odd = w.reshape(out_c, -1)[:, 1::2].astype(np.int64).sum(axis=1)
     computed = np.flatnonzero(live)
     packed = pack_conv_4x2(w[computed]) if len(computed) else np.zeros(4, np.int8)
-    records = [_conv_4x2_record(op, int(oc), int(bias[oc])) for oc in computed]
+    records = [_conv_4x2_record(op, int(oc), int(bias[oc] + 128 * odd[oc])) for oc in computed]
     if len(records) % 2:
         records.append([0, 0, 0xFE])
     dead = np.flatnonzero(~live)

@@ -41,13 +41,16 @@ def accumulator_bounds(graph: Graph, op) -> np.ndarray:
 # the input offset into the bias (codegen/kernel_prep.py: folded_bias = bias + offset * sum(w)) and
 # sum w * q, q the int8 input
 # (or, for a padded tap, the zero point, also int8), in one of two orders:
-# - from zero, the bias added last (ek_conv2d_s8_4x2, the portable ek_conv2d_s8 / ek_fully_connected_s8):
+# - from zero, the bias added last (the portable ek_conv2d_s8 / ek_fully_connected_s8):
 #   partial sums |sum(w * q) over some taps| <= 128 * sum|w|, then the folded bias;
 # - from the folded bias (the DSP ek_conv2d_s8, ek_fully_connected_s8 and ek_depthwise_conv2d_s8):
 #   partial sums |folded_bias + sum(w * q) over some taps| <= |bias| + (|offset| + 128) * sum|w|.
 # max|q + offset| can be |offset| + 127 (offset > 0), one sum|w| less than the second order needs,
 # so accumulator_bounds takes 128 + |offset|: this one bound proves the reference order and both
-# folded ones (and the final sum, the same integer in every order).
+# folded ones (and the final sum, the same integer in every order). ek_conv2d_s8_4x2 and
+# ek_fully_connected_s8_rows4 sum modulo 2^32 in parts that are exact on their own (their templates)
+# and need only the final sum to fit; the 4x2 kernel keeps it doubled, so it takes a layer only when
+# every |accumulator| < 2^30 (kernel_prep.conv_4x2_small).
 
 
 def check_int8_arithmetic(graph: Graph) -> None:

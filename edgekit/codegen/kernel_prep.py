@@ -489,7 +489,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
             need = max(need, 4 * kh * kw + 4 * (layer.dims["output"][3] & ~3) + layer.dims["input"][3])
         elif layer.kernel == "ek_lstm_s8":  # every board: the int16 cell state and four gates
             need = max(need, 2 * 5 * layer.params["hidden"])
-        elif layer.kernel == "ek_depthwise_conv2d_s8" and variant == "neon":
+        elif layer.kernel in ("ek_depthwise_conv2d_s8", "ek_depthwise_conv2d_s8_pairs") and variant == "neon":
             need = max(need, 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
-from helpers import float_graph, quantize_with_random_data
+from helpers import conv_out, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
 from test_rpi import CrossBuild, run_qemu
 
@@ -257,3 +257,62 @@ def test_add_rescales_equal_scalar(rescale_exes, records, board):
             if fast:
                 assert n == 512
         assert np.array_equal(pairs[:, 0], pairs[:, 1]), (rec[:5], pairs[pairs[:, 0] != pairs[:, 1]][:4])
+
+
+def depthwise_extremes(q, rng, minus128: bool, stage: str):
+    """Two channels' 3x3 taps set to +-127 (against -128 inputs: the largest int16 pair sums, 2 * 127 * 128),
+    with ``minus128`` one weight -128 (the layer must keep the one-product kernel); ``stage`` forces the output
+    stage's form in one channel: "right1" leaves the quantizer's shifts (all right by >= 1 here), "right" a
+    shift of 0, "any" a left shift of 1, each with a multiplier small enough for outputs inside int8."""
+    (op,) = [op for op in q.ops if op.kind == "depthwise_conv2d"]
+    w = q.tensors[op.inputs[1]].data  # (1, 3, 3, c)
+    extreme = rng.choice(w.shape[3], size=min(2, w.shape[3]), replace=False)
+    for ch in extreme:
+        w[..., ch] = np.where(rng.random(w.shape[:3]) < 0.5, -127, 127)
+    if minus128:
+        w[0, rng.integers(3), rng.integers(3), rng.integers(w.shape[3])] = -128
+    if stage != "right1":  # with a small multiplier, so that the channel's outputs do not all saturate
+        ch = extreme[0]  # sums of either sign
+        op.attrs["shift"], op.attrs["multiplier"] = op.attrs["shift"].copy(), op.attrs["multiplier"].copy()
+        op.attrs["shift"][ch] = 0 if stage == "right" else 1
+        op.attrs["multiplier"][ch] = rng.integers(1 << 18, 1 << 20) >> op.attrs["shift"][ch]
+    return op
+
+
+@given(st.integers(1, 7), st.integers(1, 9), st.sampled_from([8, 12, 16, 17, 24, 40]),
+       st.tuples(*(st.integers(0, 1) for _ in range(4))), st.integers(1, 2), st.integers(1, 2),
+       st.sampled_from(["none", "relu", "relu6"]), st.booleans(), st.sampled_from(["right1", "right1", "right", "any"]),
+       st.sampled_from(["rpi4", "rpi5"]), st.integers(0, 2 ** 31))
+@ADD_SETTINGS
+@example(5, 6, 16, (1, 1, 1, 1), 1, 1, "none", False, "right1", "rpi4", 1)
+@example(4, 5, 12, (1, 1, 1, 1), 2, 1, "none", False, "right", "rpi5", 2)  # 8-channel groups
+@example(6, 6, 24, (1, 0, 1, 0), 1, 2, "relu6", True, "any", "rpi5", 3)  # -128: the one-product kernel
+@example(3, 9, 40, (0, 1, 0, 1), 2, 1, "none", False, "any", "rpi4", 4)
+def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride, dilation, act, minus128, stage,
+                                               board, seed):
+    """ek_depthwise_conv2d_s8_pairs' 3x3 groups (16 and 8 lanes, four tap pairs summed in int16 and one
+    single tap) and the three output stages of the 3x3 groups, interior and border pixels, strides,
+    dilation; every sample's first input all -128. A -128 weight keeps ek_depthwise_conv2d_s8 and says
+    so in the project's notes."""
+    rng = np.random.default_rng(seed)
+    out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    if out[0] < 1 or out[1] < 1:
+        padding = (padding[0] + 3 * dilation, padding[1], padding[2] + 3 * dilation, padding[3])
+        out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
+                 depth_multiplier=1)
+    g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs,
+                    {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}, (1, *out, c))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 4.0)})
+    depthwise_extremes(q, rng, minus128, stage)
+    x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
+    x[0] = -128
+    board_ = load_board(board)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = generate_project(q, tmp, board_, threads=1)
+        exe = xbuild.build(Path(tmp), board_)
+        got = run_qemu(exe, board_["qemu"]["cpu"], x.reshape(6, -1), q.tensors[q.outputs[0]].size)
+    want = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board}"
+    assert record["layers"][0]["kernel"] == ("ek_depthwise_conv2d_s8" if minus128 else "ek_depthwise_conv2d_s8_pairs")
+    assert any("-128" in n for n in record["notes"]) == minus128

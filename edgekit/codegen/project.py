@@ -111,10 +111,12 @@ def _check_weights_choice(graph: Graph, weights) -> None:
 
 class _Builder:
     def __init__(self, graph: Graph, plan: MemoryPlan, weight_only: bool, weights="dense", conv_tile_group: int = 0,
-                 dsp_conv: bool = False, int16_pairs: bool = False, x86: bool = False):
+                 dsp_conv: bool = False, int16_pairs: bool = False, x86: bool = False, depthwise_pairs: bool = False):
         self.graph = graph
         # rpi4: dense layers without a -128 weight take the int16-pair kernels (kernel_prep.int16_pairs_exact)
         self.int16_pairs = int16_pairs
+        # both Pis (NEON): depthwise layers without a -128 weight take ek_depthwise_conv2d_s8_pairs
+        self.depthwise_pairs = depthwise_pairs
         self.notes: list[str] = []  # generate-time notes on kernel choices (edgekit_project.json "notes")
         # x86-64: dense convolutions' and fully connected layers' biases carry the VNNI path's u8 correction
         self.x86 = x86
@@ -206,7 +208,8 @@ class _Builder:
             block_4x2 = self.conv_4x2_cap > 0 and op.kind == "conv2d" and conv_4x2_chosen(g, op, self.conv_4x2_cap)
             rows4 = op.name in self.fc_rows4
             # rpi4: the int16-pair kernels when no weight is -128 (else the one-product ones, with a note)
-            pairs_kind = self.int16_pairs and op.kind in ("conv2d", "fully_connected")
+            pairs_kind = (self.int16_pairs and op.kind in ("conv2d", "fully_connected")) or \
+                (self.depthwise_pairs and op.kind == "depthwise_conv2d")
             pairs = pairs_kind and int16_pairs_exact(w.data)
             if self.conv_tile_group and (op.kind == "conv2d" or (op.kind == "fully_connected" and
                                                                   self.conv_tile_group == 4)):
@@ -881,7 +884,8 @@ def write_project(graph: Graph, out_dir: str | Path, board: str | Board = "host"
                        conv_tile_group=conv_tile_group(board) if board.get("kernel_variant") == "neon" else 0,
                        dsp_conv=board.get("kernel_variant") == "dsp",
                        int16_pairs=board.get("kernel_variant") == "neon" and not board.get("dotprod"),
-                       x86=board.get("kernel_variant") == "x86")
+                       x86=board.get("kernel_variant") == "x86",
+                       depthwise_pairs=board.get("kernel_variant") == "neon")
     layers = [builder.layer(i, op) for i, op in enumerate(graph.ops)]
     kernels = sorted({l.kernel for l in layers if l.kernel} |
                      ({"ek_softmax_s8"} if "ek_exit_softmax_s8" in {l.kernel for l in layers} else set()))

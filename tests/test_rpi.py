@@ -271,6 +271,34 @@ def test_fully_connected_neon(xbuild, n_in, n_out, act, wscale, in_range, observ
     check_on_pi(g, rng, xbuild, board, {"x0": in_range}, observer)
 
 
+@pytest.mark.parametrize("board", ["rpi4", "rpi5"])
+def test_fully_connected_neon_shift_forms(xbuild, board):
+    """The packed fully connected kernels' output stage per 16-row block (ek_fc_output16) in its three
+    forms: 40 rows give blocks at rows 0, 16 and 24 (the last overlapping); rows 0-15 all shift right by
+    1 or more, rows 16-31 have a zero shift among right shifts, rows 32-39 one left shift."""
+    from edgekit import reference
+    rng = np.random.default_rng(7)
+    g = float_graph("fully_connected", [(1, 37)], dict(activation="none"),
+                    {"w": rng.normal(0, 1, (40, 37)), "b": rng.normal(0, 1, 40)}, (1, 40))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    a = q.ops[0].attrs
+    new = np.maximum(rng.integers(-9, 0, 40), a["shift"])
+    new[20], new[35] = 0, 2
+    # the same scale in another form: multiplier x 2^shift kept (the multiplier loses low bits)
+    a["multiplier"][:] = a["multiplier"] >> (new - a["shift"])
+    a["shift"][:] = new
+    x = rng.integers(-128, 128, size=(10, 37)).astype(np.int8)
+    b = load_board(board)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = generate_project(q, tmp, b)
+        assert record["layers"][0]["kernel"] == ("ek_fully_connected_s8_pairs" if board == "rpi4"
+                                                 else "ek_fully_connected_s8")
+        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x, 40)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board}"
+    assert len(np.unique(ref[:, 16:])) > 20  # the rows with zero and left shifts not all clamped
+
+
 @st.composite
 def binary_case(draw):
     """ADD / SUB / MUL: runs of 16 and their tails (c or h * w * c not a multiple of 16), and the

@@ -87,7 +87,9 @@ def test_scratch_is_planned_per_board(tmp_path):
     q = quantize_with_random_data(g, rng)
     k = 3 * 3 * 5
     expect = {"mps2-an386": (4 * k + 7) // 8 * 8, "host": (2 * k + 7) // 8 * 8, "mps2-an385": 0,
-              "rpi4": 4 * ((k + 7) // 8 * 8), "rpi5": 4 * ((k + 15) // 16 * 16)}  # 4 windows, 8 / 16-byte loads
+              # rpi4's pair tile: 4 windows of 3 rows of 15 taps padded to 16, and 3 row offsets; rpi5: 4
+              # windows of 16-byte loads
+              "rpi4": (4 * 3 * 16 + 4 * 3 + 7) // 8 * 8, "rpi5": 4 * ((k + 15) // 16 * 16)}
     for board, scratch in expect.items():
         record = generate_project(q, tmp_path / board, load_board(board))
         assert record["scratch_bytes"] == scratch, board
@@ -116,24 +118,27 @@ def test_tile_packing_is_the_filter_in_the_tile_order(out_c, k, group):
             assert np.array_equal(got, want), (b, j)
 
 
-@pytest.mark.parametrize("out_c, k", [(1, 3), (8, 27), (9, 8), (16, 16), (17, 45)])
-def test_pairs_packing_is_the_filter_in_the_pair_tile_order(out_c, k):
-    """pack_conv_pairs: per block and group of 4 taps, channels 0-7 x taps (0, 1), channels 0-7 x taps
-    (2, 3), then (16 channels) the same for channels 8-15, each channel's two weights side by side; a
-    layer of at most 8 channels keeps only the first 32 bytes per group (rpi4's 8-channel tile)."""
+@pytest.mark.parametrize("out_c, kh, kw, in_c", [(1, 1, 1, 3), (8, 3, 3, 3), (9, 1, 1, 8), (16, 2, 2, 4), (17, 3, 5, 3),
+                                                (5, 10, 4, 1)])
+def test_pairs_packing_is_the_filter_in_the_pair_tile_order(out_c, kh, kw, in_c):
+    """pack_conv_pairs: each window row of kw * in_c taps padded with zeros to a multiple of 4, then per
+    block and group of 4 taps, channels 0-7 x taps (0, 1), channels 0-7 x taps (2, 3), then (16 channels)
+    the same for channels 8-15, each channel's two weights side by side; a layer of at most 8 channels
+    keeps only the first 32 bytes per group (rpi4's 8-channel tile)."""
     from edgekit.codegen.kernel_prep import pack_conv_pairs, sdot_block_starts
-    w = np.random.default_rng(out_c * 100 + k).integers(-127, 128, (out_c, 1, 1, k)).astype(np.int8)
+    w = np.random.default_rng(out_c * 100 + kh * kw * in_c).integers(-127, 128, (out_c, kh, kw, in_c)).astype(np.int8)
     packed = pack_conv_pairs(w)
-    starts, groups, halves = sdot_block_starts(out_c), (k + 3) // 4, 1 if out_c <= 8 else 2
+    row4 = (kw * in_c + 3) // 4 * 4
+    starts, groups, halves = sdot_block_starts(out_c), kh * row4 // 4, 1 if out_c <= 8 else 2
     assert packed.size == len(starts) * groups * halves * 32
     tiles = packed.reshape(len(starts), groups, halves, 2, 8, 2)  # block, group, channel half, tap pair, channel, tap
     for b, start in enumerate(starts):
         for c in range(8 * halves):
-            want = np.zeros(4 * groups, np.int8)
+            want = np.zeros((kh, row4), np.int8)
             if start + c < out_c:
-                want[:k] = w[start + c].reshape(-1)
+                want[:, :kw * in_c] = w[start + c].reshape(kh, -1)
             got = tiles[b, :, c // 8, :, c % 8, :].reshape(-1)
-            assert np.array_equal(got, want), (b, c)
+            assert np.array_equal(got, want.reshape(-1)), (b, c)
 
 
 def test_cold_kernels_build_portable_and_for_size(tmp_path):

@@ -216,6 +216,39 @@ def _check_portable_host(case):
     assert int(np.sum(got != ref)) == 0
 
 
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500"])
+def test_conv2d_s8_4x2_sums_at_the_exact_shift_bound(board, tmp_path):
+    """The kernel's sums are 256 x (sum of w x at even taps + w (x - 128) at odd ones) modulo 2^32,
+    exact for at most CONV_4X2_SUM_MAX = 340 taps at a time: here every weight is -128 and every input
+    -128, so a chunk of 340 taps reaches 170 x 16384 + 170 x 32768 = 8,355,840, just below 2^23 (a 1x1
+    over 688 channels, gathered in chunks of 340, 340 and 8). The requantization is set so that the
+    outputs (accumulators of 11.3 M, and of mixed signs in the other pixels) are not saturated. (Checked
+    once by hand: with the bound raised to 344 taps, 696 channels, a chunk reaches 8,454,144 > 2^23 and
+    10 of the 16 outputs differ.)"""
+    if shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("needs qemu-system-arm and arm-none-eabi-gcc (make setup)")
+    from cortex_m_selftest import run_selftest
+
+    rng = np.random.default_rng(3)
+    case = dict(h=2, w=2, c=688, o=2, k=(1, 1), stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0), out=(2, 2),
+                act="none", bias=False, wscale=0.3)
+    q = _graph(case, rng)
+    op = q.ops[0]
+    q.tensors[op.inputs[1]].data[:] = -128
+    op.attrs["input_offset"] = 0
+    op.attrs["multiplier"] = np.full(2, 1 << 30, np.int64)
+    op.attrs["shift"] = np.full(2, -20, np.int64)
+    op.attrs["output_offset"] = 0
+    x = np.full((2, 2, 2, 688), -128, np.int8)
+    x[1, 0, 1, ::3] = 127  # other pixels: mixed signs
+    x[1, 1, :, 1::2] = rng.integers(-128, 128, size=(2, 344))
+    assert conv_4x2_chunk(688, 1, conv_4x2_scratch(688, 1, 4 * 688)) == 340
+    got = run_selftest(q, board, x, tmp_path)
+    ref = reference.run(q, x)[0].reshape(len(x), -1)
+    assert np.all(np.abs(ref) < 127) and np.any(ref != 0)
+    assert int(np.sum(got != ref)) == 0
+
+
 @pytest.mark.parametrize("board", ["mps2-an386", "host-dsp-portable"])
 def test_conv2d_s8_4x2_generic_output_channels(board, tmp_path):
     """Channels whose right shift is outside the fast output stage's 2..20 (shift 0 or -1: a scale

@@ -112,20 +112,24 @@ def test_conv2d_pairs(xbuild, h, w, c, o, k, padding, stride, act, minus128, thr
     assert any("-128" in n for n in record["notes"]) == minus128
 
 
-@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([4, 8, 12, 16, 20, 36]), st.sampled_from([1, 5, 16, 17, 40]),
+@given(st.integers(1, 7), st.integers(1, 13), st.sampled_from([1, 2, 3, 4, 5, 8, 12, 13, 16, 36]), st.sampled_from([1, 5, 8, 16, 17, 40]),
        st.sampled_from([(3, 3), (1, 1), (2, 5), (5, 1), (1, 3)]), st.tuples(*(st.integers(0, 2) for _ in range(4))),
        st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2 ** 31))
 @example(6, 13, 16, 17, (3, 3), (1, 1, 1, 1), 1, 1, 1, 1, 4)  # stepped rows and table groups, two blocks
 @example(3, 11, 8, 5, (1, 1), (0, 0, 0, 0), 1, 1, 1, 1, 5)  # a GEMM with a last group of one pixel
 @example(5, 12, 12, 16, (2, 5), (0, 1, 2, 0), 1, 2, 2, 2, 6)  # per-tap stepped runs (dilation across the row)
+@example(9, 13, 3, 8, (3, 3), (0, 1, 0, 1), 2, 1, 1, 1, 7)  # a first layer: 3 channels into 8, stride 2, padded rows
+@example(3, 20, 3, 40, (3, 3), (0, 0, 1, 1), 1, 1, 1, 3, 8)  # one row: 16-channel block shares of padded rows
 @PAIRS_SETTINGS
 def test_conv2d_pairs_runs(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w, threads, seed):
-    """ek_conv2d_s8_pairs, in_c a multiple of 4: windows read in place, no gather: four pixels of one
-    output row inside the input as kh rows of kw * in_c (or, dilated across the row, kh * kw runs) at
-    fixed offsets, a 1x1 stride-1 layer's pixels as a GEMM, the other groups through the run-pointer
-    table (padding on every side reading the zero-point row, groups crossing an output row, the last
-    pixel repeated); one 16-channel block set up once or several per group, thread shares. Rows of
-    +-127 weights against -128 inputs: the largest pair sums."""
+    """ek_conv2d_s8_pairs, windows read in place: four pixels of one output row inside the input as kh
+    rows of kw * in_c (in_c not a multiple of 4: rows padded to whole groups of 4 in the packed filter,
+    read while they stay inside the input; dilated across the row: kh * kw runs) at fixed offsets, a 1x1
+    stride-1 layer's pixels as a GEMM; the other groups through the run-pointer table (in_c a multiple
+    of 4: padding on every side reading the zero-point row, groups crossing an output row, the last
+    pixel repeated) or gathered with the padded row stride; the 8-channel tile (out_c <= 8), one
+    16-channel block set up once or several per group, thread shares. Rows of +-127 weights against -128
+    inputs: the largest pair sums."""
     rng = np.random.default_rng(seed)
     kh, kw = k
     dilation = (dil_h, dil_w)
@@ -140,3 +144,5 @@ def test_conv2d_pairs_runs(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w,
     extreme_weights(q, rng, False)
     record = run_rpi4(q, rng, xbuild, threads)
     assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"
+    if (h, w, c, o, threads) == (3, 20, 3, 40, 3):
+        assert record["layers"][0]["split"] == "channels"

@@ -55,11 +55,15 @@ def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
 def pack_conv_pairs(w: np.ndarray) -> np.ndarray:
     """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order rpi4's int16-pair tile
     reads it (kernels/neon/ek_conv2d_s8_pairs): per block of 16 output channels (sdot_block_starts),
-    per group of 4 taps of the window (K rounded up to 4, zeros past K), 64 bytes: channels 0-7 x taps
+    per group of 4 taps of the window (each of its kh rows of kw * in_c taps padded with zeros to a
+    multiple of 4, so that the kernel reads a row as whole groups), 64 bytes: channels 0-7 x taps
     (0, 1), channels 0-7 x taps (2, 3), channels 8-15 x taps (0, 1), channels 8-15 x taps (2, 3), each
     channel's two weights side by side (SMULL against a pixel's two taps broadcast over the lanes).
     Channels past out_c are zero. A layer of at most 8 channels keeps only channels 0-7's 32 bytes per
     group (the kernel's 8-channel tile)."""
+    out_c, kh, kw, in_c = w.shape
+    row = kw * in_c  # each window row padded to whole groups of 4 taps (a no-op when in_c % 4 == 0)
+    w = np.pad(w.reshape(out_c, kh, row), ((0, 0), (0, 0), (0, -row % 4))).reshape(out_c, 1, 1, -1)
     groups = pack_conv_tile(w, 4).reshape(-1, 2, 8, 2, 2)  # [block x group, channel half, channel, tap pair, tap]
     packed = groups.transpose(0, 1, 3, 2, 4)
     return np.ascontiguousarray(packed[:, :1] if w.shape[0] <= 8 else packed).reshape(-1)
@@ -466,6 +470,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 # offset per tap, a row of in_c zero points (the gathered windows of other shapes need the
                 # 4 x K above)
                 windows = max(windows, 36 * kh * kw + k_in)
+            elif variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs":
+                # rpi4's pair tile over 1-3 channels: four windows of kh rows padded to whole groups of 4,
+                # then an int32 offset per row
+                windows = 4 * kh * ((kw * k_in + 3) // 4 * 4) + 4 * kh
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]
@@ -589,17 +597,17 @@ def add_tables(layers, board, scratch: int, portable=()) -> bool:
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
-# Flash the unrolled interior code may take per model: one geometry costs about 112 bytes a tap (a pixel pair's
-# 17 instructions and a single pixel's 10, 32-bit each) and 480 bytes of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2 since the output stage reads generate-time records: 1,484 B for a 3x3, 2.3 KB
-# before). The geometries that save the most get it first. 9 KB: VWW's non-weight flash stays near 0.2x of
-# TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
+# Flash the unrolled interior code may take per model: one geometry costs about 88 bytes a tap (a pixel pair's
+# 12-15 instructions and a single pixel's 9, 32-bit each) and 480 bytes of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2: 1,248-1,328 B for a 3x3 since the weights are widened at generate time, 1,484 B
+# before, 2.3 KB before the records). The geometries that save the most get it first. 9 KB: VWW's non-weight
+# flash stays near 0.2x of TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
 DW_DSP_CODE_BUDGET = 9000
-DW_DSP_TAP_BYTES = 112
+DW_DSP_TAP_BYTES = 88
 DW_DSP_BODY_BYTES = 480
-# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 160
-# (518 B for a 3x3).
-DW_DSP_EDGE_TAP_BYTES = 40
+# A left / right edge function (one pixel, some window columns in the padding): ~32 bytes a tap + 160
+# (406-446 B for a 3x3; 518 B before the weights were widened at generate time).
+DW_DSP_EDGE_TAP_BYTES = 32
 DW_DSP_EDGE_BODY_BYTES = 160
 # A pair function (two neighbouring pixels whose window rows are inside, one or both with window columns
 # in the padding): ~64 bytes a tap + 300.

@@ -666,17 +666,17 @@ def add_tables(layers, board, scratch: int, portable=()) -> bool:
 
 DW_DSP_MAX_TAPS = 25  # the largest window (kh * kw) the DSP depthwise kernel unrolls
 DW_DSP_MAX_OFFSET = 4095  # Thumb-2 LDR's immediate: every tap's byte offset fits in the instruction
-# Flash the unrolled interior code may take per model: one geometry costs about 112 bytes a tap (a pixel pair's
-# 17 instructions and a single pixel's 10, 32-bit each) and 480 bytes of output stage and loop (measured with
-# arm-none-eabi-gcc 12 -O2 since the output stage reads generate-time records: 1,484 B for a 3x3, 2.3 KB
-# before). The geometries that save the most get it first. 9 KB: VWW's non-weight flash stays near 0.2x of
-# TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
+# Flash the unrolled interior code may take per model: one geometry costs about 88 bytes a tap (a pixel pair's
+# 12-15 instructions and a single pixel's 9, 32-bit each) and 480 bytes of output stage and loop (measured with
+# arm-none-eabi-gcc 12 -O2: 1,248-1,328 B for a 3x3 since the weights are widened at generate time, 1,484 B
+# before, 2.3 KB before the records). The geometries that save the most get it first. 9 KB: VWW's non-weight
+# flash stays near 0.2x of TFLM's runtime (goal <= 0.25x) with most of its nine geometries unrolled.
 DW_DSP_CODE_BUDGET = 9000
-DW_DSP_TAP_BYTES = 112
+DW_DSP_TAP_BYTES = 88
 DW_DSP_BODY_BYTES = 480
-# A left / right edge function (one pixel, some window columns in the padding): ~40 bytes a tap + 160
-# (518 B for a 3x3).
-DW_DSP_EDGE_TAP_BYTES = 40
+# A left / right edge function (one pixel, some window columns in the padding): ~32 bytes a tap + 160
+# (406-446 B for a 3x3; 518 B before the weights were widened at generate time).
+DW_DSP_EDGE_TAP_BYTES = 32
 DW_DSP_EDGE_BODY_BYTES = 160
 # A pair function (two neighbouring pixels whose window rows are inside, one or both with window columns
 # in the padding): ~64 bytes a tap + 300.

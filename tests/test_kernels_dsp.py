@@ -145,6 +145,32 @@ def test_avg_pool2d_s8_dsp_large_windows(h, w, c, kernel, stride, board):
     assert len(np.unique(ref[2:])) > 1  # not a constant output
 
 
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 27), input_range(), observers, st.integers(0, 2 ** 31),
+       BOARDS)
+@DSP_SETTINGS
+def test_mean_s8_dsp(h, w, c, in_range, observer, seed, board):
+    """The mean over height and width on the DSP sums (four channels a word, the last 1-3 scalar)."""
+    rng = np.random.default_rng(seed)
+    g = float_graph("mean", [(1, h, w, c)], {}, None, (1, 1, 1, c))
+    _check_on_board(g, rng, board, {"x0": in_range}, observer)
+
+
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500"])
+def test_mean_s8_dsp_over_256_values(board, tmp_path):
+    """A mean over 23 x 19 = 437 values a channel (the lanes emptied into int32 after 256), with the
+    extremes -128 / 127 everywhere in two of the inputs."""
+    rng = np.random.default_rng(5)
+    g = float_graph("mean", [(1, 23, 19, 12)], {}, None, (1, 1, 1, 12))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 1.0)}, "minmax")
+    x = rng.integers(-128, 128, size=(4, 23, 19, 12)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    got = run_selftest(q, board, x, tmp_path)
+    assert "ek_dsp.h" in (tmp_path / "project" / "kernels" / "ek_mean_s8.c").read_text()
+    ref = reference.run(q, x)[0].reshape(4, -1)
+    assert np.array_equal(got, ref), f"{int(np.sum(got != ref))} of {got.size} elements differ"
+    assert len(np.unique(ref[2:])) > 1
+
+
 @pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "depthwise", "fully_connected"])
 @pytest.mark.parametrize("channels", ["all", "some"])
 def test_dsp_kernels_nonnegative_shift(kind, channels):

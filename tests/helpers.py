@@ -42,13 +42,14 @@ def conv_out(h, w, k, stride, dilation, padding):
             conv_output_size(w, k[1], stride[1], dilation[1], padding[2], padding[3]))
 
 
-def conv_out_nonempty(h, w, k, stride, padding):
-    """The output size of a (dilation 1) convolution drawn at random, and its padding: a window larger
-    than the padded input gets k more rows / columns of top / left padding, so the output is not empty."""
-    out = conv_out(h, w, k, stride, (1, 1), padding)
+def conv_out_nonempty(h, w, k, stride, padding, dilation=(1, 1)):
+    """The output size of a convolution drawn at random, and its padding: a window larger than the
+    padded input gets its (dilated) extent more rows / columns of top / left padding, so the output is
+    not empty."""
+    out = conv_out(h, w, k, stride, dilation, padding)
     if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + k[0], padding[1], padding[2] + k[1], padding[3])
-        out = conv_out(h, w, k, stride, (1, 1), padding)
+        padding = (padding[0] + k[0] * dilation[0], padding[1], padding[2] + k[1] * dilation[1], padding[3])
+        out = conv_out(h, w, k, stride, dilation, padding)
     return out, padding
 
 

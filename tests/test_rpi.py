@@ -163,10 +163,7 @@ def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act,
     4 keeps the gathered windows (test_conv2d_tile)."""
     rng = np.random.default_rng(seed)
     kh, kw = k
-    out = conv_out(h, w, k, (stride, stride), (dilation, dilation), padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh * dilation, padding[1], padding[2] + kw * dilation, padding[3])
-        out = conv_out(h, w, k, (stride, stride), (dilation, dilation), padding)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding, (dilation, dilation))
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
@@ -202,10 +199,7 @@ def test_conv2d_sdot_gathered_rows(xbuild, h, w, c, o, k, padding, stride, dil_h
     rng = np.random.default_rng(seed)
     kh, kw = k
     dilation = (dil_h, dil_w)
-    out = conv_out(h, w, k, (stride, stride), dilation, padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh * dil_h, padding[1], padding[2] + kw * dil_w, padding[3])
-        out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding, dilation)
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=dilation, padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
@@ -235,10 +229,7 @@ def test_depthwise_conv2d_neon_channel_groups(xbuild, kh, kw, h, w, c, padding, 
     """The 16- and 8-channel groups with the last group ending at out_c, padding on every side
     (taps reading the zero-point row), strides and dilation."""
     rng = np.random.default_rng(seed)
-    out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh * dilation, padding[1], padding[2] + kw * dilation, padding[3])
-        out = conv_out(h, w, (kh, kw), (stride, stride), (dilation, dilation), padding)
+    out, padding = conv_out_nonempty(h, w, (kh, kw), (stride, stride), padding, (dilation, dilation))
     weights = {"w": rng.normal(0, 1, (1, kh, kw, c)), "b": rng.normal(0, 1, c)}
     attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
                  depth_multiplier=1)
@@ -255,10 +246,7 @@ def test_depthwise_conv2d_neon_3x3(xbuild, h, w, c, padding, stride, dilation, a
     at fixed tap offsets and border pixels reading the zero-point row on every side, strides,
     dilation, a last group overlapping the previous one (c not a multiple of 16)."""
     rng = np.random.default_rng(seed)
-    out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + 3 * dilation, padding[1], padding[2] + 3 * dilation, padding[3])
-        out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    out, padding = conv_out_nonempty(h, w, (3, 3), (stride, stride), padding, (dilation, dilation))
     weights = {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}
     attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act,
                  depth_multiplier=1)

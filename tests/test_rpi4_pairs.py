@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.project import generate_project
-from helpers import conv_out, conv_out_nonempty, float_graph, quantize_with_random_data
+from helpers import conv_out_nonempty, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
 from test_rpi import CrossBuild, run_qemu
 
@@ -133,10 +133,7 @@ def test_conv2d_pairs_runs(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w,
     rng = np.random.default_rng(seed)
     kh, kw = k
     dilation = (dil_h, dil_w)
-    out = conv_out(h, w, k, (stride, stride), dilation, padding)
-    if out[0] < 1 or out[1] < 1:
-        padding = (padding[0] + kh * dil_h, padding[1], padding[2] + kw * dil_w, padding[3])
-        out = conv_out(h, w, k, (stride, stride), dilation, padding)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding, dilation)
     attrs = dict(stride=(stride, stride), dilation=dilation, padding=padding, activation="relu")
     g = float_graph("conv2d", [(1, h, w, c)], attrs, {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)},
                     (1, *out, o))

@@ -71,7 +71,7 @@ int main(void)
 
 
 def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, timeout: float = 60.0,
-                 memory_off=()) -> np.ndarray:
+                 memory_off=(), extra_cflags=()) -> np.ndarray:
     """Generate ``graph`` (one int8 input, one output) for ``board_name`` (``memory_off``: arena
     techniques turned off), build self-test firmware with ``inputs`` (batch of raw int8 input tensors)
     baked in, run it under QEMU; return the int8 outputs, one row per input."""
@@ -89,13 +89,15 @@ def run_selftest(graph, board_name: str, inputs: np.ndarray, workdir: Path, time
     rows = ",\n".join("    {" + ", ".join(str(int(v)) for v in row) + "}" for row in x)
     (out / "selftest.c").write_text(SELFTEST_C % dict(n=len(x), size=x.shape[1], rows=rows, out=out_size))
     stdout = build_and_run(out, board, board_name, ["model.c", "model_weights.c",
-                                                   *(f"kernels/{k}.c" for k in record["kernels"])], timeout)
+                                                   *(f"kernels/{k}.c" for k in record["kernels"])], timeout,
+                           extra_cflags)
     lines = [l[2:] for l in stdout.splitlines() if l.startswith("Y:")]
     assert len(lines) == len(x), stdout[-2000:]
     return np.array([np.frombuffer(bytes.fromhex(l), np.uint8).astype(np.int8) for l in lines]).reshape(len(x), -1)
 
 
-def build_and_run(out: Path, board, board_name: str, sources: list[str], timeout: float = 60.0) -> str:
+def build_and_run(out: Path, board, board_name: str, sources: list[str], timeout: float = 60.0,
+                  extra_cflags=()) -> str:
     """Build out/selftest.c (with startup.c, linker.ld and the given sources of the generated
     project in out) as firmware for the board, run it under QEMU; return its semihosting output."""
     cpu = [f"-mcpu={board.cpu}", "-mthumb", f"-mfloat-abi={board.float_abi}"]
@@ -103,7 +105,7 @@ def build_and_run(out: Path, board, board_name: str, sources: list[str], timeout
         cpu.append(f"-mfpu={board.fpu}")
     elf = out / "selftest.elf"
     sources = ["startup.c", "selftest.c", *sources]
-    cmd = ["arm-none-eabi-gcc", *cpu, *board.get("cflags", ["-O2"]), *WARN, "-ffunction-sections", "-fdata-sections",
+    cmd = ["arm-none-eabi-gcc", *cpu, *board.get("cflags", ["-O2"]), *extra_cflags, *WARN, "-ffunction-sections", "-fdata-sections",
            "-Iinclude", "-I.", "-nostartfiles", "-T", "linker.ld", "-Wl,--gc-sections", "--specs=nano.specs",
            "--specs=nosys.specs", "-o", str(elf), *sources]
     proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True)

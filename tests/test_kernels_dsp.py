@@ -41,7 +41,7 @@ kernel_variant = "dsp"
 BOARDS = st.sampled_from(["mps2-an386", "mps2-an386", "mps2-an500"])  # mostly the M4, the M7 too
 
 
-def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6, shift_zero=None):
+def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6, shift_zero=None, extra_cflags=()):
     q = quantize_with_random_data(g, rng, ranges, observer)
     if shift_zero is not None:  # these channels' scale in [0.5, 1): the kernels' generic output stage
         for op in q.ops:
@@ -51,7 +51,7 @@ def _check_on_board(g, rng, board, ranges=None, observer="minmax", n=6, shift_ze
     name = q.inputs[0]
     x = rng.integers(-128, 128, size=(n,) + q.tensors[name].shape[1:]).astype(np.int8)
     with tempfile.TemporaryDirectory() as tmp:
-        got = run_selftest(q, board, x, Path(tmp))
+        got = run_selftest(q, board, x, Path(tmp), extra_cflags=extra_cflags)
         kernel_dir = Path(tmp) / "project" / "kernels"
         assert all("ek_dsp.h" in p.read_text() for p in kernel_dir.glob("*.c"))  # the DSP variants
     ref = reference.run(q, x)[0].reshape(n, -1)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import edgekit
 from cortex_m_selftest import run_selftest
 from edgekit import reference
-from helpers import float_graph
+from helpers import MLPERF_TINY, float_graph
 from test_kernels_c import conv_case, conv_case_graph, pool_case
 from test_kernels_dsp import BOARDS, DSP_SETTINGS, _check_on_board, pytestmark  # noqa: F401 (the qemu marks)
 from test_kernels_dsp_depthwise import _graph as depthwise_graph
@@ -26,7 +26,6 @@ from test_kernels_dsp_depthwise import dw_case
 
 UBSAN = ("-fsanitize=undefined", "-fsanitize-undefined-trap-on-error")
 UBSAN_SETTINGS = settings(DSP_SETTINGS, max_examples=max(3, DSP_SETTINGS.max_examples // 3))
-MLPERF_TINY = Path("/work/shared/mlperf-tiny")
 
 
 @given(conv_case(), BOARDS)

@@ -27,11 +27,11 @@ import edgekit
 from edgekit import reference
 from edgekit.codegen.memory_plan import plan_with_report, residual_blocks
 from edgekit.codegen.project import load_project
-from helpers import c_matches_reference
+from helpers import MLPERF_TINY, c_matches_reference
 from test_kernels_c import EXAMPLES, SETTINGS
 
 torch.set_num_threads(1)
-MLPERF = Path("/work/shared/mlperf-tiny/pretrainedResnet_quant.tflite")
+MLPERF = MLPERF_TINY / "pretrainedResnet_quant.tflite"
 
 
 @st.composite

@@ -324,8 +324,8 @@ def depthwise_extremes(q, rng, minus128: bool, stage: str):
 def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride, dilation, act, minus128, stage,
                                                board, seed):
     """ek_depthwise_conv2d_s8_pairs' 3x3 groups (16 and 8 lanes, four tap pairs summed in int16 and one
-    single tap) and the three output stages of the 3x3 groups, interior and border pixels, strides,
-    dilation; every sample's first input all -128. A -128 weight keeps ek_depthwise_conv2d_s8 and says
+    single tap; the register-planned loop, with and without a clamp, and the C loops) and the three output
+    stages of the 3x3 groups, interior and border pixels, strides, dilation; every sample's first input all -128. A -128 weight keeps ek_depthwise_conv2d_s8 and says
     so in the project's notes."""
     rng = np.random.default_rng(seed)
     out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
@@ -337,7 +337,9 @@ def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride,
     g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs,
                     {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}, (1, *out, c))
     q = quantize_with_random_data(g, rng, {"x0": (-1.0, 4.0)})
-    depthwise_extremes(q, rng, minus128, stage)
+    op = depthwise_extremes(q, rng, minus128, stage)
+    if act == "relu6":  # a clamp inside int8 (the quantizer's relu / relu6 ranges give [-128, 127])
+        op.attrs["act_min"], op.attrs["act_max"] = max(int(op.attrs["act_min"]), -90), min(int(op.attrs["act_max"]), 90)
     x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
     x[0] = -128
     board_ = load_board(board)

@@ -87,9 +87,10 @@ def test_scratch_is_planned_per_board(tmp_path):
     q = quantize_with_random_data(g, rng)
     k = 3 * 3 * 5
     expect = {"mps2-an386": (4 * k + 7) // 8 * 8, "host": (2 * k + 7) // 8 * 8, "mps2-an385": 0,
-              # rpi4's pair tile: 4 windows of 3 rows of 15 taps padded to 16, and 3 row offsets; rpi5: 4
-              # windows of 16-byte loads
-              "rpi4": (4 * 3 * 16 + 4 * 3 + 7) // 8 * 8, "rpi5": 4 * ((k + 15) // 16 * 16)}
+              # rpi4's pair tile: 4 windows of 3 rows of 15 taps padded to 16, and 3 row offsets, to 16
+              # bytes, then the padded copy of the 8x8x5 span and 16 spare bytes; rpi5: 4 windows of
+              # 16-byte loads
+              "rpi4": (4 * 3 * 16 + 4 * 3 + 15) // 16 * 16 + 8 * 8 * 5 + 16, "rpi5": 4 * ((k + 15) // 16 * 16)}
     for board, scratch in expect.items():
         record = generate_project(q, tmp_path / board, load_board(board))
         assert record["scratch_bytes"] == scratch, board

@@ -521,6 +521,28 @@ def dw_pad_copy_bytes(layer) -> int:
     return min(every_row, max(DW_PAD_COPY_MAX, one_band))
 
 
+PAIRS_PAD_COPY_MAX = SDOT_PAD_COPY_MAX  # the same cap for rpi4's pair convolution's padded copy
+
+
+def pairs_pad_copy_bytes(layer) -> int:
+    """Scratch of rpi4's pair convolution (kernels/neon/ek_conv2d_s8_pairs.j2) with the padded copy of its
+    input: when some window reaches into the padding, the span of the input the windows read (rows x
+    columns x in_c, zero points in the padding) and 16 bytes for loads past a row's last group, after
+    the scratch it takes otherwise (the run table, offsets and zero-point row, or the gathered windows
+    and row offsets) rounded up to 16 bytes; 0 when every window lies inside the input or the span is
+    over PAIRS_PAD_COPY_MAX bytes (the kernel then reads the input as before). The kernel decides
+    by ek_kernel_scratch_bytes with the same sums."""
+    _, kh, kw, in_c = layer.dims["filter"]
+    _, in_h, in_w, _ = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
+                                       (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    used = 36 * kh * kw + in_c if in_c % 4 == 0 else 4 * kh * ((kw * in_c + 3) // 4 * 4) + 4 * kh
+    copy = span_h * span_w * in_c + 16
+    return 0 if inside or copy > PAIRS_PAD_COPY_MAX else (used + 15) // 16 * 16 + copy
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
@@ -561,6 +583,9 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 # rpi4's pair tile over 1-3 channels: four windows of kh rows padded to whole groups of 4,
                 # then an int32 offset per row
                 windows = 4 * kh * ((kw * k_in + 3) // 4 * 4) + 4 * kh
+            if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs":
+                # and, when windows reach into the padding, the padded copy of the span they read
+                windows = max(windows, pairs_pad_copy_bytes(layer))
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]

@@ -512,7 +512,25 @@ def sdot_pad_copy_bytes(layer) -> int:
     span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
                                        (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
     copy = 0 if inside and c4 == in_c and c4 % 4 == 0 else span_h * span_w * c4 + 16
-    return table + copy if copy <= SDOT_PAD_COPY_MAX else table
+    if copy > SDOT_PAD_COPY_MAX:
+        return table
+    gathered = table + (copy + 15) // 16 * 16 + sdot_gather_bytes(layer)
+    return gathered if gathered <= SDOT_PAD_COPY_MAX else table + copy
+
+
+def sdot_gather_bytes(layer) -> int:
+    """Scratch of rpi5's convolution for its windows gathered into GEMM rows (after the run table and
+    the padded copy, sdot_pad_copy_bytes; kernels/neon/ek_conv2d_s8_sdot.j2: ek_conv_gather_runs): when
+    a window's runs are 4 or 8 bytes (a 16-byte load would carry 1 or 2 groups of 4 taps; KWS's 10x4
+    window over 1 channel is 10 runs of 4) and there are at least 2, every output pixel's window as a row
+    of K rounded up to 16 bytes. 0 otherwise. The kernel tests the same rule and whether the scratch
+    holds the rows."""
+    _, kh, kw, c4 = layer.dims["filter"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    runs, run_len = (kh, kw * c4) if layer.params["dilation_w"] == 1 else (kh * kw, c4)
+    if run_len % 4 != 0 or run_len > 8 or runs < 2:
+        return 0
+    return out_h * out_w * ((kh * kw * c4 + 15) // 16 * 16)
 
 
 def scratch_bytes(layers, board, portable=()) -> int:

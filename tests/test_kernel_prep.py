@@ -136,6 +136,18 @@ def test_narrow_tile_packing_is_one_8_channel_block(out_c, k):
         pack_conv_tile(np.zeros((9, 1, 1, 4), np.int8), 4, 8)
 
 
+@pytest.mark.parametrize("kh, kw, c, dilation_w, rows", [(10, 4, 1, 1, 48), (3, 2, 4, 1, 32), (3, 3, 4, 2, 48),
+                                                        (3, 3, 4, 1, 0), (1, 1, 8, 1, 0), (3, 4, 4, 1, 0), (5, 2, 2, 2, 0)])
+def test_short_runs_are_gathered_into_gemm_rows(kh, kw, c, dilation_w, rows):
+    """rpi5 plans GEMM rows (K rounded up to 16 bytes per output pixel) for windows of at least 2 runs
+    of 4 or 8 bytes (a run: a window row with dilation_w 1, else a tap of c channels); longer runs,
+    one run, or runs not a multiple of 4 get none."""
+    from types import SimpleNamespace
+    from edgekit.codegen.kernel_prep import sdot_gather_bytes
+    layer = SimpleNamespace(dims={"filter": (8, kh, kw, c), "output": (1, 5, 3, 8)}, params={"dilation_w": dilation_w})
+    assert sdot_gather_bytes(layer) == 5 * 3 * rows
+
+
 @pytest.mark.parametrize("out_c, kh, kw, in_c", [(1, 1, 1, 3), (8, 3, 3, 3), (9, 1, 1, 8), (16, 2, 2, 4), (17, 3, 5, 3),
                                                 (5, 10, 4, 1)])
 def test_pairs_packing_is_the_filter_in_the_pair_tile_order(out_c, kh, kw, in_c):

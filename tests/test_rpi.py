@@ -170,6 +170,39 @@ def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act,
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
+@given(st.integers(2, 7), st.integers(4, 11), st.sampled_from([16, 32, 48]), st.sampled_from([(1, 1), (3, 3), (1, 2)]),
+       st.tuples(*(st.integers(0, 1) for _ in range(4))), st.integers(1, 2), activations, st.sampled_from([0, 1, 2]),
+       st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_tile_shift_forms(xbuild, h, w, c, k, padding, stride, act, left_block, seed):
+    """rpi5, in_c a multiple of 16 (the 16-byte steps): the tile with its output stage in assembly
+    (ek_conv_sdot_tile) when every lane of a 16-channel block shifts right by 1 or more (no rounding
+    mask) or some lane by 0 (the mask), and the C output stage when a lane shifts left; 48 channels
+    are three blocks, one of each (the left-shifting one drawn), whole tiles and the last 1-3 pixels,
+    1-3 steps (in place, padded copy, strided)."""
+    from edgekit import reference
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding)
+    g = float_graph("conv2d", [(1, h, w, c)], dict(stride=(stride, stride), dilation=(1, 1), padding=padding,
+                    activation=act), {"w": rng.normal(0, 1, (48, kh, kw, c)), "b": rng.normal(0, 1, 48)}, (1, *out, 48))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    a = q.ops[0].attrs
+    new = np.maximum(rng.integers(-9, 0, 48), a["shift"])  # right shifts of 1 or more
+    zero_block = (left_block + 1) % 3
+    new[16 * zero_block + rng.integers(0, 16)] = 0
+    new[16 * left_block + rng.integers(0, 16)] = 1
+    a["multiplier"][:] = a["multiplier"] >> (new - a["shift"])  # the same scale (multiplier x 2^shift)
+    a["shift"][:] = new
+    x = rng.integers(-128, 128, size=(10, h, w, c)).astype(np.int8)
+    b = load_board("rpi5")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, b)
+        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(10, -1), out[0] * out[1] * 48)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+
+
 @pytest.mark.parametrize("h, c, o", [(64, 16, 17), (74, 12, 17), (64, 16, 8)])
 def test_conv2d_sdot_padded_span_too_large(xbuild, h, c, o):
     """rpi5: a layer whose padded input span is over kernel_prep.SDOT_PAD_COPY_MAX ((h + 2)^2 x in_c) gets

@@ -143,3 +143,36 @@ def test_conv2d_pairs_runs(xbuild, h, w, c, o, k, padding, stride, dil_h, dil_w,
     assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"
     if (h, w, c, o, threads) == (3, 20, 3, 40, 3):
         assert record["layers"][0]["split"] == "channels"
+
+
+@pytest.mark.parametrize("c, o, k, stride, shifts", [
+    (16, 17, (3, 3), 1, "right1"),  # every channel shifts right: the output stage in the asm, two blocks
+    (16, 17, (3, 3), 1, "zero"),  # one channel with no shift: the output stage in C (right-only form)
+    (8, 32, (1, 1), 1, "left"),  # one channel shifting left: the output stage in C (general form)
+    (3, 8, (3, 3), 2, "right1"),  # a first layer into 8 channels: the 8-lane output stage in the asm
+    (3, 8, (3, 3), 2, "zero"),
+])
+def test_conv2d_pairs_output_stages(xbuild, c, o, k, stride, shifts):
+    """ek_conv2d_s8_pairs' output stages: four whole pixels of whole blocks of a layer whose channels all
+    shift right by >= 1 take the output stage written in the asm (SSRA #31 fix-up, multipliers and
+    shifts loaded straight from the layer's arrays), any other layer (a channel with shift 0 or a left
+    shift) and the last group's 1-3 pixels the one in C; all bit-exact (7x9 pixels: 63 = 15 groups of 4
+    and a last group of 3)."""
+    rng = np.random.default_rng(11)
+    h, w = (7, 9) if stride == 1 else (13, 17)
+    kh, kw = k
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), (1, 1, 1, 1) if kh > 1 else (0, 0, 0, 0))
+    attrs = dict(stride=(stride, stride), dilation=(1, 1), padding=padding, activation="none")  # negative outputs kept: rounding ties of negative sums show
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)},
+                    (1, *out, o))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    extreme_weights(q, rng, False)
+    shift = np.asarray(q.ops[0].attrs["shift"]).copy()
+    assert np.all(shift <= -1)  # random layers: every shift right (the asm form)
+    if shifts == "zero":
+        shift[o // 2] = 0
+    elif shifts == "left":
+        shift[o // 2] = 1
+    q.ops[0].attrs["shift"] = shift
+    record = run_rpi4(q, rng, xbuild)
+    assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"

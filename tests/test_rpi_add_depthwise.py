@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from edgekit import reference
 from edgekit.boards import load_board
+from edgekit.codegen.kernel_prep import DW_PAD_COPY_MAX
 from edgekit.codegen.project import generate_project
 from helpers import conv_out, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
@@ -288,6 +289,9 @@ def depthwise_extremes(q, rng, minus128: bool, stage: str):
 @example(4, 5, 12, (1, 1, 1, 1), 2, 1, "none", False, "right", "rpi5", 2)  # 8-channel groups
 @example(6, 6, 24, (1, 0, 1, 0), 1, 2, "relu6", True, "any", "rpi5", 3)  # -128: the one-product kernel
 @example(3, 9, 40, (0, 1, 0, 1), 2, 1, "none", False, "any", "rpi4", 4)
+@example(5, 7, 8, (1, 1, 1, 1), 1, 1, "relu6", False, "right1", "rpi5", 5)  # 8 channels: pixel pairs, an odd last
+@example(6, 8, 8, (0, 0, 0, 0), 1, 2, "none", False, "right", "rpi4", 6)  # pairs read in place (no padding)
+@example(7, 9, 16, (0, 0, 0, 0), 2, 1, "relu", False, "right1", "rpi4", 7)  # in place, stride 2
 def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride, dilation, act, minus128, stage,
                                                board, seed):
     """ek_depthwise_conv2d_s8_pairs' 3x3 groups (16 and 8 lanes, four tap pairs summed in int16 and one
@@ -316,3 +320,30 @@ def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride,
     assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board}"
     assert record["layers"][0]["kernel"] == ("ek_depthwise_conv2d_s8" if minus128 else "ek_depthwise_conv2d_s8_pairs")
     assert any("-128" in n for n in record["notes"]) == minus128
+
+
+@pytest.mark.parametrize("board,c,stride,dilation", [("rpi4", 16, 1, 1), ("rpi5", 8, 1, 2), ("rpi5", 24, 2, 1)])
+def test_depthwise_3x3_bands(xbuild, board, c, stride, dilation):
+    """A 3x3 layer whose padded input is larger than the scratch the kernel may take for it
+    (kernel_prep.DW_PAD_COPY_MAX): the kernel copies and runs it in bands of output rows (the rows
+    between bands read twice), 8 channels as pixel pairs, a dilation, a stride."""
+    rng = np.random.default_rng(c + stride)
+    h, w = 40, 2 * (130 // c) * 8 + 1
+    padding = (1, 1, 1, 1)
+    out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation="relu",
+                 depth_multiplier=1)
+    g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs,
+                    {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}, (1, *out, c))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 4.0)})
+    x = rng.integers(-128, 128, size=(2, h, w, c)).astype(np.int8)
+    board_ = load_board(board)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = generate_project(q, tmp, board_, threads=1)
+        exe = xbuild.build(Path(tmp), board_)
+        got = run_qemu(exe, board_["qemu"]["cpu"], x.reshape(2, -1), q.tensors[q.outputs[0]].size)
+    want = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board}"
+    cols = (out[1] - 1) * stride + 2 * dilation + 1
+    every_row = ((out[0] - 1) * stride + 2 * dilation + 1) * cols * c
+    assert record["scratch_bytes"] == DW_PAD_COPY_MAX < every_row  # more than one band

@@ -533,6 +533,24 @@ def sdot_gather_bytes(layer) -> int:
     return out_h * out_w * ((kh * kw * c4 + 15) // 16 * 16)
 
 
+DW_PAD_COPY_MAX = 64 * 1024  # bytes of scratch the NEON 3x3 depthwise may take for its padded bands of input rows
+
+
+def dw_pad_copy_bytes(layer) -> int:
+    """Scratch of the NEON 3x3 depthwise (kernels/neon/ek_depthwise_conv2d_s8.c.j2, ek_dw_neon_3x3): a
+    copy of the input rows a band of output rows reads, over the columns its windows read, with the
+    padding filled with zero points, so that every pixel reads its nine taps at fixed offsets (no
+    border tests). All rows when that is at most DW_PAD_COPY_MAX bytes, else as many output rows a band
+    as that holds, at least one (the kernel fits its bands to the scratch it finds)."""
+    _, in_h, in_w, in_c = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    cols = (out_w - 1) * p["stride_w"] + 2 * p["dilation_w"] + 1
+    one_band = (2 * p["dilation_h"] + 1) * cols * in_c
+    every_row = ((out_h - 1) * p["stride_h"] + 2 * p["dilation_h"] + 1) * cols * in_c
+    return min(every_row, max(DW_PAD_COPY_MAX, one_band))
+
+
 def scratch_bytes(layers, board, portable=()) -> int:
     """Bytes of the static scratch the board's kernel variant needs for these layers (0 when it
     needs none). The Cortex-M DSP kernels ("dsp") widen int8 to int16 for SMLAD: a dense
@@ -545,7 +563,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
     kernel gathers two windows as int8 (2 x K bytes), the NEON register tile four, each padded
     to whole 16-byte (SDOT) or 8-byte loads (rpi5, and rpi4's pair tile, with in_c a multiple of 4: no gather, a table of
     4 run pointers and an offset per tap and a row of in_c zero points instead); the NEON depthwise kernel keeps the tap table
-    (64-bit pointers) and the zero-point row. Kernels in ``portable`` are built from their portable
+    (64-bit pointers) and the zero-point row, or for a 3x3 filter padded bands of input rows (dw_pad_copy_bytes). Kernels in ``portable`` are built from their portable
     source (project.cold_kernels) and need none of the variant's scratch."""
     need = 0
     for layer in layers:
@@ -589,7 +607,7 @@ def scratch_bytes(layers, board, portable=()) -> int:
         elif layer.kernel == "ek_lstm_s8":  # every board: the int16 cell state and four gates
             need = max(need, 2 * 5 * layer.params["hidden"])
         elif layer.kernel in ("ek_depthwise_conv2d_s8", "ek_depthwise_conv2d_s8_pairs") and variant == "neon":
-            need = max(need, 8 * kh * kw + layer.dims["input"][3])
+            need = max(need, dw_pad_copy_bytes(layer) if (kh, kw) == (3, 3) else 8 * kh * kw + layer.dims["input"][3])
     return (need + 7) // 8 * 8
 
 

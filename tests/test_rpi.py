@@ -170,16 +170,18 @@ def test_conv2d_sdot_runs(xbuild, h, w, c, o, k, padding, stride, dilation, act,
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
-@given(st.integers(2, 7), st.integers(4, 11), st.sampled_from([16, 32, 48]), st.sampled_from([(1, 1), (3, 3), (1, 2)]),
+@given(st.integers(2, 7), st.integers(4, 11), st.sampled_from([4, 8, 12, 16, 32, 48]), st.sampled_from([(1, 1), (3, 3), (1, 2)]),
        st.tuples(*(st.integers(0, 1) for _ in range(4))), st.integers(1, 2), activations, st.sampled_from([0, 1, 2]),
        st.integers(0, 2 ** 31))
 @PI_SETTINGS
 def test_conv2d_sdot_tile_shift_forms(xbuild, h, w, c, k, padding, stride, act, left_block, seed):
-    """rpi5, in_c a multiple of 16 (the 16-byte steps): the tile with its output stage in assembly
-    (ek_conv_sdot_tile) when every lane of a 16-channel block shifts right by 1 or more (no rounding
-    mask) or some lane by 0 (the mask), and the C output stage when a lane shifts left; 48 channels
-    are three blocks, one of each (the left-shifting one drawn), whole tiles and the last 1-3 pixels,
-    1-3 steps (in place, padded copy, strided)."""
+    """rpi5, windows as runs of 16k bytes (16-byte steps of 4 lanes) or of 4, 8, 12 bytes (one step
+    of 1-3 lanes each: in_c 4-12 over 1 or 2 columns, 3x3 over 4): the tile with its output stage in
+    assembly (ek_conv_sdot_tile) when every lane of a 16-channel block shifts right by 1 or more (no
+    rounding mask) or some lane by 0 (the mask), and the C output stage when a lane shifts left; 48
+    channels are three blocks, one of each (the left-shifting one drawn); whole tiles, the tiles
+    whose loads would pass the input's end and the last 1-3 pixels in C; in place, from the padded
+    copy, strided."""
     from edgekit import reference
     rng = np.random.default_rng(seed)
     kh, kw = k

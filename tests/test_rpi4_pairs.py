@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from edgekit import reference
 from edgekit.boards import load_board
+from edgekit.codegen import kernel_prep
 from edgekit.codegen.project import generate_project
 from helpers import conv_out_nonempty, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
@@ -176,3 +177,37 @@ def test_conv2d_pairs_output_stages(xbuild, c, o, k, stride, shifts):
     q.ops[0].attrs["shift"] = shift
     record = run_rpi4(q, rng, xbuild)
     assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"
+
+
+@pytest.mark.parametrize("h, c", [(130, 4), (150, 3)])
+def test_conv2d_pairs_span_too_large_for_the_copy(xbuild, h, c):
+    """A padded layer whose input span (with its padding) is over PAIRS_PAD_COPY_MAX bytes gets no
+    padded copy (the scratch stays small) and reads its edge windows from the input as before: through
+    the run-pointer table and its zero-point row (in_c 4), or gathered rows (in_c 3); bit-exact."""
+    rng = np.random.default_rng(h)
+    attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), activation="none")
+    g = float_graph("conv2d", [(1, h, h, c)], attrs, {"w": rng.normal(0, 1, (8, 3, 3, c)), "b": rng.normal(0, 1, 8)},
+                    (1, h, h, 8))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    extreme_weights(q, rng, False)
+    record = run_rpi4(q, rng, xbuild)
+    assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"
+    assert (h + 2) * (h + 2) * c > kernel_prep.PAIRS_PAD_COPY_MAX and record["scratch_bytes"] < 4096
+
+
+
+def test_conv2d_pairs_padded_copy_planned(tmp_path):
+    """The padded copy is planned only where a window reaches into the padding: a padded 3x3 layer over
+    16 channels gets the 10x12x16 span (and 16 spare bytes) after its run table (36 bytes a tap and a
+    zero-point row, to 16 bytes), an unpadded one (every window inside) none (its scratch stays the
+    planner's floor of 4 windows of K = 144 bytes)."""
+    rng = np.random.default_rng(3)
+    for padding, out, expect in [((1, 1, 1, 1), (8, 10), (36 * 9 + 16 + 15) // 16 * 16 + 10 * 12 * 16 + 16),
+                                 ((0, 0, 0, 0), (6, 8), 4 * 144)]:
+        g = float_graph("conv2d", [(1, 8, 10, 16)], dict(stride=(1, 1), dilation=(1, 1), padding=padding,
+                                                          activation="relu"),
+                        {"w": rng.normal(0, 1, (16, 3, 3, 16)), "b": rng.normal(0, 1, 16)}, (1, *out, 16))
+        q = quantize_with_random_data(g, rng)
+        record = generate_project(q, tmp_path / str(padding[0]), load_board("rpi4"))
+        assert record["layers"][0]["kernel"] == "ek_conv2d_s8_pairs"
+        assert record["scratch_bytes"] == (expect + 7) // 8 * 8

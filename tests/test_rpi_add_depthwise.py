@@ -85,11 +85,11 @@ def add_case(draw):
                 seed=draw(st.integers(0, 2 ** 31)))
 
 
-def add_graph(case, rng):
+def add_graph(case, rng, kind="add"):
     shapes = [case["other"], case["shape"]] if case["swap"] else [case["shape"], case["other"]]
-    g = float_graph("add", shapes, dict(activation="none"), None, case["shape"])
+    g = float_graph(kind, shapes, dict(activation="none"), None, case["shape"])
     q = quantize_with_random_data(g, rng, {"x0": (-1.0, 1.0), "x1": (-2.0, 2.0)})
-    (op,) = [op for op in q.ops if op.kind == "add"]
+    (op,) = [op for op in q.ops if op.kind == kind]
     op.attrs.update(case["attrs"])
     return q
 
@@ -129,6 +129,35 @@ def test_add_fast_and_general_paths(xbuild, case, board):
     q = add_graph(case, rng)
     run_on_pi(q, add_inputs(q, rng, 6, case["extremes"]), xbuild, board)
 
+
+@given(add_case(), st.sampled_from(["rpi4", "rpi5"]))
+@ADD_SETTINGS
+@example(  # the half input second: SMLSL subtracts it
+    dict(shape=(1, 4, 4, 16), other=(1, 4, 4, 16), swap=False, extremes=True, seed=5,
+         attrs=dict(input1_offset=128, input2_offset=-4, output_offset=-128, left_shift=20,
+                    input1_multiplier=1623821475, input1_shift=-2, input2_multiplier=HALF, input2_shift=0,
+                    output_multiplier=1098017566, output_shift=-17, act_min=-128, act_max=127)), "rpi5")
+@example(  # the half input first (no swap for SUB: the 'hs' walk), offsets at both ends
+    dict(shape=(1, 3, 5, 17), other=(1, 3, 5, 17), swap=False, extremes=True, seed=6,
+         attrs=dict(input1_offset=-127, input2_offset=128, output_offset=5, left_shift=20,
+                    input1_multiplier=HALF, input1_shift=-1, input2_multiplier=(1 << 31) - 1, input2_shift=-1,
+                    output_multiplier=(1 << 31) - 1, output_shift=-12, act_min=-100, act_max=90)), "rpi4")
+@example(  # both half (equal scales), a channel broadcast of the first operand
+    dict(shape=(1, 2, 3, 40), other=(1, 2, 3, 1), swap=True, extremes=True, seed=7,
+         attrs=dict(input1_offset=128, input2_offset=-127, output_offset=0, left_shift=20,
+                    input1_multiplier=HALF, input1_shift=0, input2_multiplier=HALF, input2_shift=0,
+                    output_multiplier=HALF, output_shift=-19, act_min=-128, act_max=127)), "rpi5")
+@example(  # both scaled
+    dict(shape=(1, 2, 2, 33), other=(1, 2, 2, 33), swap=False, extremes=True, seed=8,
+         attrs=dict(input1_offset=3, input2_offset=-9, output_offset=7, left_shift=20,
+                    input1_multiplier=HALF + 12345, input1_shift=-1, input2_multiplier=(1 << 31) - 7, input2_shift=-3,
+                    output_multiplier=(1 << 31) - 1, output_shift=-18, act_min=-128, act_max=127)), "rpi4")
+def test_sub_fast_and_general_paths(xbuild, case, board):
+    """SUB is ADD's NEON template with the second operand subtracted (kernels/neon/ek_sub_s8): every
+    operand kind on either side (no swap), the general path, broadcasting, clamps, int8's extremes."""
+    rng = np.random.default_rng(case["seed"])
+    q = add_graph(case, rng, "sub")
+    run_on_pi(q, add_inputs(q, rng, 6, case["extremes"]), xbuild, board)
 
 # The fast path's pieces against the scalar ek_requantize, lane by lane: the whole output of a layer
 # rarely shows an off-by-one in an operand's rescale (2^-17 of an output step), so the operand and
@@ -295,8 +324,8 @@ def depthwise_extremes(q, rng, minus128: bool, stage: str):
 def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride, dilation, act, minus128, stage,
                                                board, seed):
     """ek_depthwise_conv2d_s8_pairs' 3x3 groups (16 and 8 lanes, four tap pairs summed in int16 and one
-    single tap) and the three output stages of the 3x3 groups, interior and border pixels, strides,
-    dilation; every sample's first input all -128. A -128 weight keeps ek_depthwise_conv2d_s8 and says
+    single tap; the register-planned loop, with and without a clamp, and the C loops) and the three output
+    stages of the 3x3 groups, interior and border pixels, strides, dilation; every sample's first input all -128. A -128 weight keeps ek_depthwise_conv2d_s8 and says
     so in the project's notes."""
     rng = np.random.default_rng(seed)
     out = conv_out(h, w, (3, 3), (stride, stride), (dilation, dilation), padding)
@@ -308,7 +337,9 @@ def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride,
     g = float_graph("depthwise_conv2d", [(1, h, w, c)], attrs,
                     {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}, (1, *out, c))
     q = quantize_with_random_data(g, rng, {"x0": (-1.0, 4.0)})
-    depthwise_extremes(q, rng, minus128, stage)
+    op = depthwise_extremes(q, rng, minus128, stage)
+    if act == "relu6":  # a clamp inside int8 (the quantizer's relu / relu6 ranges give [-128, 127])
+        op.attrs["act_min"], op.attrs["act_max"] = max(int(op.attrs["act_min"]), -90), min(int(op.attrs["act_max"]), 90)
     x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
     x[0] = -128
     board_ = load_board(board)

@@ -50,13 +50,14 @@ def pool_graph(h, w, c, kernel, stride, padding=(0, 0, 0, 0), activation="none",
     return float_graph("avg_pool2d", [(1, h, w, c)], attrs, None, (1, oh, ow, c))
 
 
-def run_on_pi(q, x: np.ndarray, xbuild, board) -> np.ndarray:
+def run_on_pi(q, x: np.ndarray, xbuild, board, kernel="ek_avg_pool2d_s8") -> np.ndarray:
     """The quantized pool generated for the board, built with UBSan, run under qemu-aarch64 on the samples
-    ``x``; asserts the kernel is the NEON one and the outputs equal the reference, and returns them."""
+    ``x``; asserts the kernel is the NEON one (int16 lane sums) and the outputs equal the reference, and
+    returns them."""
     board = load_board(board) if isinstance(board, str) else board
     with tempfile.TemporaryDirectory() as tmp:
         generate_project(q, tmp, board, threads=1)
-        assert "vaddw_s8" in (Path(tmp) / "kernels" / "ek_avg_pool2d_s8.c").read_text()
+        assert "vaddw_s8" in (Path(tmp) / "kernels" / f"{kernel}.c").read_text()
         exe = xbuild.build(Path(tmp), board)
         got = run_qemu(exe, board["qemu"]["cpu"], x.reshape(x.shape[0], -1), q.tensors[q.outputs[0]].size)
     ref = reference.run(q, x)[0].reshape(got.shape)
@@ -91,6 +92,19 @@ def test_avg_pool2d_neon_large_windows(xbuild, h, w, c, kernel, stride, padding,
     x = rng.integers(-128, 128, size=(4, h, w, c)).astype(np.int8)
     x[0], x[1] = -128, 127
     got = run_on_pi(q, x, xbuild, board)
+    assert len(np.unique(got[2:])) > 1  # not a constant output
+
+
+@pytest.mark.parametrize("h, w, c, board", [(23, 30, 40, "rpi4"), (16, 17, 35, "rpi5"), (7, 7, 64, "rpi5")])
+def test_mean_neon_many_pixels(xbuild, h, w, c, board):
+    """MEAN's NEON sums in int16 lanes too: more pixels than a lane holds (256; emptied into int32), the
+    inputs' extremes, 16-channel blocks and the scalar tail (small means: tests/test_rpi.py)."""
+    rng = np.random.default_rng(h * w + c)
+    g = float_graph("mean", [(1, h, w, c)], {}, None, (1, 1, 1, c))
+    q = quantize_with_random_data(g, rng, {"x0": (-1.0, 3.0)}, "minmax")
+    x = rng.integers(-128, 128, size=(4, h, w, c)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    got = run_on_pi(q, x, xbuild, board, kernel="ek_mean_s8")
     assert len(np.unique(got[2:])) > 1  # not a constant output
 
 

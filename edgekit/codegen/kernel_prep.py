@@ -512,25 +512,7 @@ def sdot_pad_copy_bytes(layer) -> int:
     span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
                                        (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
     copy = 0 if inside and c4 == in_c and c4 % 4 == 0 else span_h * span_w * c4 + 16
-    if copy > SDOT_PAD_COPY_MAX:
-        return table
-    gathered = table + (copy + 15) // 16 * 16 + sdot_gather_bytes(layer)
-    return gathered if gathered <= SDOT_PAD_COPY_MAX else table + copy
-
-
-def sdot_gather_bytes(layer) -> int:
-    """Scratch of rpi5's convolution for its windows gathered into GEMM rows (after the run table and
-    the padded copy, sdot_pad_copy_bytes; kernels/neon/ek_conv2d_s8_sdot.j2: ek_conv_gather_runs): when
-    a window's runs are 4 or 8 bytes (a 16-byte load would carry 1 or 2 groups of 4 taps; KWS's 10x4
-    window over 1 channel is 10 runs of 4) and there are at least 2, every output pixel's window as a row
-    of K rounded up to 16 bytes. 0 otherwise. The kernel tests the same rule and whether the scratch
-    holds the rows."""
-    _, kh, kw, c4 = layer.dims["filter"]
-    _, out_h, out_w, _ = layer.dims["output"]
-    runs, run_len = (kh, kw * c4) if layer.params["dilation_w"] == 1 else (kh * kw, c4)
-    if run_len % 4 != 0 or run_len > 8 or runs < 2:
-        return 0
-    return out_h * out_w * ((kh * kw * c4 + 15) // 16 * 16)
+    return table + copy if copy <= SDOT_PAD_COPY_MAX else table
 
 
 DW_PAD_COPY_MAX = 64 * 1024  # bytes of scratch the NEON 3x3 depthwise may take for its padded bands of input rows
@@ -549,6 +531,28 @@ def dw_pad_copy_bytes(layer) -> int:
     one_band = (2 * p["dilation_h"] + 1) * cols * in_c
     every_row = ((out_h - 1) * p["stride_h"] + 2 * p["dilation_h"] + 1) * cols * in_c
     return min(every_row, max(DW_PAD_COPY_MAX, one_band))
+
+
+PAIRS_PAD_COPY_MAX = SDOT_PAD_COPY_MAX  # the same cap for rpi4's pair convolution's padded copy
+
+
+def pairs_pad_copy_bytes(layer) -> int:
+    """Scratch of rpi4's pair convolution (kernels/neon/ek_conv2d_s8_pairs.j2) with the padded copy of its
+    input: when some window reaches into the padding, the span of the input the windows read (rows x
+    columns x in_c, zero points in the padding) and 16 bytes for loads past a row's last group, after
+    the scratch it takes otherwise (the run table, offsets and zero-point row, or the gathered windows
+    and row offsets) rounded up to 16 bytes; 0 when every window lies inside the input or the span is
+    over PAIRS_PAD_COPY_MAX bytes (the kernel then reads the input as before). The kernel decides
+    by ek_kernel_scratch_bytes with the same sums."""
+    _, kh, kw, in_c = layer.dims["filter"]
+    _, in_h, in_w, _ = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
+                                       (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    used = 36 * kh * kw + in_c if in_c % 4 == 0 else 4 * kh * ((kw * in_c + 3) // 4 * 4) + 4 * kh
+    copy = span_h * span_w * in_c + 16
+    return 0 if inside or copy > PAIRS_PAD_COPY_MAX else (used + 15) // 16 * 16 + copy
 
 
 def scratch_bytes(layers, board, portable=()) -> int:
@@ -591,6 +595,9 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 # rpi4's pair tile over 1-3 channels: four windows of kh rows padded to whole groups of 4,
                 # then an int32 offset per row
                 windows = 4 * kh * ((kw * k_in + 3) // 4 * 4) + 4 * kh
+            if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs":
+                # and, when windows reach into the padding, the padded copy of the span they read
+                windows = max(windows, pairs_pad_copy_bytes(layer))
             need = max(need, windows)
         elif layer.kernel == "ek_fully_connected_s8_rows4":  # row sums, the input as (P, Q) pairs in chunks
             out_c, _, _, in_c = layer.dims["filter"]

@@ -119,6 +119,24 @@ def test_tile_packing_is_the_filter_in_the_tile_order(out_c, k, group):
             assert np.array_equal(got, want), (b, j)
 
 
+@pytest.mark.parametrize("out_c, k", [(1, 1), (3, 9), (8, 36), (8, 40)])
+def test_narrow_tile_packing_is_one_8_channel_block(out_c, k):
+    """pack_conv_tile with block 8 (rpi5's narrow tile, out_c <= 8): per group of 4 taps the 8 channels'
+    4 weights (32 bytes), zeros past K and past out_c; more than 8 channels refused."""
+    from edgekit.codegen.kernel_prep import pack_conv_tile, sdot_narrow
+    assert sdot_narrow(out_c) and not sdot_narrow(9)
+    w = np.random.default_rng(out_c * 100 + k).integers(-128, 128, (out_c, 1, 1, k)).astype(np.int8)
+    k4 = (k + 3) // 4
+    tiles = pack_conv_tile(w, 4, 8).reshape(k4, 8, 4)
+    for j in range(8):
+        want = np.zeros(4 * k4, np.int8)
+        if j < out_c:
+            want[:k] = w[j].reshape(-1)
+        assert np.array_equal(tiles[:, j, :].reshape(-1), want), j
+    with pytest.raises(AssertionError):
+        pack_conv_tile(np.zeros((9, 1, 1, 4), np.int8), 4, 8)
+
+
 @pytest.mark.parametrize("out_c, kh, kw, in_c", [(1, 1, 1, 3), (8, 3, 3, 3), (9, 1, 1, 8), (16, 2, 2, 4), (17, 3, 5, 3),
                                                 (5, 10, 4, 1)])
 def test_pairs_packing_is_the_filter_in_the_pair_tile_order(out_c, kh, kw, in_c):

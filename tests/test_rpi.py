@@ -205,17 +205,17 @@ def test_conv2d_sdot_tile_shift_forms(xbuild, h, w, c, k, padding, stride, act, 
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
 
 
-@pytest.mark.parametrize("h, c", [(64, 16), (74, 12)])
-def test_conv2d_sdot_padded_span_too_large(xbuild, h, c):
+@pytest.mark.parametrize("h, c, o", [(64, 16, 17), (74, 12, 17), (64, 16, 8)])
+def test_conv2d_sdot_padded_span_too_large(xbuild, h, c, o):
     """rpi5: a layer whose padded input span is over kernel_prep.SDOT_PAD_COPY_MAX ((h + 2)^2 x in_c) gets
     no padded copy planned and reads its windows through the run-pointer table (the padding taps at the
-    zero-point row) and, inside the input, at fixed offsets; bit-exact too."""
+    zero-point row) and, inside the input, at fixed offsets; bit-exact too (o 8: the narrow tile, P = 4)."""
     from edgekit.codegen.kernel_prep import SDOT_PAD_COPY_MAX
     assert (h + 2) * (h + 2) * c > SDOT_PAD_COPY_MAX
     rng = np.random.default_rng(c)
-    weights = {"w": rng.normal(0, 1, (17, 3, 3, c)), "b": rng.normal(0, 1, 17)}
+    weights = {"w": rng.normal(0, 1, (o, 3, 3, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1, 1, 1), activation="relu")
-    g = float_graph("conv2d", [(1, h, h, c)], attrs, weights, (1, h, h, 17))
+    g = float_graph("conv2d", [(1, h, h, c)], attrs, weights, (1, h, h, o))
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 
 
@@ -237,6 +237,27 @@ def test_conv2d_sdot_gathered_rows(xbuild, h, w, c, o, k, padding, stride, dil_h
     out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding, dilation)
     weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
     attrs = dict(stride=(stride, stride), dilation=dilation, padding=padding, activation=act)
+    g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
+    check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 2, 3, 4, 5, 8, 12, 16, 20, 32, 40]), st.integers(1, 8),
+       st.sampled_from([(1, 1), (3, 3), (1, 3), (2, 5), (5, 1)]), st.tuples(*(st.integers(0, 2) for _ in range(4))),
+       st.integers(1, 2), st.integers(1, 2), activations, st.integers(0, 2 ** 31))
+@PI_SETTINGS
+def test_conv2d_sdot_narrow(xbuild, h, w, c, o, k, padding, stride, dilation, act, seed):
+    """rpi5, out_c 1..8: the narrow tile (8 pixels x 8 channels, the filter in one 8-channel block,
+    kernel_prep.sdot_narrow) on every window path: runs from the padded copy or in place (in_c 4, 8,
+    12, 20, 40: tails of 4 / 8 / 12 bytes), 16-byte steps (16, 32), widened in_c 3, the GEMM of 1x1
+    layers, and gathered windows (in_c 1, 2, 5: four pixels, P = 4); pixel counts not a multiple of
+    8 (the last pixel repeated), pixels of a group on two output rows, channels n < 8 stored alone."""
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    if k == (1, 1) and rng.integers(2):
+        stride, padding = 1, (0, 0, 0, 0)  # the pointwise GEMM
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding, (dilation, dilation))
+    weights = {"w": rng.normal(0, 1, (o, kh, kw, c)), "b": rng.normal(0, 1, o)}
+    attrs = dict(stride=(stride, stride), dilation=(dilation, dilation), padding=padding, activation=act)
     g = float_graph("conv2d", [(1, h, w, c)], attrs, weights, (1, *out, o))
     check_on_pi(g, rng, xbuild, "rpi5", {"x0": (-2.0, 3.0)})
 

@@ -34,22 +34,34 @@ def sdot_block_starts(out_c: int) -> list[int]:
     return starts
 
 
-def pack_conv_tile(w: np.ndarray, group: int) -> np.ndarray:
+def pack_conv_tile(w: np.ndarray, group: int, block: int = SDOT_BLOCK) -> np.ndarray:
     """A dense convolution's int8 filter (out_c, kh, kw, in_c) in the order the NEON register tile reads
     it (kernels/neon/ek_conv2d_s8): per block of 16 output channels (sdot_block_starts), per group of
     ``group`` taps of the window (K = kh * kw * in_c rounded up to a multiple of ``group``, zeros past
     K), the 16 channels' ``group`` weights side by side. rpi5's SDOT tile reads groups of 4 (one
     64-byte load feeds vdotq_laneq_s32 for 16 channels x 4 taps), rpi4's SMLAL tile groups of 1 (16
-    bytes, one tap of 16 channels). Channels past out_c are zero."""
+    bytes, one tap of 16 channels). Channels past out_c are zero. ``block`` 8 (out_c <= 8, rpi5's
+    narrow tile: sdot_narrow): one block of 8 channels, 32 bytes per group of 4 taps."""
     out_c = w.shape[0]
+    assert block == SDOT_BLOCK or out_c <= block, "an 8-channel block holds at most 8 channels"
     flat = w.reshape(out_c, -1).astype(np.int8)
     k = flat.shape[1]
     kg = (k + group - 1) // group
-    padded = np.zeros((out_c + SDOT_BLOCK, group * kg), np.int8)
+    padded = np.zeros((out_c + block, group * kg), np.int8)
     padded[:out_c, :k] = flat
-    blocks = [padded[s:s + SDOT_BLOCK].reshape(SDOT_BLOCK, kg, group).transpose(1, 0, 2)
-              for s in sdot_block_starts(out_c)]
+    blocks = [padded[s:s + block].reshape(block, kg, group).transpose(1, 0, 2)
+              for s in (sdot_block_starts(out_c) if block == SDOT_BLOCK else [0])]
     return np.ascontiguousarray(np.stack(blocks)).reshape(-1)
+
+
+SDOT_NARROW = 8  # output channels of rpi5's narrow convolution tile
+
+
+def sdot_narrow(out_c: int) -> bool:
+    """Whether rpi5's SDOT convolution runs a layer of out_c channels with its narrow tile (8 pixels x 8
+    channels, kernels/neon/ek_conv2d_s8_sdot.j2; the kernel tests out_c <= 8 the same way), its
+    filter packed by pack_conv_tile in one 8-channel block."""
+    return out_c <= SDOT_NARROW
 
 
 def pack_conv_pairs(w: np.ndarray) -> np.ndarray:

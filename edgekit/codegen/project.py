@@ -24,8 +24,8 @@ from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2
                           conv_4x2_scratch_cap, conv_blocks_outer, conv_tile_group, depthwise_dsp_records,
                           depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
                           dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
-                          pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, sdot_widened_c,
-                          x86_u8_bias)
+                          pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, sdot_narrow,
+                          sdot_widened_c, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -229,10 +229,12 @@ class _Builder:
                         data[..., :w.shape[3]] = w.data
                         layer.dims["filter"] = data.shape
                         note = f", in_c widened to {c4} (zero weights)"
-                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(data, group),
+                    # rpi5's narrow tile (out_c <= 8) reads one 8-channel block
+                    block = 8 if group == 4 and op.kind == "conv2d" and sdot_narrow(w.shape[0]) else 16
+                    layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_conv_tile(data, group, block),
                                                         f"{op.name}: weights {list(w.shape)}, packed for the NEON "
-                                                        f"tile (16-channel blocks x {group} tap{'s' if group > 1 else ''})"
-                                                        f"{note}")
+                                                        f"tile ({block}-channel blocks x {group} tap"
+                                                        f"{'s' if group > 1 else ''}){note}")
             elif pairs and op.kind == "fully_connected":
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_pairs(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, packed for the int16-pair "

@@ -77,21 +77,33 @@ def run_qemu(exe: Path, cpu: str, data: np.ndarray, out_elems: int) -> np.ndarra
     return out.reshape(data.shape[0], out_elems)
 
 
+def run_layer_on_pi(q, xs, xbuild, board, threads=None, inspect=None) -> tuple[np.ndarray, dict]:
+    """The quantized graph generated for the board (a name or a Board; ``threads``: None for the board's
+    default), built with UBSan, run under qemu-aarch64 on the samples ``xs`` (name -> int8 array, or one
+    array for a one-input graph); asserts it equals the reference and returns the outputs and the project
+    record. ``inspect(project_dir)`` runs before the build (e.g. to read a generated kernel)."""
+    from edgekit import reference
+    xs = xs if isinstance(xs, dict) else {q.inputs[0]: xs}
+    n = next(iter(xs.values())).shape[0]
+    data = np.concatenate([xs[name].reshape(n, -1) for name in q.inputs], axis=1)  # the runner reads per sample
+    board = load_board(board) if isinstance(board, str) else board
+    with tempfile.TemporaryDirectory() as tmp:
+        record = generate_project(q, tmp, board, threads=threads)
+        if inspect is not None:
+            inspect(Path(tmp))
+        exe = xbuild.build(Path(tmp), board)
+        got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
+    want = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
+    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board.name}"
+    return got, record
+
+
 def check_on_pi(g, rng, xbuild, board_name, ranges=None, observer="minmax", threads=1):
     """The graph quantized, generated for the board (with ``threads``), built with UBSan, run under
     qemu-aarch64 on 10 random samples and compared with the reference. Returns the project record."""
-    from edgekit import reference
     q = quantize_with_random_data(g, rng, ranges, observer)
     xs = {name: rng.integers(-128, 128, size=(10,) + q.tensors[name].shape[1:]).astype(np.int8) for name in q.inputs}
-    data = np.concatenate([xs[name].reshape(10, -1) for name in q.inputs], axis=1)  # the runner reads per sample
-    board = load_board(board_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        record = generate_project(q, tmp, board, threads=threads)
-        exe = xbuild.build(Path(tmp), board)
-        got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
-    ref = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
-    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board_name}"
-    return record
+    return run_layer_on_pi(q, xs, xbuild, board_name, threads=threads)[1]
 
 
 boards = st.sampled_from(["rpi4", "rpi5"])

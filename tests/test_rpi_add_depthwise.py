@@ -6,21 +6,18 @@ directly (not only what the quantizer gives): every operand kind on either side,
 outside the fast path's range, offsets at the ends of int8's zero points, output shifts right and left,
 clamps, broadcasting, runs with tails, inputs at -128 and 127."""
 import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edgekit import reference
 from edgekit.boards import load_board
 from edgekit.codegen.kernel_prep import DW_PAD_COPY_MAX
 from edgekit.codegen.project import generate_project
 from helpers import conv_out, float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS
-from test_rpi import CrossBuild, run_qemu
+from test_rpi import CrossBuild, run_layer_on_pi as run_on_pi
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
                                 reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
@@ -33,21 +30,6 @@ HALF = 1 << 30  # the multiplier 1/2 TFLite gives the input of the larger scale
 @pytest.fixture(scope="module")
 def xbuild(tmp_path_factory):
     return CrossBuild(tmp_path_factory.mktemp("aarch64_add_dw"))
-
-
-def run_on_pi(q, xs: dict, xbuild, board_name: str) -> np.ndarray:
-    """The quantized graph generated for the board, built with UBSan, run under qemu-aarch64 on the
-    samples ``xs`` (name -> int8 array); asserts it equals the reference and returns the outputs."""
-    n = next(iter(xs.values())).shape[0]
-    data = np.concatenate([xs[name].reshape(n, -1) for name in q.inputs], axis=1)
-    board = load_board(board_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, board)
-        exe = xbuild.build(Path(tmp), board)
-        got = run_qemu(exe, board["qemu"]["cpu"], data, q.tensors[q.outputs[0]].size)
-    want = reference.run(q, xs if len(xs) > 1 else xs[q.inputs[0]])[0].reshape(got.shape)
-    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board_name}"
-    return got
 
 
 @st.composite
@@ -342,13 +324,7 @@ def test_depthwise_3x3_pairs_and_output_stages(xbuild, h, w, c, padding, stride,
         op.attrs["act_min"], op.attrs["act_max"] = max(int(op.attrs["act_min"]), -90), min(int(op.attrs["act_max"]), 90)
     x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
     x[0] = -128
-    board_ = load_board(board)
-    with tempfile.TemporaryDirectory() as tmp:
-        record = generate_project(q, tmp, board_, threads=1)
-        exe = xbuild.build(Path(tmp), board_)
-        got = run_qemu(exe, board_["qemu"]["cpu"], x.reshape(6, -1), q.tensors[q.outputs[0]].size)
-    want = reference.run(q, x)[0].reshape(got.shape)
-    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board}"
+    _, record = run_on_pi(q, x, xbuild, board, threads=1)
     assert record["layers"][0]["kernel"] == ("ek_depthwise_conv2d_s8" if minus128 else "ek_depthwise_conv2d_s8_pairs")
     assert any("-128" in n for n in record["notes"]) == minus128
 
@@ -368,13 +344,7 @@ def test_depthwise_3x3_bands(xbuild, board, c, stride, dilation):
                     {"w": rng.normal(0, 1, (1, 3, 3, c)), "b": rng.normal(0, 1, c)}, (1, *out, c))
     q = quantize_with_random_data(g, rng, {"x0": (-1.0, 4.0)})
     x = rng.integers(-128, 128, size=(2, h, w, c)).astype(np.int8)
-    board_ = load_board(board)
-    with tempfile.TemporaryDirectory() as tmp:
-        record = generate_project(q, tmp, board_, threads=1)
-        exe = xbuild.build(Path(tmp), board_)
-        got = run_qemu(exe, board_["qemu"]["cpu"], x.reshape(2, -1), q.tensors[q.outputs[0]].size)
-    want = reference.run(q, x)[0].reshape(got.shape)
-    assert int(np.sum(got != want)) == 0, f"{int(np.sum(got != want))} of {got.size} differ on {board}"
+    _, record = run_on_pi(q, x, xbuild, board, threads=1)
     cols = (out[1] - 1) * stride + 2 * dilation + 1
     every_row = ((out[0] - 1) * stride + 2 * dilation + 1) * cols * c
     assert record["scratch_bytes"] == DW_PAD_COPY_MAX < every_row  # more than one band

@@ -7,7 +7,6 @@ not, at the inputs' extremes; the scalar division (a build that lowers the float
 float division's exactness over every count it is used for, at the quotients' edges."""
 import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekit import reference
 from edgekit.boards import load_board
-from edgekit.codegen.project import generate_project
 from helpers import float_graph, quantize_with_random_data
 from test_kernels_c import SETTINGS, pool_case
-from test_rpi import CrossBuild, run_qemu
+from test_rpi import CrossBuild, run_layer_on_pi
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
                                 reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh)")
@@ -51,18 +48,11 @@ def pool_graph(h, w, c, kernel, stride, padding=(0, 0, 0, 0), activation="none",
 
 
 def run_on_pi(q, x: np.ndarray, xbuild, board, kernel="ek_avg_pool2d_s8") -> np.ndarray:
-    """The quantized pool generated for the board, built with UBSan, run under qemu-aarch64 on the samples
-    ``x``; asserts the kernel is the NEON one (int16 lane sums) and the outputs equal the reference, and
-    returns them."""
-    board = load_board(board) if isinstance(board, str) else board
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, board, threads=1)
-        assert "vaddw_s8" in (Path(tmp) / "kernels" / f"{kernel}.c").read_text()
-        exe = xbuild.build(Path(tmp), board)
-        got = run_qemu(exe, board["qemu"]["cpu"], x.reshape(x.shape[0], -1), q.tensors[q.outputs[0]].size)
-    ref = reference.run(q, x)[0].reshape(got.shape)
-    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ on {board.name}"
-    return got
+    """The quantized pool run on the board (test_rpi_add_depthwise.run_on_pi: UBSan, qemu-aarch64, equal to
+    the reference), asserting the kernel is the NEON one (int16 lane sums); returns the outputs."""
+    def neon_kernel(project: Path):
+        assert "vaddw_s8" in (project / "kernels" / f"{kernel}.c").read_text()
+    return run_layer_on_pi(q, x, xbuild, board, threads=1, inspect=neon_kernel)[0]
 
 
 @given(pool_case(), st.sampled_from([1, 5, 8, 9, 16, 23, 24, 32, 40, 48, 56, 63, 70]), st.sampled_from(["rpi4", "rpi5"]))

@@ -164,6 +164,7 @@ SHUTDOWN_MAIN = r"""
 #include <dirent.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include "model.h"
 /* Threads of this process now (each guest thread is a host thread under qemu-aarch64). */
 static int threads_now(void)
@@ -177,6 +178,17 @@ static int threads_now(void)
         closedir(d);
     }
     return n;
+}
+/* The thread count once it reaches want, or after ~2 s: under qemu-aarch64 a joined guest thread's host
+ * thread ends a moment after the join returns (qemu wakes the joiner, then tears the thread down), so
+ * /proc/self/task may still list it right after ek_model_shutdown(). A worker that was not joined stays. */
+static int threads_settled(int want)
+{
+    for (int i = 0; i < 2000 && threads_now() != want; ++i) {
+        const struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    return threads_now();
 }
 static void fill(void)
 {
@@ -198,7 +210,7 @@ int main(void)
     const int again = threads_now();
     const int same1 = memcmp(first, ek_model_output(0), (size_t)n) == 0;
     ek_model_shutdown();
-    const int after = threads_now();
+    const int after = threads_settled(before);
     fill();
     ek_model_invoke(); /* started again */
     const int restarted = threads_now();

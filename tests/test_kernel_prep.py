@@ -86,7 +86,7 @@ def test_scratch_is_planned_per_board(tmp_path):
                     {"w": rng.normal(0, 1, (4, 3, 3, 5))}, (1, 6, 6, 4))
     q = quantize_with_random_data(g, rng)
     k = 3 * 3 * 5
-    # host: the VNNI tile's 4 windows of K rounded up to whole groups of 4 taps (the 4 x 2 path needs 2 x K)
+    # host: the VNNI tile's 4 u8 windows (or the AVX2 tile's 2 int16 ones) of K rounded up to whole groups of 4
     expect = {"mps2-an386": (4 * k + 7) // 8 * 8, "host": 4 * ((k + 3) // 4 * 4), "mps2-an385": 0,
               # rpi4's pair tile: 4 windows of 3 rows of 15 taps padded to 16, and 3 row offsets, to 16
               # bytes, then the padded copy of the 8x8x5 span and 16 spare bytes; rpi5: 4 windows of
@@ -118,20 +118,6 @@ def test_tile_packing_is_the_filter_in_the_tile_order(out_c, k, group):
             if start + j < out_c:
                 want[:k] = w[start + j].reshape(-1)
             assert np.array_equal(got, want), (b, j)
-
-
-@pytest.mark.parametrize("out_c, k", [(1, 1), (5, 9), (17, 45), (64, 144)])
-def test_x86_conv_filter_is_the_plain_filter_then_the_tile(out_c, k):
-    """The x86 variant's convolution filter array: the filter as it is (the portable and the 4 x 2 paths
-    read it), then the same weights in the VNNI tile's order (pack_conv_tile(w, 4)); a K the VNNI path
-    does not take keeps the plain filter only."""
-    from edgekit.codegen.kernel_prep import X86_VNNI_MAX_K, pack_conv_tile, x86_conv_filter
-    w = np.random.default_rng(out_c + k).integers(-128, 128, (out_c, 1, 1, k)).astype(np.int8)
-    got = x86_conv_filter(w)
-    assert np.array_equal(got[:w.size], w.reshape(-1))
-    assert np.array_equal(got[w.size:], pack_conv_tile(w, 4))
-    long = np.ones((1, 1, 1, X86_VNNI_MAX_K + 1), np.int8)
-    assert np.array_equal(x86_conv_filter(long), long.reshape(-1))
 
 
 @pytest.mark.parametrize("out_c, k", [(1, 1), (3, 9), (8, 36), (8, 40)])

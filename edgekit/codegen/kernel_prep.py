@@ -451,23 +451,13 @@ def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
     return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
 
 
-def x86_conv_tile(w: np.ndarray) -> bool:
-    """Whether the x86 variant's convolution gets its VNNI register tile (kernels/x86/ek_conv2d_s8: 4 pixels x
-    16 output channels in the lanes of eight ymm accumulators): every dense convolution whose dot product
-    may take VNNI (K <= X86_VNNI_MAX_K). Its filter array then holds the plain filter and after it the same
-    weights packed by pack_conv_tile(w, 4) (x86_conv_filter)."""
-    return w[0].size <= X86_VNNI_MAX_K
-
-
 def x86_conv_filter(w: np.ndarray) -> np.ndarray:
-    """The x86 variant's filter array of a dense convolution: the filter as it is (out_c, kh, kw, in_c),
-    which the portable and the vpmaddwd paths read, then, when x86_conv_tile, the same weights in
-    16-channel blocks x groups of 4 taps (pack_conv_tile(w, 4), rpi5's SDOT layout), which the VNNI tile
-    reads: one 32-byte load gives 8 channels' 4 weights, vpdpbusd against one pixel's 4 input bytes
-    broadcast. Built with or without VNNI, one generated project serves both (the plain copy costs K x
-    out_c bytes of flash, which the host does not count)."""
-    plain = w.astype(np.int8).reshape(-1)
-    return np.concatenate([plain, pack_conv_tile(w, 4)]) if x86_conv_tile(w) else plain
+    """The x86 variant's filter array of a dense convolution: per 16-output-channel block, per group of 4
+    taps, the 16 channels' 4 weights (pack_conv_tile(w, 4), rpi5's SDOT layout). Every path of
+    kernels/x86/ek_conv2d_s8 reads it: the VNNI tile (one 32-byte load gives 8 channels' 4 weights for
+    vpdpbusd against a pixel's 4 inputs broadcast), the AVX2 tile (16 bytes widened: 4 channels' 4 weights
+    for vpmaddwd) and the scalar loop; output channels in vector lanes need no horizontal sums."""
+    return pack_conv_tile(w, 4)
 
 
 SDOT_PAD_COPY_MAX = 64 * 1024  # bytes of scratch rpi5's convolution may take for a padded copy of its input
@@ -600,9 +590,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
-            if variant == "x86" and layer.kernel == "ek_conv2d_s8" and kh * kw * k_in <= X86_VNNI_MAX_K:
-                # the VNNI tile gathers four pixels' windows as u8, K rounded up to whole groups of 4 taps
-                windows = max(windows, 4 * ((kh * kw * k_in + 3) // 4 * 4))
+            if variant == "x86" and layer.kernel == "ek_conv2d_s8":
+                # the VNNI tile gathers four pixels' windows as u8, the AVX2 tile two as int16, K rounded up
+                # to whole groups of 4 taps
+                windows = 4 * ((kh * kw * k_in + 3) // 4 * 4)
             if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs" and k_in % 4 == 0:
                 # rpi4's pair tile reads such windows in place: 4 run pointers and an int32 offset per tap,
                 # a row of in_c zero points (the gathered windows of other shapes need the 4 x K above)

@@ -217,6 +217,33 @@ def test_conv2d_sdot_tile_shift_forms(xbuild, h, w, c, k, padding, stride, act, 
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
 
 
+@pytest.mark.parametrize("act_min, act_max", [(-128, 127), (-128, 30), (-40, 127), (-40, 30)])
+@pytest.mark.parametrize("c, k", [(16, (3, 3)), (3, (3, 3)), (32, (1, 1))])
+def test_conv2d_sdot_tile_clamp(xbuild, c, k, act_min, act_max):
+    """rpi5: the assembly tile clamps the int8 outputs to the activation range, and skips the clamp
+    only when that range is all of int8 (the saturating narrow has clamped then). Quantizing rarely
+    gives a narrower range (relu6's output scale maps 6 to 127), so the range is set here, inside
+    the outputs' own so that each narrowed bound clamps some of them."""
+    from edgekit import reference
+    rng = np.random.default_rng(c * 1000 + act_max)
+    kh, kw = k
+    out, padding = conv_out_nonempty(9, 10, k, (1, 1), (kh // 2, kw // 2, kh // 2, kw // 2))
+    g = float_graph("conv2d", [(1, 9, 10, c)], dict(stride=(1, 1), dilation=(1, 1), padding=padding, activation="none"),
+                    {"w": rng.normal(0, 1, (32, kh, kw, c)), "b": rng.normal(0, 1, 32)}, (1, *out, 32))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    x = rng.integers(-128, 128, size=(6, 9, 10, c)).astype(np.int8)
+    q.ops[0].attrs["act_min"], q.ops[0].attrs["act_max"] = -128, 127
+    unclamped = reference.run(q, x)[0]
+    assert (unclamped < act_min).any() == (act_min > -128) and (unclamped > act_max).any() == (act_max < 127)
+    q.ops[0].attrs["act_min"], q.ops[0].attrs["act_max"] = act_min, act_max
+    ref = reference.run(q, x)[0]
+    b = load_board("rpi5")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, b)
+        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(6, -1), out[0] * out[1] * 32)
+    assert int(np.sum(got != ref.reshape(got.shape))) == 0, f"{int(np.sum(got != ref.reshape(got.shape)))} differ"
+
+
 @pytest.mark.parametrize("h, c, o", [(64, 16, 17), (74, 12, 17), (64, 16, 8)])
 def test_conv2d_sdot_padded_span_too_large(xbuild, h, c, o):
     """rpi5: a layer whose padded input span is over kernel_prep.SDOT_PAD_COPY_MAX ((h + 2)^2 x in_c) gets

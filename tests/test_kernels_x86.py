@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import CBuild, float_graph, quantize_with_random_data
-from test_kernels_c import (test_add_s8, test_conv2d_s8, test_depthwise_conv2d_s8,  # noqa: F401
+from test_kernels_c import (SETTINGS, _check, activations, input_range, observers, test_add_s8, test_conv2d_s8, test_depthwise_conv2d_s8,  # noqa: F401
                             test_fully_connected_s8, test_max_pool2d_s8_wide)
 
 
@@ -30,13 +32,25 @@ def _has_avx_vnni() -> bool:
         return False
 
 
+def _has_avx512_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags and " avx512vl" in flags
+
+
 @pytest.fixture(scope="module", params=[
     ("-mavx2",),
     pytest.param(("-mavx2", "-mavxvnni"), marks=pytest.mark.skipif(not _has_avx_vnni(), reason="needs AVX-VNNI"),
-                 id="vnni")], ids=lambda flags: "-".join(f[2:] for f in flags))
+                 id="vnni"),
+    pytest.param(("-mavx2", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"),
+                 marks=pytest.mark.skipif(not _has_avx512_vnni(), reason="needs AVX512-VNNI with VL"),
+                 id="vnni512")], ids=lambda flags: "-".join(f[2:] for f in flags))
 def cbuild(tmp_path_factory, request):
-    """Overrides conftest's: kernel objects with the AVX2 path (vpmaddwd), then with AVX-VNNI (vpdpbusd over
-    u8 inputs, the path -march=native takes on a CPU that has it), sanitized."""
+    """Overrides conftest's: kernel objects with the AVX2 path (vpmaddwd), then with AVX-VNNI, then with
+    AVX512-VNNI (either: vpdpbusd over u8 inputs, the convolution's register tile; the path -march=native
+    takes on a CPU that has it), sanitized."""
     return CBuild(tmp_path_factory.mktemp("kernel_objects_" + "_".join(f[2:] for f in request.param)),
                   sanitize=True, extra_flags=request.param)
 
@@ -45,7 +59,7 @@ def cbuild(tmp_path_factory, request):
 def _vnni_only_where_it_is_used(request):
     """The VNNI build changes only the convolution and fully connected kernels: the other kernels' cases
     (the same code as in the -mavx2 build) are not run twice."""
-    if "[vnni" in request.node.name and request.node.originalname in (
+    if "[vnni" in request.node.name and request.node.originalname in (  # [vnni] and [vnni512]
             "test_add_s8", "test_depthwise_conv2d_s8", "test_max_pool2d_s8_wide"):
         pytest.skip("no VNNI path in this kernel: covered by the -mavx2 build")
 
@@ -76,3 +90,40 @@ def test_wide_channels_take_the_vector_paths(cbuild, tmp_path, shape):
         assert (tmp_path / kind / str(kh) / "include" / "ek_x86.h").exists()
         assert int(np.sum(got != ref)) == 0, kind
         assert reference is not None
+
+
+@st.composite
+def wide_conv_case(draw):
+    """Convolutions for the VNNI tile: out_c over one and several 16-channel blocks (a last block that
+    overlaps the one before, fewer than 16 channels), K not a multiple of 4, windows in the padding, dilation,
+    stride, pixel counts not a multiple of 4."""
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    c, o = draw(st.integers(1, 24)), draw(st.sampled_from([1, 3, 8, 15, 16, 17, 24, 32, 40]))
+    kh, kw = draw(st.sampled_from([(1, 1), (3, 3), (1, 3), (2, 5)]))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if oh < 1 or ow < 1:
+        padding = (padding[0] + kh * dilation[0], padding[1], padding[2] + kw * dilation[1], padding[3])
+        oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return dict(h=h, w=w, c=c, o=o, k=(kh, kw), stride=stride, dilation=dilation, padding=padding, out=(oh, ow),
+                act=draw(activations), wscale=draw(st.floats(min_value=0.01, max_value=2.0)), rng=draw(input_range()),
+                observer=draw(observers), seed=draw(st.integers(0, 2 ** 31)))
+
+
+@given(wide_conv_case())
+@SETTINGS
+def test_conv2d_s8_tile(cbuild, case):
+    """The convolution over 1-40 output channels and 1-24 input channels: the VNNI builds' register tile
+    (4 pixels x 16 channels over the packed filter), the -mavx2 build's 4 x 2 dot products over the plain one
+    (the same generated arrays); 0 differing elements."""
+    rng = np.random.default_rng(case["seed"])
+    kh, kw = case["k"]
+    attrs = dict(stride=case["stride"], dilation=case["dilation"], padding=case["padding"], activation=case["act"])
+    g = float_graph("conv2d", [(1, case["h"], case["w"], case["c"])], attrs,
+                    {"w": rng.normal(0, case["wscale"], (case["o"], kh, kw, case["c"])),
+                     "b": rng.normal(0, case["wscale"], case["o"])}, (1, *case["out"], case["o"]))
+    _check(g, rng, cbuild, {"x0": case["rng"]}, case["observer"])

@@ -451,6 +451,15 @@ def x86_u8_bias(graph: Graph, op: Op) -> np.ndarray:
     return np.concatenate([bias, (-128 * channel_weight_sums(graph, op)).astype(np.int32)])
 
 
+def x86_conv_filter(w: np.ndarray) -> np.ndarray:
+    """The x86 variant's filter array of a dense convolution: per 16-output-channel block, per group of 4
+    taps, the 16 channels' 4 weights (pack_conv_tile(w, 4), rpi5's SDOT layout). Every path of
+    kernels/x86/ek_conv2d_s8 reads it: the VNNI tile (one 32-byte load gives 8 channels' 4 weights for
+    vpdpbusd against a pixel's 4 inputs broadcast), the AVX2 tile (16 bytes widened: 4 channels' 4 weights
+    for vpmaddwd) and the scalar loop; output channels in vector lanes need no horizontal sums."""
+    return pack_conv_tile(w, 4)
+
+
 SDOT_PAD_COPY_MAX = 64 * 1024  # bytes of scratch rpi5's convolution may take for a padded copy of its input
 
 
@@ -581,6 +590,10 @@ def scratch_bytes(layers, board, portable=()) -> int:
             load = 16 if board.get("dotprod") else 8
             windows = 4 * ((kh * kw * k_in + load - 1) // load * load) if variant == "neon" else \
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
+            if variant == "x86" and layer.kernel == "ek_conv2d_s8":
+                # the VNNI tile gathers four pixels' windows as u8, the AVX2 tile two as int16, K rounded up
+                # to whole groups of 4 taps
+                windows = 4 * ((kh * kw * k_in + 3) // 4 * 4)
             if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs" and k_in % 4 == 0:
                 # rpi4's pair tile reads such windows in place: 4 run pointers and an int32 offset per tap,
                 # a row of in_c zero points (the gathered windows of other shapes need the 4 x K above)

@@ -205,8 +205,9 @@ def _inplace_rule(graph: Graph, op: Op, variant: str | None) -> tuple[str, int] 
         a = op.attrs
         w = nhwc(graph.tensors[op.inputs[1]].shape)  # a Conv1d's rank-3 tensors: height 1
         kernel = (w[1], w[2])
-        # the NEON convolution (SDOT on rpi5) finishes four pixels together, the others two
-        group = 4 if op.kind == "conv2d" and variant == "neon" else PIXEL_GROUP
+        # the NEON convolution (SDOT on rpi5) and the x86 one (its VNNI tile) finish four pixels together,
+        # the others two
+        group = 4 if op.kind == "conv2d" and variant in ("neon", "x86") else PIXEL_GROUP
         delta = conv_inplace_delta(nhwc(graph.tensors[op.inputs[0]].shape), nhwc(graph.tensors[op.outputs[0]].shape),
                                    kernel, a["stride"], a["dilation"], a["padding"][0], a["padding"][2], group)
         return ("inplace-depthwise" if op.kind == "depthwise_conv2d" else "inplace-conv"), delta

@@ -25,7 +25,7 @@ from .kernel_prep import (add_tables, conv_4x2_chosen, conv_4x2_layout, conv_4x2
                           depthwise_dsp_shapes, depthwise_dsp_takes_records, depthwise_dsp_unrolled,
                           dsp_fallbacks_unused, fc_rows4_layers, fc_rows4_records, folded_bias, int16_pairs_exact,
                           pack_conv_pairs, pack_conv_tile, pack_fc_pairs, pack_fc_rows4, scratch_bytes, sdot_narrow,
-                          sdot_widened_c, x86_u8_bias)
+                          sdot_widened_c, x86_conv_filter, x86_u8_bias)
 from .memory_plan import MemoryPlan, describe, plan_with_report
 from .render import TEMPLATES, render_to
 from .weights import FILTER_ENCODINGS, WEIGHT_CHOICES, CArray, EncodedFilter, encode, encode_filter
@@ -248,6 +248,10 @@ class _Builder:
                 layer.arrays["filter"] = self.array(f"{layer.id}_filter", pack_fc_rows4(w.data),
                                                     f"{op.name}: weights {list(w.shape)}, in groups of 4 rows x 4 "
                                                     "inputs, even bytes ^ 0x80 (kernel_prep.pack_fc_rows4)")
+            elif self.x86 and op.kind == "conv2d":
+                layer.arrays["filter"] = self.array(f"{layer.id}_filter", x86_conv_filter(w.data),
+                                                    f"{op.name}: weights {list(w.shape)}, then the same packed for "
+                                                    "the x86 VNNI tile (16-channel blocks x 4 taps)")
             elif op.inputs[1] not in self.shared_filters:
                 self.shared_filters[op.inputs[1]] = self.array(f"{layer.id}_filter", w.data,
                                                                f"{op.name}: weights {list(w.shape)}")

@@ -217,6 +217,32 @@ def test_conv2d_sdot_tile_shift_forms(xbuild, h, w, c, k, padding, stride, act, 
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
 
 
+@pytest.mark.parametrize("c, k, stride, padding", [
+    (16, (3, 3), 1, (1, 1, 1, 1)), (16, (3, 3), 1, (0, 0, 0, 0)), (16, (1, 3), 1, (0, 1, 0, 1)), (16, (2, 2), 1, (0, 0, 0, 0)),
+    (3, (3, 3), 1, (1, 1, 1, 1)), (3, (3, 3), 2, (0, 0, 1, 1)), (4, (3, 3), 1, (0, 0, 0, 0)), (4, (3, 3), 2, (1, 1, 1, 1)),
+    (2, (3, 3), 2, (1, 1, 1, 1))])
+@pytest.mark.parametrize("h, w", [(7, 9), (8, 12)])
+def test_conv2d_sdot_near_steps(xbuild, c, k, stride, padding, h, w):
+    """rpi5: tiles whose four pixels lie in one output row within 64 bytes (16 channels at stride 1;
+    3x3 over 1-4 channels widened to 4 at stride 1 or 2) load each step's bytes in one LD1 at the
+    first pixel (EK_SDOT_D4/D2/D1_STEP); the tiles crossing a row, the last tiles (whose wider load
+    would pass what may be read) and the last pixels take the other paths. Widths with and without a
+    crossing tile, padded and in place, two 16-channel blocks."""
+    from edgekit import reference
+    rng = np.random.default_rng(c * 100 + h * 10 + stride)
+    out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding)
+    g = float_graph("conv2d", [(1, h, w, c)], dict(stride=(stride, stride), dilation=(1, 1), padding=padding,
+                    activation="relu"), {"w": rng.normal(0, 1, (32, *k, c)), "b": rng.normal(0, 1, 32)}, (1, *out, 32))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
+    b = load_board("rpi5")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, b)
+        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(6, -1), out[0] * out[1] * 32)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+
+
 @pytest.mark.parametrize("act_min, act_max", [(-128, 127), (-128, 30), (-40, 127), (-40, 30)])
 @pytest.mark.parametrize("c, k", [(16, (3, 3)), (3, (3, 3)), (32, (1, 1))])
 def test_conv2d_sdot_tile_clamp(xbuild, c, k, act_min, act_max):

@@ -524,6 +524,24 @@ def sdot_pad_copy_bytes(layer) -> int:
     return table + copy if copy <= SDOT_PAD_COPY_MAX else table
 
 
+X86_PAD_COPY_MAX = 128 * 1024  # bytes of scratch the x86 VNNI convolution may take for a padded copy of its input
+
+
+def x86_pad_copy_bytes(layer) -> int:
+    """Scratch of the x86 VNNI convolution tile (kernels/x86/ek_conv2d_s8) over in_c % 4 == 0: the span of
+    the input its windows read (rows x columns x channels, zero points in the padding) as u8, so that each
+    window is read in place as runs of whole groups of 4 taps; 0 (the tile gathers each window) for other
+    in_c or a span over X86_PAD_COPY_MAX bytes. The kernel takes the copy when the scratch has room."""
+    _, kh, kw, _ = layer.dims["filter"]
+    _, in_h, in_w, in_c = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    span_h, span_w, _ = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
+                                  (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    copy = span_h * span_w * in_c
+    return copy if in_c % 4 == 0 and copy <= X86_PAD_COPY_MAX else 0
+
+
 DW_PAD_COPY_MAX = 64 * 1024  # bytes of scratch the NEON 3x3 depthwise may take for its padded bands of input rows
 
 
@@ -592,8 +610,9 @@ def scratch_bytes(layers, board, portable=()) -> int:
                 (4 if variant == "dsp" else 2) * kh * kw * k_in
             if variant == "x86" and layer.kernel == "ek_conv2d_s8":
                 # the VNNI tile gathers four pixels' windows as u8, the AVX2 tile two as int16, K rounded up
-                # to whole groups of 4 taps
-                windows = 4 * ((kh * kw * k_in + 3) // 4 * 4)
+                # to whole groups of 4 taps; the VNNI tile over in_c % 4 == 0 reads a padded u8 copy of the
+                # input span instead when there is room (x86_pad_copy_bytes)
+                windows = max(4 * ((kh * kw * k_in + 3) // 4 * 4), x86_pad_copy_bytes(layer))
             if variant == "neon" and layer.kernel == "ek_conv2d_s8_pairs" and k_in % 4 == 0:
                 # rpi4's pair tile reads such windows in place: 4 run pointers and an int32 offset per tap,
                 # a row of in_c zero points (the gathered windows of other shapes need the 4 x K above)

@@ -243,6 +243,27 @@ def test_conv2d_sdot_near_steps(xbuild, c, k, stride, padding, h, w):
     assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
 
 
+@pytest.mark.parametrize("w, stride", [(18, 1), (33, 2), (16, 1)])
+@pytest.mark.parametrize("board_name", ["rpi4", "rpi5"])
+def test_conv2d_padded_copy_widens_rgb_rows(xbuild, w, stride, board_name):
+    """The padded copy (ek_conv_pad_copy) of a 3-channel input: on rpi5 widened to 4 channels, 16 pixels a
+    step through VLD3 / VST4 and the rest one pixel at a time (rows of 16 and more input columns reach the
+    16-pixel loop); on rpi4 copied as it is. Padded, so every row has its zero-point borders."""
+    from edgekit import reference
+    rng = np.random.default_rng(w * 10 + stride)
+    out, padding = conv_out_nonempty(5, w, (3, 3), (stride, stride), (1, 1, 1, 1))
+    g = float_graph("conv2d", [(1, 5, w, 3)], dict(stride=(stride, stride), dilation=(1, 1), padding=padding,
+                    activation="relu"), {"w": rng.normal(0, 1, (16, 3, 3, 3)), "b": rng.normal(0, 1, 16)}, (1, *out, 16))
+    q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
+    x = rng.integers(-128, 128, size=(4, 5, w, 3)).astype(np.int8)
+    b = load_board(board_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_project(q, tmp, b)
+        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(4, -1), out[0] * out[1] * 16)
+    ref = reference.run(q, x)[0].reshape(got.shape)
+    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+
+
 @pytest.mark.parametrize("act_min, act_max", [(-128, 127), (-128, 30), (-40, 127), (-40, 30)])
 @pytest.mark.parametrize("c, k", [(16, (3, 3)), (3, (3, 3)), (32, (1, 1))])
 def test_conv2d_sdot_tile_clamp(xbuild, c, k, act_min, act_max):

@@ -13,6 +13,10 @@
  * how bench/litert_aarch64.py counts one tflite::Subgraph::Invoke() without the Python around it.
  * Only the translation blocks holding one of the two instructions are counted per instruction.
  *
+ * With the argument pcs=FILE the plugin counts every instruction by its guest address instead and writes
+ * "ADDRESS COUNT" lines (hex, decimal) to FILE at exit: bench/profile_pi.py turns them into instructions
+ * per function and per instruction (slower: one callback per instruction).
+ *
  * Debian's qemu packages ship no qemu-plugin.h, so the few declarations of the plugin API
  * (version 1, QEMU 7.2; the symbols qemu-aarch64 exports) are written out here.
  *
@@ -110,8 +114,43 @@ static void on_insn(unsigned int vcpu, void *udata)
     }
 }
 
+/* pcs=FILE: per-address counts in an open-addressed table (the slot of an address is fixed when its
+ * block is translated, under a spin lock; counts are added atomically from any thread). */
+#define PC_SLOTS (1u << 20)
+static const char *pcs_path;
+static uint64_t pc_keys[PC_SLOTS], pc_counts[PC_SLOTS];
+static int pc_lock;
+
+static void on_insn_pc(unsigned int vcpu, void *udata)
+{
+    (void)vcpu;
+    __atomic_add_fetch(&pc_counts[(uintptr_t)udata], 1, __ATOMIC_RELAXED);
+}
+
+static void translate_pcs(struct qemu_plugin_tb *tb)
+{
+    const size_t n = qemu_plugin_tb_n_insns(tb);
+    for (size_t i = 0; i < n; ++i) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        const uint64_t a = qemu_plugin_insn_vaddr(insn);
+        while (__atomic_exchange_n(&pc_lock, 1, __ATOMIC_ACQUIRE)) {
+        }
+        uint32_t h = (uint32_t)((a >> 2) * 2654435761u) & (PC_SLOTS - 1);
+        while (pc_keys[h] != 0 && pc_keys[h] != a) {
+            h = (h + 1) & (PC_SLOTS - 1);
+        }
+        pc_keys[h] = a;
+        __atomic_store_n(&pc_lock, 0, __ATOMIC_RELEASE);
+        qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn_pc, QEMU_PLUGIN_CB_NO_REGS, (void *)(uintptr_t)h);
+    }
+}
+
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
+    if (pcs_path) {
+        translate_pcs(tb);
+        return;
+    }
     (void)id;
     const size_t n = qemu_plugin_tb_n_insns(tb);
     int marked = 0;
@@ -136,6 +175,20 @@ static void report_at_exit(qemu_plugin_id_t id, void *udata)
 {
     (void)id;
     (void)udata;
+    if (pcs_path) {
+        FILE *f = fopen(pcs_path, "w");
+        if (f == NULL) {
+            qemu_plugin_outs("qemu_insn_count: cannot write the pcs file\n");
+            return;
+        }
+        for (uint32_t h = 0; h < PC_SLOTS; ++h) {
+            if (pc_keys[h] != 0 && pc_counts[h] != 0) {
+                fprintf(f, "%" PRIx64 " %" PRIu64 "\n", pc_keys[h], pc_counts[h]);
+            }
+        }
+        fclose(f);
+        return;
+    }
     char line[32 + MAX_THREADS * 24] = "insns";
     for (unsigned int i = 0; i <= highest && i < MAX_THREADS; ++i) {
         snprintf(line + strlen(line), sizeof line - strlen(line), " %" PRIu64, counts[i].n);
@@ -161,6 +214,8 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
             start_addr = strtoull(argv[i] + 6, NULL, 0);
         } else if (strncmp(argv[i], "stop=", 5) == 0) {
             stop_addr = strtoull(argv[i] + 5, NULL, 0);
+        } else if (strncmp(argv[i], "pcs=", 4) == 0) {
+            pcs_path = strdup(argv[i] + 4); /* argv is not ours to keep */
         } else {
             return -1; /* an argument this plugin does not know */
         }

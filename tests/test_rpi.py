@@ -228,19 +228,12 @@ def test_conv2d_sdot_near_steps(xbuild, c, k, stride, padding, h, w):
     first pixel (EK_SDOT_D4/D2/D1_STEP); the tiles crossing a row, the last tiles (whose wider load
     would pass what may be read) and the last pixels take the other paths. Widths with and without a
     crossing tile, padded and in place, two 16-channel blocks."""
-    from edgekit import reference
     rng = np.random.default_rng(c * 100 + h * 10 + stride)
     out, padding = conv_out_nonempty(h, w, k, (stride, stride), padding)
     g = float_graph("conv2d", [(1, h, w, c)], dict(stride=(stride, stride), dilation=(1, 1), padding=padding,
                     activation="relu"), {"w": rng.normal(0, 1, (32, *k, c)), "b": rng.normal(0, 1, 32)}, (1, *out, 32))
     q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
-    x = rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8)
-    b = load_board("rpi5")
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, b)
-        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(6, -1), out[0] * out[1] * 32)
-    ref = reference.run(q, x)[0].reshape(got.shape)
-    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+    run_layer_on_pi(q, rng.integers(-128, 128, size=(6, h, w, c)).astype(np.int8), xbuild, "rpi5")
 
 
 @pytest.mark.parametrize("w, stride", [(18, 1), (33, 2), (16, 1)])
@@ -249,19 +242,12 @@ def test_conv2d_padded_copy_widens_rgb_rows(xbuild, w, stride, board_name):
     """The padded copy (ek_conv_pad_copy) of a 3-channel input: on rpi5 widened to 4 channels, 16 pixels a
     step through VLD3 / VST4 and the rest one pixel at a time (rows of 16 and more input columns reach the
     16-pixel loop); on rpi4 copied as it is. Padded, so every row has its zero-point borders."""
-    from edgekit import reference
     rng = np.random.default_rng(w * 10 + stride)
     out, padding = conv_out_nonempty(5, w, (3, 3), (stride, stride), (1, 1, 1, 1))
     g = float_graph("conv2d", [(1, 5, w, 3)], dict(stride=(stride, stride), dilation=(1, 1), padding=padding,
                     activation="relu"), {"w": rng.normal(0, 1, (16, 3, 3, 3)), "b": rng.normal(0, 1, 16)}, (1, *out, 16))
     q = quantize_with_random_data(g, rng, {"x0": (-2.0, 3.0)})
-    x = rng.integers(-128, 128, size=(4, 5, w, 3)).astype(np.int8)
-    b = load_board(board_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, b)
-        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(4, -1), out[0] * out[1] * 16)
-    ref = reference.run(q, x)[0].reshape(got.shape)
-    assert int(np.sum(got != ref)) == 0, f"{int(np.sum(got != ref))} of {got.size} differ"
+    run_layer_on_pi(q, rng.integers(-128, 128, size=(4, 5, w, 3)).astype(np.int8), xbuild, board_name)
 
 
 @pytest.mark.parametrize("act_min, act_max", [(-128, 127), (-128, 30), (-40, 127), (-40, 30)])
@@ -283,12 +269,7 @@ def test_conv2d_sdot_tile_clamp(xbuild, c, k, act_min, act_max):
     unclamped = reference.run(q, x)[0]
     assert (unclamped < act_min).any() == (act_min > -128) and (unclamped > act_max).any() == (act_max < 127)
     q.ops[0].attrs["act_min"], q.ops[0].attrs["act_max"] = act_min, act_max
-    ref = reference.run(q, x)[0]
-    b = load_board("rpi5")
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_project(q, tmp, b)
-        got = run_qemu(xbuild.build(Path(tmp), b), b["qemu"]["cpu"], x.reshape(6, -1), out[0] * out[1] * 32)
-    assert int(np.sum(got != ref.reshape(got.shape))) == 0, f"{int(np.sum(got != ref.reshape(got.shape)))} differ"
+    run_layer_on_pi(q, x, xbuild, "rpi5")
 
 
 @pytest.mark.parametrize("h, c, o", [(64, 16, 17), (74, 12, 17), (64, 16, 8)])

@@ -471,6 +471,16 @@ def sdot_span(in_hw, out_hw, kernel, stride, dilation, padding) -> tuple[int, in
     return span[0], span[1], inside
 
 
+def layer_span(layer) -> tuple[int, int, bool]:
+    """sdot_span of a planned convolution layer (its dims and kernel params)."""
+    _, kh, kw, _ = layer.dims["filter"]
+    _, in_h, in_w, _ = layer.dims["input"]
+    _, out_h, out_w, _ = layer.dims["output"]
+    p = layer.params
+    return sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
+                     (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+
+
 def sdot_widened_c(graph: Graph, op) -> int:
     """The input channels rpi5's SDOT convolution (a board with dotprod) packs this layer's filter for:
     in_c, or in_c rounded
@@ -512,14 +522,11 @@ def sdot_pad_copy_bytes(layer) -> int:
     the table when that span is over SDOT_PAD_COPY_MAX bytes (the kernel then takes its run-pointer
     table)."""
     _, kh, kw, c4 = layer.dims["filter"]
-    _, in_h, in_w, in_c = layer.dims["input"]
-    _, out_h, out_w, _ = layer.dims["output"]
-    p = layer.params
-    runs, run_len = (kh, kw * c4) if p["dilation_w"] == 1 else (kh * kw, c4)
+    in_c = layer.dims["input"][3]
+    runs, run_len = (kh, kw * c4) if layer.params["dilation_w"] == 1 else (kh * kw, c4)
     steps = runs * (run_len // 16 if run_len % 16 == 0 else 1)
     table = (4 * steps + 15) // 16 * 16
-    span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
-                                       (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    span_h, span_w, inside = layer_span(layer)
     copy = 0 if inside and c4 == in_c and c4 % 4 == 0 else span_h * span_w * c4 + 16
     return table + copy if copy <= SDOT_PAD_COPY_MAX else table
 
@@ -532,12 +539,8 @@ def x86_pad_copy_bytes(layer) -> int:
     the input its windows read (rows x columns x channels, zero points in the padding) as u8, so that each
     window is read in place as runs of whole groups of 4 taps; 0 (the tile gathers each window) for other
     in_c or a span over X86_PAD_COPY_MAX bytes. The kernel takes the copy when the scratch has room."""
-    _, kh, kw, _ = layer.dims["filter"]
-    _, in_h, in_w, in_c = layer.dims["input"]
-    _, out_h, out_w, _ = layer.dims["output"]
-    p = layer.params
-    span_h, span_w, _ = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
-                                  (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    in_c = layer.dims["input"][3]
+    span_h, span_w, _ = layer_span(layer)
     copy = span_h * span_w * in_c
     return copy if in_c % 4 == 0 and copy <= X86_PAD_COPY_MAX else 0
 
@@ -572,11 +575,7 @@ def pairs_pad_copy_bytes(layer) -> int:
     over PAIRS_PAD_COPY_MAX bytes (the kernel then reads the input as before). The kernel decides
     by ek_kernel_scratch_bytes with the same sums."""
     _, kh, kw, in_c = layer.dims["filter"]
-    _, in_h, in_w, _ = layer.dims["input"]
-    _, out_h, out_w, _ = layer.dims["output"]
-    p = layer.params
-    span_h, span_w, inside = sdot_span((in_h, in_w), (out_h, out_w), (kh, kw), (p["stride_h"], p["stride_w"]),
-                                       (p["dilation_h"], p["dilation_w"]), (p["pad_top"], p["pad_left"]))
+    span_h, span_w, inside = layer_span(layer)
     used = 36 * kh * kw + in_c if in_c % 4 == 0 else 4 * kh * ((kw * in_c + 3) // 4 * 4) + 4 * kh
     copy = span_h * span_w * in_c + 16
     return 0 if inside or copy > PAIRS_PAD_COPY_MAX else (used + 15) // 16 * 16 + copy

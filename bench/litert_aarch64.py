@@ -129,7 +129,10 @@ def invoke_window(cache: Path) -> tuple[int, int]:
 def _guest(cache: Path, cpu: str, args: list[str], plugin: list[str], env: dict) -> str:
     set_cpu(cache, cpu)
     env = {"PYTHONPATH": str(cache / "site"), "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1", **env}
-    cmd = ["qemu-aarch64", "-cpu", cpu, "-L", str(cache / "root"), *plugin, str(cache / "root" / PYTHON),
+    # setarch -R: the host's address-space randomization off, so that the library loads where the
+    # probe saw it (qemu-user maps the guest with the host's mmap; with randomization on, runs differ)
+    norandom = ["setarch", os.uname().machine, "-R"] if shutil.which("setarch") else []
+    cmd = [*norandom, "qemu-aarch64", "-cpu", cpu, "-L", str(cache / "root"), *plugin, str(cache / "root" / PYTHON),
            str(HERE / "litert_aarch64_guest.py"), *args]
     return _run(cmd, env=env, timeout=3600)
 
